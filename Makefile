@@ -1,0 +1,53 @@
+# tuneops: the two commands are `make run` (the whole pipeline on the bundled data and
+# model, as a Prefect flow) and `make test` (the test suite). Each sets itself up.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(abspath $(VENV))/bin
+STATE := $(abspath .tuneops)
+
+# Offline, no telemetry, tool state inside the project (tuneops/env.py sets the same).
+export PATH := $(BIN):$(PATH)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export DO_NOT_TRACK := true
+export MLFLOW_DISABLE_TELEMETRY := true
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export ORT_DISABLE_TELEMETRY := 1
+export DVC_NO_ANALYTICS := 1
+export DVC_SITE_CACHE_DIR := $(STATE)/dvc-site-cache
+export PREFECT_HOME := $(STATE)/prefect
+export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
+export TORCH_EXTENSIONS_DIR := $(STATE)/torch-extensions
+
+.PHONY: setup run test test-all repro clean
+.DEFAULT_GOAL := run
+
+# torch first, from the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
+# deepspeed is source-only and must build against that torch (no build isolation).
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip 'setuptools<81' wheel
+	$(BIN)/pip install --quiet torch==2.13.0
+	$(BIN)/pip install --quiet packaging numpy psutil py-cpuinfo ninja hjson msgpack einops pydantic 'torch==2.13.0'
+	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation --no-deps 'deepspeed==0.19.8'
+	$(BIN)/pip install --quiet -e '.[dev]' 'torch==2.13.0'
+	$(BIN)/pip check
+	touch $@
+
+setup: $(VENV)/.installed
+
+run: setup  ## the main job: the full pipeline on the defaults, via the Prefect flow
+	tuneops run
+
+test: setup  ## the test suite (fast default suite + the end-to-end tiny-model pipeline)
+	$(BIN)/python -m pytest
+
+test-all: setup  ## also the slow tests (real Gemma 270M)
+	$(BIN)/python -m pytest -m "slow or not slow"
+
+repro: setup  ## the same stages under DVC
+	dvc repro
+
+clean:
+	rm -rf artifacts models data/chat .tuneops/pytest

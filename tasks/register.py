@@ -1,0 +1,118 @@
+"""Stage `register`: log everything to the training run in MLflow and register the model
+(ONNX variants + adapter + tokenizer as a pyfunc) in the MLflow model registry.
+
+Alias ``champion`` only when the fine-tuned model beats the base model, passes the
+ONNX parity gate, and is not worse than the current champion; otherwise
+``challenger``: a worse model never replaces the champion.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from tuneops import tracking
+from tuneops.config import Config
+from tuneops.io import md5_file, read_json, write_json
+from tuneops.lineage import dvc_lock_md5s, git_commit
+from tuneops.models import provenance
+
+
+def decide(ft_ppl: float, base_ppl: float, onnx_ok: bool, champion_ppl: float | None,
+           min_improvement_pct: float) -> tuple[str, str]:
+    """The promotion gate: (alias, reason)."""
+    if ft_ppl >= base_ppl:
+        return "challenger", f"fine-tuned perplexity {ft_ppl:.3f} does not beat base {base_ppl:.3f}"
+    if not onnx_ok:
+        return "challenger", "ONNX fp32 export failed the parity gate"
+    if champion_ppl is not None and ft_ppl > champion_ppl * (1 - min_improvement_pct / 100):
+        return "challenger", (f"fine-tuned perplexity {ft_ppl:.3f} is worse than the champion's "
+                              f"{champion_ppl:.3f} (required improvement {min_improvement_pct}%)")
+    against = "no champion yet" if champion_ppl is None else f"champion {champion_ppl:.3f}"
+    return "champion", f"perplexity {ft_ppl:.3f} beats base {base_ppl:.3f} and {against}"
+
+
+def _current_champion(client: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException:
+        return None
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    import mlflow
+    from mlflow import MlflowClient
+
+    train_dir, opt_dir = cfg.path("train_dir"), cfg.path("optimize_dir")
+    tm = read_json(train_dir / "metrics.json")
+    em = read_json(cfg.path("evaluate_dir") / "metrics.json")
+    om = read_json(opt_dir / "metrics.json")
+    plan = read_json(cfg.path("plan"))
+    validation = read_json(cfg.path("validation_dir") / "report.json")
+    variants = om["variants"]
+    name = cfg.register.model_name
+
+    tracking.setup(cfg)
+    client = MlflowClient()
+    tags = {
+        "git.commit": git_commit(cfg.root),
+        "params.hash": cfg.sections_hash(),
+        "data.train.path": os.path.relpath(cfg.path("train_data"), cfg.root),
+        "data.train.md5": md5_file(cfg.path("train_data")),
+        "data.eval.path": os.path.relpath(cfg.path("eval_data"), cfg.root),
+        "data.eval.md5": md5_file(cfg.path("eval_data")),
+        "base_model.source": provenance(cfg.path("base_model_dir")).get("source", "unknown"),
+        "method": plan["method"],
+        "eval.base_perplexity": f"{em['base_perplexity']:.6f}",
+        "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
+        "onnx.default_variant": str(om["default_variant"]),
+        "validation.success": str(validation["success"]),
+        **tracking.run_tags(),
+    }
+    lock = dvc_lock_md5s(cfg.root)
+    for key in ("train", "eval"):
+        recorded = lock.get(tags[f"data.{key}.path"])
+        if recorded:
+            tags[f"dvc.lock.{key}.md5"] = recorded
+
+    with mlflow.start_run(run_id=tm["mlflow_run_id"]):
+        mlflow.log_metrics({
+            "eval_base_loss": em["base_loss"], "eval_base_perplexity": em["base_perplexity"],
+            "eval_loss": em["finetuned_loss"], "eval_perplexity": em["finetuned_perplexity"],
+            "onnx_fp32_max_abs_logits_diff": variants["fp32"]["max_abs_logits_diff"],
+            **{f"onnx_{n}_size_mb": v["size_bytes"] / 2**20 for n, v in variants.items()},
+            **{f"onnx_{n}_perplexity": v["perplexity"] for n, v in variants.items()},
+            **({"onnx_int8_perplexity_change_pct": variants["int8"]["perplexity_change_pct"]}
+               if "int8" in variants else {}),
+        })
+        mlflow.set_tags(tags)
+        mlflow.log_dict(plan, "plan.json")
+        mlflow.log_dict(validation, "validation/report.json")
+        mlflow.log_dict(om, "optimize/metrics.json")
+        mlflow.log_artifact(str(cfg.path("evaluate_dir") / "generations.jsonl"), "evaluate")
+        mlflow.log_artifact(str(train_dir / "history.json"), "train")
+        from tuneops.serving import OnnxChatModel
+
+        artifact = train_dir / tm["artifact"]
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=OnnxChatModel(),
+            artifacts={**{f"onnx_{n}": str((opt_dir / v["path"]).parent) for n, v in variants.items()},
+                       tm["artifact"]: str(artifact), "tokenizer": str(artifact)},
+            model_config={"variant": om["default_variant"] or "fp32"},
+            pip_requirements=["onnxruntime>=1.32,<1.33", "transformers>=5.20,<6", "numpy"],
+        )
+    current = _current_champion(client, name)
+    champion_ppl = float(current.tags["eval.finetuned_perplexity"]) if current else None
+    alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"], variants["fp32"]["accepted"],
+                           champion_ppl, cfg.register.min_improvement_pct)
+    version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
+    client.set_registered_model_alias(name, alias, version.version)
+    record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
+              "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
+              "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),
+              "tags": tags}
+    out = cfg.path("register_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "registration.json", record)
+    return {"register_dir": str(out), **record}

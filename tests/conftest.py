@@ -1,0 +1,92 @@
+"""Test set-up: offline env and all tool state under .tuneops/pytest (never /tmp or
+$HOME); one shared Prefect ephemeral server, MLflow db and tokenizer cache per session.
+
+Projects made by ``make_project`` are real tuneops projects (params.yaml = the repo's,
+with the tiny-model overrides below), so the tests run the real stage code.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TEST_ROOT = REPO / ".tuneops" / "pytest"
+STATE = TEST_ROOT / "state"
+
+os.environ["PREFECT_HOME"] = str(STATE / "prefect")
+os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+from tuneops import env  # noqa: E402
+
+env.configure(STATE)
+
+# The tiny random Gemma-3 and a small slice of the bundled data: fast, same code paths.
+TINY = (
+    "model.source=tiny", "ingest.max_conversations=100", "validate.min_rows=5",
+    "train.max_steps=8", "train.learning_rate=0.02",
+    "select.max_micro_batch_size=2", "select.global_batch_size=4",
+    "evaluate.max_samples=16", "evaluate.generations=2", "evaluate.max_new_tokens=8",
+    "optimize.parity_samples=2", "optimize.ppl_samples=8",
+)
+
+
+def make_project(name: str, overrides: tuple[str, ...] = ()) -> Path:
+    """A fresh project folder with a params.yaml for the tiny model."""
+    from tuneops.config import apply_overrides
+
+    root = TEST_ROOT / name
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw = apply_overrides(raw, TINY + overrides)
+    raw["paths"]["state_dir"] = str(STATE)          # shared caches + MLflow db
+    raw["register"]["model_name"] = f"test-{name}"  # registry entries do not collide
+    (root / "params.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_project() -> Path:
+    return make_project("stages")
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg(tiny_project: Path):
+    from tuneops.config import load_config
+
+    return load_config(tiny_project / "params.yaml")
+
+
+class StageRunner:
+    """Runs the real stages in pipeline order, once each, and keeps their results."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+        self.results: dict[str, dict] = {}
+
+    def __call__(self, name: str) -> dict:
+        from tuneops import stages
+
+        for spec in stages.STAGES:
+            if spec.name not in self.results:
+                self.results[spec.name] = spec.load()(self.cfg)
+            if spec.name == name:
+                return self.results[name]
+        raise KeyError(name)
+
+
+@pytest.fixture(scope="session")
+def stage(tiny_cfg) -> StageRunner:
+    return StageRunner(tiny_cfg)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(stage, tiny_cfg):
+    from tuneops.models import load_tokenizer
+
+    stage("model")
+    return load_tokenizer(tiny_cfg.path("base_model_dir"))

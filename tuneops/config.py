@@ -1,0 +1,262 @@
+"""Typed configuration: params.yaml (+ ``--set`` overrides) -> validated ``Config``.
+
+params.yaml is the single source of truth. Every stage receives a ``Config`` and
+reads only the sections it declares in its ``StageSpec`` (tuneops/stages.py), which
+is what dvc.yaml lists under ``params:``.
+
+A bad value is reported as one line naming the file and the dotted key, e.g.
+``params.yaml: train.learning_rate: Input should be greater than 0 (got -0.1)``,
+before any work starts.
+"""
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning")
+
+
+class ConfigError(ValueError):
+    """A params problem; ``str()`` is the one-line message shown to the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PathsParams(_Section):
+    state_dir: str
+    base_model_dir: str
+    train_data: str
+    eval_data: str
+    ingest_manifest: str
+    validation_dir: str
+    plan: str
+    train_dir: str
+    evaluate_dir: str
+    optimize_dir: str
+    register_dir: str
+
+
+class TinyModelParams(_Section):
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0)
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int = Field(gt=0)
+    seed: int = 0
+
+
+class ModelParams(_Section):
+    source: Literal["gemma3-270m", "tiny", "local"]
+    local_path: str | None = None
+    max_seq_len: int = Field(gt=8, le=32768)
+    tiny: TinyModelParams
+
+    @model_validator(mode="after")
+    def _local_needs_path(self) -> "ModelParams":
+        if self.source == "local" and not self.local_path:
+            raise ValueError("local_path is required when source is 'local'")
+        return self
+
+
+class IngestParams(_Section):
+    source: Literal["chatterbot"]
+    language: str
+    eval_fraction: float = Field(gt=0, lt=1)
+    seed: int
+    max_chars: int = Field(gt=0)
+    max_conversations: int | None = Field(default=None, gt=1)
+
+
+class ValidateParams(_Section):
+    min_rows: int = Field(ge=1)
+    max_duplicate_fraction: float = Field(ge=0, le=1)
+
+
+class LoraParams(_Section):
+    r: int = Field(gt=0)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class HardwareParams(_Section):
+    gpus: int | Literal["auto"] = "auto"
+    gpu_memory_gb: float | Literal["auto"] = "auto"
+    host_ram_gb: float | Literal["auto"] = "auto"
+    nodes: int = Field(default=1, ge=1)
+
+
+class SelectParams(_Section):
+    method: Literal["auto", "full", "lora", "qlora", "dora", "ia3", "prompt_tuning"]
+    allowed_methods: list[Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning"]] = Field(min_length=1)
+    minimize: Literal["memory", "cost", "time"]
+    quality: Literal["standard", "best"]
+    global_batch_size: int = Field(gt=0)
+    max_micro_batch_size: int = Field(gt=0)
+    lora: LoraParams
+    hardware: HardwareParams
+    memory_headroom: float = Field(gt=0, le=1)
+
+
+class TrainParams(_Section):
+    max_steps: int = Field(gt=0)
+    learning_rate: float = Field(gt=0, lt=1)
+    weight_decay: float = Field(ge=0)
+    warmup_steps: int = Field(ge=0)
+    lr_scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"]
+    max_grad_norm: float = Field(gt=0)
+    logging_steps: int = Field(gt=0)
+    seed: int
+    threads: int = Field(ge=0)
+
+
+class EvaluateParams(_Section):
+    batch_size: int = Field(gt=0)
+    max_samples: int | None = Field(default=None, gt=0)
+    generations: int = Field(ge=0)
+    max_new_tokens: int = Field(gt=0)
+
+
+class OptimizeParams(_Section):
+    opset: int = Field(ge=17, le=23)
+    parity_atol: float = Field(gt=0)
+    parity_samples: int = Field(gt=0)
+    int8: bool
+    max_int8_ppl_increase_pct: float = Field(ge=0)
+    ppl_samples: int = Field(gt=0)
+
+
+class RegisterParams(_Section):
+    model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    min_improvement_pct: float = Field(ge=0)
+
+
+class TrackingParams(_Section):
+    experiment: str = Field(min_length=1)
+    tracking_uri: str | None = None
+    artifact_location: str | None = None
+
+
+class Params(_Section):
+    paths: PathsParams
+    model: ModelParams
+    ingest: IngestParams
+    validate_: ValidateParams = Field(alias="validate")
+    select: SelectParams
+    train: TrainParams
+    evaluate: EvaluateParams
+    optimize: OptimizeParams
+    register_: RegisterParams = Field(alias="register")
+    tracking: TrackingParams
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+
+class Config:
+    """Validated params plus the project root that relative paths resolve against."""
+
+    def __init__(self, params: Params, root: Path, raw: dict[str, Any], source: str = "params.yaml"):
+        self.params = params
+        self.root = root.resolve()
+        self.raw = raw
+        self.source = source
+
+    # Sections, by the names used in params.yaml.
+    def __getattr__(self, name: str) -> Any:
+        if name in ("validate", "register"):  # pydantic reserves these names
+            name += "_"
+        return getattr(self.params, name)
+
+    def path(self, key: str) -> Path:
+        """Absolute path for ``paths.<key>``: the one place paths are resolved."""
+        return (self.root / getattr(self.params.paths, key)).resolve()
+
+    @property
+    def state_dir(self) -> Path:
+        return self.path("state_dir")
+
+    def section(self, name: str) -> dict[str, Any]:
+        return copy.deepcopy(self.raw[name])
+
+    def sections_hash(self, names: list[str] | tuple[str, ...] | None = None) -> str:
+        """Stable hash of the given params sections (all when None)."""
+        data = self.raw if names is None else {n: self.raw[n] for n in names}
+        blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def _parse_override(item: str) -> tuple[list[str], Any]:
+    if "=" not in item:
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE with a dotted key, e.g. train.max_steps=10")
+    key, value = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {item!r}: empty key")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.split("."), parsed
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides (values parsed as YAML), like ``dvc exp run -S``."""
+    data = copy.deepcopy(raw)
+    for item in overrides:
+        parts, value = _parse_override(item)
+        node = data
+        for i, part in enumerate(parts[:-1]):
+            nxt = node.get(part) if isinstance(node, dict) else None
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"--set {item!r}: unknown key {'.'.join(parts[: i + 1])}")
+            node = nxt
+        if not isinstance(node, dict) or parts[-1] not in node:
+            raise ConfigError(f"--set {item!r}: unknown key {'.'.join(parts)}")
+        node[parts[-1]] = value
+    return data
+
+
+def _format_error(source: str, err: ValidationError) -> str:
+    lines = []
+    for e in err.errors():
+        loc = ".".join(str(p) for p in e["loc"] if p != "__root__")
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown key"
+        elif e["type"] == "missing":
+            msg = "required key is missing"
+        got = e.get("input")
+        shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
+        lines.append(f"{source}: {loc}: {msg}{shown}")
+    return "\n".join(lines)
+
+
+def load_config(params_file: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
+                root: str | Path | None = None) -> Config:
+    """Read, override and validate params; raise ``ConfigError`` with one line per problem."""
+    path = Path(params_file)
+    if not path.is_file():
+        raise ConfigError(f"{path}: params file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections at the top level")
+    raw = apply_overrides(raw, overrides)
+    try:
+        params = Params.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(str(path), err)) from None
+    return Config(params, Path(root) if root is not None else path.resolve().parent, raw, source=str(path))

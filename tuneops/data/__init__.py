@@ -1,0 +1,1 @@
+"""Data: bundled datasets, record parsing and the validation gate."""

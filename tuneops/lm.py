@@ -1,0 +1,65 @@
+"""Causal-LM helpers shared by train, evaluate and optimize: encoding chat rows,
+assistant-token negative log-likelihood, perplexity for any forward function
+(PyTorch or ONNX Runtime), and greedy generation."""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterator
+
+from .chat import IGNORE_INDEX, Collator, render, tokenize
+
+
+def encode(rows: list[dict[str, Any]], tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
+    return [tokenize(r["messages"], tokenizer, max_len) for r in rows]
+
+
+def batches(features: list[dict[str, list[int]]], batch_size: int, pad_id: int) -> Iterator[dict[str, Any]]:
+    collate = Collator(pad_id)
+    for i in range(0, len(features), batch_size):
+        yield collate(features[i:i + batch_size])
+
+
+def nll(logits: Any, labels: Any) -> tuple[float, int]:
+    """Summed next-token cross-entropy over labelled (assistant) tokens, and their count."""
+    import torch
+    import torch.nn.functional as F
+
+    logits = torch.as_tensor(logits, dtype=torch.float32)[:, :-1]
+    target = torch.as_tensor(labels)[:, 1:]
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+    return float(loss), int((target != IGNORE_INDEX).sum())
+
+
+def perplexity(forward: Callable[[Any, Any], Any], features: list[dict[str, list[int]]], batch_size: int,
+               pad_id: int) -> dict[str, float]:
+    """Token-weighted loss and perplexity; ``forward(input_ids, attention_mask) -> logits``."""
+    total, count = 0.0, 0
+    for batch in batches(features, batch_size, pad_id):
+        s, n = nll(forward(batch["input_ids"], batch["attention_mask"]), batch["labels"])
+        total, count = total + s, count + n
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def torch_forward(model: Any) -> Callable[[Any, Any], Any]:
+    import torch
+
+    def forward(input_ids: Any, attention_mask: Any) -> Any:
+        with torch.inference_mode():
+            return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+    return forward
+
+
+def generate(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> str:
+    """Greedy reply to a conversation, stopping at <end_of_turn> or <eos>."""
+    import torch
+
+    prompt = render(messages, add_generation_prompt=True, bos="")
+    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), enc["input_ids"]], dim=1)
+    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                             do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
+    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()

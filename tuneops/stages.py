@@ -1,0 +1,65 @@
+"""The pipeline's stages, in order: the one list that the CLI, the Prefect flow and
+the dvc.yaml agreement test all read.
+
+Each stage lives in ``tasks/<name>.py`` as a plain function ``run(cfg) -> dict`` over
+the paths and params sections declared here. ``deps``/``outs`` are keys of the
+``paths`` section of params.yaml; ``params`` are the sections the stage reads.
+"""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Callable
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    help: str
+    params: tuple[str, ...]
+    deps: tuple[str, ...] = ()
+    outs: tuple[str, ...] = ()
+    uncached_outs: tuple[str, ...] = ()   # side-effect records (e.g. registry), not DVC-cached
+
+    @property
+    def module(self) -> str:
+        return f"tasks.{self.name}"
+
+    def load(self) -> Callable[..., dict[str, Any]]:
+        return importlib.import_module(self.module).run
+
+
+STAGES: tuple[StageSpec, ...] = (
+    StageSpec("model", "prepare the base model (GGUF -> safetensors, or the tiny model)",
+              params=("model",), outs=("base_model_dir",)),
+    StageSpec("ingest", "materialize the bundled chat dataset with a fixed-seed train/eval split",
+              params=("ingest",), outs=("train_data", "eval_data", "ingest_manifest")),
+    StageSpec("validate", "Great Expectations gate on the chat data (stops bad data before compute)",
+              params=("validate", "model.max_seq_len"),
+              deps=("base_model_dir", "train_data", "eval_data"), outs=("validation_dir",)),
+    StageSpec("select", "choose the fine-tuning method from params, model and hardware",
+              params=("select", "model.max_seq_len"),
+              deps=("base_model_dir", "validation_dir"), outs=("plan",)),
+    StageSpec("train", "fine-tune (LoRA via peft + transformers Trainer), metrics to MLflow",
+              params=("train", "model.max_seq_len", "tracking"),
+              deps=("base_model_dir", "train_data", "plan"), outs=("train_dir",)),
+    StageSpec("evaluate", "perplexity of base vs fine-tuned on the held-out split, sample generations",
+              params=("evaluate", "model.max_seq_len"),
+              deps=("base_model_dir", "eval_data", "train_dir"), outs=("evaluate_dir",)),
+    StageSpec("optimize", "merge adapter, ONNX export, ORT parity, INT8 dynamic quantization",
+              params=("optimize", "model.max_seq_len"),
+              deps=("base_model_dir", "eval_data", "train_dir"), outs=("optimize_dir",)),
+    StageSpec("register", "log and register the model in MLflow; champion only if it beats base and champion",
+              params=("register", "tracking"),
+              deps=("train_dir", "evaluate_dir", "optimize_dir", "plan", "validation_dir"),
+              uncached_outs=("register_dir",)),
+)
+
+STAGE_NAMES = tuple(s.name for s in STAGES)
+
+
+def get(name: str) -> StageSpec:
+    for spec in STAGES:
+        if spec.name == name:
+            return spec
+    raise KeyError(name)
