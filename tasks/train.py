@@ -63,7 +63,7 @@ def _callback(collator: _CountingCollator, history: list[dict[str, float]]) -> A
             metrics = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
             metrics["tokens_per_s"] = collator.tokens / max(time.perf_counter() - self.t0, 1e-9)
             metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            mlflow.log_metrics({k.replace("train_", ""): v for k, v in metrics.items()}, step=state.global_step)
+            mlflow.log_metrics(metrics, step=state.global_step)
             if "loss" in metrics:
                 history.append({"step": state.global_step, **metrics})
 

@@ -22,7 +22,10 @@ os.environ["PREFECT_HOME"] = str(STATE / "prefect")
 os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
 from tuneops import env  # noqa: E402
 
-env.configure(STATE)
+paths = env.configure(STATE)
+# Caches (tokenizer, DeepSpeed ops) persist between sessions; the registry starts empty.
+paths["mlflow_db"].unlink(missing_ok=True)
+shutil.rmtree(paths["mlflow_artifacts"], ignore_errors=True)
 
 # The tiny random Gemma-3 and a small slice of the bundled data: fast, same code paths.
 TINY = (

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 
@@ -20,11 +21,9 @@ def bad_project(stage):
     """A project sharing the tiny base model, with a broken train split."""
     root = make_project("bad-data")
     cfg = load_config(root / "params.yaml")
-    import shutil
-
     shutil.copytree(stage.cfg.path("base_model_dir"), cfg.path("base_model_dir"))
-    shutil.copy(stage("ingest")["eval_data"], cfg.path("eval_data"))
-    rows = read_jsonl(stage.cfg.path("train_data"))[:30]
+    rows = read_jsonl(stage("ingest")["train_data"])[:30]
+    write_jsonl(cfg.path("eval_data"), read_jsonl(stage.cfg.path("eval_data")))
     write_jsonl(cfg.path("train_data"), rows)
     with cfg.path("train_data").open("a", encoding="utf-8") as f:
         f.write('{"messages": [{"role": "user", "content": "no reply"}]}\n')              # line 31
@@ -45,8 +44,8 @@ def test_each_bad_line_is_reported_with_its_rule(bad_project):
     path = str(cfg.path("train_data"))
     assert f"{path}:31: messages: assistant_turn: needs at least one assistant turn with non-empty content" in lines
     assert any(line.startswith(f"{path}:32: (line): json: invalid JSON") for line in lines)
-    assert any(line.startswith(f"{path}:33: messages: expect_column_values_to_be_between:")
-               and "> max_seq_len 256" in line for line in lines)
+    assert any(line.startswith(f"{path}:33: messages: max_seq_len: ")
+               and "tokens > max_seq_len 256 (model tokenizer)" in line for line in lines)
     assert f"{path}:34: messages[0].role: enum: role must be one of system, user, assistant (got 'bot')" in lines
     assert len(lines) == 4, lines
     report = json.loads((cfg.path("validation_dir") / "report.json").read_text())

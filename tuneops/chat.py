@@ -22,11 +22,12 @@ CHAT_TEMPLATE = (
     "{%- if message['role'] == 'system' -%}{%- set ns.system = message['content'] ~ '\n\n' -%}"
     "{%- else -%}"
     "{%- set role = 'model' if message['role'] == 'assistant' else 'user' -%}"
-    "<start_of_turn>{{ role }}\n{{ ns.system if role == 'user' else '' }}{{ message['content'] }}<end_of_turn>\n"
+    "<start_of_turn>{{ role }}\n{{ ns.system if role == 'user' else '' }}{{ message['content'] }}<end_of_turn>"
+    "{{ '\n' }}"
     "{%- if role == 'user' -%}{%- set ns.system = '' -%}{%- endif -%}"
     "{%- endif -%}"
     "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}<start_of_turn>model\n{%- endif -%}"
+    "{%- if add_generation_prompt -%}<start_of_turn>model{{ '\n' }}{%- endif -%}"
 )
 
 

@@ -33,13 +33,14 @@ def gemma_tokenizer(cache: Path) -> Any:
     if not (tok_dir / "tokenizer_config.json").is_file():
         gguf = _gguf(cache)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tok.chat_template = CHAT_TEMPLATE
         tmp = tok_dir.with_name("tokenizer.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         tok.save_pretrained(tmp)
         shutil.rmtree(tok_dir, ignore_errors=True)
         tmp.rename(tok_dir)
-    return AutoTokenizer.from_pretrained(str(tok_dir))
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    tok.chat_template = CHAT_TEMPLATE  # Gemma's GGUF has no chat template: ours
+    return tok
 
 
 def _gemma_base(cache: Path) -> tuple[Any, dict[str, Any]]:

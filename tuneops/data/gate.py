@@ -46,6 +46,11 @@ def features(records: list[tuple[int, dict[str, Any]]], tokenizer: Any) -> "Any"
     })
 
 
+# Per-record feature columns: the field and rule a failing row is reported under.
+ROW_RULES = {"token_len": ("messages", "max_seq_len"), "n_assistant": ("messages", "assistant_turn"),
+             "min_content_chars": ("messages[].content", "non_empty")}
+
+
 def chat_suite(max_seq_len: int, min_rows: int, max_duplicate_fraction: float) -> Any:
     import great_expectations as gx
 
@@ -65,8 +70,17 @@ def chat_suite(max_seq_len: int, min_rows: int, max_duplicate_fraction: float) -
 def run_suite(df: Any, build_suite: Any, name: str) -> Any:
     import great_expectations as gx
 
+    from great_expectations.data_context.types.base import (
+        DataContextConfig,
+        InMemoryStoreBackendDefaults,
+        ProgressBarsConfig,
+    )
+
     logging.getLogger("great_expectations").setLevel(logging.WARNING)
-    context = gx.get_context(mode="ephemeral")
+    # In memory, no temp Data Docs site in /tmp, no progress bars.
+    config = DataContextConfig(store_backend_defaults=InMemoryStoreBackendDefaults(init_temp_docs_sites=False),
+                               progress_bars=ProgressBarsConfig(globally=False, metric_calculations=False))
+    context = gx.get_context(mode="ephemeral", project_config=config)
     suite = context.suites.add(build_suite())
     batch_def = (context.data_sources.add_pandas(f"tuneops-{name}")
                  .add_dataframe_asset(name=name).add_batch_definition_whole_dataframe("all"))
@@ -102,18 +116,17 @@ def validate_split(path: Path, tokenizer: Any, max_seq_len: int, min_rows: int,
         result.expectations.append(entry)
         if r.success:
             continue
-        rule = cfg.type.removeprefix("expect_")
-        if column in ("token_len", "n_assistant", "min_content_chars"):
+        if column in ROW_RULES:
+            field_name, rule = ROW_RULES[column]
             bad = df[~df[column].between(kwargs.get("min_value") or float("-inf"),
                                          kwargs.get("max_value") or float("inf"))]
             for _, row in bad.iterrows():
-                field_name = {"token_len": "messages", "n_assistant": "messages",
-                              "min_content_chars": "messages[].content"}[column]
                 detail = f"{column}={row[column]}, allowed {kwargs.get('min_value')}..{kwargs.get('max_value')}"
                 if column == "token_len":
                     detail = f"{row[column]} tokens > max_seq_len {max_seq_len} (model tokenizer)"
                 problems.append(Problem(p, int(row["line"]), field_name, rule, detail))
         else:
-            problems.append(Problem(p, 0, column or "(dataset)", rule,
+            problems.append(Problem(p, 0, column or "(dataset)", cfg.type,
                                     f"observed {entry['observed']!r}, expected {kwargs}"))
+    problems.sort(key=lambda q: q.line)  # parse errors and GX row failures, in file order
     return result
