@@ -20,14 +20,14 @@ export PREFECT_HOME := $(STATE)/prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export TORCH_EXTENSIONS_DIR := $(STATE)/torch-extensions
 
-.PHONY: setup run test test-all repro clean
+.PHONY: setup system-deps run test test-all repro clean
 .DEFAULT_GOAL := run
 
 # torch first, from the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
 # deepspeed is source-only and must build against that torch (no build isolation).
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install --quiet --upgrade pip 'setuptools<81' wheel
+	$(BIN)/pip install --quiet --upgrade pip 'setuptools>=77,<81' wheel
 	$(BIN)/pip install --quiet torch==2.13.0
 	$(BIN)/pip install --quiet packaging numpy psutil py-cpuinfo ninja hjson msgpack einops pydantic 'torch==2.13.0'
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation --no-deps 'deepspeed==0.19.8'
@@ -35,7 +35,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip check
 	touch $@
 
-setup: $(VENV)/.installed
+# Debian data packages for the bundled scenarios (WordNet 3.0, BSD fortunes): offline sources.
+DEB_DATA := wordnet-base fortunes-min
+system-deps:
+	@dpkg -s $(DEB_DATA) >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA); }
+
+setup: $(VENV)/.installed system-deps
 
 run: setup  ## the main job: the full pipeline on the defaults, via the Prefect flow
 	tuneops run

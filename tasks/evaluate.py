@@ -17,7 +17,7 @@ def run(cfg: Config) -> dict[str, Any]:
     base_dir, train_dir = cfg.path("base_model_dir"), cfg.path("train_dir")
     out = fresh_dir(cfg.path("evaluate_dir"))
     tokenizer = load_tokenizer(base_dir)
-    rows = read_jsonl(cfg.path("eval_data"))[: e.max_samples]
+    rows = read_jsonl(cfg.path("clean_eval_data"))[: e.max_samples]
     features = encode(rows, tokenizer, cfg.model.max_seq_len)
     pad = tokenizer.pad_token_id
     prompts = [prompt_and_reference(r["messages"]) for r in rows[: e.generations]]
@@ -31,7 +31,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     base, ft = scores["base"], scores["finetuned"]
     metrics = {
-        "samples": len(features), "tokens": ft["tokens"], "eval_data_md5": md5_file(cfg.path("eval_data")),
+        "samples": len(features), "tokens": ft["tokens"], "eval_data_md5": md5_file(cfg.path("clean_eval_data")),
         "base_loss": base["loss"], "base_perplexity": base["perplexity"],
         "finetuned_loss": ft["loss"], "finetuned_perplexity": ft["perplexity"],
         "perplexity_change_pct": 100.0 * (ft["perplexity"] / base["perplexity"] - 1.0),

@@ -1,21 +1,53 @@
-"""Stage `ingest`: materialize the bundled chat dataset with a fixed-seed train/eval split."""
+"""Stage `ingest`: materialize the dataset that ``data.scenario`` selects, with a
+fixed-seed train/eval split: a bundled scenario built offline from installed packages
+(tuneops/data/scenarios.py), or ``user``: the DVC-tracked file that ``tuneops data add``
+recorded in params (its md5 must still match)."""
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
-from tuneops.config import Config
-from tuneops.data import chatterbot
-from tuneops.io import write_json, write_jsonl
+from tuneops.config import Config, ConfigError
+from tuneops.data import scenarios
+from tuneops.io import md5_file, write_json, write_jsonl
+
+
+class IngestError(ConfigError):
+    """The data that params point at is missing or changed (one ``tuneops: error:`` line)."""
+
+
+def _write_lines(path: Path, lines: list[bytes]) -> int:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("wb") as f:
+        for line in lines:
+            f.write(line + b"\n")
+    os.replace(tmp, path)
+    return len(lines)
+
+
+def _user(cfg: Config) -> dict[str, Any]:
+    d, p = cfg.data, cfg.ingest
+    src = (cfg.root / d.user.path).resolve()
+    if not src.is_file():
+        raise IngestError(f"data.user.path: {src} not found (run `dvc pull` or `tuneops data add` again)")
+    md5 = md5_file(src)
+    if md5 != d.user.md5:
+        raise IngestError(f"data.user.md5: {d.user.path} has md5 {md5}, params record {d.user.md5}: the file "
+                          f"changed since `tuneops data add`; run it again to validate and version the new data")
+    train, eval_, counts = scenarios.split_user_file(src, p.eval_fraction, p.seed, p.max_conversations)
+    return {"source": d.user.path, "license": "user data", "scenario": "user", "format": d.format, "md5": md5,
+            **counts, "train_rows": _write_lines(cfg.path("train_data"), train),
+            "eval_rows": _write_lines(cfg.path("eval_data"), eval_)}
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    p = cfg.ingest
-    rows, counts = chatterbot.clean(chatterbot.conversations(p.language), p.max_chars)
-    train, eval_ = chatterbot.split(rows, p.eval_fraction, p.seed, p.max_conversations)
-    manifest = {
-        "source": "chatterbot-corpus 1.3.3", "license": "BSD-3-Clause", "language": p.language,
-        **counts, "train_rows": write_jsonl(cfg.path("train_data"), train),
-        "eval_rows": write_jsonl(cfg.path("eval_data"), eval_),
-    }
+    if cfg.data.scenario == "user":
+        manifest = _user(cfg)
+    else:
+        train, eval_, manifest = scenarios.build(cfg.data.scenario, cfg.ingest)
+        manifest.update(train_rows=write_jsonl(cfg.path("train_data"), train),
+                        eval_rows=write_jsonl(cfg.path("eval_data"), eval_))
     write_json(cfg.path("ingest_manifest"), manifest)
     return {"train_data": str(cfg.path("train_data")), "eval_data": str(cfg.path("eval_data")), **manifest}

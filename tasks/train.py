@@ -86,7 +86,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     base_dir = cfg.path("base_model_dir")
     tokenizer = load_tokenizer(base_dir)
-    features = encode(read_jsonl(cfg.path("train_data")), tokenizer, cfg.model.max_seq_len)
+    features = encode(read_jsonl(cfg.path("clean_train_data")), tokenizer, cfg.model.max_seq_len)
     model = apply_method(load_causal_lm(base_dir), plan)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
@@ -96,7 +96,7 @@ def run(cfg: Config) -> dict[str, Any]:
         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=plan["micro_batch_size"], gradient_accumulation_steps=plan["grad_accum"],
-        gradient_checkpointing=bool(plan.get("gradient_checkpointing")), save_strategy="no", report_to="none",
+        activation_checkpointing=bool(plan.get("gradient_checkpointing")), save_strategy="no", report_to="none",
         use_cpu=not torch.cuda.is_available(), dataloader_pin_memory=False, remove_unused_columns=False,
         disable_tqdm=False,
     )
@@ -107,7 +107,7 @@ def run(cfg: Config) -> dict[str, Any]:
         mlflow.log_params({"method": plan["method"], "micro_batch_size": plan["micro_batch_size"],
                            "grad_accum": plan["grad_accum"], "max_seq_len": cfg.model.max_seq_len,
                            "trainable_params": trainable, "total_params": total,
-                           "data.train.md5": md5_file(cfg.path("train_data")),
+                           "data.train.md5": md5_file(cfg.path("clean_train_data")),
                            "params_hash": cfg.sections_hash(),
                            **{f"train.{k}": v for k, v in t.model_dump().items()},
                            **{f"peft.{k}": v for k, v in (plan.get("peft") or {}).items()}})

@@ -21,8 +21,8 @@ def bad_project(stage):
     """A project sharing the tiny base model, with a broken train split."""
     root = make_project("bad-data")
     cfg = load_config(root / "params.yaml")
+    rows = read_jsonl(stage("ingest")["train_data"])[:30]     # runs the model stage first
     shutil.copytree(stage.cfg.path("base_model_dir"), cfg.path("base_model_dir"))
-    rows = read_jsonl(stage("ingest")["train_data"])[:30]
     write_jsonl(cfg.path("eval_data"), read_jsonl(stage.cfg.path("eval_data")))
     write_jsonl(cfg.path("train_data"), rows)
     with cfg.path("train_data").open("a", encoding="utf-8") as f:

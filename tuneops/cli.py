@@ -13,6 +13,7 @@ import sys
 from typing import Any
 
 from . import stages
+from .data import FORMATS
 
 EXIT_INVALID_INPUT = 2
 EXIT_INVALID_DATA = 1
@@ -35,7 +36,19 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Stages run alone (as dvc.yaml does) or all together with `tuneops run` (Prefect flow).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for spec in stages.STAGES:
-        sub.add_parser(spec.name, parents=[common], help=f"stage: {spec.help}")
+        stage = sub.add_parser(spec.name, parents=[common], help=f"stage: {spec.help}")
+        if spec.name == "validate":
+            stage.add_argument("data", nargs="*", metavar="DATA",
+                               help="validate this file (TRAIN [EVAL]: also leakage) instead of running the stage")
+            stage.add_argument("--format", dest="data_format", choices=FORMATS, default=None,
+                               help="record format of DATA (default: data.format in params)")
+    data = sub.add_parser("data", parents=[common], help="datasets: `data add PATH --format F`")
+    data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
+    add = data_sub.add_parser("add", parents=[common],
+                              help="validate a dataset, copy it to data/user/, `dvc add` it and point params at it")
+    add.add_argument("path", metavar="PATH", help="JSONL, CSV or Parquet file")
+    add.add_argument("--format", dest="data_format", choices=FORMATS, required=True)
+    add.add_argument("--name", default=None, help="dataset name (default: the file's name)")
     run = sub.add_parser("run", parents=[common], help="the whole pipeline as one Prefect flow")
     run.add_argument("--from", dest="start", choices=stages.STAGE_NAMES, help="skip the stages before this one")
     sub.add_parser("plan", parents=[common], add_help=False,
@@ -68,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     args, rest = parser.parse_known_args(argv)
     if rest and args.command != "plan":
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    if args.command == "validate" and args.data_format and not args.data:
+        parser.error("validate: --format goes with DATA (the stage validates data.format)")
 
     from .config import ConfigError
 
@@ -75,6 +90,14 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "plan":
             return _plan(args, rest)
         cfg = _config(args)
+        if args.command == "validate" and args.data:
+            from .data.cli import validate_command
+
+            return validate_command(cfg, args.data, args.data_format)
+        if args.command == "data":
+            from .data.cli import add_command
+
+            return add_command(cfg, args.path, args.data_format, args.name)
         if args.command == "params":
             print(json.dumps(cfg.raw, indent=2))
             return 0

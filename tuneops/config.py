@@ -37,6 +37,8 @@ class PathsParams(_Section):
     eval_data: str
     ingest_manifest: str
     validation_dir: str
+    clean_train_data: str     # validate: the accepted train rows as chat records (what training reads)
+    clean_eval_data: str
     plan: str
     train_dir: str
     evaluate_dir: str
@@ -67,18 +69,64 @@ class ModelParams(_Section):
         return self
 
 
+FormatName = Literal["chat", "instruction", "text", "classification", "ner", "translation", "qa"]
+ScenarioName = Literal["chat", "qa", "translation", "definitions", "topics", "sentiment", "ner", "domain",
+                       "creative", "user"]
+
+
+class UserDataParams(_Section):
+    path: str | None = None
+    md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+
+class DataParams(_Section):
+    scenario: ScenarioName
+    format: Literal["auto"] | FormatName
+    policy: Literal["fail", "quarantine"]
+    max_rejected_fraction: float = Field(ge=0, le=1)
+    labels: list[str | int] | None = Field(default=None, min_length=2)
+    entity_types: list[str] | None = Field(default=None, min_length=1)
+    user: UserDataParams
+
+    @model_validator(mode="after")
+    def _scenario_and_format_agree(self) -> "DataParams":
+        from .data import SCENARIOS
+
+        own = SCENARIOS[self.scenario]
+        if self.scenario == "user":
+            if self.format == "auto":
+                raise ValueError("scenario 'user' needs an explicit format (tuneops data add sets it)")
+            if not self.user.path or not self.user.md5:
+                raise ValueError("scenario 'user' needs user.path and user.md5 (set by `tuneops data add`)")
+        elif self.format not in ("auto", own):
+            raise ValueError(f"scenario {self.scenario!r} produces format {own!r} (got format {self.format!r}; "
+                             f"use auto)")
+        return self
+
+    @property
+    def resolved_format(self) -> str:
+        from .data import SCENARIOS
+
+        return self.format if self.format != "auto" else SCENARIOS[self.scenario]
+
+
 class IngestParams(_Section):
-    source: Literal["chatterbot"]
     language: str
+    target_language: str = Field(pattern=r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$")
     eval_fraction: float = Field(gt=0, lt=1)
     seed: int
     max_chars: int = Field(gt=0)
     max_conversations: int | None = Field(default=None, gt=1)
+    max_per_label: int = Field(gt=0)
 
 
 class ValidateParams(_Section):
     min_rows: int = Field(ge=1)
     max_duplicate_fraction: float = Field(ge=0, le=1)
+    max_near_duplicate_fraction: float = Field(ge=0, le=1)
+    max_label_imbalance: float = Field(ge=1)
+    max_length_ratio: float = Field(gt=1)
+    max_record_bytes: int = Field(ge=1024, le=256 * 1024 * 1024)
 
 
 class LoraParams(_Section):
@@ -131,6 +179,7 @@ class OptimizeParams(_Section):
     parity_atol: float = Field(gt=0)
     parity_samples: int = Field(gt=0)
     int8: bool
+    int8_block_size: int = Field(ge=16)
     max_int8_ppl_increase_pct: float = Field(ge=0)
     ppl_samples: int = Field(gt=0)
 
@@ -149,6 +198,7 @@ class TrackingParams(_Section):
 class Params(_Section):
     paths: PathsParams
     model: ModelParams
+    data: DataParams
     ingest: IngestParams
     validate_: ValidateParams = Field(alias="validate")
     select: SelectParams

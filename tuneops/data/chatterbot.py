@@ -7,13 +7,15 @@ from typing import Any
 
 import yaml
 
+from ..config import ConfigError
+
 
 def corpus_dir(language: str) -> Path:
     import chatterbot_corpus
 
     path = Path(chatterbot_corpus.__file__).parent / "data" / language
     if not path.is_dir():
-        raise FileNotFoundError(f"ingest.language: chatterbot-corpus has no language {language!r}")
+        raise ConfigError(f"ingest.language: chatterbot-corpus has no language {language!r}")
     return path
 
 

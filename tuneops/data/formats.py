@@ -1,0 +1,300 @@
+"""The record formats: one small checker per format over shared helpers, and how each
+format becomes a chat conversation (what training sees) and a duplicate key.
+
+=================  ================================================================
+format             one JSONL record
+=================  ================================================================
+chat               ``{"messages": [{"role": "system"|"user"|"assistant", "content": str,
+                   "weight": 0|1 (assistant only, optional)}, ...]}`` (OpenAI/Azure
+                   fine-tuning format; extra top-level keys allowed)
+instruction        ``{"prompt": str, "completion": str}``
+text               ``{"text": str}`` (domain adaptation)
+classification     ``{"text": str, "label": str|int}``
+ner                ``{"tokens": [str, ...], "tags": ["O"|"B-TYPE"|"I-TYPE", ...]}`` (BIO)
+translation        ``{"source": str, "target": str, "source_lang": "en", "target_lang": "pl"}``
+qa                 ``{"question": str, "answer": str, "context": str (optional),
+                   "answer_start": int (optional: the answer is context[start:start+len])}``
+=================  ================================================================
+
+Extra keys are allowed in every format. CSV (a header row) and Parquet hold the flat
+formats; Parquet also holds ``chat`` and ``ner`` (list columns).
+
+A record problem is ``(field, rule, message)``; ``check_record`` adds path and line.
+"""
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from .records import Problem
+
+ROLES = ("system", "user", "assistant")
+Issue = tuple[str, str, str]
+Messages = list[dict[str, Any]]
+
+_TAG = re.compile(r"^(O|[BI]-[A-Za-z][A-Za-z0-9_.-]*)$")
+_LANG = re.compile(r"^[A-Za-z]{2,3}([_-][A-Za-z0-9]{2,8})*$")
+_PLACEHOLDER = re.compile(r"%\([A-Za-z_][A-Za-z0-9_]*\)[-#0 +]*\d*(?:\.\d+)?[sdifrxXeEgGc]"
+                          r"|%[-#0 +]*\d*(?:\.\d+)?[sdifrxXeEgGc]|\{[A-Za-z0-9_]*(?:![rsa])?(?::[^{}]*)?\}")
+_PUNCT = re.compile(r"[\W_]+")
+
+
+# -- shared helpers ----------------------------------------------------------------------
+
+def _text(obj: dict[str, Any], key: str, out: list[Issue], required: bool = True,
+          name: str | None = None) -> str | None:
+    """A string field: required, a string, not empty or whitespace."""
+    name = name or key
+    if key not in obj or obj[key] is None:
+        if required:
+            out.append((name, "required", f"missing '{key}'"))
+        return None
+    value = obj[key]
+    if not isinstance(value, str):
+        out.append((name, "type", f"{key} must be a string (got {type(value).__name__})"))
+        return None
+    if not value.strip():
+        out.append((name, "non_empty", f"{key} is empty or whitespace"))
+        return None
+    return value
+
+
+def _list(obj: dict[str, Any], key: str, out: list[Issue]) -> list[Any] | None:
+    value = obj.get(key)
+    if value is None:
+        out.append((key, "required", f"missing '{key}'"))
+        return None
+    if not isinstance(value, list) or not value:
+        out.append((key, "type", f"'{key}' must be a non-empty list"))
+        return None
+    return value
+
+
+_ASCII_PUNCT = bytes(c if chr(c).isalnum() else 32 for c in range(128)) + bytes(128)
+
+
+def normalise(text: str) -> str:
+    """For near-duplicate detection: Unicode NFKC, case-folded, punctuation and runs of
+    whitespace collapsed to one space."""
+    if text.isascii():        # fast path: one C-level byte translation
+        return " ".join(text.lower().encode().translate(_ASCII_PUNCT).decode().split())
+    text = unicodedata.normalize("NFKC", text)
+    return " ".join(_PUNCT.sub(" ", text.casefold()).split())
+
+
+def _near(text: str) -> str:
+    return normalise(text) or text.strip()
+
+
+# -- the checkers --------------------------------------------------------------------------
+
+def _chat(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    msgs = obj.get("messages")
+    if msgs is None:
+        out.append(("messages", "required", "missing 'messages'"))
+        return
+    if not isinstance(msgs, list) or not msgs:
+        out.append(("messages", "type", "'messages' must be a non-empty list"))
+        return
+    assistant_ok = weighted = False
+    prev: tuple[int, str] | None = None          # last user/assistant turn, for turn order
+    for i, m in enumerate(msgs):
+        f = f"messages[{i}]"
+        if not isinstance(m, dict):
+            out.append((f, "type", "each message must be an object"))
+            continue
+        role = m.get("role")
+        content = _text(m, "content", out, name=f"{f}.content")
+        if role not in ROLES:
+            out.append((f"{f}.role", "enum", f"role must be one of {', '.join(ROLES)} (got {role!r})"))
+        elif role == "system":
+            if i != 0:
+                out.append((f"{f}.role", "order", "a system message may only come first"))
+        else:
+            if prev is not None and prev[1] == role:
+                out.append((f"{f}.role", "order", f"two {role} turns in a row (messages[{prev[0]}] and "
+                                                  f"messages[{i}]): turns must alternate"))
+            prev = (i, role)
+        if "weight" in m:
+            w = m["weight"]
+            if role != "assistant" or isinstance(w, bool) or w not in (0, 1):
+                out.append((f"{f}.weight", "enum", "weight is allowed on assistant turns only, as 0 or 1"))
+        if role == "assistant" and content is not None:
+            assistant_ok = True
+            weighted = weighted or m.get("weight", 1) != 0
+    if not assistant_ok:
+        out.append(("messages", "assistant_turn", "needs at least one assistant turn with non-empty content"))
+    elif not weighted:
+        out.append(("messages", "assistant_turn", "every assistant turn has weight 0: nothing to train on"))
+
+
+def _instruction(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    _text(obj, "prompt", out)
+    _text(obj, "completion", out)
+
+
+def _plain_text(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    _text(obj, "text", out)
+
+
+def _classification(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    _text(obj, "text", out)
+    label = obj.get("label")
+    if label is None:
+        out.append(("label", "required", "missing 'label'"))
+    elif isinstance(label, bool) or not isinstance(label, (str, int)):
+        out.append(("label", "type", f"label must be a string or an integer (got {type(label).__name__})"))
+    elif isinstance(label, str) and not label.strip():
+        out.append(("label", "non_empty", "label is empty or whitespace"))
+
+
+def bio_issues(tags: list[str], entity_types: list[str] | None = None) -> list[Issue]:
+    """BIO consistency: each tag is O, B-TYPE or I-TYPE, and I-TYPE continues a TYPE entity."""
+    out: list[Issue] = []
+    prev = "O"
+    for i, tag in enumerate(tags):
+        f = f"tags[{i}]"
+        if not isinstance(tag, str) or not _TAG.match(tag):
+            out.append((f, "tag_format", f"tag must be O, B-TYPE or I-TYPE (got {tag!r})"))
+            prev = "O"
+            continue
+        if tag != "O":
+            kind = tag[2:]
+            if entity_types is not None and kind not in entity_types:
+                out.append((f, "entity_type", f"entity type {kind!r} is not in data.entity_types {entity_types}"))
+            if tag.startswith("I-") and prev[2:] != kind:
+                out.append((f, "bio", f"{tag} follows {prev} (an entity starts with B-{kind})"))
+        prev = tag
+    return out
+
+
+def _ner(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    tokens, tags = _list(obj, "tokens", out), _list(obj, "tags", out)
+    if tokens is not None:
+        for i, t in enumerate(tokens):
+            if not isinstance(t, str):
+                out.append((f"tokens[{i}]", "type", f"token must be a string (got {type(t).__name__})"))
+            elif not t.strip():
+                out.append((f"tokens[{i}]", "non_empty", "token is empty or whitespace"))
+    if tags is not None:
+        if tokens is not None and len(tags) != len(tokens):
+            out.append(("tags", "length", f"{len(tags)} tags for {len(tokens)} tokens"))
+        out.extend(bio_issues(tags, opts.get("entity_types")))
+
+
+def placeholders(text: str) -> list[str]:
+    return sorted(_PLACEHOLDER.findall(text))
+
+
+def _translation(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    source, target = _text(obj, "source", out), _text(obj, "target", out)
+    langs = [_text(obj, k, out) for k in ("source_lang", "target_lang")]
+    for key, lang in zip(("source_lang", "target_lang"), langs):
+        if lang is not None and not _LANG.match(lang):
+            out.append((key, "language", f"{key} must be a language code like 'en' or 'pt_BR' (got {lang!r})"))
+    if all(langs) and langs[0].lower() == langs[1].lower():
+        out.append(("target_lang", "language_pair", f"source and target language are both {langs[0]!r}"))
+    if source is not None and target is not None and placeholders(source) != placeholders(target):
+        out.append(("target", "placeholders", f"placeholders differ: source {placeholders(source)}, "
+                                              f"target {placeholders(target)}"))
+
+
+def _qa(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    _text(obj, "question", out)
+    answer = _text(obj, "answer", out)
+    context = obj.get("context")
+    if context is not None and not isinstance(context, str):
+        out.append(("context", "type", f"context must be a string (got {type(context).__name__})"))
+        context = None
+    if "answer_start" not in obj or obj["answer_start"] is None:
+        return
+    start = obj["answer_start"]
+    if isinstance(start, bool) or not isinstance(start, int) or start < 0:
+        out.append(("answer_start", "type", f"answer_start must be an integer >= 0 (got {start!r})"))
+    elif not context:
+        out.append(("context", "required", "an answer span (answer_start) needs a non-empty context"))
+    elif answer is not None and context[start:start + len(answer)] != answer:
+        found = context[start:start + len(answer)]
+        out.append(("answer_start", "answer_span",
+                    f"context[{start}:{start + len(answer)}] is {found[:60]!r}, not the answer {answer[:60]!r}"))
+
+
+# -- rendering as chat (what training sees) --------------------------------------------------
+
+def _qa_chat(r: dict[str, Any]) -> Messages:
+    ctx = r.get("context") or ""
+    prompt = f"{ctx.strip()}\n\nQuestion: {r['question']}" if ctx.strip() else r["question"]
+    return [{"role": "user", "content": prompt}, {"role": "assistant", "content": r["answer"]}]
+
+
+@dataclass(frozen=True)
+class Format:
+    name: str
+    check: Callable[[dict[str, Any], list[Issue], dict[str, Any]], None]
+    fields: tuple[str, ...]                  # content fields: the duplicate key, the CSV columns
+    field: str                               # the field a whole-record rule names
+    to_chat: Callable[[dict[str, Any]], Messages]
+    csv: bool = True                         # flat: CSV-friendly
+
+    def key_values(self, r: dict[str, Any]) -> list[Any]:
+        if self.name == "chat":
+            return [[m.get("role"), m.get("content"), m.get("weight", 1)] for m in r["messages"]]
+        return [r.get(f) for f in self.fields]
+
+    def exact_key(self, r: dict[str, Any]) -> str:
+        if self.name == "chat":
+            return "\x1e".join(f"{m.get('role')}\x1f{m.get('weight', 1)}\x1f{m.get('content')}" for m in r["messages"])
+        return json.dumps(self.key_values(r), ensure_ascii=False, separators=(",", ":"), default=str)
+
+    def near_key(self, r: dict[str, Any]) -> str:
+        """Equal for records that differ only in case, punctuation and spacing (a field
+        that is all punctuation, like an emoticon, is kept as it is)."""
+        if self.name == "chat":
+            return _near(" ".join(f"{m['role']} {m['content']}" for m in r["messages"]))
+        return "\x1f".join(_near(" ".join(map(str, v)) if isinstance(v, list) else "" if v is None else str(v))
+                           for v in self.key_values(r))
+
+    def size(self, r: dict[str, Any]) -> int:
+        """Characters of content (ingest.max_chars)."""
+        return sum(len(m["content"]) for m in self.to_chat(r))
+
+
+FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (
+    Format("chat", _chat, ("messages",), "messages", lambda r: r["messages"], csv=False),
+    Format("instruction", _instruction, ("prompt", "completion"), "(record)",
+           lambda r: [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]),
+    Format("text", _plain_text, ("text",), "text", lambda r: [{"role": "assistant", "content": r["text"]}]),
+    Format("classification", _classification, ("text", "label"), "text",
+           lambda r: [{"role": "user", "content": f"Classify this text.\n\n{r['text']}"},
+                      {"role": "assistant", "content": str(r["label"])}]),
+    Format("ner", _ner, ("tokens", "tags"), "tokens",
+           lambda r: [{"role": "user", "content": "Tag each token with its BIO entity tag.\n\n" + " ".join(r["tokens"])},
+                      {"role": "assistant", "content": " ".join(r["tags"])}], csv=False),
+    Format("translation", _translation, ("source", "target", "source_lang", "target_lang"), "(record)",
+           lambda r: [{"role": "user", "content": f"Translate from {r['source_lang']} to {r['target_lang']}:"
+                                                  f"\n\n{r['source']}"},
+                      {"role": "assistant", "content": r["target"]}]),
+    Format("qa", _qa, ("context", "question", "answer", "answer_start"), "(record)", _qa_chat),
+)}
+
+
+def get(name: str) -> Format:
+    try:
+        return FORMAT_SPECS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r} (one of {', '.join(FORMAT_SPECS)})") from None
+
+
+def record_issues(fmt: str, obj: Any, opts: dict[str, Any] | None = None) -> list[Issue]:
+    if not isinstance(obj, dict):
+        return [("(record)", "type", f"expected a JSON object, got {type(obj).__name__}")]
+    out: list[Issue] = []
+    get(fmt).check(obj, out, opts or {})
+    return out
+
+
+def check_record(fmt: str, path: str, line: int, obj: Any, opts: dict[str, Any] | None = None) -> list[Problem]:
+    return [Problem(path, line, f, rule, msg) for f, rule, msg in record_issues(fmt, obj, opts)]
