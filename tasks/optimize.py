@@ -1,12 +1,11 @@
 """Stage `optimize`: merge the adapter, export ONNX (fp32), check ONNX Runtime parity
-with PyTorch, and build an INT8 dynamic-quantized variant with its perplexity change.
+with PyTorch, and build a weight-only INT8 variant with its perplexity change.
 
 Outputs in ``paths.optimize_dir``: ``fp32/model.onnx``, ``int8/model.onnx``,
 ``metrics.json`` with, per variant, size, perplexity, change vs PyTorch and the gate.
 """
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -67,17 +66,15 @@ def max_logits_diff(reference: Any, candidate: Any, features: list[dict[str, lis
     return worst
 
 
-def pretranspose_weights(src: Path, dst: Path) -> Path:
+def untie_transposed_weights(model: Any) -> Any:
     """Fold ``Transpose(initializer) -> MatMul`` into a transposed initializer.
 
     With tied embeddings the exporter computes the LM head as
-    ``MatMul(h, Transpose(embedding))``; the quantizer only quantizes MatMuls whose
-    weight is an initializer, so the largest matrix (vocab x hidden) would stay fp32.
+    ``MatMul(h, Transpose(embedding))``; quantizers only quantize MatMuls whose weight is
+    an initializer, so the largest matrix (vocab x hidden) would stay fp32.
     """
-    import onnx
     from onnx import numpy_helper
 
-    model = onnx.load(str(src))
     inits = {i.name: i for i in model.graph.initializer}
     consumers: dict[str, list[Any]] = {}
     for node in model.graph.node:
@@ -91,20 +88,45 @@ def pretranspose_weights(src: Path, dst: Path) -> Path:
             model.graph.initializer.append(
                 numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), node.output[0]))
             model.graph.node.remove(node)
+    return model
+
+
+def quantize_embedding_rows(model: Any) -> Any:
+    """Store each ``Gather`` table (the token embedding) as int8 rows with one fp32 scale
+    per row (symmetric), dequantized by a ``DequantizeLinear(axis=0)`` in front of the Gather."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        name = node.input[0]
+        table = numpy_helper.to_array(inits[name]).astype(np.float32)
+        scale = np.maximum(np.abs(table).max(axis=1), 1e-12) / 127.0
+        q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                        numpy_helper.from_array(scale.astype(np.float32), f"{name}_scale")])
+        index = list(model.graph.node).index(node)
+        model.graph.node.insert(index, helper.make_node("DequantizeLinear", [f"{name}_int8", f"{name}_scale"], [name],
+                                                        axis=0, name=f"{name}_dequantize"))
+    return model
+
+
+def quantize_int8(src: Path, dst: Path, block_size: int) -> Path:
+    """Weight-only INT8: every MatMul weight (the untied LM head included) becomes an
+    8-bit ``MatMulNBits`` (symmetric, ``block_size`` values per scale; activations stay
+    fp32), and the embedding table int8 per row. Measured on Gemma 3 270M: dynamic INT8
+    (int8 activations) doubled perplexity; weight-only INT8 left it unchanged."""
+    import onnx
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    model = quantize_embedding_rows(untie_transposed_weights(onnx.load(str(src))))
+    quantizer = MatMulNBitsQuantizer(model, bits=8, block_size=block_size, is_symmetric=True,
+                                     op_types_to_quantize=("MatMul",))
+    quantizer.process()
     dst.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
-    return dst
-
-
-def quantize_int8(src: Path, dst: Path) -> Path:
-    """Dynamic INT8 (weights int8, activations quantized at run time) for MatMul and the
-    embedding Gather, after pre-transposing the tied LM head so it is quantized too."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    staged = pretranspose_weights(src, dst.parent / "staged" / "model.onnx")
-    quantize_dynamic(str(staged), str(dst), weight_type=QuantType.QInt8,
-                     op_types_to_quantize=["MatMul", "Gemm", "Gather"], use_external_data_format=True)
-    shutil.rmtree(staged.parent)
+    quantizer.model.save_model_to_file(str(dst), use_external_data_format=True)
     return dst
 
 
@@ -112,7 +134,7 @@ def run(cfg: Config) -> dict[str, Any]:
     o = cfg.optimize
     base_dir, out = cfg.path("base_model_dir"), fresh_dir(cfg.path("optimize_dir"))
     tokenizer = load_tokenizer(base_dir)
-    features = encode(read_jsonl(cfg.path("eval_data")), tokenizer, cfg.model.max_seq_len)
+    features = encode(read_jsonl(cfg.path("clean_eval_data")), tokenizer, cfg.model.max_seq_len)
     ppl_set, pad = features[: o.ppl_samples], tokenizer.pad_token_id
 
     model = finetuned.load(base_dir, cfg.path("train_dir"), merge=True).eval()
@@ -129,7 +151,7 @@ def run(cfg: Config) -> dict[str, Any]:
                         "perplexity": fp32_ppl, "max_abs_logits_diff": parity,
                         "accepted": parity <= o.parity_atol, "gate": f"max abs logits diff <= {o.parity_atol}"}
     if o.int8:
-        int8 = quantize_int8(fp32, out / "int8" / "model.onnx")
+        int8 = quantize_int8(fp32, out / "int8" / "model.onnx", o.int8_block_size)
         ppl = perplexity(ort_forward(int8), ppl_set, 4, pad)["perplexity"]
         change = 100.0 * (ppl / torch_ppl - 1.0)
         variants["int8"] = {"path": str(int8.relative_to(out)), "size_bytes": dir_size(int8.parent),

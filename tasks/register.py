@@ -31,6 +31,17 @@ def decide(ft_ppl: float, base_ppl: float, onnx_ok: bool, champion_ppl: float | 
     return "champion", f"perplexity {ft_ppl:.3f} beats base {base_ppl:.3f} and {against}"
 
 
+def _count_metrics(counts: dict[str, Any]) -> dict[str, float]:
+    """The data gate's row counts per split (read = accepted + rejected), as MLflow metrics."""
+    out: dict[str, float] = {}
+    for split, c in counts.items():
+        for key in ("read", "accepted", "rejected"):
+            out[f"data_{split}_{key}"] = float(c[key])
+        for rule, n in c.get("rejected_by_rule", {}).items():
+            out[f"data_{split}_rejected_{rule}"] = float(n)
+    return out
+
+
 def _current_champion(client: Any, name: str) -> Any:
     from mlflow.exceptions import MlflowException
 
@@ -68,6 +79,9 @@ def run(cfg: Config) -> dict[str, Any]:
         "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
         "onnx.default_variant": str(om["default_variant"]),
         "validation.success": str(validation["success"]),
+        "data.scenario": str(validation.get("scenario")),
+        "data.format": str(validation.get("format")),
+        "data.policy": str(validation.get("policy")),
         **tracking.run_tags(),
     }
     lock = dvc_lock_md5s(cfg.root)
@@ -86,9 +100,13 @@ def run(cfg: Config) -> dict[str, Any]:
             **({"onnx_int8_perplexity_change_pct": variants["int8"]["perplexity_change_pct"]}
                if "int8" in variants else {}),
         })
+        mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
         mlflow.set_tags(tags)
         mlflow.log_dict(plan, "plan.json")
         mlflow.log_dict(validation, "validation/report.json")
+        docs = cfg.path("validation_dir") / "data_docs"
+        if docs.is_dir():
+            mlflow.log_artifacts(str(docs), "validation/data_docs")
         mlflow.log_dict(om, "optimize/metrics.json")
         mlflow.log_artifact(str(cfg.path("evaluate_dir") / "generations.jsonl"), "evaluate")
         mlflow.log_artifact(str(train_dir / "history.json"), "train")

@@ -6,6 +6,7 @@ with the tiny-model overrides below), so the tests run the real stage code.
 """
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import sys
@@ -23,6 +24,10 @@ os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PAT
 from tuneops import env  # noqa: E402
 
 paths = env.configure(STATE)
+# Prefect stops the shared ephemeral server at interpreter exit, after pytest has closed
+# the captured streams; its "Stopping temporary server" log line would print a
+# "--- Logging error ---" traceback. Nothing is lost by not reporting that.
+logging.raiseExceptions = False
 # Caches (tokenizer, DeepSpeed ops) persist between sessions; the registry starts empty.
 paths["mlflow_db"].unlink(missing_ok=True)
 shutil.rmtree(paths["mlflow_artifacts"], ignore_errors=True)

@@ -94,6 +94,14 @@ def test_register_champion_with_lineage_and_a_loadable_model(stage, tiny_cfg):
     assert version.tags["data.train.md5"] == md5_file(tiny_cfg.path("train_data"))
     assert version.tags["data.eval.md5"] == md5_file(tiny_cfg.path("eval_data"))
     assert version.tags["params.hash"] == tiny_cfg.sections_hash() and "git.commit" in version.tags
+    assert version.tags["data.scenario"] == "chat" and version.tags["data.format"] == "chat"
+    run = client.get_run(out["mlflow_run_id"])
+    report = read_json(tiny_cfg.path("validation_dir") / "report.json")
+    assert run.data.metrics["data_train_read"] == report["counts"]["train"]["read"] > 0
+    assert run.data.metrics["data_total_accepted"] + run.data.metrics["data_total_rejected"] == \
+        run.data.metrics["data_total_read"]
+    assert "validation/data_docs/index.html" in [
+        f.path for f in client.list_artifacts(out["mlflow_run_id"], "validation/data_docs")]
     model = mlflow.pyfunc.load_model(f"models:/{tiny_cfg.register.model_name}@champion")
     replies = model.predict(["Hello"], params={"max_new_tokens": 3})
     assert len(replies) == 1 and isinstance(replies[0], str)
