@@ -9,8 +9,17 @@ Model states (Rajbhandari et al. 2020, "ZeRO", section 3.1 and 5):
   full fine-tuning, mixed precision Adam: weights 2Ψ + gradients 2Ψ + optimizer KΨ, K = 12
   (fp32 master weights, momentum, variance); fp32 training: 4Ψ + 4Ψ + 8Ψ.
   ZeRO stage 1 divides the optimizer states by N, stage 2 also the gradients, stage 3 also the
-  weights (plus a gathered working set of ``zero3_live_layers`` layers). Optimizer offload moves the
-  optimizer states to host RAM, parameter offload (stage 3) the weight shards.
+  weights (plus a gathered working set: ``zero3_live_layers`` layers, or ``zero3_gather_copies``
+  copies of the largest single parameter if that is more: DeepSpeed gathers a parameter into a flat
+  all-gather buffer and then concatenates it into the parameter, ``AllGatherCoalescedHandle.wait``,
+  so two full copies exist for a moment; for Gemma the largest parameter is the 262k x h
+  embedding, far larger than a layer). Optimizer offload moves the optimizer states to host RAM,
+  parameter offload (stage 3) the weight shards.
+  DeepSpeed's ZeRO optimizers always keep their own fp32 master partition, also when the model
+  itself is fp32 (CPU training): full fp32 fine-tuning at any ZeRO stage or with optimizer offload
+  pays ``zero_fp32_master_bytes`` = 4 bytes/param on top of K_fp32 = 8 (partitioned like the
+  optimizer states; measured: stage 1/2 clone the partition, and at stage 3 on CPU
+  ``fp32_partitioned_groups_flat`` is a second 0.5 GiB buffer per rank for 270M over 2 ranks).
 PEFT (LoRA, QLoRA, DoRA, IA3, prompt tuning): the base is frozen (weights only, no gradients or
   optimizer states), stored in compute precision, or for QLoRA (Dettmers et al. 2023) its linear
   layers in NF4 with double quantization: 4 bits + one 8-bit absmax per 64 weights + one fp32
@@ -34,16 +43,44 @@ Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 1
   of its largest module for the weight norm.
   Gradient checkpointing keeps each layer's input (2h per token in 16-bit) plus one layer's full
   activations during recompute.
+  Tied embeddings, full fine-tuning of a causal LM: the tied V x h weight gets two dense gradients
+  (lm_head matmul, embedding backward) that autograd sums out of place: ``tied_embedding_grad_copies``
+  = 3 full-size gradient buffers at the end of backward, at every ZeRO stage (partitioning comes
+  after autograd). The activations are freed by then, so only the excess over the activations is
+  added (to ``gradients``); see ``tied_embedding_grad_excess``.
   Logits (causal LM head): b*s*V values at 12 bytes each: fp32 log-softmax output saved by the loss,
   the dense fp32 gradient of the NLL and the fp32 gradient of the logits are alive together when
   backward starts (measured 11.9 bytes/value for Gemma 3 270M on CPU; the 16-bit logits and their
   fp32 upcast are freed before backward). Gemma 3's 262,144-token vocabulary makes this dominant.
-Overhead: CUDA context and allocator on a GPU; on CPU the baseline RSS of torch + transformers.
+Overhead: CUDA context and allocator on a GPU; on CPU the RSS of the training process before its
+model (``cpu_baseline_gb``: torch + transformers + peft), plus ``cpu_distributed_gb`` for a
+DeepSpeed/gloo rank (ZeRO stage > 0, offload or more than one process).
 The terms are summed: a conservative peak (gradients and activations do not all peak together).
 
-Check against measurement (peak RSS of 2 training steps, randomly initialised Gemma 3 270M shape,
-LoRA r=8 on q/k/v/o, fp32, SDPA, seq 256, 2-core CPU, 2026-11-28): micro-batch 4 predicted 6.21 GiB,
-measured 6.27; with the vocabulary cut to 1,024: micro 1 1.39 vs 1.30, micro 4 2.60 vs 2.68.
+Calibration (``bench/calibrate_memory.py``; table in ``bench/results/calibration-cpu.md``): 17
+configurations on the 2-core CPU, fp32, SDPA, seq 128, fused AdamW, 2 optimizer steps, peak RSS of
+each rank over the training window: the tiny Gemma-3 (hidden 64, 2 layers, 262k vocabulary) and the
+Gemma 3 270M shape, full/LoRA/DoRA/QLoRA at ZeRO 0, ZeRO 0-3 with 2 processes, one offload row.
+What the measurements changed (2026-11-28):
+  * cpu_baseline_gb 0.6 -> 0.45 and cpu_distributed_gb 0.12 (new): RSS before the model, measured
+    0.38 GiB (torch + transformers), 0.44-0.45 (+ peft), +0.126 per rank for deepspeed + gloo. With
+    0.6 the tiny single-process rows were +28% (full) and +16% (LoRA).
+  * tied_embedding_grad_copies = 3 (new): 270M full fine-tuning was -11% (5.15 predicted, 5.80
+    measured); the end-of-backward peak is 3 copies of the 0.625 GiB embedding gradient.
+  * zero_fp32_master_bytes = 4 (new): 270M full at ZeRO 1 was -25%, stage 3 -46% before these fixes.
+  * zero3_gather_copies = 2 (new): 270M LoRA at ZeRO 3 was -25% (2.28 vs 3.03): the gathered
+    embedding exists twice during its all-gather.
+Now 16 of 17 rows are within 15%. Closest to the edge: 270M full at ZeRO 2, -14.9% (-7.7% in
+an earlier run): DeepSpeed sizes a rank's gradient partition buffer by the parameters that overlap
+its range, counted whole, so the rank whose range starts inside the 168M-parameter embedding
+holds all 268M gradients instead of half (not priced here: the ZeRO-paper stage-2 formula is
+pinned by tests); tiny full fine-tuning +12.5% (conservative: its gradients and logits do not
+peak together); 270M DoRA -10%, QLoRA -8% (glibc keeps freed activation memory resident). The
+exception is optimizer offload on CPU (-31%): DeepSpeed's host-side buffers beyond the optimizer
+states (the fp32 gradient partition, 4 bytes/param/N, and a staging copy of the weights) are not
+in ``host_gb``; the planner never offloads on CPU (one rung), but on GPU ``host_gb`` is low by at
+least that gradient partition. Previous
+check (LoRA r=8 q/k/v/o, seq 256, lifetime RSS): micro-batch 4 predicted 6.21 GiB, measured 6.27.
 """
 from __future__ import annotations
 
@@ -71,10 +108,16 @@ class MemoryModelConstants:
     checkpoint_bytes_per_hidden: float = 2.0   # 16-bit layer input kept per layer when recomputing
     logits_bytes: float = 12.0          # fp32 log-softmax output + NLL gradient + logits gradient
     zero3_live_layers: int = 2          # gathered layer working set at stage 3 (current + prefetch)
+    zero3_gather_copies: int = 2        # a stage-3 gather holds the flat all-gather buffer + the parameter
+    tied_embedding_grad_copies: int = 3  # full FT, tied embedding: lm_head grad + embedding grad + their sum
+    zero_fp32_master_bytes: float = 4.0  # DeepSpeed ZeRO (stages 1-3, offload) keeps its own fp32 master copy
+    #                                     even when the model is fp32 (K_fp32 = 8 assumes the weights are it)
     dora_weight_copies: int = 2         # transient B@A and W + B@A (fp32) of the largest DoRA module
     prompt_virtual_tokens: int = 20     # prompt tuning: learned tokens prepended to every sequence
     cuda_context_gb: float = 0.8        # CUDA context + cuBLAS workspace + allocator slack (0.5-1 GB)
-    cpu_baseline_gb: float = 0.6        # RSS of a process that imported torch + transformers
+    cpu_baseline_gb: float = 0.45       # RSS of a training process before its model: torch + transformers
+    #                                     (0.38 GiB measured) + peft (0.44-0.45); was 0.6 (see module doc)
+    cpu_distributed_gb: float = 0.12    # + deepspeed and a gloo process group (measured +0.126 GiB per rank)
 
 
 @dataclass(frozen=True)
@@ -170,19 +213,46 @@ def activation_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) ->
     return layers + logits, logits
 
 
+def largest_param(model: ModelSpec) -> int:
+    """The largest single parameter tensor: the token embedding (or an untied lm_head) or the
+    largest per-layer linear weight. ZeRO-3 gathers a parameter whole before using it."""
+    return max(model.embedding_params, model.lm_head_params, *(i * o for i, o in model.modules.values()))
+
+
+def tied_embedding_grad_excess(model: ModelSpec, setup: Setup, c: MemoryModelConstants, acts: float) -> float:
+    """Bytes the end of backward needs beyond what ``gradients`` + ``activations`` already count,
+    for full fine-tuning of a causal LM whose lm_head is tied to the input embedding.
+
+    The tied weight receives two dense V x h gradients, one from the lm_head matmul (at the start
+    of backward) and one from the embedding's dense backward (at the end), and autograd sums them
+    out of place: ``tied_embedding_grad_copies`` = 3 gradient-sized buffers are alive together
+    (measured on this CPU: an isolated tied 262,144 x 640 fp32 embedding + lm_head peaks at
+    +1.886 GiB in backward = 3.02 x its 0.625 GiB; untied, +0.751 = 1 gradient + the logits
+    gradient). They are full-size at every ZeRO stage: partitioning happens after autograd has
+    produced the gradient. By then the activations are freed, so only the part of the transient
+    that exceeds the activations adds to the peak."""
+    if setup.method != "full" or not model.tied_embeddings or model.is_encoder or setup.task_head != "causal_lm":
+        return 0.0
+    g = setup.compute_bytes * model.embedding_params
+    counted = g / setup.world_size if setup.zero_stage >= 2 else g
+    return max(0.0, c.tied_embedding_grad_copies * g - counted - acts)
+
+
 def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = None) -> Estimate:
     """Per-device peak: ZeRO partitioning and offload applied to the model states, plus
     activations and overhead."""
     c = c or MemoryModelConstants()
     weights, grads, optim = model_state_bytes(model, setup, c)
-    n = setup.world_size
+    n, w = setup.world_size, setup.compute_bytes
     host = 0.0
+    if setup.method == "full" and w == 4 and (setup.zero_stage >= 1 or setup.offload_optimizer):
+        optim += c.zero_fp32_master_bytes * model.params   # DeepSpeed's own fp32 master copy
     if setup.zero_stage >= 1:
         optim /= n
     if setup.zero_stage >= 2:
         grads /= n
     if setup.zero_stage == 3:
-        live = c.zero3_live_layers * model.layer_params * setup.compute_bytes
+        live = max(c.zero3_live_layers * model.layer_params, c.zero3_gather_copies * largest_param(model)) * w
         weights = weights / n
         if setup.offload_params:
             host, weights = host + weights, 0.0
@@ -190,5 +260,7 @@ def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = No
     if setup.offload_optimizer:
         host, optim = host + optim, 0.0
     acts, logits = activation_bytes(model, setup, c)
-    overhead = c.cuda_context_gb if setup.on_gpu else c.cpu_baseline_gb
+    grads += tied_embedding_grad_excess(model, setup, c, acts)
+    distributed = setup.world_size > 1 or setup.zero_stage > 0 or setup.offload_optimizer or setup.offload_params
+    overhead = c.cuda_context_gb if setup.on_gpu else c.cpu_baseline_gb + (c.cpu_distributed_gb if distributed else 0.0)
     return Estimate(weights / GIB, grads / GIB, optim / GIB, acts / GIB, overhead, logits / GIB, host / GIB)
