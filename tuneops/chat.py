@@ -8,7 +8,7 @@ they agree. Assistant turns with ``weight: 0`` are rendered but carry no loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 START, END = "<start_of_turn>", "<end_of_turn>"
 IGNORE_INDEX = -100
@@ -81,15 +81,6 @@ def tokenize(messages: list[dict[str, Any]], tokenizer: Any, max_len: int) -> di
         labels.extend(piece if seg.trainable else [IGNORE_INDEX] * len(piece))
     ids, labels = ids[:max_len], labels[:max_len]
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
-
-
-def token_lengths(conversations: Iterable[list[dict[str, Any]]], tokenizer: Any) -> list[int]:
-    """Full (untruncated) token length of each conversation, batched for speed."""
-    texts = [render(c, bos="") for c in conversations]
-    if not texts:
-        return []
-    enc = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [len(e) + 1 for e in enc]  # + <bos>
 
 
 class Collator:

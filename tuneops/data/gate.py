@@ -273,14 +273,6 @@ class TokenCounter:
         return [1 + sum(lens[i] for i in ids) for ids in self._convs]
 
 
-def token_lengths(conversations: list[list[dict[str, Any]]], tokenizer: Any) -> list[int]:
-    """Untruncated token length of each conversation as training tokenizes it."""
-    counter = TokenCounter(tokenizer)
-    for conv in conversations:
-        counter.add(conv)
-    return counter.lengths()
-
-
 class LazyTokenizer:
     """A tokenizer loaded on first use (a file that fails before any record is checked
     for length never pays for loading it)."""
