@@ -139,20 +139,20 @@ def run(cfg: Config) -> dict[str, Any]:
 
     model = finetuned.load(base_dir, cfg.path("train_dir"), merge=True).eval()
     reference = torch_forward(model)
-    torch_ppl = perplexity(reference, ppl_set, 4, pad)["perplexity"]
+    torch_ppl = perplexity(reference, ppl_set, o.batch_size, pad)["perplexity"]
     fp32 = export_onnx(model, out / "fp32" / "model.onnx", o.opset)
     fp32_forward = ort_forward(fp32)
     parity = max_logits_diff(reference, fp32_forward, features[: o.parity_samples])
     del model
 
     variants: dict[str, dict[str, Any]] = {}
-    fp32_ppl = perplexity(fp32_forward, ppl_set, 4, pad)["perplexity"]
+    fp32_ppl = perplexity(fp32_forward, ppl_set, o.batch_size, pad)["perplexity"]
     variants["fp32"] = {"path": str(fp32.relative_to(out)), "size_bytes": dir_size(fp32.parent),
                         "perplexity": fp32_ppl, "max_abs_logits_diff": parity,
                         "accepted": parity <= o.parity_atol, "gate": f"max abs logits diff <= {o.parity_atol}"}
     if o.int8:
         int8 = quantize_int8(fp32, out / "int8" / "model.onnx", o.int8_block_size)
-        ppl = perplexity(ort_forward(int8), ppl_set, 4, pad)["perplexity"]
+        ppl = perplexity(ort_forward(int8), ppl_set, o.batch_size, pad)["perplexity"]
         change = 100.0 * (ppl / torch_ppl - 1.0)
         variants["int8"] = {"path": str(int8.relative_to(out)), "size_bytes": dir_size(int8.parent),
                             "perplexity": ppl, "perplexity_change_pct": change,

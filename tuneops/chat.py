@@ -37,25 +37,28 @@ class Segment:
     trainable: bool
 
 
-def segments(messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[Segment]:
-    """Split a conversation into text pieces; assistant replies (and their end marker)
-    are trainable unless the turn has ``weight: 0``."""
-    out: list[Segment] = []
+def pieces(messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[tuple[str, bool]]:
+    """Split a conversation into ``(text, trainable)`` pieces; assistant replies (and their
+    end marker) are trainable unless the turn has ``weight: 0``. Plain tuples: the data
+    gate calls this for every record of large files."""
+    out: list[tuple[str, bool]] = []
     system = ""
     for m in messages:
         role, content = m["role"], m["content"]
         if role == "system":
             system = content + "\n\n"
-            continue
-        if role == "assistant":
-            out.append(Segment(f"{START}model\n", False))
-            out.append(Segment(f"{content}{END}\n", m.get("weight", 1) != 0))
+        elif role == "assistant":
+            out += ((f"{START}model\n", False), (f"{content}{END}\n", m.get("weight", 1) != 0))
         else:
-            out.append(Segment(f"{START}user\n{system}{content}{END}\n", False))
+            out.append((f"{START}user\n{system}{content}{END}\n", False))
             system = ""
     if add_generation_prompt:
-        out.append(Segment(f"{START}model\n", False))
+        out.append((f"{START}model\n", False))
     return out
+
+
+def segments(messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> list[Segment]:
+    return [Segment(text, trainable) for text, trainable in pieces(messages, add_generation_prompt)]
 
 
 def render(messages: list[dict[str, Any]], add_generation_prompt: bool = False, bos: str = "<bos>") -> str:

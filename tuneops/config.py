@@ -182,6 +182,7 @@ class OptimizeParams(_Section):
     int8_block_size: int = Field(ge=16)
     max_int8_ppl_increase_pct: float = Field(ge=0)
     ppl_samples: int = Field(gt=0)
+    batch_size: int = Field(gt=0)
 
 
 class RegisterParams(_Section):

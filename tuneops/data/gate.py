@@ -191,22 +191,10 @@ def _tokenizer_threads() -> Iterator[None]:
 
 
 def segment_texts(messages: list[dict[str, Any]]) -> list[str]:
-    """The texts of ``tuneops.chat.segments(messages)``, without building Segment objects
-    (3x faster on 100k records; a test keeps the two equal)."""
-    from ..chat import END, START
+    """The texts training tokenizes separately (``tuneops.chat.pieces``), for token counts."""
+    from ..chat import pieces
 
-    out: list[str] = []
-    system = ""
-    for m in messages:
-        role, content = m["role"], m["content"]
-        if role == "system":
-            system = content + "\n\n"
-        elif role == "assistant":
-            out += (f"{START}model\n", f"{content}{END}\n")
-        else:
-            out.append(f"{START}user\n{system}{content}{END}\n")
-            system = ""
-    return out
+    return [text for text, _ in pieces(messages)]
 
 
 def _encode_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
