@@ -119,7 +119,7 @@ def _c(model: str, method: str, **kw: Any) -> Case:
 
 # ~15 minutes on the 2-core CPU (14-18 min measured, other jobs running): the 270M shape single-process for
 # every method, the ZeRO ladder with 2 ranks for full fine-tuning on the tiny model, ZeRO 1-3 for
-# full and ZeRO-3 for LoRA on 270M, one optimizer-offload row.
+# full and ZeRO-3 for LoRA on 270M, optimizer offload at ZeRO 2 and 3.
 CPU_CASES = [
     _c("tiny", "full"),
     _c("tiny", "lora"),
@@ -133,6 +133,7 @@ CPU_CASES = [
     *[_c("gemma3-270m", "full", zero=z, nproc=2) for z in (1, 2, 3)],
     _c("gemma3-270m", "lora", zero=3, nproc=2),
     _c("gemma3-270m", "full", zero=2, nproc=2, offload_optimizer=True),
+    _c("gemma3-270m", "full", zero=3, nproc=2, offload_optimizer=True),
 ]
 QUICK_CASES = [
     _c("tiny", "full"),

@@ -152,7 +152,25 @@ def test_offload_moves_states_from_device_to_host():
     both = estimate(m, replace(base, offload_optimizer=True, offload_params=True))
     assert plain.total > opt.total > both.total
     assert plain.host_gb == 0 < opt.host_gb < both.host_gb
-    assert opt.host_gb == pytest.approx(plain.optimizer_states)
+    # host = the optimizer states that left the device + ZeRO-Offload's fp32 gradient partition
+    # (stage 3: it replaces the device's gradient partition)
+    phi = m.params
+    assert opt.host_gb == pytest.approx(plain.optimizer_states + 4 * phi / 4 / GIB)
+    assert opt.gradients == 0 < plain.gradients
+
+
+def test_stage2_offload_prices_deepspeed_host_buffers():
+    """ZeRO-2 + optimizer offload, 270M fp32 on 2 CPU ranks: the measured +2.24 GiB at the first
+    step (bench/results/calibration-cpu.md) = fp32 gradient partition + staging copy of the weight
+    partition (4 bytes/param/N each) + one largest-parameter gradient buffer on each side."""
+    m = spec("gemma3-270m")
+    base = setup_for(m, "full", zero_stage=2, world_size=2, on_gpu=False, compute_bytes=4)
+    plain, off = estimate(m, base), estimate(m, replace(base, offload_optimizer=True))
+    largest = 4 * m.embedding_params / GIB
+    assert off.host_gb == pytest.approx(plain.optimizer_states + 2 * 4 * m.params / 2 / GIB + largest)
+    assert off.gradients == pytest.approx(plain.gradients + largest)
+    extra = (off.total + off.host_gb) - (plain.total + plain.host_gb)
+    assert 2.1 < extra < 2.4
 
 
 def test_checkpointing_reduces_activations():
@@ -207,7 +225,10 @@ GRID = [
     ("llama-2-70b", 1, 80, 1024, {}, ("qlora", 0, "python")),
     ("llama-2-70b", 8, 80, 1024, {}, ("lora", 3, "deepspeed")),
     ("llama-2-70b", 8, 80, 1024, {"minimize": "memory"}, ("qlora", 0, "torchrun")),
-    ("llama-2-70b", 8, 80, 1024, {"quality": "best"}, ("full", 3, "deepspeed")),
+    # full 70B needs ZeRO-3 + offload: 16 bytes/param of host RAM (fp32 master, Adam, fp32 gradients)
+    # = 1.1 TB; a 2 TB node (DGX H100) fits it, a 1 TB node falls back to DoRA (the "best" PEFT)
+    ("llama-2-70b", 8, 80, 2048, {"quality": "best"}, ("full", 3, "deepspeed")),
+    ("llama-2-70b", 8, 80, 1024, {"quality": "best"}, ("dora", 3, "deepspeed")),
 ]
 
 
@@ -446,3 +467,29 @@ def test_main_invalid_input_is_one_line_error(argv, capsys):
 def test_main_explain(capsys):
     assert main(["--explain"]) == 0
     assert "R10-zero-stage" in capsys.readouterr().out
+
+
+# --- forced ZeRO stage / offload, CPU processes ----------------------------------------------
+
+def test_forced_zero_stage_and_cpu_processes():
+    """select.zero_stage / select.offload / hardware.cpu_processes: what the train stage's
+    multi-process CPU runs (gloo) are planned from."""
+    m = spec("gemma3-270m")
+    hw = Hardware(host_ram_gb=24, cpu_processes=2)
+    assert hw.world_size == 2 and hw.device_memory_gb == 12
+    p = make_plan(m, hw, 256, Goals(method="full", zero_stage=3))
+    assert (p.method, p.zero_stage, p.launcher, p.nproc_per_node) == ("full", 3, "deepspeed", 2)
+    assert p.micro_batch_size * p.grad_accum * p.world_size == p.global_batch_size
+    assert any("forced by select.zero_stage=3" in r["text"] for r in p.reasons)
+    p = make_plan(m, hw, 256, Goals(method="full", zero_stage=2, offload="optimizer"))
+    assert (p.zero_stage, p.offload) == (2, {"optimizer": True, "params": False})
+    # on a CPU node the offloaded states share the same RAM: they count against the device
+    assert p.predicted_peak_gb_per_device + p.estimate.host_gb <= p.usable_gb_per_device
+    assert make_plan(m, hw, 256, Goals()).zero_stage == 0   # auto on CPU: plain DDP (torchrun)
+    assert make_plan(m, hw, 256, Goals()).launcher == "torchrun"
+    with pytest.raises(ValueError, match="select.offload: parameter offload needs select.zero_stage 3"):
+        Goals(zero_stage=2, offload="optimizer+params")
+    with pytest.raises(ValueError, match="select.zero_stage"):
+        Goals(zero_stage=4)
+    with pytest.raises(PlanError, match="does not fit"):
+        make_plan(m, Hardware(host_ram_gb=4, cpu_processes=2), 256, Goals(method="full", zero_stage=1))

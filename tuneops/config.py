@@ -141,6 +141,7 @@ class HardwareParams(_Section):
     gpu_memory_gb: float | Literal["auto"] = "auto"
     host_ram_gb: float | Literal["auto"] = "auto"
     nodes: int = Field(default=1, ge=1)
+    cpu_processes: int = Field(default=1, ge=1)
 
 
 class SelectParams(_Section):
@@ -153,6 +154,8 @@ class SelectParams(_Section):
     lora: LoraParams
     hardware: HardwareParams
     memory_headroom: float = Field(gt=0, le=1)
+    zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
+    offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
 
 
 class TrainParams(_Section):

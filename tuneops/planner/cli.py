@@ -32,6 +32,9 @@ def _parser() -> _Parser:
     p.add_argument("--gpu-memory-gb", type=float, help="memory per GPU, GiB")
     p.add_argument("--host-ram-gb", type=float, help="host RAM per node, GiB")
     p.add_argument("--nodes", type=int)
+    p.add_argument("--cpu-processes", type=int, help="CPU-only: training processes per node (gloo)")
+    p.add_argument("--zero-stage", type=int, choices=(0, 1, 2, 3), help="force a DeepSpeed ZeRO stage")
+    p.add_argument("--offload", choices=("none", "optimizer", "optimizer+params"), help="force ZeRO offload")
     p.add_argument("--seq-len", type=int)
     p.add_argument("--tokens", type=int, help="training tokens (for steps per epoch)")
     p.add_argument("--minimize", choices=MINIMIZE)
@@ -68,11 +71,11 @@ def _plan_from(args: argparse.Namespace, select: dict[str, Any]) -> Plan:
     if not model_path:
         raise ValueError("no model: pass --model PATH (a folder with config.json)")
     hardware = {**_DEFAULT_HARDWARE, **select.get("hardware", {})}
-    for key in ("gpus", "gpu_memory_gb", "host_ram_gb", "nodes"):
+    for key in ("gpus", "gpu_memory_gb", "host_ram_gb", "nodes", "cpu_processes"):
         if getattr(args, key) is not None:
             hardware[key] = getattr(args, key)
-    for key in ("minimize", "quality"):
-        if getattr(args, key):
+    for key in ("minimize", "quality", "zero_stage", "offload"):
+        if getattr(args, key) is not None:
             select[key] = getattr(args, key)
     if args.method:
         select["method"] = args.method
@@ -86,7 +89,7 @@ def _plan_from(args: argparse.Namespace, select: dict[str, Any]) -> Plan:
 def summary(plan: Plan) -> str:
     """Human-readable plan: decisions, predicted memory with breakdown, and reasons."""
     m, hw, d = plan.model, plan.hardware, plan.to_dict()
-    where = "CPU (1 device = host RAM)" if hw.is_cpu else f"{hw.gpus} x {hw.gpu_memory_gb:g} GiB GPU x {hw.nodes} node(s)"
+    where = (f"CPU ({hw.cpu_processes} process(es), each {hw.device_memory_gb:.1f} GiB of host RAM)" if hw.is_cpu else f"{hw.gpus} x {hw.gpu_memory_gb:g} GiB GPU x {hw.nodes} node(s)")
     peft = "" if plan.peft is None else "  " + ", ".join(f"{k}={v}" for k, v in plan.peft.items() if v is not None)
     lines = [
         f"plan for {m.name} ({m.params / 1e6:,.1f}M params, {plan.scenario}/{plan.task_head}) on {where}",

@@ -5,10 +5,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning")
+OFFLOAD = ("auto", "none", "optimizer", "optimizer+params")
 MINIMIZE = ("memory", "cost", "time")
 QUALITY = ("standard", "best")
 _KEYS = ("method", "allowed_methods", "minimize", "quality", "global_batch_size",
-         "max_micro_batch_size", "lora", "hardware", "memory_headroom")
+         "max_micro_batch_size", "lora", "hardware", "memory_headroom", "zero_stage", "offload")
 
 
 @dataclass(frozen=True)
@@ -31,9 +32,16 @@ class Goals:
     max_micro_batch_size: int = 4
     lora: LoraSettings = field(default_factory=LoraSettings)
     memory_headroom: float = 0.9
+    zero_stage: int | str = "auto"      # force a DeepSpeed ZeRO stage (0-3) instead of the lowest rung that fits
+    offload: str = "auto"               # force offload: none | optimizer | optimizer+params
 
     def __post_init__(self) -> None:
         _one_of("method", self.method, ("auto",) + METHODS)
+        if self.zero_stage != "auto" and (isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2, 3)):
+            raise ValueError(f"select.zero_stage: must be auto or 0, 1, 2, 3 (got {self.zero_stage!r})")
+        _one_of("offload", self.offload, OFFLOAD)
+        if self.offload == "optimizer+params" and self.zero_stage not in ("auto", 3):
+            raise ValueError("select.offload: parameter offload needs select.zero_stage 3 (or auto)")
         if not self.allowed_methods:
             raise ValueError("select.allowed_methods: must not be empty")
         for m in self.allowed_methods:

@@ -11,12 +11,14 @@ from pathlib import Path
 from typing import Any
 
 GIB = 2**30
-_KEYS = ("gpus", "gpu_memory_gb", "host_ram_gb", "nodes")
+_KEYS = ("gpus", "gpu_memory_gb", "host_ram_gb", "nodes", "cpu_processes")
 
 
 @dataclass(frozen=True)
 class Hardware:
-    """``gpus`` is GPUs per node; ``bf16`` says whether the GPUs support bfloat16 (Ampere+)."""
+    """``gpus`` is GPUs per node; ``bf16`` says whether the GPUs support bfloat16 (Ampere+);
+    ``cpu_processes`` is how many training processes share a CPU-only node (gloo data
+    parallelism; each gets ``host_ram_gb / cpu_processes``)."""
 
     gpus: int = 0
     gpu_memory_gb: float | None = None
@@ -24,9 +26,10 @@ class Hardware:
     nodes: int = 1
     cpu_cores: int = 2
     bf16: bool = True
+    cpu_processes: int = 1
 
     def __post_init__(self) -> None:
-        if self.gpus < 0 or self.nodes < 1 or self.host_ram_gb <= 0 or self.cpu_cores < 1:
+        if self.gpus < 0 or self.nodes < 1 or self.host_ram_gb <= 0 or self.cpu_cores < 1 or self.cpu_processes < 1:
             raise ValueError(f"invalid hardware: {self}")
         if self.gpus and not (self.gpu_memory_gb and self.gpu_memory_gb > 0):
             raise ValueError("select.hardware.gpu_memory_gb: required (> 0) when gpus > 0")
@@ -39,7 +42,7 @@ class Hardware:
 
     @property
     def nproc_per_node(self) -> int:
-        return max(self.gpus, 1)
+        return self.gpus if self.gpus else self.cpu_processes
 
     @property
     def world_size(self) -> int:
@@ -48,7 +51,7 @@ class Hardware:
     @property
     def device_memory_gb(self) -> float:
         """Memory of one training device: a GPU, or host RAM when training on CPU."""
-        return float(self.gpu_memory_gb) if self.gpus else self.host_ram_gb
+        return float(self.gpu_memory_gb) if self.gpus else self.host_ram_gb / self.cpu_processes
 
     @classmethod
     def detect(cls) -> "Hardware":
@@ -74,7 +77,7 @@ class Hardware:
         for key, value in d.items():
             if value != "auto" and (isinstance(value, bool) or not isinstance(value, (int, float))):
                 raise ValueError(f"select.hardware.{key}: must be a number or 'auto' (got {value!r})")
-        for key in ("gpus", "nodes"):
+        for key in ("gpus", "nodes", "cpu_processes"):
             if isinstance(d.get(key), float):
                 raise ValueError(f"select.hardware.{key}: must be an integer (got {d[key]!r})")
         declared = {k: v for k, v in d.items() if v != "auto"}

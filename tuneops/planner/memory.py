@@ -57,10 +57,10 @@ model (``cpu_baseline_gb``: torch + transformers + peft), plus ``cpu_distributed
 DeepSpeed/gloo rank (ZeRO stage > 0, offload or more than one process).
 The terms are summed: a conservative peak (gradients and activations do not all peak together).
 
-Calibration (``bench/calibrate_memory.py``; table in ``bench/results/calibration-cpu.md``): 17
+Calibration (``bench/calibrate_memory.py``; table in ``bench/results/calibration-cpu.md``): 18
 configurations on the 2-core CPU, fp32, SDPA, seq 128, fused AdamW, 2 optimizer steps, peak RSS of
 each rank over the training window: the tiny Gemma-3 (hidden 64, 2 layers, 262k vocabulary) and the
-Gemma 3 270M shape, full/LoRA/DoRA/QLoRA at ZeRO 0, ZeRO 0-3 with 2 processes, one offload row.
+Gemma 3 270M shape, full/LoRA/DoRA/QLoRA at ZeRO 0, ZeRO 0-3 with 2 processes, offload at ZeRO 2 and 3.
 What the measurements changed (2026-11-28):
   * cpu_baseline_gb 0.6 -> 0.45 and cpu_distributed_gb 0.12 (new): RSS before the model, measured
     0.38 GiB (torch + transformers), 0.44-0.45 (+ peft), +0.126 per rank for deepspeed + gloo. With
@@ -70,16 +70,15 @@ What the measurements changed (2026-11-28):
   * zero_fp32_master_bytes = 4 (new): 270M full at ZeRO 1 was -25%, stage 3 -46% before these fixes.
   * zero3_gather_copies = 2 (new): 270M LoRA at ZeRO 3 was -25% (2.28 vs 3.03): the gathered
     embedding exists twice during its all-gather.
-Now 16 of 17 rows are within 15%. Closest to the edge: 270M full at ZeRO 2, -14.9% (-7.7% in
+  * offload buffers (new, ``offload_buffer_bytes``): ZeRO-2 + optimizer offload was -31%; with
+    the fp32 gradient partition, the staging copy and the two largest-parameter gradient buffers
+    priced it is -1.0%; ZeRO-3 + offload (new row) -11.2%.
+Now all 18 rows are within 15%. Closest to the edge: 270M full at ZeRO 2, -14.9% (-7.7% in
 an earlier run): DeepSpeed sizes a rank's gradient partition buffer by the parameters that overlap
 its range, counted whole, so the rank whose range starts inside the 168M-parameter embedding
 holds all 268M gradients instead of half (not priced here: the ZeRO-paper stage-2 formula is
 pinned by tests); tiny full fine-tuning +12.5% (conservative: its gradients and logits do not
-peak together); 270M DoRA -10%, QLoRA -8% (glibc keeps freed activation memory resident). The
-exception is optimizer offload on CPU (-31%): DeepSpeed's host-side buffers beyond the optimizer
-states (the fp32 gradient partition, 4 bytes/param/N, and a staging copy of the weights) are not
-in ``host_gb``; the planner never offloads on CPU (one rung), but on GPU ``host_gb`` is low by at
-least that gradient partition. Previous
+peak together); 270M DoRA -10%, QLoRA -8% (glibc keeps freed activation memory resident). Previous
 check (LoRA r=8 q/k/v/o, seq 256, lifetime RSS): micro-batch 4 predicted 6.21 GiB, measured 6.27.
 """
 from __future__ import annotations
@@ -112,6 +111,11 @@ class MemoryModelConstants:
     tied_embedding_grad_copies: int = 3  # full FT, tied embedding: lm_head grad + embedding grad + their sum
     zero_fp32_master_bytes: float = 4.0  # DeepSpeed ZeRO (stages 1-3, offload) keeps its own fp32 master copy
     #                                     even when the model is fp32 (K_fp32 = 8 assumes the weights are it)
+    offload_grad_bytes: float = 4.0     # ZeRO-Offload: the fp32 gradient partition lives in host RAM
+    offload_staging_copies: int = 1     # stage 1/2 offload: a compute-precision copy of the weight partition
+    #                                     on the host (updated weights are staged there before the copy back)
+    offload_temp_grad_buffers: int = 1  # stage 1/2 offload: a largest-parameter-sized gradient buffer on
+    #                                     the host AND one on the device (compute precision)
     dora_weight_copies: int = 2         # transient B@A and W + B@A (fp32) of the largest DoRA module
     prompt_virtual_tokens: int = 20     # prompt tuning: learned tokens prepended to every sequence
     cuda_context_gb: float = 0.8        # CUDA context + cuBLAS workspace + allocator slack (0.5-1 GB)
@@ -238,6 +242,34 @@ def tied_embedding_grad_excess(model: ModelSpec, setup: Setup, c: MemoryModelCon
     return max(0.0, c.tied_embedding_grad_copies * g - counted - acts)
 
 
+def offload_buffer_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) -> tuple[float, float]:
+    """DeepSpeed's ZeRO-Offload buffers beyond the optimizer states: (host bytes, device bytes).
+
+    Stages 1/2 (``stage_1_and_2.py``): the fp32 gradient partition is on the host
+    (``offload_grad_bytes`` x Φ/N), next to a compute-precision staging copy of the weight
+    partition (``param_buffer_of_bit16_for_cpu_offload``, w x Φ/N), and two gradient buffers of the
+    largest trainable parameter's size, one on the host and one on the device
+    (``temp_grad_buffer_for_cpu/gpu_offload``). The device's partitioned gradients stay (they
+    are reduced there before the copy). Stage 3 (``stage3.py``): the flat gradient partition
+    buffer is on the host in fp32 and replaces the device's partitioned gradients.
+    Measured: 270M full ZeRO-2 + optimizer offload, 2 ranks: RSS at the first step 4.30 GiB vs
+    2.06 without offload (+2.24); these buffers price +2.25."""
+    n, w = setup.world_size, setup.compute_bytes
+    phi = trainable_params(model, setup, c)
+    grad_partition = c.offload_grad_bytes * phi / n
+    if setup.zero_stage == 3:
+        return grad_partition, 0.0
+    largest = largest_param(model) if setup.method == "full" else largest_trainable(model, setup)
+    temp = c.offload_temp_grad_buffers * w * largest
+    return grad_partition + c.offload_staging_copies * w * phi / n + temp, temp
+
+
+def largest_trainable(model: ModelSpec, setup: Setup) -> int:
+    """Largest trainable tensor of a PEFT method (a LoRA A/B matrix, DoRA magnitude, IA3 vector)."""
+    dims = [model.modules[t] for t in setup.targets] or [(model.hidden, model.hidden)]
+    return max(max(setup.lora_r * i, setup.lora_r * o, o) for i, o in dims)
+
+
 def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = None) -> Estimate:
     """Per-device peak: ZeRO partitioning and offload applied to the model states, plus
     activations and overhead."""
@@ -259,6 +291,10 @@ def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = No
         weights += live
     if setup.offload_optimizer:
         host, optim = host + optim, 0.0
+        extra_host, extra_device = offload_buffer_bytes(model, setup, c)
+        if setup.zero_stage == 3:
+            grads = 0.0   # stage 3 reduces straight into the host's fp32 gradient partition
+        host, grads = host + extra_host, grads + extra_device
     acts, logits = activation_bytes(model, setup, c)
     grads += tied_embedding_grad_excess(model, setup, c, acts)
     distributed = setup.world_size > 1 or setup.zero_stage > 0 or setup.offload_optimizer or setup.offload_params

@@ -29,9 +29,11 @@ RULES: dict[str, str] = {
     "R9-precision": "GPU: bf16 (fp16 without bf16 support), QLoRA nf4 weights + that compute dtype; CPU: fp32.",
     "R10-zero-stage": "The lowest rung that fits: ZeRO 0, 1, 2, 3 (stages above 0 only with >1 device), "
                       "then optimizer offload, then parameter offload (stage 3; not with QLoRA). "
-                      "1 GPU: stage 0, then stage 2 + optimizer offload (ZeRO-Offload).",
+                      "1 GPU: stage 0, then stage 2 + optimizer offload (ZeRO-Offload). "
+                      "select.zero_stage / select.offload force a stage / offload (only matching rungs).",
     "R11-launcher": "1 device and no DeepSpeed: python; ZeRO stage > 0 or offload: deepspeed; "
-                    "several devices at stage 0: torchrun (DDP). nproc = GPUs per node.",
+                    "several devices at stage 0: torchrun (DDP). nproc = GPUs per node "
+                    "(CPU: select.hardware.cpu_processes, gloo).",
     "R12-checkpointing": "Gradient checkpointing only when needed to fit at micro-batch 1 (tried before any "
                          "offload), or when minimize=memory.",
     "R13-micro-batch": "Largest power of two <= max_micro_batch_size and <= global_batch/world that fits.",
@@ -167,10 +169,19 @@ def _precision(method: str, hw: Hardware) -> str:
     return f"nf4+{compute}" if method == "qlora" else compute
 
 
-def _rungs(hw: Hardware, method: str) -> list[tuple[int, bool, bool]]:
+def _rungs(hw: Hardware, method: str, goals: Goals | None = None) -> list[tuple[int, bool, bool]]:
     """(zero_stage, offload_optimizer, offload_params) from cheapest in speed to least memory.
     With one GPU ZeRO stages shard nothing, so the rungs are stage 0, ZeRO-Offload (stage 2 +
-    optimizer offload) and stage 3 + parameter offload. CPU training has one rung."""
+    optimizer offload) and stage 3 + parameter offload. CPU training has one rung. A stage or
+    offload forced in params (``select.zero_stage`` / ``select.offload``) keeps only the rungs
+    that match it, in stage order."""
+    forced = goals is not None and (goals.zero_stage != "auto" or goals.offload != "auto")
+    if forced:
+        every = [(s, oo, op) for s in range(4) for oo, op in ((False, False), (True, False), (True, True))
+                 if (s > 0 or not oo) and (s == 3 or not op) and not (method == "qlora" and op)]
+        want = {"none": (False, False), "optimizer": (True, False), "optimizer+params": (True, True)}.get(goals.offload)
+        return [r for r in every if (goals.zero_stage == "auto" or r[0] == goals.zero_stage)
+                and (want is None or r[1:] == want)]
     if hw.is_cpu:
         return [(0, False, False)]
     rungs = [(0, False, False), (1, False, False), (2, False, False), (3, False, False), (3, True, False)]
@@ -189,7 +200,12 @@ def _base_setup(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_l
 def _fits(model: ModelSpec, setup: Setup, hw: Hardware, usable: float, headroom: float,
           c: MemoryModelConstants) -> bool:
     est = estimate(model, setup, c)
-    return est.total <= usable and est.host_gb * hw.nproc_per_node <= headroom * hw.host_ram_gb
+    return _device_gb(est, hw) <= usable and est.host_gb * hw.nproc_per_node <= headroom * hw.host_ram_gb
+
+
+def _device_gb(est: Any, hw: Hardware) -> float:
+    """What one device must hold; on a CPU-only node the offloaded states share the same RAM."""
+    return est.total + (est.host_gb if hw.is_cpu else 0.0)
 
 
 def _search(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_len: int, head: str,
@@ -199,7 +215,7 @@ def _search(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_len: 
     without and with checkpointing. Offloaded states must fit in host RAM."""
     base = _base_setup(model, hw, method, goals, seq_len, head)
     intrinsic = estimate(model, replace(base, checkpointing=True), c).total
-    rungs = _rungs(hw, method)
+    rungs = _rungs(hw, method, goals)
     ckpts = (True,) if goals.minimize == "memory" else (False, True)
     order = [(r, ck) for tier in ([r for r in rungs if not r[1]], [r for r in rungs if r[1]])
              for ck in ckpts for r in tier]
@@ -209,8 +225,8 @@ def _search(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_len: 
         est = estimate(model, s, c)
         if est.host_gb * hw.nproc_per_node > goals.memory_headroom * hw.host_ram_gb:
             continue
-        least = min(least, est.total)
-        if est.total <= usable:
+        least = min(least, _device_gb(est, hw))
+        if _device_gb(est, hw) <= usable:
             return _Fit(s, estimate(model, replace(s, checkpointing=True), c).total, intrinsic)
     return _Fit(None, least, intrinsic)
 
@@ -260,9 +276,13 @@ def _choose_method(model: ModelSpec, hw: Hardware, goals: Goals, table: Scenario
 
 
 def _say_rung(setup: Setup, hw: Hardware, model: ModelSpec, goals: Goals, c: MemoryModelConstants, say) -> None:
-    rungs = _rungs(hw, setup.method)
+    rungs = _rungs(hw, setup.method, goals)
     below = rungs[:rungs.index((setup.zero_stage, setup.offload_optimizer, setup.offload_params))]
-    if hw.world_size == 1 and setup.zero_stage == 0:
+    if goals.zero_stage != "auto" or goals.offload != "auto":
+        say("R10-zero-stage", f"ZeRO stage {setup.zero_stage} across {hw.world_size} device(s): forced by "
+            + " and ".join(f"select.{k}={getattr(goals, k)}" for k in ("zero_stage", "offload")
+                           if getattr(goals, k) != "auto"))
+    elif hw.world_size == 1 and setup.zero_stage == 0:
         say("R10-zero-stage", "ZeRO stage 0: one device, nothing to partition")
     else:
         needs = ", ".join(
