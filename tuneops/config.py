@@ -41,6 +41,7 @@ class PathsParams(_Section):
     clean_eval_data: str
     plan: str
     train_dir: str
+    checkpoint_dir: str       # train: crash-safe checkpoints (kept outside train_dir: DVC deletes outputs)
     evaluate_dir: str
     optimize_dir: str
     register_dir: str
@@ -168,6 +169,11 @@ class TrainParams(_Section):
     logging_steps: int = Field(gt=0)
     seed: int
     threads: int = Field(ge=0)
+    packing: bool = False
+    save_steps: int = Field(default=0, ge=0)
+    save_total_limit: int = Field(default=2, ge=1)
+    resume: bool = True
+    keep_checkpoints: bool = False
 
 
 class EvaluateParams(_Section):

@@ -1,4 +1,11 @@
-"""Loading the fine-tuned model the train stage produced (adapter or full model)."""
+"""Loading the fine-tuned model the train stage produced (adapter or full model).
+
+QLoRA adapters were trained against the NF4-quantized base, so they are applied to that base:
+for evaluation the 4-bit base itself, and for merging (export) the base *dequantized from NF4*
+to fp32, so the merged weights are exactly the ones training saw (merging into the original
+fp32 weights would silently give a slightly different model). Prompt tuning has no weights to
+merge: ``merge=True`` raises a clear error for it.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +15,27 @@ from .io import read_json
 from .models import load_causal_lm
 
 
+def dequantize_4bit(model: Any) -> int:
+    """Replace every bitsandbytes Linear4bit with an fp32 nn.Linear holding its dequantized
+    weights; returns how many were replaced."""
+    import bitsandbytes as bnb
+    import torch
+
+    n = 0
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state).to(torch.float32)
+                lin = torch.nn.Linear(child.in_features, child.out_features, bias=child.bias is not None,
+                                      device=w.device, dtype=torch.float32)
+                lin.weight.data.copy_(w)
+                if child.bias is not None:
+                    lin.bias.data.copy_(child.bias.data.float())
+                setattr(parent, name, lin)
+                n += 1
+    return n
+
+
 def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
     """Base + adapter (optionally merged into plain weights), or the full fine-tuned model."""
     info = read_json(train_dir / "metrics.json")
@@ -15,5 +43,22 @@ def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
         return load_causal_lm(train_dir / "model")
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(load_causal_lm(base_dir), str(train_dir / "adapter"))
+    method = info.get("method")
+    if merge and method == "prompt_tuning":
+        raise ValueError("prompt tuning learns virtual input tokens, not weights: there is nothing to merge "
+                         "into the base for export; use a LoRA-family method or IA3 for ONNX deployment")
+    if method == "qlora":
+        from .training.methods import _load_4bit, disable_cpu_bf16_repack
+
+        base = _load_4bit(base_dir, {"method": "qlora", "precision": "nf4+fp32"})
+        disable_cpu_bf16_repack(base)
+        if merge:
+            dequantize_4bit(base)
+            base.config.quantization_config = None
+            if hasattr(base, "hf_quantizer"):
+                base.hf_quantizer = None
+            base.is_loaded_in_4bit = False
+    else:
+        base = load_causal_lm(base_dir)
+    model = PeftModel.from_pretrained(base, str(train_dir / "adapter"))
     return model.merge_and_unload() if merge else model

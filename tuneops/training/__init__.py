@@ -1,0 +1,1 @@
+"""The fine-tuning engine: methods, packing, checkpoints, the shared loop, the torchrun launcher."""

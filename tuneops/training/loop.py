@@ -1,0 +1,266 @@
+"""The training loop every method and process count shares: Hugging Face Trainer (+ DeepSpeed
+when the plan has a ZeRO stage or offload), run in this process or in each rank that
+``torchrun`` started (``tuneops.training.launch``).
+
+Writes, on rank 0, ``<train_dir>/{adapter|model}/``, ``metrics.json`` and ``history.json`` (the
+loss curve, continued across resumes). Checkpoints go to ``paths.checkpoint_dir/<run key>``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneops import tracking
+from tuneops.chat import Collator
+from tuneops.config import Config
+from tuneops.io import md5_file, read_jsonl, write_json
+
+from . import checkpoints, methods
+from .packing import PackedCollator, pack
+
+DS_CONFIG_NAME = "deepspeed_config.json"
+
+
+def world() -> tuple[int, int, int]:
+    """(rank, local rank, world size) from the launcher's environment (1 process: 0, 0, 1)."""
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
+            int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def uses_deepspeed(plan: dict[str, Any]) -> bool:
+    return plan["zero_stage"] > 0 or plan["offload"]["optimizer"] or plan["offload"]["params"]
+
+
+def ds_config(plan: dict[str, Any], max_grad_norm: float) -> dict[str, Any]:
+    """DeepSpeed config generated from the plan (never a hand-kept JSON): batch layout
+    (train_batch = micro x accum x world), ZeRO stage and offload, precision, clipping."""
+    import torch
+
+    gpu = torch.cuda.is_available()
+    zero: dict[str, Any] = {"stage": plan["zero_stage"], "overlap_comm": False, "contiguous_gradients": True}
+    if plan["zero_stage"] == 3:
+        zero["stage3_gather_16bit_weights_on_model_save"] = True   # else adapters/models save empty
+    if plan["offload"]["optimizer"]:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
+    if plan["offload"]["params"]:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
+    precision = plan.get("precision", "fp32").split("+")[-1]
+    return {
+        "train_micro_batch_size_per_gpu": plan["micro_batch_size"],
+        "gradient_accumulation_steps": plan["grad_accum"],
+        "train_batch_size": plan["micro_batch_size"] * plan["grad_accum"] * plan["world_size"],
+        "gradient_clipping": max_grad_norm,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16"},
+        # the Trainer's own AdamW (fused torch) is used at every stage, also with optimizer offload:
+        # DeepSpeedCPUAdam would JIT-compile for ~80 s on first use
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _init_distributed(plan: dict[str, Any], world_size: int) -> None:
+    """Accelerate's state for this rank: gloo on CPU, nccl on CUDA; with DeepSpeed, the recipe
+    that makes the Trainer see the launcher's world (shared/notes/stack-on-cpu.md)."""
+    if world_size == 1 and not uses_deepspeed(plan):
+        return
+    import torch
+    from accelerate import PartialState
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if uses_deepspeed(plan):
+        import deepspeed
+
+        if not torch.cuda.is_available():
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False   # avoid an 87 s JIT build
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        try:
+            PartialState(backend=backend)
+        finally:
+            os.environ.pop("ACCELERATE_USE_DEEPSPEED", None)
+    else:
+        PartialState(backend=backend)
+
+
+def _features(cfg: Config, tokenizer: Any, packing: bool) -> list[dict[str, list[int]]]:
+    from tuneops.lm import encode
+
+    feats = encode(read_jsonl(cfg.path("clean_train_data")), tokenizer, cfg.model.max_seq_len)
+    return pack(feats, cfg.model.max_seq_len) if packing else feats
+
+
+class _CountingCollator(Collator):
+    """Pads batches and counts the real (non-pad) tokens seen, for tokens/s."""
+
+    def __init__(self, pad_token_id: int):
+        super().__init__(pad_token_id)
+        self.tokens = 0
+
+    def __call__(self, features: list[dict[str, list[int]]]) -> dict[str, Any]:
+        batch = super().__call__(features)
+        self.tokens += int(batch["attention_mask"].sum())
+        return batch
+
+
+def peak_memory_mb() -> float:
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _mlflow_callback(collator: Any, world_size: int) -> Any:
+    import mlflow
+    from transformers import TrainerCallback
+
+    class MlflowSteps(TrainerCallback):
+        """loss, learning rate, grad norm (from the Trainer's logs), tokens/s (all ranks), peak memory."""
+
+        def on_train_begin(self, args: Any, state: Any, control: Any, **_: Any) -> None:
+            self.t0, self.tokens0 = time.perf_counter(), collator.tokens
+
+        def on_log(self, args: Any, state: Any, control: Any, logs: dict[str, Any] | None = None, **_: Any) -> None:
+            metrics = {k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float))}
+            elapsed = max(time.perf_counter() - self.t0, 1e-9)
+            metrics["tokens_per_s"] = (collator.tokens - self.tokens0) * world_size / elapsed
+            metrics["peak_memory_mb"] = peak_memory_mb()
+            mlflow.log_metrics(metrics, step=state.global_step)
+
+    return MlflowSteps()
+
+
+def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
+    """Train on this rank; rank 0 writes the outputs and returns the metrics."""
+    import torch
+    from transformers import Trainer, TrainingArguments
+
+    t = cfg.train
+    rank, local_rank, world_size = world()
+    if world_size != plan["world_size"]:
+        raise RuntimeError(f"train: the plan is for {plan['world_size']} process(es), launched with {world_size}")
+    if t.packing and plan["method"] == "prompt_tuning":
+        raise ValueError("train.packing: not supported with prompt_tuning (virtual tokens are prepended to "
+                         "every row, across packed examples); set train.packing=false")
+    if t.threads and world_size == 1:
+        torch.set_num_threads(t.threads)
+    torch.manual_seed(t.seed)
+    _init_distributed(plan, world_size)
+
+    data_md5 = md5_file(cfg.path("clean_train_data"))
+    key = checkpoints.run_key(cfg, plan, data_md5)
+    ckpt_root = cfg.path("checkpoint_dir") / key
+    resume, skipped = checkpoints.latest_complete(ckpt_root) if t.resume else (None, [])
+    if rank == 0:
+        if not t.resume:
+            shutil.rmtree(ckpt_root, ignore_errors=True)
+        for bad in skipped:      # a checkpoint being written when the process died: never used
+            shutil.rmtree(bad, ignore_errors=True)
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+
+    gpu = torch.cuda.is_available()
+    precision = plan.get("precision", "fp32").split("+")[-1]
+    ds = ds_config(plan, t.max_grad_norm) if uses_deepspeed(plan) else None
+    # TrainingArguments before the model: with ZeRO-3 it makes from_pretrained partition while loading.
+    args = TrainingArguments(
+        output_dir=str(ckpt_root), max_steps=t.max_steps, learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
+        max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed,
+        per_device_train_batch_size=plan["micro_batch_size"], gradient_accumulation_steps=plan["grad_accum"],
+        activation_checkpointing=bool(plan.get("gradient_checkpointing")) and plan["method"] != "qlora",
+        save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
+        save_total_limit=t.save_total_limit, save_only_model=False, report_to="none",
+        use_cpu=not gpu, dataloader_pin_memory=False, remove_unused_columns=False, disable_tqdm=rank != 0,
+        bf16=gpu and precision == "bf16", fp16=gpu and precision == "fp16",
+        ddp_backend="gloo" if (world_size > 1 and not gpu) else None, deepspeed=ds,
+        accelerator_config={"use_configured_state": True} if (ds or world_size > 1) else None,
+    )
+    from tuneops.models import load_tokenizer
+
+    tokenizer = load_tokenizer(cfg.path("base_model_dir"))
+    features = _features(cfg, tokenizer, t.packing)
+    model = methods.build(cfg.path("base_model_dir"), plan)
+    trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+    total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
+    collator = PackedCollator(tokenizer.pad_token_id) if t.packing else _CountingCollator(tokenizer.pad_token_id)
+    callbacks = [checkpoints.callback(rank)]
+
+    run_file = ckpt_root / "mlflow_run.json"
+    run_ctx = None
+    if rank == 0:
+        import mlflow
+
+        tracking.setup(cfg)
+        previous = json.loads(run_file.read_text())["run_id"] if resume and run_file.is_file() else None
+        run_ctx = mlflow.start_run(run_id=previous) if previous else mlflow.start_run(
+            run_name=f"{plan['method']}-{cfg.register.model_name}", tags=tracking.run_tags())
+        run = run_ctx.__enter__()
+        run_file.write_text(json.dumps({"run_id": run.info.run_id}))
+        if not previous:
+            mlflow.log_params({
+                "method": plan["method"], "micro_batch_size": plan["micro_batch_size"],
+                "grad_accum": plan["grad_accum"], "world_size": world_size, "zero_stage": plan["zero_stage"],
+                "offload_optimizer": plan["offload"]["optimizer"], "offload_params": plan["offload"]["params"],
+                "max_seq_len": cfg.model.max_seq_len, "trainable_params": trainable, "total_params": total,
+                "data.train.md5": data_md5, "params_hash": cfg.sections_hash(), "checkpoint_key": key,
+                **{f"train.{k}": v for k, v in t.model_dump().items()},
+                **{f"peft.{k}": v for k, v in (plan.get("peft") or {}).items()}})
+        callbacks.append(_mlflow_callback(collator, world_size))
+    try:
+        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator,
+                          callbacks=callbacks)
+        if plan["method"] == "qlora":
+            methods.disable_cpu_bf16_repack(trainer.model)
+        t0 = time.perf_counter()
+        result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        runtime = time.perf_counter() - t0
+        start_step = checkpoints.step_of(resume) if resume else 0
+        tokens = torch.tensor([collator.tokens], dtype=torch.long)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(tokens)
+        artifact = train_dir / methods.method_for(plan).artifact
+        trainer.save_model(str(artifact))        # gathers ZeRO-3 shards; adapters save as peft folders
+        metrics: dict[str, Any] = {}
+        if rank == 0:
+            import mlflow
+
+            tokenizer.save_pretrained(artifact)
+            history = [{"step": h["step"], **{k: v for k, v in h.items() if k != "step"}}
+                       for h in trainer.state.log_history if "loss" in h]
+            peak = peak_memory_mb()
+            metrics = {
+                "mlflow_run_id": run.info.run_id, "method": plan["method"], "artifact": artifact.name,
+                "steps": result.global_step, "resumed_from_step": start_step,
+                "skipped_checkpoints": [p.name for p in skipped],
+                "train_loss": result.training_loss,
+                "first_loss": history[0]["loss"] if history else None,
+                "final_loss": history[-1]["loss"] if history else None,
+                "tokens": int(tokens.item()), "tokens_per_s": int(tokens.item()) / runtime, "runtime_s": runtime,
+                "trainable_params": trainable, "total_params": total, "world_size": world_size,
+                "zero_stage": plan["zero_stage"], "packing": t.packing,
+                "peak_memory_mb": peak, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+            mlflow.log_metrics({"runtime_s": runtime, "final_train_loss": result.training_loss,
+                                "tokens_per_s_total": metrics["tokens_per_s"]})
+            write_json(train_dir / "history.json", history)
+            write_json(train_dir / "metrics.json", metrics)
+            if not t.keep_checkpoints:
+                shutil.rmtree(ckpt_root, ignore_errors=True)
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+        return metrics
+    finally:
+        if run_ctx is not None:
+            import sys
+
+            run_ctx.__exit__(*sys.exc_info())

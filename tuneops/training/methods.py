@@ -1,0 +1,143 @@
+"""Fine-tuning methods: one small strategy per method; variants are flags, not copies.
+
+A strategy knows how to load the base model for its method (QLoRA: 4-bit NF4 with double
+quantization through bitsandbytes) and how to wrap it (peft config). ``plan`` is the select
+stage's plan.json: ``method``, ``peft`` (r/alpha/dropout/target_modules/...), ``precision``,
+``gradient_checkpointing``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+PEFT_TASK = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+
+
+def compute_dtype(plan: dict[str, Any]) -> Any:
+    import torch
+
+    p = plan.get("precision", "fp32").split("+")[-1]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p, torch.float32)
+
+
+def _load_plain(base_dir: Path, plan: dict[str, Any]) -> Any:
+    from transformers import AutoModelForCausalLM
+
+    # Weights stay fp32 on CPU; on GPU the frozen base of a PEFT method is loaded in the compute
+    # dtype (full fine-tuning keeps fp32 master weights and trains under autocast).
+    import torch
+
+    dtype = torch.float32 if plan["method"] == "full" else compute_dtype(plan)
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+
+
+def _load_4bit(base_dir: Path, plan: dict[str, Any]) -> Any:
+    """QLoRA's base: every linear layer of the blocks NF4 4-bit with double quantization
+    (embeddings, norms and the lm_head stay in full precision), on CPU and on CUDA."""
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+    q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                           bnb_4bit_compute_dtype=compute_dtype(plan))
+    kw: dict[str, Any] = {"quantization_config": q, "dtype": compute_dtype(plan)}
+    if torch.cuda.is_available():
+        kw["device_map"] = {"": int(__import__("os").environ.get("LOCAL_RANK", "0"))}
+    return AutoModelForCausalLM.from_pretrained(str(base_dir), **kw)
+
+
+def disable_cpu_bf16_repack(model: Any) -> int:
+    """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at the first no-grad forward and then
+    uses a kernel without autograd: LoRA stops learning silently (shared/notes/stack-on-cpu.md).
+    Turn that path off on every Linear4bit; returns how many."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:  # pragma: no cover - bitsandbytes is a dependency
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def _lora(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import LoraConfig, get_peft_model
+
+    p = plan["peft"]
+    return get_peft_model(model, LoraConfig(
+        r=p["r"], lora_alpha=p["alpha"], lora_dropout=p["dropout"], target_modules=list(p["target_modules"]),
+        use_dora=plan["method"] == "dora", task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
+
+
+def _qlora(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import prepare_model_for_kbit_training
+
+    model = prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=bool(plan.get("gradient_checkpointing")),
+        gradient_checkpointing_kwargs={"use_reentrant": False})
+    model = _lora(model, plan)
+    disable_cpu_bf16_repack(model)
+    return model
+
+
+def _ia3(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import IA3Config, get_peft_model
+
+    p = plan["peft"]
+    return get_peft_model(model, IA3Config(
+        target_modules=list(p["target_modules"]), feedforward_modules=list(p.get("feedforward_modules") or []),
+        task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
+
+
+def _prompt_tuning(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    p = plan["peft"]
+    return get_peft_model(model, PromptTuningConfig(
+        num_virtual_tokens=int(p["num_virtual_tokens"]), prompt_tuning_init=PromptTuningInit.RANDOM,
+        task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    load: Callable[[Path, dict[str, Any]], Any]
+    wrap: Callable[[Any, dict[str, Any]], Any] | None   # None: full fine-tuning (no adapter)
+
+    @property
+    def artifact(self) -> str:
+        return "model" if self.wrap is None else "adapter"
+
+
+METHODS: dict[str, Method] = {
+    "full": Method("full", _load_plain, None),
+    "lora": Method("lora", _load_plain, _lora),
+    "dora": Method("dora", _load_plain, _lora),        # LoRA + use_dora: a flag, not a copy
+    "qlora": Method("qlora", _load_4bit, _qlora),
+    "ia3": Method("ia3", _load_plain, _ia3),
+    "prompt_tuning": Method("prompt_tuning", _load_plain, _prompt_tuning),
+}
+
+
+def method_for(plan: dict[str, Any]) -> Method:
+    try:
+        return METHODS[plan["method"]]
+    except KeyError:
+        raise ValueError(f"train: method {plan['method']!r} is not supported "
+                         f"(supported: {', '.join(METHODS)})") from None
+
+
+def build(base_dir: Path, plan: dict[str, Any]) -> Any:
+    """Load the base for the plan's method and wrap it; full fine-tuning returns the base."""
+    m = method_for(plan)
+    model = m.load(base_dir, plan)
+    model.config.use_cache = False
+    return model if m.wrap is None else m.wrap(model, plan)
+
+
+def wrap(model: Any, plan: dict[str, Any]) -> Any:
+    """Wrap an already-loaded base (e.g. built under DeepSpeed ZeRO-3 init) for the plan's method."""
+    m = method_for(plan)
+    return model if m.wrap is None else m.wrap(model, plan)
