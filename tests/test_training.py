@@ -134,7 +134,7 @@ def _adapter_keys(folder: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-@pytest.mark.parametrize("zero", [1, 2, 3])
+@pytest.mark.parametrize("zero", [pytest.param(1, marks=pytest.mark.slow), 2, 3])
 def test_deepspeed_zero_on_two_gloo_processes(project, zero):
     """torchrun, 2 processes, gloo: the adapter has the single-process format (same tensors and
     shapes), reloads onto the base and generates; the loss goes down."""
