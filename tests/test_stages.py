@@ -63,7 +63,7 @@ def test_train_lowers_loss_and_logs_steps_to_mlflow(stage, tiny_cfg):
     client = mlflow.MlflowClient()
     losses = client.get_metric_history(out["mlflow_run_id"], "loss")
     assert [m.step for m in losses] == list(range(1, tiny_cfg.train.max_steps + 1))
-    assert {"tokens_per_s", "peak_rss_mb", "grad_norm", "learning_rate"} <= set(
+    assert {"tokens_per_s", "peak_memory_mb", "grad_norm", "learning_rate", "loss"} <= set(
         client.get_run(out["mlflow_run_id"]).data.metrics)
 
 

@@ -133,7 +133,7 @@ def _mlflow_callback(collator: Any, world_size: int) -> Any:
             elapsed = max(time.perf_counter() - self.t0, 1e-9)
             metrics["tokens_per_s"] = (collator.tokens - self.tokens0) * world_size / elapsed
             metrics["peak_memory_mb"] = peak_memory_mb()
-            mlflow.log_metrics(metrics, step=state.global_step)
+            mlflow.log_metrics(metrics, step=state.global_step, synchronous=False)   # off the step path
 
     return MlflowSteps()
 
