@@ -126,7 +126,7 @@ def _minilm(dest: Path) -> dict[str, Any]:
     tok["padding"] = tok["truncation"] = None
     (dest / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
     return {"source": "minilm", "package": MINILM_PACKAGE, "version": metadata.version(MINILM_PACKAGE),
-            "license": "Apache-2.0", "architecture": "bert (encoder)",
+            "license": "Apache-2.0", "package_license": "MIT", "architecture": "bert (encoder)",
             "params": _safetensors_params(dest / "model.safetensors")}
 
 
