@@ -92,7 +92,8 @@ class HeadModel(mlflow.pyfunc.PythonModel):
                 words = list(row) if isinstance(row, (list, tuple)) else str(row).split()
                 enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_len,
                                      return_tensors="pt")
-                pred = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0].argmax(-1)
+                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0]
+                pred = logits[-enc["input_ids"].shape[1]:].argmax(-1)     # prompt tuning: virtual tokens first
                 tags, prev = ["O"] * len(words), None
                 for pos, word in enumerate(enc.word_ids()):
                     if word is not None and word != prev:

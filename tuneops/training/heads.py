@@ -111,12 +111,22 @@ def encode(rows: list[dict[str, Any]], tokenizer: Any, max_len: int, plan: dict[
     return [fn(_record(r, head), tokenizer, max_len, label2id) for r in rows]
 
 
+def label_prefix(plan: dict[str, Any]) -> int:
+    """Positions peft prepends to the sequence (prompt tuning's virtual tokens): token labels
+    need as many -100s in front, or logits and labels do not line up."""
+    if head_of(plan) == TOKEN_CLS and plan.get("method") == "prompt_tuning":
+        return int((plan.get("peft") or {}).get("num_virtual_tokens") or 0)
+    return 0
+
+
 class HeadCollator:
     """Right-pads ``input_ids`` (attention mask 0 on padding) and, for token labels, pads them
-    with -100; counts the real tokens seen (tokens/s)."""
+    with -100 (and prepends ``prefix`` -100s for prompt tuning's virtual tokens); counts the
+    real tokens seen (tokens/s)."""
 
-    def __init__(self, pad_token_id: int):
+    def __init__(self, pad_token_id: int, prefix: int = 0):
         self.pad = pad_token_id
+        self.prefix = prefix
         self.tokens = 0
 
     def __call__(self, features: list[dict[str, Any]]) -> dict[str, Any]:
@@ -126,7 +136,8 @@ class HeadCollator:
         ids = torch.tensor([f["input_ids"] + [self.pad] * (width - len(f["input_ids"])) for f in features])
         mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
         if isinstance(features[0]["labels"], list):
-            labels = torch.tensor([f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"])) for f in features])
+            labels = torch.tensor([[IGNORE_INDEX] * self.prefix + f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"]))
+                                   for f in features])
         else:
             labels = torch.tensor([f["labels"] for f in features])
         self.tokens += int(mask.sum())
@@ -145,6 +156,8 @@ def predict(model: Any, features: list[dict[str, Any]], batch_size: int, pad_id:
         for i in range(0, len(features), batch_size):
             batch = collate(features[i:i + batch_size])
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+            if logits.dim() == 3:      # prompt tuning prepends virtual tokens: keep the real positions
+                logits = logits[:, -batch["input_ids"].shape[1]:]
             pred = logits.argmax(-1)
             if pred.dim() == 1:
                 out.extend(int(p) for p in pred)
