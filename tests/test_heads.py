@@ -128,6 +128,8 @@ def test_head_choice_and_encoder_errors(minilm_dir):
         make_plan(enc, cpu, 128, Goals(), scenario="classification", task_head="causal_lm")
     with pytest.raises(PlanError, match="is an encoder"):
         make_plan(enc, cpu, 128, Goals(), scenario="chat")
+    with pytest.raises(PlanError, match="unknown task head"):
+        make_plan(enc, cpu, 128, Goals(), scenario="ner", task_head="masked_lm")
     plan = make_plan(enc, cpu, 128, Goals(method="lora"), scenario="ner", task_head="token_classification")
     assert plan.task_head == "token_classification" and plan.peft["target_modules"][:3] == ["query", "key", "value"]
 

@@ -13,7 +13,7 @@ from .goals import METHODS, Goals
 from .hardware import Hardware
 from .memory import Estimate, MemoryModelConstants, Setup, estimate, trainable_params
 from .model import ModelSpec
-from .table import ScenarioTable, load_table
+from .table import TASK_HEADS, ScenarioTable, load_table
 
 RULES: dict[str, str] = {
     "R1-candidates": "Candidates are select.allowed_methods, or only the forced select.method.",
@@ -158,6 +158,8 @@ def _check_inputs(model: ModelSpec, seq_len: int, scenario: str, tokens: int | N
         raise PlanError(f"tokens must be a positive integer (got {tokens!r})")
     if scenario not in table.scenarios:
         raise PlanError(f"unknown scenario {scenario!r} (known: {', '.join(table.scenarios)})")
+    if task_head is not None and task_head not in TASK_HEADS:
+        raise PlanError(f"unknown task head {task_head!r} (known: {', '.join(TASK_HEADS)})")
     head = task_head or table.scenarios[scenario].task_head
     if model.is_encoder and head == "causal_lm":
         raise PlanError(f"scenario {scenario!r} needs a causal LM; {model.name} is an encoder "
