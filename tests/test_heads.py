@@ -259,6 +259,22 @@ def test_every_method_trains_a_token_classification_head(ner, method):
     assert e["finetuned_entity_f1"] > e["base_entity_f1"] + 0.2, e
 
 
+@pytest.mark.slow
+def test_zero2_on_two_processes_trains_the_ner_head(ner):
+    """The head through torchrun + DeepSpeed ZeRO-2 (gloo, 2 ranks): same loop, same adapter format."""
+    from tasks import evaluate, select, train
+
+    base, _ = ner
+    cfg = _cfg(base.root, "paths.plan=artifacts/select/plan-z2.json", "paths.train_dir=artifacts/train-z2",
+               "paths.evaluate_dir=artifacts/evaluate-z2", "select.hardware.cpu_processes=2", "select.zero_stage=2",
+               "train.max_steps=8", "select.max_micro_batch_size=4")
+    select.run(cfg)
+    t, e = train.run(cfg), evaluate.run(cfg)
+    assert t["world_size"] == 2 and t["zero_stage"] == 2 and t["final_loss"] < t["first_loss"] / 2, t
+    assert json.loads((cfg.path("train_dir") / "adapter" / "adapter_config.json").read_text())["task_type"] == "TOKEN_CLS"
+    assert e["finetuned_entity_f1"] > e["base_entity_f1"], e
+
+
 # -- a decoder with a classification head: the tiny Gemma-3 --------------------------------------------
 
 def test_tiny_gemma_trains_a_sequence_classification_head():
