@@ -271,7 +271,8 @@ def test_zero2_on_two_processes_trains_the_ner_head(ner):
     select.run(cfg)
     t, e = train.run(cfg), evaluate.run(cfg)
     assert t["world_size"] == 2 and t["zero_stage"] == 2 and t["final_loss"] < t["first_loss"] / 2, t
-    assert json.loads((cfg.path("train_dir") / "adapter" / "adapter_config.json").read_text())["task_type"] == "TOKEN_CLS"
+    adapter = json.loads((cfg.path("train_dir") / "adapter" / "adapter_config.json").read_text())
+    assert adapter["task_type"] == "TOKEN_CLS"
     assert e["finetuned_entity_f1"] > e["base_entity_f1"], e
 
 

@@ -47,7 +47,8 @@ def supports(model_type: str, head: str) -> bool:
     classification yes, token classification no)."""
     from transformers.models.auto import modeling_auto as ma
 
-    names = {CAUSAL_LM: ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, SEQ_CLS: ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
+    names = {CAUSAL_LM: ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+             SEQ_CLS: ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
              TOKEN_CLS: ma.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES}[head]
     return model_type in names
 
@@ -136,7 +137,8 @@ class HeadCollator:
         ids = torch.tensor([f["input_ids"] + [self.pad] * (width - len(f["input_ids"])) for f in features])
         mask = torch.tensor([[1] * len(f["input_ids"]) + [0] * (width - len(f["input_ids"])) for f in features])
         if isinstance(features[0]["labels"], list):
-            labels = torch.tensor([[IGNORE_INDEX] * self.prefix + f["labels"] + [IGNORE_INDEX] * (width - len(f["labels"]))
+            pad = IGNORE_INDEX
+            labels = torch.tensor([[pad] * self.prefix + f["labels"] + [pad] * (width - len(f["labels"]))
                                    for f in features])
         else:
             labels = torch.tensor([f["labels"] for f in features])
