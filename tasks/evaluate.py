@@ -1,5 +1,10 @@
 """Stage `evaluate`: eval loss and perplexity of the base and the fine-tuned model on
-the held-out split (assistant tokens only), plus a few greedy generations."""
+the held-out split (assistant tokens only), plus a few greedy generations.
+
+Classification / NER heads: accuracy and macro-F1, or word accuracy and entity-level span F1,
+of the base model with a fresh (untrained, fixed-seed) head vs the fine-tuned one, and a few
+predictions. ``metrics.json`` names the ``primary_metric`` and its direction (``lower`` for
+perplexity, ``higher`` for accuracy / entity F1): what register's champion gate compares."""
 from __future__ import annotations
 
 from typing import Any
@@ -12,10 +17,48 @@ from tuneops.lm import encode, generate, perplexity, torch_forward
 from tuneops.models import load_causal_lm, load_tokenizer
 
 
+def run_head(cfg: Config, info: dict[str, Any], out: Any) -> dict[str, Any]:
+    import torch
+
+    from tuneops.training import heads
+
+    e, plan = cfg.evaluate, finetuned.head_plan(info)
+    base_dir, train_dir = cfg.path("base_model_dir"), cfg.path("train_dir")
+    tokenizer = load_tokenizer(base_dir)
+    rows = read_jsonl(cfg.path("clean_eval_data"))[: e.max_samples]
+    features = heads.encode(rows, tokenizer, cfg.model.max_seq_len, plan)
+    scores, preds = {}, {}
+    for name in ("base", "finetuned"):
+        torch.manual_seed(0)          # the base's untrained head: the same initialisation every run
+        model = finetuned.load_base(base_dir, info) if name == "base" else finetuned.load(base_dir, train_dir)
+        scores[name], preds[name] = heads.score(model, features, plan, e.batch_size, tokenizer.pad_token_id)
+        del model
+    metric, direction = heads.PRIMARY[plan["task_head"]]
+    metrics = {
+        "task_head": plan["task_head"], "samples": len(features), "labels": plan["labels"],
+        "eval_data_md5": md5_file(cfg.path("clean_eval_data")),
+        "primary_metric": metric, "primary_direction": direction,
+        **{f"base_{k}": v for k, v in scores["base"].items()},
+        **{f"finetuned_{k}": v for k, v in scores["finetuned"].items()},
+        f"{metric}_change": scores["finetuned"][metric] - scores["base"][metric],
+    }
+    write_json(out / "metrics.json", metrics)
+    write_jsonl(out / "predictions.jsonl", (
+        {"record": rows[i]["record"], "base": preds["base"][i], "finetuned": preds["finetuned"][i]}
+        for i in range(min(len(rows), max(e.generations, 8)))))
+    return {"evaluate_dir": str(out), **metrics}
+
+
 def run(cfg: Config) -> dict[str, Any]:
+    from tuneops.io import read_json
+    from tuneops.training.heads import is_head
+
     e = cfg.evaluate
     base_dir, train_dir = cfg.path("base_model_dir"), cfg.path("train_dir")
     out = fresh_dir(cfg.path("evaluate_dir"))
+    info = read_json(train_dir / "metrics.json")
+    if is_head(finetuned.head_plan(info)):
+        return run_head(cfg, info, out)
     tokenizer = load_tokenizer(base_dir)
     rows = read_jsonl(cfg.path("clean_eval_data"))[: e.max_samples]
     features = encode(rows, tokenizer, cfg.model.max_seq_len)
@@ -35,6 +78,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "base_loss": base["loss"], "base_perplexity": base["perplexity"],
         "finetuned_loss": ft["loss"], "finetuned_perplexity": ft["perplexity"],
         "perplexity_change_pct": 100.0 * (ft["perplexity"] / base["perplexity"] - 1.0),
+        "primary_metric": "perplexity", "primary_direction": "lower",
     }
     write_json(out / "metrics.json", metrics)
     write_jsonl(out / "generations.jsonl", (

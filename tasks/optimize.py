@@ -3,6 +3,9 @@ with PyTorch, and build a weight-only INT8 variant with its perplexity change.
 
 Outputs in ``paths.optimize_dir``: ``fp32/model.onnx``, ``int8/model.onnx``,
 ``metrics.json`` with, per variant, size, perplexity, change vs PyTorch and the gate.
+
+Classification / NER head models are not exported (yet): ``metrics.json`` records
+``variants: {}`` and the reason under ``skipped``; register then registers the PyTorch model.
 """
 from __future__ import annotations
 
@@ -130,7 +133,21 @@ def quantize_int8(src: Path, dst: Path, block_size: int) -> Path:
     return dst
 
 
+HEAD_SKIP = ("ONNX export of {head} models is not implemented in this stage yet: no ONNX variants; "
+             "register registers the PyTorch model")
+
+
 def run(cfg: Config) -> dict[str, Any]:
+    from tuneops.io import read_json
+    from tuneops.training.heads import is_head
+
+    info = read_json(cfg.path("train_dir") / "metrics.json")
+    if is_head(finetuned.head_plan(info)):
+        out = fresh_dir(cfg.path("optimize_dir"))
+        metrics = {"task_head": info["task_head"], "variants": {}, "default_variant": None,
+                   "skipped": HEAD_SKIP.format(head=info["task_head"])}
+        write_json(out / "metrics.json", metrics)
+        return {"optimize_dir": str(out), **metrics}
     o = cfg.optimize
     base_dir, out = cfg.path("base_model_dir"), fresh_dir(cfg.path("optimize_dir"))
     tokenizer = load_tokenizer(base_dir)

@@ -4,6 +4,11 @@
 Alias ``champion`` only when the fine-tuned model beats the base model, passes the
 ONNX parity gate, and is not worse than the current champion; otherwise
 ``challenger``: a worse model never replaces the champion.
+
+Classification / NER heads (``task_head`` in the eval metrics): the gate compares evaluate's
+``primary_metric`` (accuracy / entity F1, higher is better) against base and champion; no
+ONNX variant exists yet (optimize records why), so the PyTorch model (adapter merged, with its
+tokenizer and label maps) is registered as a pyfunc (``tuneops.serving.HeadModel``).
 """
 from __future__ import annotations
 
@@ -18,17 +23,21 @@ from tuneops.models import provenance
 
 
 def decide(ft_ppl: float, base_ppl: float, onnx_ok: bool, champion_ppl: float | None,
-           min_improvement_pct: float) -> tuple[str, str]:
-    """The promotion gate: (alias, reason)."""
-    if ft_ppl >= base_ppl:
-        return "challenger", f"fine-tuned perplexity {ft_ppl:.3f} does not beat base {base_ppl:.3f}"
+           min_improvement_pct: float, metric: str = "perplexity", higher_is_better: bool = False) -> tuple[str, str]:
+    """The promotion gate: (alias, reason). ``metric`` is lower-is-better (perplexity) unless
+    ``higher_is_better`` (accuracy, entity F1); the required improvement over the champion is
+    relative in the metric's direction."""
+    ft, base, champ = ft_ppl, base_ppl, champion_ppl
+    if (ft <= base) if higher_is_better else (ft >= base):
+        return "challenger", f"fine-tuned {metric} {ft:.3f} does not beat base {base:.3f}"
     if not onnx_ok:
         return "challenger", "ONNX fp32 export failed the parity gate"
-    if champion_ppl is not None and ft_ppl > champion_ppl * (1 - min_improvement_pct / 100):
-        return "challenger", (f"fine-tuned perplexity {ft_ppl:.3f} is worse than the champion's "
-                              f"{champion_ppl:.3f} (required improvement {min_improvement_pct}%)")
-    against = "no champion yet" if champion_ppl is None else f"champion {champion_ppl:.3f}"
-    return "champion", f"perplexity {ft_ppl:.3f} beats base {base_ppl:.3f} and {against}"
+    if champ is not None and ((ft < champ * (1 + min_improvement_pct / 100)) if higher_is_better
+                              else (ft > champ * (1 - min_improvement_pct / 100))):
+        return "challenger", (f"fine-tuned {metric} {ft:.3f} is worse than the champion's "
+                              f"{champ:.3f} (required improvement {min_improvement_pct}%)")
+    against = "no champion yet" if champ is None else f"champion {champ:.3f}"
+    return "champion", f"{metric} {ft:.3f} beats base {base:.3f} and {against}"
 
 
 def _count_metrics(counts: dict[str, Any]) -> dict[str, float]:
@@ -61,6 +70,8 @@ def run(cfg: Config) -> dict[str, Any]:
     om = read_json(opt_dir / "metrics.json")
     plan = read_json(cfg.path("plan"))
     validation = read_json(cfg.path("validation_dir") / "report.json")
+    if em.get("task_head"):
+        return run_head(cfg, tm, em, om, plan, validation)
     variants = om["variants"]
     name = cfg.register.model_name
 
@@ -124,6 +135,109 @@ def run(cfg: Config) -> dict[str, Any]:
     champion_ppl = float(current.tags["eval.finetuned_perplexity"]) if current else None
     alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"], variants["fp32"]["accepted"],
                            champion_ppl, cfg.register.min_improvement_pct)
+    version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
+    client.set_registered_model_alias(name, alias, version.version)
+    record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
+              "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
+              "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),
+              "tags": tags}
+    out = cfg.path("register_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "registration.json", record)
+    return {"register_dir": str(out), **record}
+
+
+def _head_model_dir(cfg: Config, tm: dict[str, Any], dest: Any) -> dict[str, str]:
+    """The fine-tuned head model as pyfunc artifacts: a plain folder (adapter merged), or base +
+    adapter for prompt tuning (nothing to merge)."""
+    from tuneops import finetuned
+    from tuneops.models import load_tokenizer
+
+    train_dir, base_dir = cfg.path("train_dir"), cfg.path("base_model_dir")
+    tokenizer_dir = str(train_dir / tm["artifact"])
+    if tm["method"] == "prompt_tuning":
+        return {"base": str(base_dir), "adapter": str(train_dir / "adapter"), "tokenizer": tokenizer_dir}
+    model = finetuned.load(base_dir, train_dir, merge=True)
+    model.save_pretrained(str(dest))
+    load_tokenizer(base_dir).save_pretrained(str(dest))
+    return {"model": str(dest), "tokenizer": str(dest)}
+
+
+def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, Any], plan: dict[str, Any],
+             validation: dict[str, Any]) -> dict[str, Any]:
+    """Register a classification / NER head model (PyTorch pyfunc) behind the metric gate."""
+    import tempfile
+    from pathlib import Path
+
+    import mlflow
+    from mlflow import MlflowClient
+
+    from tuneops.serving import HeadModel
+
+    name, metric = cfg.register.model_name, em["primary_metric"]
+    higher = em["primary_direction"] == "higher"
+    tracking.setup(cfg)
+    client = MlflowClient()
+    scores = {k: v for k, v in em.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    tags = {
+        "git.commit": git_commit(cfg.root),
+        "params.hash": cfg.sections_hash(),
+        "data.train.path": os.path.relpath(cfg.path("train_data"), cfg.root),
+        "data.train.md5": md5_file(cfg.path("train_data")),
+        "data.eval.path": os.path.relpath(cfg.path("eval_data"), cfg.root),
+        "data.eval.md5": md5_file(cfg.path("eval_data")),
+        "base_model.source": provenance(cfg.path("base_model_dir")).get("source", "unknown"),
+        "method": plan["method"],
+        "task_head": em["task_head"],
+        "labels": ",".join(em["labels"]),
+        "eval.primary_metric": metric,
+        "eval.primary_direction": em["primary_direction"],
+        f"eval.base_{metric}": f"{em[f'base_{metric}']:.6f}",
+        f"eval.finetuned_{metric}": f"{em[f'finetuned_{metric}']:.6f}",
+        "onnx.default_variant": "None",
+        "onnx.skipped": str(om.get("skipped")),
+        "validation.success": str(validation["success"]),
+        "data.scenario": str(validation.get("scenario")),
+        "data.format": str(validation.get("format")),
+        "data.policy": str(validation.get("policy")),
+        **tracking.run_tags(),
+    }
+    lock = dvc_lock_md5s(cfg.root)
+    for key in ("train", "eval"):
+        recorded = lock.get(tags[f"data.{key}.path"])
+        if recorded:
+            tags[f"dvc.lock.{key}.md5"] = recorded
+    with tempfile.TemporaryDirectory(dir=cfg.state_dir) as tmp, mlflow.start_run(run_id=tm["mlflow_run_id"]):
+        mlflow.log_metrics({("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): float(v)
+                            for k, v in scores.items() if k != "samples"})
+        mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
+        mlflow.set_tags(tags)
+        mlflow.log_dict(plan, "plan.json")
+        mlflow.log_dict(validation, "validation/report.json")
+        docs = cfg.path("validation_dir") / "data_docs"
+        if docs.is_dir():
+            mlflow.log_artifacts(str(docs), "validation/data_docs")
+        mlflow.log_dict(om, "optimize/metrics.json")
+        mlflow.log_artifact(str(cfg.path("evaluate_dir") / "predictions.jsonl"), "evaluate")
+        mlflow.log_artifact(str(cfg.path("train_dir") / "history.json"), "train")
+        info = mlflow.pyfunc.log_model(
+            name="model", python_model=HeadModel(), artifacts=_head_model_dir(cfg, tm, Path(tmp) / "model"),
+            model_config={"task_head": em["task_head"], "labels": em["labels"], "max_seq_len": cfg.model.max_seq_len},
+            pip_requirements=["torch", "transformers>=5.20,<6", "peft", "numpy"],
+        )
+    current = _current_champion(client, name)
+    champion_value = None
+    if current is not None:
+        if current.tags.get("eval.primary_metric", "perplexity") != metric:
+            alias = "challenger"
+            reason = (f"the champion (version {current.version}) is measured by "
+                      f"{current.tags.get('eval.primary_metric', 'perplexity')}, not {metric}: not comparable "
+                      "(register other tasks under another register.model_name)")
+        else:
+            champion_value = float(current.tags[f"eval.finetuned_{metric}"])
+    if current is None or champion_value is not None:
+        alias, reason = decide(em[f"finetuned_{metric}"], em[f"base_{metric}"], True, champion_value,
+                               cfg.register.min_improvement_pct, metric=metric, higher_is_better=higher)
     version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
     client.set_registered_model_alias(name, alias, version.version)
     record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,

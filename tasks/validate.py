@@ -12,7 +12,10 @@ when a split rejects more than ``data.max_rejected_fraction`` of its rows.
 
 On success the accepted rows go to ``paths.clean_train_data`` / ``clean_eval_data`` as
 chat records, which is what train, evaluate and optimize read (for the chat format with
-nothing rejected: a byte-identical copy of the input).
+nothing rejected: a byte-identical copy of the input). Classification and NER lines also
+carry the native ``record`` (``{text, label}`` / ``{tokens, tags}``) for the task heads, and
+the report lists the head's ``labels`` (``data.labels`` / BIO tags of ``data.entity_types``,
+else the ones seen in train).
 """
 from __future__ import annotations
 
@@ -40,6 +43,23 @@ class DataValidationError(Exception):
         super().__init__(f"data validation failed ({len(problems)} problems; report: {report})\n{shown}{more}")
 
 
+NATIVE_FIELDS = {"classification": ("text", "label"), "ner": ("tokens", "tags")}
+
+
+def head_labels(fmt: str, train: SplitResult, labels: list[Any] | None,
+                entity_types: list[str] | None) -> list[str] | None:
+    """The label names a task head predicts, in a fixed order: classification ``data.labels``
+    (else the sorted labels seen in train); NER ``O`` then ``B-``/``I-`` of each entity type
+    (``data.entity_types``, else the types seen in train, sorted). None for other formats."""
+    if fmt == "classification":
+        return [str(x) for x in labels] if labels else sorted({str(r.obj["label"]) for r in train.accepted})
+    if fmt == "ner":
+        kinds = list(entity_types) if entity_types else sorted(
+            {t[2:] for r in train.accepted for t in r.obj["tags"] if t != "O"})
+        return ["O"] + [f"{p}-{k}" for k in kinds for p in ("B", "I")]
+    return None
+
+
 def write_clean(split: SplitResult, fmt: str, dest: Path) -> Path:
     """The accepted rows as chat JSONL (the chat format: the accepted lines verbatim)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -53,7 +73,10 @@ def write_clean(split: SplitResult, fmt: str, dest: Path) -> Path:
                 if fmt == "chat" and split.kind == "jsonl":
                     f.write(row.raw + b"\n")
                 else:
-                    f.write(json.dumps({"messages": spec.to_chat(row.obj)}, ensure_ascii=False).encode() + b"\n")
+                    line: dict[str, Any] = {"messages": spec.to_chat(row.obj)}
+                    if fmt in NATIVE_FIELDS:      # the task heads train on the record itself
+                        line["record"] = {k: row.obj[k] for k in NATIVE_FIELDS[fmt]}
+                    f.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
     os.replace(tmp, dest)
     return dest
 
@@ -115,6 +138,9 @@ def run(cfg: Config) -> dict[str, Any]:
         if result.success:
             write_clean(result.splits[name], settings.format, dest)
             report["splits"][name].update(clean_path=str(dest), clean_md5=md5_file(dest))
+    if result.success and settings.format in NATIVE_FIELDS:
+        report["labels"] = head_labels(settings.format, result.splits["train"], cfg.data.labels,
+                                       cfg.data.entity_types)
     report["data_docs"] = "data_docs/index.html"
     write_json(out / "report.json", report)
     (out / "data_docs").mkdir()

