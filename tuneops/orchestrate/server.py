@@ -189,3 +189,14 @@ def stop(cfg: Config) -> dict[str, Any]:
         (servers_dir(cfg) / f"{name}.json").unlink(missing_ok=True)
         out[name] = {"pid": rec["pid"], "stopped": not _alive(rec["pid"])}
     return out
+
+
+def api_url(cfg: Config) -> str:
+    """The Prefect API to talk to: ``PREFECT_API_URL`` if set, else this project's running server."""
+    if os.environ.get("PREFECT_API_URL"):
+        return os.environ["PREFECT_API_URL"]
+    rec = status(cfg).get("prefect")
+    if not rec or not rec["running"]:
+        raise ServerError("no Prefect server for this project: run `tuneops server start` "
+                          "(or set PREFECT_API_URL)")
+    return rec["url"]
