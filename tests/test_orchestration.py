@@ -98,13 +98,15 @@ def orchestra():
     from tuneops.orchestrate import deploy, server
 
     root = make_project("orchestrate", (
-        "optimize.int8=false", "orchestrate.schedule_cron=* * * * *", "orchestrate.watch_cron=null",
+        "optimize.int8=false", "train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=1",
+        "optimize.ppl_samples=4", "optimize.parity_samples=1", "orchestrate.schedule_cron=* * * * *", "orchestrate.watch_cron=null",
         "orchestrate.task_retry_delay_s=1", "orchestrate.startup_timeout_s=180"))
     cfg = load_config(root / "params.yaml")
     port = server.free_port()
     saved = {k: os.environ.get(k) for k in ("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS",)}
     os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"   # schedule promptly in the test
     server.stop(cfg)
+    (cfg.state_dir / "prefect-server.db").unlink(missing_ok=True)    # runs of earlier sessions would count
     rec = server.start_prefect(cfg, port)
     timings = {"server_start_s": rec["startup_s"]}
     api = rec["url"]
@@ -134,6 +136,66 @@ def orchestra():
         ARTIFACTS.mkdir(parents=True, exist_ok=True)
         (ARTIFACTS / "orchestration-timings.json").write_text(json.dumps(timings, indent=2) + "\n")
         print(f"orchestration timings: {timings}")
+
+
+def test_cache_key_follows_inputs_params_and_code():
+    """A stage's key changes with its inputs' md5s and its own params, not with other sections."""
+    from tuneops.config import load_config
+    from tuneops.orchestrate import caching
+
+    root = make_project("cache-key")
+    params = root / "params.yaml"
+    key = caching.stage_key(load_config(params), "train")
+    assert caching.stage_key(load_config(params), "train") == key
+    assert caching.stage_key(load_config(params, ["train.max_steps=9"]), "train") != key
+    assert caching.stage_key(load_config(params, ["evaluate.batch_size=2"]), "train") == key
+    assert caching.stage_key(load_config(params, ["orchestrate.task_retries=0"]), "train") == key
+    cfg = load_config(params)
+    data = cfg.path("clean_train_data")
+    data.parent.mkdir(parents=True, exist_ok=True)
+    data.write_text('{"messages": []}\n')
+    changed = caching.stage_key(cfg, "train")
+    assert changed != key
+    data.write_text('{"messages": [1]}\n')
+    assert caching.stage_key(cfg, "train") != changed
+    assert not caching.outputs_present(cfg, "train")
+    assert caching.task_options(cfg, "train")["refresh_cache"] is True     # missing outputs: run anyway
+
+
+def test_server_cli_start_status_stop():
+    """`tuneops server start|status|stop` runs a real Prefect server with its db in the state dir."""
+    import subprocess
+    import urllib.request
+
+    from tuneops.orchestrate.server import free_port
+
+    root = make_project("server-cli")
+    env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}
+    port = free_port()
+
+    def tuneops(*args):
+        return subprocess.run(["tuneops", *args], cwd=root, capture_output=True, text=True, timeout=300, env=env)
+
+    tuneops("server", "stop")
+    start = tuneops("server", "start", "--port", str(port))
+    try:
+        assert start.returncode == 0, start.stderr[-3000:]
+        url = f"http://127.0.0.1:{port}/api"
+        assert f"prefect: {url}" in start.stdout and f"export PREFECT_API_URL={url}" in start.stdout
+        with urllib.request.urlopen(f"{url}/health", timeout=10) as resp:
+            assert resp.status == 200
+        assert (TEST_ROOT / "state" / "prefect-server.db").is_file()
+        status = tuneops("server", "status")
+        assert status.returncode == 0 and "prefect: running" in status.stdout
+        again = tuneops("server", "start", "--port", str(port))
+        assert again.returncode == 0 and "already running" in again.stdout
+    finally:
+        stop = tuneops("server", "stop")
+    assert stop.returncode == 0 and "prefect: stopped" in stop.stdout
+    status = tuneops("server", "status")
+    assert status.returncode == 3
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/api/health", timeout=3)
 
 
 def _wall(run) -> float:

@@ -177,7 +177,7 @@ predicted peak {_num(plan.get('predicted_peak_gb_per_device'), 3)} GB per device
 {_table(["variant", "path", "size", "gate", "rule", "target coverage", ""], var_rows)}
 
 <h2 id="lineage">Lineage</h2>
-{_table(["", ""], lineage_rows)}
+{_table(["field", "value"], lineage_rows)}
 </body></html>
 """
 
