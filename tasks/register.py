@@ -3,7 +3,10 @@
 
 Alias ``champion`` only when the fine-tuned model beats the base model, passes the
 ONNX parity gate, and is not worse than the current champion; otherwise
-``challenger``: a worse model never replaces the champion.
+``challenger``: a worse model never replaces the champion. Champion moves are recorded
+for ``tuneops models rollback`` (tuneops/registry.py). Also writes the version's markdown
+model card (its description in the registry) and the HTML run report (tuneops/report.py),
+both saved in ``paths.register_dir`` and logged to the run.
 """
 from __future__ import annotations
 
