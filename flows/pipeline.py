@@ -29,4 +29,4 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
     env.configure(cfg.state_dir)
     os.environ["TUNEOPS_PREFECT_FLOW_RUN_ID"] = str(runtime.flow_run.id)
     names = stages.STAGE_NAMES[stages.STAGE_NAMES.index(start):] if start else stages.STAGE_NAMES
-    return {name: TASKS[name].with_options(**caching.task_options(cfg, name))(cfg) for name in names}
+    return {name: caching.run_stage(TASKS[name], cfg, name) for name in names}

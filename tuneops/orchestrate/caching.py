@@ -4,8 +4,13 @@ A stage's cache key is what DVC would compare: the md5s of its input paths (data
 base model, upstream outputs), the values of the params sections it reads, and the
 code version (a hash of the ``tuneops``/``tasks``/``flows`` sources), plus the project
 folder. A scheduled run with nothing changed therefore reuses every stage's result
-and trains nothing. A stage whose outputs are missing on disk runs anyway
-(``refresh_cache``), so a cache hit never hands on files that are not there.
+and trains nothing.
+
+Prefect's cache returns a task's return value, not its files. So, like ``dvc.lock``, each
+stage run records its key and the md5s of the outputs it left on disk
+(``<state_dir>/stage-cache/<project>/<stage>.json``); a cached result is used only when
+the key is the recorded one and the outputs on disk are still those files. Otherwise the
+stage runs (``refresh_cache``): a cache hit never hands on missing or stale files.
 
 Retries are for transient failures only: bad data, bad params or a plan that does not
 fit fail at once.
@@ -88,9 +93,33 @@ def cache_key_fn(context: Any, parameters: dict[str, Any]) -> str:
     return stage_key(parameters["cfg"], context.task.name)
 
 
-def outputs_present(cfg: Config, name: str) -> bool:
+def outputs_md5(cfg: Config, name: str) -> dict[str, str | None]:
     spec = stages.get(name)
-    return all(cfg.path(key).exists() for key in spec.outs + spec.uncached_outs)
+    return {key: path_md5(cfg.path(key)) for key in spec.outs + spec.uncached_outs}
+
+
+def _stamp_path(cfg: Config, name: str) -> Path:
+    project = hashlib.sha256(str(cfg.root).encode()).hexdigest()[:16]
+    return cfg.state_dir / "stage-cache" / project / f"{name}.json"
+
+
+def cache_valid(cfg: Config, name: str) -> bool:
+    """True when the stage's last run had this key and its outputs on disk are unchanged."""
+    path = _stamp_path(cfg, name)
+    if not path.is_file():
+        return False
+    stamp = json.loads(path.read_text())
+    outs = outputs_md5(cfg, name)
+    return stamp.get("key") == stage_key(cfg, name) and stamp.get("outs") == outs and None not in outs.values()
+
+
+def record(cfg: Config, name: str) -> None:
+    """After a stage ran (or was a valid hit): its key and the outputs it left."""
+    path = _stamp_path(cfg, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": stage_key(cfg, name), "outs": outputs_md5(cfg, name)}, indent=1))
+    tmp.replace(path)
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -113,8 +142,15 @@ def task_options(cfg: Config, name: str) -> dict[str, Any]:
     return {
         "retries": o.task_retries,
         "retry_delay_seconds": o.task_retry_delay_s,
-        "refresh_cache": (not o.cache) or not outputs_present(cfg, name),
+        "refresh_cache": (not o.cache) or not cache_valid(cfg, name),
     }
+
+
+def run_stage(stage_task: Any, cfg: Config, name: str) -> Any:
+    """Run a stage's task with this run's options, then record its key and outputs."""
+    result = stage_task.with_options(**task_options(cfg, name))(cfg)
+    record(cfg, name)
+    return result
 
 
 def cache_hits(flow_run_id: Any) -> dict[str, str]:
