@@ -169,6 +169,12 @@ def test_cache_key_follows_inputs_params_and_code():
     caching.record(cfg, "train")
     data.write_text('{"messages": [2]}\n')
     assert caching.task_options(cfg, "train")["refresh_cache"] is True     # new key: run
+    for split in ("train_data", "eval_data", "ingest_manifest"):          # a stage without inputs ...
+        cfg.path(split).parent.mkdir(parents=True, exist_ok=True)
+        cfg.path(split).write_text("{}\n")
+    caching.record(cfg, "ingest")
+    cfg.path("train_data").write_text('{"edited": 1}\n')
+    assert caching.task_options(cfg, "ingest")["refresh_cache"] is False   # ... keeps an edited dataset
 
 
 def test_server_cli_start_status_stop():

@@ -10,7 +10,10 @@ Prefect's cache returns a task's return value, not its files. So, like ``dvc.loc
 stage run records its key and the md5s of the outputs it left on disk
 (``<state_dir>/stage-cache/<project>/<stage>.json``); a cached result is used only when
 the key is the recorded one and the outputs on disk are still those files. Otherwise the
-stage runs (``refresh_cache``): a cache hit never hands on missing or stale files.
+stage runs (``refresh_cache``): a cache hit never hands on missing or stale files. The
+exception are the stages without inputs (``model``, ``ingest``): their outputs edited in
+place (an edited dataset split) are kept as the new data, not re-created (``dvc repro``
+would re-create them; ``tuneops data add`` is the DVC-consistent way to change data).
 
 Retries are for transient failures only: bad data, bad params or a plan that does not
 fit fail at once.
@@ -110,7 +113,11 @@ def cache_valid(cfg: Config, name: str) -> bool:
         return False
     stamp = json.loads(path.read_text())
     outs = outputs_md5(cfg, name)
-    return stamp.get("key") == stage_key(cfg, name) and stamp.get("outs") == outs and None not in outs.values()
+    if None in outs.values() or stamp.get("key") != stage_key(cfg, name):
+        return False
+    # A stage without inputs (model, ingest) keeps outputs edited in place: an edited dataset split
+    # is the data change the watcher reports, and the stages after it see it through their deps.
+    return not stages.get(name).deps or stamp.get("outs") == outs
 
 
 def record(cfg: Config, name: str) -> None:
