@@ -41,9 +41,11 @@ $(VENV)/.installed: pyproject.toml
 
 # Debian data packages for the bundled scenarios (WordNet 3.0, BSD fortunes): offline sources.
 DEB_DATA := wordnet-base fortunes-min
+# Debian tools for the tests: headless Chromium renders the HTML run report (tests/test_report.py).
+DEB_TOOLS := chromium
 system-deps:
-	@dpkg -s $(DEB_DATA) >/dev/null 2>&1 || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA); }
+	@dpkg -s $(DEB_DATA) $(DEB_TOOLS) >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA) $(DEB_TOOLS); }
 
 setup: $(VENV)/.installed system-deps
 

@@ -1,6 +1,9 @@
 """The fine-tuning pipeline as one Prefect flow: each stage of ``tuneops.stages``
 wrapped as a task, run in order. The flow only wires; the stage code is the same
 that ``dvc repro`` runs through the CLI.
+
+Tasks are cached on their inputs' md5s + params + code version and retried on
+transient failures (``tuneops.orchestrate.caching``; settings under ``orchestrate``).
 """
 from __future__ import annotations
 
@@ -8,20 +11,22 @@ import os
 from typing import Any
 
 from prefect import flow, runtime, task
-from prefect.cache_policies import NO_CACHE
 
 from tuneops import env, stages
 from tuneops.config import load_config
+from tuneops.orchestrate import caching
 
-TASKS = {spec.name: task(spec.load(), name=spec.name, cache_policy=NO_CACHE, task_run_name=spec.name)
+TASKS = {spec.name: task(spec.load(), name=spec.name, task_run_name=spec.name, cache_key_fn=caching.cache_key_fn,
+                         persist_result=True, retry_condition_fn=caching.is_transient)
          for spec in stages.STAGES}
 
 
 @flow(name="tuneops-finetune", log_prints=True)
 def finetune(params_file: str = "params.yaml", overrides: list[str] | None = None,
-             start: str | None = None) -> dict[str, Any]:
+             start: str | None = None, data_md5: str | None = None) -> dict[str, Any]:
+    """``data_md5``: the dataset fingerprint of the data-change event that started this run (if any)."""
     cfg = load_config(params_file, overrides or [])
     env.configure(cfg.state_dir)
     os.environ["TUNEOPS_PREFECT_FLOW_RUN_ID"] = str(runtime.flow_run.id)
     names = stages.STAGE_NAMES[stages.STAGE_NAMES.index(start):] if start else stages.STAGE_NAMES
-    return {name: TASKS[name](cfg) for name in names}
+    return {name: caching.run_stage(TASKS[name], cfg, name) for name in names}

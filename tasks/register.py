@@ -3,7 +3,10 @@
 
 Alias ``champion`` only when the fine-tuned model beats the base model, passes the
 ONNX parity gate, and is not worse than the current champion; otherwise
-``challenger``: a worse model never replaces the champion.
+``challenger``: a worse model never replaces the champion. Champion moves are recorded
+for ``tuneops models rollback`` (tuneops/registry.py). Also writes the version's markdown
+model card (its description in the registry) and the HTML run report (tuneops/report.py),
+both saved in ``paths.register_dir`` and logged to the run.
 
 Classification / NER heads (``task_head`` in the eval metrics): the gate compares evaluate's
 ``primary_metric`` (accuracy / entity F1, higher is better) against base and champion; no
@@ -15,11 +18,10 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from tuneops import tracking
+from tuneops import registry, report, tracking
 from tuneops.config import Config
 from tuneops.io import md5_file, read_json, write_json
-from tuneops.lineage import dvc_lock_md5s, git_commit
-from tuneops.models import provenance
+from tuneops.lineage import base_model_identity, dvc_lock_md5s, git_commit
 
 
 def decide(ft_ppl: float, base_ppl: float, onnx_ok: bool, champion_ppl: float | None,
@@ -84,7 +86,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "data.train.md5": md5_file(cfg.path("train_data")),
         "data.eval.path": os.path.relpath(cfg.path("eval_data"), cfg.root),
         "data.eval.md5": md5_file(cfg.path("eval_data")),
-        "base_model.source": provenance(cfg.path("base_model_dir")).get("source", "unknown"),
+        **base_model_identity(cfg.path("base_model_dir")),
         "method": plan["method"],
         "eval.base_perplexity": f"{em['base_perplexity']:.6f}",
         "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
@@ -114,6 +116,7 @@ def run(cfg: Config) -> dict[str, Any]:
         mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
         mlflow.set_tags(tags)
         mlflow.log_dict(plan, "plan.json")
+        mlflow.log_dict(cfg.raw, "params.json")
         mlflow.log_dict(validation, "validation/report.json")
         docs = cfg.path("validation_dir") / "data_docs"
         if docs.is_dir():
@@ -136,7 +139,10 @@ def run(cfg: Config) -> dict[str, Any]:
     alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"], variants["fp32"]["accepted"],
                            champion_ppl, cfg.register.min_improvement_pct)
     version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
-    client.set_registered_model_alias(name, alias, version.version)
+    registry.set_alias(client, name, alias, version.version, reason)
+    card = registry.model_card(name, version.version, alias, reason, {**tags, "mlflow.run_id": tm["mlflow_run_id"]},
+                               em, plan, om, validation)
+    client.update_model_version(name, version.version, description=card)
     record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
               "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
               "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),
@@ -144,6 +150,10 @@ def run(cfg: Config) -> dict[str, Any]:
     out = cfg.path("register_dir")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "registration.json", record)
+    (out / "model_card.md").write_text(card, encoding="utf-8")
+    client.log_artifact(tm["mlflow_run_id"], str(out / "model_card.md"))
+    record["report"] = str(report.write(cfg, record))
+    client.log_artifact(tm["mlflow_run_id"], record["report"], "report")
     return {"register_dir": str(out), **record}
 
 
@@ -239,7 +249,7 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
         alias, reason = decide(em[f"finetuned_{metric}"], em[f"base_{metric}"], True, champion_value,
                                cfg.register.min_improvement_pct, metric=metric, higher_is_better=higher)
     version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
-    client.set_registered_model_alias(name, alias, version.version)
+    registry.set_alias(client, name, alias, version.version, reason)
     record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
               "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
               "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),

@@ -49,8 +49,19 @@ def test_every_stage_input_is_produced_upstream():
 
 def test_every_params_section_is_read_by_a_stage():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    read = {p.split(".")[0] for s in stages.STAGES for p in s.params} | {"paths"}
+    read = {p.split(".")[0] for s in stages.STAGES for p in s.params} | {"paths"} | set(stages.ORCHESTRATION_PARAMS)
     assert set(params) == read
+
+
+def test_orchestration_params_are_read_by_the_flow_and_cli():
+    """`orchestrate` is not a stage's input (it does not change results) but every key is used."""
+    from tuneops.orchestrate import caching, deploy, server, watch
+
+    sources = "".join(open(m.__file__).read() for m in (caching, deploy, server, watch))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in stages.ORCHESTRATION_PARAMS:
+        for key in params[section]:
+            assert f"o.{key}" in sources or f"orchestrate.{key}" in sources, f"{section}.{key} is never read"
 
 
 def test_flow_wraps_every_stage_in_order():

@@ -17,6 +17,7 @@ from .data import FORMATS
 
 EXIT_INVALID_INPUT = 2
 EXIT_INVALID_DATA = 1
+ORCHESTRATION_COMMANDS = ("server", "deploy", "worker", "watch", "models", "lineage", "report")
 
 
 def _common() -> argparse.ArgumentParser:
@@ -54,7 +55,139 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("plan", parents=[common], add_help=False,
                    help="memory planner: method, ZeRO stage, batch and predicted peak memory (--help for flags)")
     sub.add_parser("params", parents=[common], help="print the validated params as JSON")
+    _orchestration_parsers(sub, common)
     return parser
+
+
+def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
+    server = sub.add_parser("server", parents=[common], help="Prefect server (and MLflow server): start|stop|status")
+    server.add_argument("action", choices=("start", "stop", "status"))
+    server.add_argument("--port", type=int, default=None, help="Prefect port (default: orchestrate.prefect_port)")
+    server.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=None,
+                        help="also start an MLflow tracking server (default: orchestrate.mlflow_server)")
+    sub.add_parser("deploy", parents=[common],
+                   help="create the fine-tuning (cron + data-change trigger) and data-watch deployments")
+    sub.add_parser("worker", parents=[common], help="run a process worker for orchestrate.work_pool (foreground)")
+    sub.add_parser("watch", parents=[common],
+                   help="data watcher, once: compare dataset md5s with the last trained version, emit the event")
+    models = sub.add_parser("models", parents=[common], help="registry: list|show|promote|rollback")
+    msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
+    ls = msub.add_parser("list", parents=[common], help="versions with aliases and eval perplexity")
+    ls.add_argument("name", nargs="?", default="default", help="registered model (default: register.model_name)")
+    ls.add_argument("--json", action="store_true")
+    show = msub.add_parser("show", parents=[common], help="one version: tags and model card")
+    show.add_argument("ref", metavar="NAME@ALIAS|NAME@VERSION")
+    show.add_argument("--json", action="store_true")
+    promote = msub.add_parser("promote", parents=[common],
+                              help="make a version champion if it passes the evaluation gate (else exit 1)")
+    promote.add_argument("ref", metavar="NAME@VERSION|NAME@challenger")
+    rollback = msub.add_parser("rollback", parents=[common], help="give champion back to the previous champion")
+    rollback.add_argument("name", nargs="?", default="default")
+    lineage = sub.add_parser("lineage", parents=[common],
+                             help="where a registered version came from: code, data md5s, params, plan, metrics")
+    lineage.add_argument("ref", metavar="NAME@ALIAS", help="e.g. default@champion (default = register.model_name)")
+    lineage.add_argument("--json", action="store_true")
+    report = sub.add_parser("report", parents=[common], help="rebuild the HTML run report from the stage outputs")
+    report.add_argument("--out", default=None, help="file to write (default: <register_dir>/report.html)")
+
+
+def _orchestration(cfg: Any, args: argparse.Namespace) -> int:
+    """server / deploy / worker / watch / models / lineage / report."""
+    import os
+
+    cmd = args.command
+    if cmd == "server":
+        from .orchestrate import server
+
+        if args.action == "start":
+            out = server.start(cfg, prefect_port=args.port, mlflow=args.mlflow)
+            for name, rec in out.items():
+                state = "already running" if rec.get("already_running") else f"started in {rec['startup_s']} s"
+                print(f"{name}: {rec['url']} ({state}; pid {rec['pid']}, log {rec['log']})")
+            print(f"export PREFECT_API_URL={out['prefect']['url']}")
+        elif args.action == "stop":
+            out = server.stop(cfg)
+            print("\n".join(f"{n}: stopped (pid {r['pid']})" for n, r in out.items()) or "no server running")
+        else:
+            out = server.status(cfg)
+            print("\n".join(f"{n}: {'running' if r['running'] else 'not running'} at {r['url']} (pid {r['pid']})"
+                            for n, r in out.items()) or "no server started")
+            return 0 if out and all(r["running"] for r in out.values()) else 3
+        return 0
+    if cmd in ("deploy", "worker", "watch"):
+        from .orchestrate import server
+
+        os.environ["PREFECT_API_URL"] = server.api_url(cfg)
+        overrides = list(getattr(args, "overrides", []) or [])
+        if cmd == "deploy":
+            from .orchestrate.deploy import deploy
+
+            print(json.dumps(deploy(cfg, cfg.source, overrides), indent=2))
+        elif cmd == "worker":
+            from .orchestrate.deploy import worker_command
+
+            os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
+            os.execvp(worker_command(cfg)[0], worker_command(cfg))
+        else:
+            from flows.watch import watch
+
+            print(json.dumps(watch(params_file=cfg.source, overrides=overrides), indent=2, default=str))
+        return 0
+    from . import registry
+
+    if cmd == "models":
+        action = args.models_command
+        if action == "list":
+            rows = registry.list_versions(cfg, args.name)
+            if args.json:
+                print(json.dumps(rows, indent=2))
+            for r in [] if args.json else rows:
+                print(f"v{r['version']:<4} {','.join(r['aliases']) or '-':<20} ppl {r['eval_perplexity']!s:<10} "
+                      f"{r['created']}  {r['promotion_reason'] or ''}")
+        elif action == "show":
+            out = registry.show(cfg, args.ref)
+            print(json.dumps(out, indent=2) if args.json else out["model_card"] or json.dumps(out, indent=2))
+        elif action == "promote":
+            out = registry.promote(cfg, args.ref)
+            print(f"{out['name']} v{out['version']} is champion: {out['reason']}")
+        else:
+            out = registry.rollback(cfg, args.name)
+            print(f"{out['name']}: champion is v{out['champion']} again (was v{out['rolled_back']})")
+        return 0
+    if cmd == "lineage":
+        out = registry.lineage(cfg, args.ref)
+        if args.json:
+            print(json.dumps(out, indent=2, default=str))
+        else:
+            _print_lineage(out)
+        return 0
+    from . import report
+
+    print(report.write(cfg, out=None if args.out is None else __import__("pathlib").Path(args.out)))
+    return 0
+
+
+def _print_lineage(out: dict[str, Any]) -> None:
+    m = out["model"]
+    print(f"{m['name']} v{m['version']} ({', '.join(m['aliases']) or 'no alias'})  {m['uri']}")
+    print(f"  git commit      {out['git_commit']}")
+    for d in out["datasets"]:
+        match = {True: "matches dvc.lock", False: "DIFFERS from dvc.lock", None: "not in dvc.lock"}[d["matches_dvc_lock"]]
+        print(f"  data {d['split']:<5}      {d['path']}  md5 {d['md5']}  ({match})")
+    print(f"  params hash     {out['params']['hash']}")
+    v = out["validation"]
+    print(f"  validation      success={v['success']} {v['scenario']}/{v['format']} policy {v['policy']} "
+          + " ".join(f"{s}: {c['accepted']}/{c['read']}" for s, c in v["counts"].items()))
+    print(f"  base model      {out['base_model']['id']}  hash {out['base_model']['hash']}")
+    p = out["plan"]
+    print(f"  plan            {p.get('method')} ZeRO {p.get('zero_stage')} micro-batch {p.get('micro_batch_size')} "
+          f"x {p.get('grad_accum')}")
+    mt = out["metrics"]
+    print(f"  metrics         eval perplexity {mt.get('eval_perplexity')} (base {mt.get('eval_base_perplexity')})")
+    for n, var in out["onnx"]["variants"].items():
+        print(f"  onnx {n:<10} {'accepted' if var.get('accepted') else 'rejected'} ({var.get('gate')})")
+    print(f"  prefect run     {out['prefect_flow_run_id']}")
+    print(f"  mlflow run      {out['mlflow_run_id']}")
 
 
 def _config(args: argparse.Namespace) -> Any:
@@ -101,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "params":
             print(json.dumps(cfg.raw, indent=2))
             return 0
+        if args.command in ORCHESTRATION_COMMANDS:
+            return _orchestration(cfg, args)
         if args.command == "run":
             from flows.pipeline import finetune
 
@@ -120,7 +255,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tuneops: {exc}", file=sys.stderr)
             return EXIT_INVALID_DATA
         from .planner import PlanError
+        from .registry import RegistryError
 
+        if isinstance(exc, RegistryError):
+            print(f"tuneops: {exc}", file=sys.stderr)
+            return 1
+        if exc.__class__.__name__ == "ServerError":
+            print(f"tuneops: error: {exc}", file=sys.stderr)
+            return 1
         if isinstance(exc, PlanError):
             print(f"tuneops: error: {exc}", file=sys.stderr)
             return EXIT_INVALID_INPUT

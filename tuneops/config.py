@@ -206,6 +206,34 @@ class TrackingParams(_Section):
     artifact_location: str | None = None
 
 
+class OrchestrateParams(_Section):
+    host: str = Field(min_length=1)
+    prefect_port: int = Field(ge=1, le=65535)
+    prefect_database_url: str | None = None
+    mlflow_server: bool
+    mlflow_port: int = Field(ge=1, le=65535)
+    startup_timeout_s: float = Field(gt=0)
+    work_pool: str = Field(min_length=1)
+    deployment: str = Field(min_length=1)
+    schedule_cron: str | None = None
+    timezone: str = Field(min_length=1)
+    watch_cron: str | None = None
+    event: str = Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")
+    dedupe_window_s: float = Field(ge=0)
+    concurrency_limit: int = Field(ge=1)
+    task_retries: int = Field(ge=0)
+    task_retry_delay_s: float = Field(ge=0)
+    cache: bool
+
+    @model_validator(mode="after")
+    def _crons_parse(self) -> "OrchestrateParams":
+        for key in ("schedule_cron", "watch_cron"):
+            value = getattr(self, key)
+            if value is not None and len(value.split()) not in (5, 6):
+                raise ValueError(f"{key}: expected a cron expression with 5 fields, e.g. '0 3 * * *' (got {value!r})")
+        return self
+
+
 class Params(_Section):
     paths: PathsParams
     model: ModelParams
@@ -218,6 +246,7 @@ class Params(_Section):
     optimize: OptimizeParams
     register_: RegisterParams = Field(alias="register")
     tracking: TrackingParams
+    orchestrate: OrchestrateParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

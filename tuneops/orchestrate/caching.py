@@ -1,0 +1,172 @@
+"""Task-level caching and retries for the Prefect flow.
+
+A stage's cache key is what DVC would compare: the md5s of its input paths (data,
+base model, upstream outputs), the values of the params sections it reads, and the
+code version (a hash of the ``tuneops``/``tasks``/``flows`` sources), plus the project
+folder. A scheduled run with nothing changed therefore reuses every stage's result
+and trains nothing.
+
+Prefect's cache returns a task's return value, not its files. So, like ``dvc.lock``, each
+stage run records its key and the md5s of the outputs it left on disk
+(``<state_dir>/stage-cache/<project>/<stage>.json``); a cached result is used only when
+the key is the recorded one and the outputs on disk are still those files. Otherwise the
+stage runs (``refresh_cache``): a cache hit never hands on missing or stale files. The
+exception are the stages without inputs (``model``, ``ingest``): their outputs edited in
+place (an edited dataset split) are kept as the new data, not re-created (``dvc repro``
+would re-create them; ``tuneops data add`` is the DVC-consistent way to change data).
+
+Retries are for transient failures only: bad data, bad params or a plan that does not
+fit fail at once.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from tuneops import stages
+from tuneops.config import Config, ConfigError
+from tuneops.io import md5_file
+
+_CODE_ROOTS = ("tuneops", "tasks", "flows")
+_md5_memo: dict[tuple[str, int, int], str] = {}
+
+
+@lru_cache(maxsize=1)
+def code_version() -> str:
+    """Hash of every Python source of the pipeline (stage code and everything it uses)."""
+    repo = Path(__file__).resolve().parents[2]
+    h = hashlib.sha256()
+    for root in _CODE_ROOTS:
+        for path in sorted((repo / root).rglob("*.py")):
+            h.update(str(path.relative_to(repo)).encode())
+            h.update(path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def _file_md5(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _md5_memo:
+        _md5_memo[key] = md5_file(path)
+    return _md5_memo[key]
+
+
+def path_md5(path: Path) -> str | None:
+    """md5 of a file, or of a folder's (relative path, md5) list; None when missing."""
+    path = Path(path)
+    if path.is_file():
+        return _file_md5(path)
+    if path.is_dir():
+        h = hashlib.md5()
+        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+            h.update(f"{p.relative_to(path).as_posix()}:{_file_md5(p)}\n".encode())
+        return h.hexdigest()
+    return None
+
+
+def _param_value(cfg: Config, key: str) -> Any:
+    node: Any = cfg.raw
+    for part in key.split("."):
+        node = node[part]
+    return node
+
+
+def stage_inputs(cfg: Config, spec: stages.StageSpec) -> dict[str, Any]:
+    """Everything a stage's result depends on (what the cache key hashes)."""
+    return {
+        "stage": spec.name,
+        "project": str(cfg.root),
+        "code": code_version(),
+        "params": {key: _param_value(cfg, key) for key in spec.params},
+        "deps": {key: path_md5(cfg.path(key)) for key in spec.deps},
+    }
+
+
+def stage_key(cfg: Config, name: str) -> str:
+    blob = json.dumps(stage_inputs(cfg, stages.get(name)), sort_keys=True, default=str)
+    return f"tuneops-{name}-{hashlib.sha256(blob.encode()).hexdigest()[:32]}"
+
+
+def cache_key_fn(context: Any, parameters: dict[str, Any]) -> str:
+    """Prefect ``cache_key_fn``: the stage's key from its ``cfg`` argument."""
+    return stage_key(parameters["cfg"], context.task.name)
+
+
+def outputs_md5(cfg: Config, name: str) -> dict[str, str | None]:
+    spec = stages.get(name)
+    return {key: path_md5(cfg.path(key)) for key in spec.outs + spec.uncached_outs}
+
+
+def _stamp_path(cfg: Config, name: str) -> Path:
+    project = hashlib.sha256(str(cfg.root).encode()).hexdigest()[:16]
+    return cfg.state_dir / "stage-cache" / project / f"{name}.json"
+
+
+def cache_valid(cfg: Config, name: str) -> bool:
+    """True when the stage's last run had this key and its outputs on disk are unchanged."""
+    path = _stamp_path(cfg, name)
+    if not path.is_file():
+        return False
+    stamp = json.loads(path.read_text())
+    outs = outputs_md5(cfg, name)
+    if None in outs.values() or stamp.get("key") != stage_key(cfg, name):
+        return False
+    # A stage without inputs (model, ingest) keeps outputs edited in place: an edited dataset split
+    # is the data change the watcher reports, and the stages after it see it through their deps.
+    return not stages.get(name).deps or stamp.get("outs") == outs
+
+
+def record(cfg: Config, name: str) -> None:
+    """After a stage ran (or was a valid hit): its key and the outputs it left."""
+    path = _stamp_path(cfg, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"key": stage_key(cfg, name), "outs": outputs_md5(cfg, name)}, indent=1))
+    tmp.replace(path)
+
+
+def is_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect ``retry_condition_fn``: retry unless the failure is the user's input."""
+    from tasks.validate import DataValidationError
+    from tuneops.planner import PlanError
+
+    try:
+        state.result()
+    except (DataValidationError, ConfigError, PlanError, FileNotFoundError, ValueError):
+        return False
+    except Exception:  # noqa: BLE001 - anything else may be transient (OOM kill, I/O, lock)
+        return True
+    return True
+
+
+def task_options(cfg: Config, name: str) -> dict[str, Any]:
+    """Per-run options of a stage's task, from ``orchestrate`` in params."""
+    o = cfg.orchestrate
+    return {
+        "retries": o.task_retries,
+        "retry_delay_seconds": o.task_retry_delay_s,
+        "refresh_cache": (not o.cache) or not cache_valid(cfg, name),
+    }
+
+
+def run_stage(stage_task: Any, cfg: Config, name: str) -> Any:
+    """Run a stage's task with this run's options, then record its key and outputs."""
+    result = stage_task.with_options(**task_options(cfg, name))(cfg)
+    record(cfg, name)
+    return result
+
+
+def cache_hits(flow_run_id: Any) -> dict[str, str]:
+    """``{task name: final state name}`` of a flow run's tasks ("Cached" on a hit)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+    return {t.name: t.state.name for t in runs if t.state is not None}
+
+

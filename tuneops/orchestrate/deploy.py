@@ -1,0 +1,109 @@
+"""`tuneops deploy` and `tuneops worker`: the deployments on a Prefect server.
+
+- ``<orchestrate.deployment>``: the fine-tuning flow (``flows/pipeline.py:finetune``) on the
+  process work pool ``orchestrate.work_pool``, with the cron schedule ``schedule_cron``, a
+  concurrency limit (``concurrency_limit``; further runs wait in line) and an event trigger:
+  ``orchestrate.event`` for this project's dataset starts one run per dataset md5 (the
+  trigger buckets on the event's ``tuneops.data.md5`` label for ``dedupe_window_s``).
+- ``<orchestrate.deployment>-data-watch``: the watcher flow (``flows/watch.py:watch``) on the
+  cron ``watch_cron``.
+
+Both run the code of this checkout (``from_source`` on the local folder) with the
+project's params file, so a worker on this machine picks them up.
+"""
+from __future__ import annotations
+
+import subprocess
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+from tuneops.config import Config
+from tuneops.orchestrate import watch
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def watch_deployment_name(cfg: Config) -> str:
+    return f"{cfg.orchestrate.deployment}-data-watch"
+
+
+def ensure_work_pool(cfg: Config) -> str:
+    """Create the process work pool if the server does not have it yet."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    name = cfg.orchestrate.work_pool
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(name)
+        except ObjectNotFound:
+            pool = client.create_work_pool(WorkPoolCreate(name=name, type="process"))
+    return pool.type
+
+
+def data_trigger(cfg: Config, params_file: str, overrides: list[str]) -> Any:
+    from prefect.events import DeploymentEventTrigger
+
+    o = cfg.orchestrate
+    return DeploymentEventTrigger(
+        name=f"retrain {cfg.register.model_name} on {o.event}",
+        expect={o.event},
+        match={"prefect.resource.id": watch.resource_id(cfg)},
+        for_each={"tuneops.data.md5"},           # one bucket per dataset fingerprint ...
+        posture="Reactive", threshold=1,
+        within=timedelta(seconds=o.dedupe_window_s),  # ... that fires once in this window
+        parameters={"params_file": params_file, "overrides": overrides, "data_md5": "{{ event.payload.md5 }}"},
+    )
+
+
+def deploy(cfg: Config, params_file: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
+    """Create or update both deployments; returns their ids and settings."""
+    from prefect import flow
+    from prefect.schedules import Cron
+
+    o = cfg.orchestrate
+    params_file, overrides = str(Path(params_file).resolve()), list(overrides)
+    pool_type = ensure_work_pool(cfg)
+    parameters = {"params_file": params_file, "overrides": overrides}
+    finetune = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:finetune")
+    finetune_id = finetune.deploy(
+        name=o.deployment, work_pool_name=o.work_pool, build=False, push=False,
+        schedules=[Cron(o.schedule_cron, timezone=o.timezone)] if o.schedule_cron else [],
+        concurrency_limit=o.concurrency_limit, triggers=[data_trigger(cfg, params_file, overrides)],
+        parameters=parameters, tags=["tuneops", cfg.register.model_name], print_next_steps=False,
+    )
+    watcher = flow.from_source(source=str(REPO), entrypoint="flows/watch.py:watch")
+    watch_id = watcher.deploy(
+        name=watch_deployment_name(cfg), work_pool_name=o.work_pool, build=False, push=False,
+        schedules=[Cron(o.watch_cron, timezone=o.timezone)] if o.watch_cron else [],
+        concurrency_limit=1, parameters=parameters, tags=["tuneops", cfg.register.model_name],
+        print_next_steps=False,
+    )
+    return {
+        "work_pool": {"name": o.work_pool, "type": pool_type},
+        "deployments": {
+            f"tuneops-finetune/{o.deployment}": {"id": str(finetune_id), "cron": o.schedule_cron,
+                                                 "timezone": o.timezone, "concurrency_limit": o.concurrency_limit,
+                                                 "trigger": {"event": o.event, "resource": watch.resource_id(cfg),
+                                                             "dedupe": "tuneops.data.md5",
+                                                             "window_s": o.dedupe_window_s}},
+            f"tuneops-data-watch/{watch_deployment_name(cfg)}": {"id": str(watch_id), "cron": o.watch_cron},
+        },
+        "params_file": params_file,
+    }
+
+
+def worker_command(cfg: Config) -> list[str]:
+    from tuneops.orchestrate.server import _bin
+
+    return [_bin("prefect"), "worker", "start", "--pool", cfg.orchestrate.work_pool, "--type", "process"]
+
+
+def start_worker(cfg: Config, env: dict[str, str], log: Path) -> subprocess.Popen:
+    """A process worker for the pool, in the background (its own process group)."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(worker_command(cfg), stdout=out, stderr=subprocess.STDOUT, env=env,
+                                cwd=str(cfg.root), start_new_session=True)

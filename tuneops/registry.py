@@ -1,0 +1,273 @@
+"""The model registry (MLflow): aliases ``champion`` / ``challenger``, promotion only
+through the evaluation gate, rollback, model cards and lineage.
+
+``champion`` moves only when a version passes ``tasks.register.decide`` (beats the base
+model, passes the ONNX fp32 gate, not worse than the current champion) - at
+registration or with ``tuneops models promote``. Every move is appended to the
+registered model's ``champion.history`` tag, which ``rollback`` walks back.
+"""
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from tuneops import tracking
+from tuneops.config import Config
+from tuneops.lineage import dvc_lock_md5s
+
+CHAMPION, CHALLENGER = "champion", "challenger"
+HISTORY_TAG = "champion.history"
+
+
+class RegistryError(ValueError):
+    """A registry request that cannot be done (message says why)."""
+
+
+def client(cfg: Config) -> Any:
+    from mlflow import MlflowClient
+
+    tracking.setup(cfg)
+    return MlflowClient()
+
+
+def model_name(cfg: Config, name: str | None) -> str:
+    """``default`` (or nothing) means this project's ``register.model_name``."""
+    return cfg.register.model_name if name in (None, "", "default") else name
+
+
+def parse_ref(cfg: Config, ref: str) -> tuple[str, str]:
+    """``NAME@ALIAS`` / ``NAME@VERSION`` / ``ALIAS`` / ``VERSION`` -> (name, alias or version)."""
+    name, _, which = ref.rpartition("@")
+    return model_name(cfg, name), which or CHAMPION
+
+
+def get_version(mc: Any, name: str, which: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if which.isdigit():
+            return mc.get_model_version(name, which)
+        return mc.get_model_version_by_alias(name, which)
+    except MlflowException:
+        raise RegistryError(f"registry: {name}@{which}: no such model version") from None
+
+
+def _history(mc: Any, name: str) -> list[dict[str, Any]]:
+    tags = mc.get_registered_model(name).tags
+    return json.loads(tags.get(HISTORY_TAG, "[]"))
+
+
+def set_alias(mc: Any, name: str, alias: str, version: str, reason: str) -> None:
+    """Point ``alias`` at ``version``; champion moves are recorded for rollback."""
+    if alias == CHAMPION:
+        history = _history(mc, name)
+        history.append({"version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                         "reason": reason})
+        mc.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+        try:
+            if mc.get_model_version_by_alias(name, CHALLENGER).version == str(version):
+                mc.delete_registered_model_alias(name, CHALLENGER)
+        except Exception:  # noqa: BLE001 - no challenger
+            pass
+    mc.set_registered_model_alias(name, alias, str(version))
+
+
+def _artifact(mc: Any, run_id: str, path: str) -> Any:
+    import mlflow
+
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except Exception:  # noqa: BLE001 - older versions may lack an artifact
+        return None
+
+
+def summary(mv: Any, aliases: list[str] | None = None) -> dict[str, Any]:
+    t = mv.tags
+    return {
+        "version": int(mv.version), "aliases": sorted(mv.aliases if aliases is None else aliases),
+        "run_id": mv.run_id,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mv.creation_timestamp / 1000)),
+        "method": t.get("method"), "eval_perplexity": _float(t.get("eval.finetuned_perplexity")),
+        "base_perplexity": _float(t.get("eval.base_perplexity")), "data_train_md5": t.get("data.train.md5"),
+        "onnx_default_variant": t.get("onnx.default_variant"), "promotion_reason": t.get("promotion.reason"),
+    }
+
+
+def _float(value: Any) -> float | None:
+    return float(value) if value not in (None, "") else None
+
+
+def list_versions(cfg: Config, name: str | None = None) -> list[dict[str, Any]]:
+    mc, name = client(cfg), model_name(cfg, name)
+    found = mc.search_model_versions(f"name='{name}'")
+    aliases: dict[str, list[str]] = {}
+    if found:  # search results do not carry aliases: read them from the registered model
+        for alias, version in mc.get_registered_model(name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    return [summary(v, aliases.get(str(v.version), [])) for v in sorted(found, key=lambda v: int(v.version))]
+
+
+def show(cfg: Config, ref: str) -> dict[str, Any]:
+    mc = client(cfg)
+    name, which = parse_ref(cfg, ref)
+    mv = get_version(mc, name, which)
+    return {"name": name, **summary(mv), "tags": dict(mv.tags), "model_card": mv.description or ""}
+
+
+def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
+    """The evaluation gate for an existing version against the current champion."""
+    from tasks.register import decide
+
+    opt = _artifact(mc, mv.run_id, "optimize/metrics.json") or {}
+    onnx_ok = bool(opt.get("variants", {}).get("fp32", {}).get("accepted", False))
+    try:
+        champ = mc.get_model_version_by_alias(name, CHAMPION)
+    except Exception:  # noqa: BLE001 - no champion yet
+        champ = None
+    if champ is not None and champ.version == mv.version:
+        raise RegistryError(f"registry: {name} version {mv.version} is already the champion")
+    champ_ppl = _float(champ.tags.get("eval.finetuned_perplexity")) if champ is not None else None
+    ppl, base = _float(mv.tags.get("eval.finetuned_perplexity")), _float(mv.tags.get("eval.base_perplexity"))
+    if ppl is None or base is None:
+        raise RegistryError(f"registry: {name} version {mv.version} has no evaluation tags; it cannot pass the gate")
+    return decide(ppl, base, onnx_ok, champ_ppl, cfg.register.min_improvement_pct)
+
+
+def promote(cfg: Config, ref: str) -> dict[str, Any]:
+    """Make a version champion if, and only if, it passes the evaluation gate now."""
+    mc = client(cfg)
+    name, which = parse_ref(cfg, ref)
+    mv = get_version(mc, name, which)
+    previous = _alias_version(mc, name, CHAMPION)
+    alias, reason = gate(mc, cfg, name, mv)
+    if alias != CHAMPION:
+        raise RegistryError(f"registry: {name} version {mv.version} not promoted: {reason}")
+    set_alias(mc, name, CHAMPION, mv.version, f"promoted: {reason}")
+    return {"name": name, "version": int(mv.version), "alias": CHAMPION, "reason": reason,
+            "previous_champion": previous}
+
+
+def _alias_version(mc: Any, name: str, alias: str) -> int | None:
+    try:
+        return int(mc.get_model_version_by_alias(name, alias).version)
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def rollback(cfg: Config, name: str | None = None) -> dict[str, Any]:
+    """Give ``champion`` back to the version that held it before the current one."""
+    mc, name = client(cfg), model_name(cfg, name)
+    history = _history(mc, name)
+    current = _alias_version(mc, name, CHAMPION)
+    if current is None:
+        raise RegistryError(f"registry: {name} has no champion to roll back")
+    while history and int(history[-1]["version"]) == current:
+        history.pop()
+    if not history:
+        raise RegistryError(f"registry: {name}: no earlier champion than version {current} to roll back to")
+    target = history[-1]["version"]
+    get_version(mc, name, target)
+    mc.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    mc.set_registered_model_alias(name, CHAMPION, target)
+    mc.set_model_version_tag(name, str(current), "rolled_back",
+                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
+    return {"name": name, "champion": int(target), "rolled_back": current}
+
+
+# --- lineage -------------------------------------------------------------------------------------------
+
+def lineage(cfg: Config, ref: str) -> dict[str, Any]:
+    """Everything a registered version came from, read back from MLflow (not local files)."""
+    mc = client(cfg)
+    name, which = parse_ref(cfg, ref)
+    mv = get_version(mc, name, which)
+    t = mv.tags
+    run = mc.get_run(mv.run_id)
+    validation = _artifact(mc, mv.run_id, "validation/report.json") or {}
+    plan = _artifact(mc, mv.run_id, "plan.json") or {}
+    optimize = _artifact(mc, mv.run_id, "optimize/metrics.json") or {}
+    params = _artifact(mc, mv.run_id, "params.json")
+    lock = dvc_lock_md5s(cfg.root)
+    datasets = []
+    for key in ("train", "eval"):
+        path = t.get(f"data.{key}.path")
+        datasets.append({"split": key, "path": path, "md5": t.get(f"data.{key}.md5"),
+                         "dvc_lock_md5": t.get(f"dvc.lock.{key}.md5"),
+                         "matches_dvc_lock": lock.get(path) == t.get(f"data.{key}.md5") if path in lock else None})
+    return {
+        "model": {"name": name, "version": int(mv.version), "aliases": sorted(mv.aliases),
+                  "uri": f"models:/{name}/{mv.version}"},
+        "git_commit": t.get("git.commit"),
+        "datasets": datasets,
+        "params": {"hash": t.get("params.hash"), "values": params},
+        "validation": {
+            "success": validation.get("success"), "scenario": validation.get("scenario"),
+            "format": validation.get("format"), "policy": validation.get("policy"),
+            "counts": {s: {k: c.get(k) for k in ("read", "accepted", "rejected")}
+                       for s, c in (validation.get("counts") or {}).items()},
+        },
+        "base_model": {"id": t.get("base_model.id") or t.get("base_model.source"),
+                       "source": t.get("base_model.source"), "hash": t.get("base_model.hash")},
+        "plan": {k: plan.get(k) for k in ("method", "zero_stage", "offload", "micro_batch_size", "grad_accum",
+                                          "gradient_checkpointing", "launcher", "fits", "reasons") if k in plan},
+        "metrics": dict(run.data.metrics),
+        "onnx": {"default_variant": optimize.get("default_variant"),
+                 "variants": {n: {k: v.get(k) for k in ("path", "accepted", "gate", "perplexity",
+                                                          "perplexity_change_pct", "max_abs_logits_diff",
+                                                          "size_bytes", "coverage") if k in v}
+                              for n, v in (optimize.get("variants") or {}).items()}},
+        "promotion_reason": t.get("promotion.reason"),
+        "prefect_flow_run_id": t.get("prefect.flow_run_id"),
+        "mlflow_run_id": mv.run_id,
+    }
+
+
+# --- model card -----------------------------------------------------------------------------------------
+
+def model_card(name: str, version: str, alias: str, reason: str, tags: dict[str, str], metrics: dict[str, Any],
+               plan: dict[str, Any], optimize: dict[str, Any], validation: dict[str, Any]) -> str:
+    """The markdown model card stored as the version's description (and as an artifact)."""
+    rows = "\n".join(f"| {n} | {'yes' if v.get('accepted') else 'no'} | {v.get('gate', '')} | "
+                     f"{v.get('perplexity', float('nan')):.4f} | {v.get('size_bytes', 0) / 2**20:.1f} MB |"
+                     for n, v in (optimize.get("variants") or {}).items())
+    counts = validation.get("counts") or {}
+    data = "\n".join(f"| {s} | {tags.get(f'data.{s}.path', '')} | `{tags.get(f'data.{s}.md5', '')}` | "
+                     f"{(counts.get(s) or {}).get('accepted', '')} |" for s in ("train", "eval"))
+    return f"""# {name} v{version}
+
+**Alias at registration:** `{alias}` - {reason}
+
+## Model
+- Base model: {tags.get('base_model.id') or tags.get('base_model.source')} (hash `{tags.get('base_model.hash', '')}`)
+- Method: {plan.get('method')} (ZeRO stage {plan.get('zero_stage')}, micro-batch {plan.get('micro_batch_size')} x \
+accumulation {plan.get('grad_accum')})
+- Git commit: `{tags.get('git.commit')}`, params hash `{tags.get('params.hash')}`
+
+## Data ({tags.get('data.scenario')}, format {tags.get('data.format')}, policy {tags.get('data.policy')})
+| split | path | md5 | rows accepted |
+|---|---|---|---|
+{data}
+
+Validation passed: {tags.get('validation.success')}
+
+## Evaluation (held-out split)
+| model | perplexity |
+|---|---|
+| base | {metrics.get('base_perplexity', float('nan')):.4f} |
+| fine-tuned | {metrics.get('finetuned_perplexity', float('nan')):.4f} |
+
+## ONNX variants
+| variant | accepted | gate | perplexity | size |
+|---|---|---|---|---|
+{rows}
+
+Default variant: {optimize.get('default_variant')}
+
+## Provenance
+- MLflow run: `{tags.get('mlflow.run_id', '')}`; Prefect flow run: `{tags.get('prefect.flow_run_id', 'n/a')}`
+
+## Intended use and limits
+Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out perplexity. Not evaluated for
+safety, bias or factuality. Promotion to `champion` happens only through the evaluation gate.
+"""
