@@ -158,3 +158,29 @@ def test_sequence_classifier_exports_with_head_and_classifies(stage, tiny_cfg, t
     lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
     assert rc == 0 and [x["text"] for x in lines] == ["good", "a much longer and worse text"]
     assert all(x["label"] in {"neg", "neu", "pos"} for x in lines)
+
+
+def test_qlora_merge_base_is_the_4bit_weights_training_saw():
+    """QLoRA merges into the dequantized 4-bit base: our round trip gives the same outputs
+    as a bitsandbytes Linear4bit (NF4) layer, and the LM head stays fp32."""
+    import bitsandbytes as bnb
+    import torch
+
+    from tuneops.finetuned import dequantize_like_qlora
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.proj, model.lm_head = torch.nn.Linear(128, 64, bias=False), torch.nn.Linear(128, 32, bias=False)
+    original, head = model.proj.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    q4 = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q4.weight = bnb.nn.Params4bit(original.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+    q4 = q4.to("cpu")
+    dequantize_like_qlora(model)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        expected, unquantized = q4(x), x @ original.T
+        got = model.proj(x)
+    assert not torch.equal(model.proj.weight, original) and torch.equal(model.lm_head.weight, head)
+    # equal up to the 4-bit kernel's own rounding (bf16 on some CPUs), far closer than the
+    # original fp32 weights (the 4-bit quantization error)
+    assert (got - expected).abs().max() < 0.05 * (unquantized - expected).abs().max()
