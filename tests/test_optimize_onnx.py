@@ -184,3 +184,35 @@ def test_qlora_merge_base_is_the_4bit_weights_training_saw():
     # equal up to the 4-bit kernel's own rounding (bf16 on some CPUs), far closer than the
     # original fp32 weights (the 4-bit quantization error)
     assert (got - expected).abs().max() < 0.05 * (unquantized - expected).abs().max()
+
+
+def test_coverage_counts_nodes_flops_and_fallback_ops(tmp_path):
+    """A hand-built graph: a QDQ MatMul (int8 island) + an fp32 MatMul + Softmax. The fpga
+    profile executes the QDQ MatMul, not the fp32 one nor Softmax; the cpu profile all."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tuneops import targets
+
+    w1 = numpy_helper.from_array(np.ones((8, 16), np.int8), "w1_q")
+    w2 = numpy_helper.from_array(np.ones((16, 4), np.float32), "w2")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"]),
+        helper.make_node("DequantizeLinear", ["w1_q", "s", "z"], ["w1"]),
+        helper.make_node("MatMul", ["x_dq", "w1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y"]),
+        helper.make_node("Softmax", ["y"], ["p"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [2, 4])], [w1, w2, scale, zero])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    fpga = targets.coverage(path, targets.load("fpga"))
+    assert fpga["nodes"] == 6 and fpga["supported_nodes"] == 4
+    assert fpga["cpu_fallback_ops"] == {"MatMul": 1, "Softmax": 1}
+    # FLOPs: 2*2*8*16 = 512 on the target, 2*2*16*4 = 256 on CPU
+    assert fpga["matmul_flops_share"] == pytest.approx(512 / 768)
+    assert targets.coverage(path, targets.load("cpu"))["node_share"] == 1.0
