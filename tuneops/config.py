@@ -183,7 +183,7 @@ class OptimizeParams(_Section):
     kv_parity_tokens: int = Field(gt=0)
     graph_optimization: bool
     block_size: int = Field(ge=16)
-    int4_accuracy_level: int = Field(ge=0, le=4)
+    nbits_accuracy_level: int = Field(ge=0, le=4)
     calibration_samples: int = Field(gt=0)
     qdq_op_types: list[str] = Field(min_length=1)
     max_ppl_change_pct: dict[str, float]
