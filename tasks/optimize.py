@@ -8,8 +8,8 @@ Outputs in ``paths.optimize_dir``: ``<variant>/model.onnx`` (+ ``.data``),
 change vs PyTorch, gate, coverage; ``default_variant`` = the first accepted variant of
 ``optimize.default_order``, never a rejected one).
 
-Variants (recipes): ``fp32`` (always), ``int8`` (weight-only 8-bit ``MatMulNBits`` + int8
-embedding rows), ``int4`` (4-bit ``MatMulNBits`` + int8 embedding rows),
+Variants (recipes): ``fp32`` (always), ``int8`` / ``int4`` (weight-only 8/4-bit
+``MatMulNBits``; a tied embedding reads the LM head's quantized weights),
 ``int8_dynamic`` (``quantize_dynamic``: int8 weights and activations), ``qdq`` (static
 INT8 QDQ from a calibration set drawn from the training data, fixed shape from the
 target profile: what Vitis-AI / QNN-class EPs compile; run here on the CPU EP).
