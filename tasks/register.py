@@ -110,8 +110,12 @@ def run(cfg: Config) -> dict[str, Any]:
             "onnx_fp32_max_abs_logits_diff": variants["fp32"]["max_abs_logits_diff"],
             **{f"onnx_{n}_size_mb": v["size_bytes"] / 2**20 for n, v in variants.items()},
             **{f"onnx_{n}_perplexity": v["perplexity"] for n, v in variants.items()},
-            **({"onnx_int8_perplexity_change_pct": variants["int8"]["perplexity_change_pct"]}
-               if "int8" in variants else {}),
+            **{f"onnx_{n}_perplexity_change_pct": v["perplexity_change_pct"]
+               for n, v in variants.items() if "perplexity_change_pct" in v},
+            **{f"onnx_{n}_top1_agreement": v["top1_agreement"] for n, v in variants.items() if "top1_agreement" in v},
+            **{f"onnx_{n}_accepted": float(v["accepted"]) for n, v in variants.items()},
+            **{f"onnx_{n}_coverage_{t}_node_share": c["node_share"]
+               for n, v in variants.items() for t, c in v.get("coverage", {}).items()},
         })
         mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
         mlflow.set_tags(tags)

@@ -38,7 +38,7 @@ TINY = (
     "train.max_steps=8", "train.learning_rate=0.02",
     "select.max_micro_batch_size=2", "select.global_batch_size=4",
     "evaluate.max_samples=16", "evaluate.generations=2", "evaluate.max_new_tokens=8",
-    "optimize.parity_samples=2", "optimize.ppl_samples=8",
+    "optimize.parity_samples=2", "optimize.ppl_samples=8", "optimize.targets=[cpu,fpga,npu]",
 )
 
 

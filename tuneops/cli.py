@@ -56,6 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
                    help="memory planner: method, ZeRO stage, batch and predicted peak memory (--help for flags)")
     sub.add_parser("params", parents=[common], help="print the validated params as JSON")
     _orchestration_parsers(sub, common)
+    gen = sub.add_parser("generate", parents=[common],
+                         help="chat with an ONNX variant (ONNX Runtime, KV cache), tokens streamed")
+    gen.add_argument("prompt", help="the user's message")
+    gen.add_argument("--model", default=None,
+                     help="ONNX folder/file or models:/NAME@ALIAS (default: this project's optimize output)")
+    gen.add_argument("--variant", default=None, help="fp32 | int8 | int4 | ... (default: the default variant)")
+    gen.add_argument("--max-new-tokens", type=int, default=64)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--temperature", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0, help="sample among the k likeliest tokens (0 = all)")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass")
+    gen.add_argument("--seed", type=int, default=None)
+    gen.add_argument("--raw", action="store_true", help="the prompt as plain text, no chat turn")
+    cls = sub.add_parser("classify", parents=[common], help="classify texts with an ONNX classifier")
+    cls.add_argument("texts", nargs="+", metavar="TEXT")
+    cls.add_argument("--model", required=True, help="folder with model.onnx, labels.json and the tokenizer")
     return parser
 
 
@@ -231,6 +247,15 @@ def main(argv: list[str] | None = None) -> int:
             from .data.cli import add_command
 
             return add_command(cfg, args.path, args.data_format, args.name)
+        if args.command in ("generate", "classify"):
+            from . import infer
+
+            try:
+                getattr(infer, args.command)(cfg, args)
+            except (infer.InferError, FileNotFoundError) as exc:
+                print(f"tuneops: error: {exc}", file=sys.stderr)
+                return EXIT_INVALID_INPUT
+            return 0
         if args.command == "params":
             print(json.dumps(cfg.raw, indent=2))
             return 0

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning")
 
@@ -186,13 +186,31 @@ class EvaluateParams(_Section):
 
 class OptimizeParams(_Section):
     opset: int = Field(ge=17, le=23)
+    targets: list[str] = Field(min_length=1)
+    default_order: list[str] = Field(min_length=1)
     parity_atol: float = Field(gt=0)
     parity_samples: int = Field(gt=0)
-    int8: bool
-    int8_block_size: int = Field(ge=16)
-    max_int8_ppl_increase_pct: float = Field(ge=0)
+    kv_parity_tokens: int = Field(gt=0)
+    graph_optimization: bool
+    block_size: int = Field(ge=16)
+    nbits_accuracy_level: int = Field(ge=0, le=4)
+    calibration_samples: int = Field(gt=0)
+    qdq_op_types: list[str] = Field(min_length=1)
+    max_ppl_change_pct: dict[str, float]
+    min_top1_agreement: dict[str, float]
     ppl_samples: int = Field(gt=0)
     batch_size: int = Field(gt=0)
+    coverage_context: int = Field(gt=0)
+
+    @field_validator("targets")
+    @classmethod
+    def _known_targets(cls, v: list[str]) -> list[str]:
+        from .targets import names
+
+        unknown = [t for t in v if t not in names()]
+        if unknown:
+            raise ValueError(f"unknown target profile(s) {unknown}; known: {names()} (tuneops/targets/*.yaml)")
+        return v
 
 
 class RegisterParams(_Section):

@@ -18,6 +18,26 @@ from .io import read_json
 from .models import load_causal_lm
 
 
+def dequantize_like_qlora(model: Any, quant_type: str = "nf4", blocksize: int = 64,
+                          skip: tuple[str, ...] = ("lm_head",)) -> Any:
+    """Replace every ``nn.Linear`` weight (but ``skip``) by ``dequantize_4bit(quantize_4bit(W))``:
+    the base weights a QLoRA adapter was trained against (bitsandbytes 4-bit quantizes every
+    Linear but the LM head). ``load`` uses the exact path instead (the 4-bit base loaded the way
+    training loaded it, then ``dequantize_4bit``); this simulation serves tests and tools that
+    start from plain fp32 weights. Merging the adapter into these, at the base precision, keeps the
+    merged model equal to the trained one; merging into the original fp32 weights would not."""
+    import torch
+    import bitsandbytes.functional as F
+
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, torch.nn.Linear) and not any(s in name for s in skip):
+                w = module.weight.data
+                q, state = F.quantize_4bit(w.float().contiguous(), blocksize=blocksize, quant_type=quant_type)
+                module.weight.data = F.dequantize_4bit(q, state).to(w.dtype).reshape(w.shape)
+    return model
+
+
 def dequantize_4bit(model: Any) -> int:
     """Replace every bitsandbytes Linear4bit with an fp32 nn.Linear holding its dequantized
     weights; returns how many were replaced."""

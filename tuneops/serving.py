@@ -2,8 +2,9 @@
 with ONNX Runtime; ``HeadModel`` a classification / NER head in PyTorch.
 
 ``mlflow.pyfunc.load_model("models:/<name>@champion").predict(["Hello"])`` returns
-greedy replies; the fp32/INT8 ONNX files, the adapter and the tokenizer travel as
-artifacts of the model version.
+greedy replies (ONNX Runtime, KV cache); every ONNX variant the optimize stage built, the
+adapter and the tokenizer travel as artifacts of the model version; the model config's
+``variant`` (optimize's ``default_variant``, never a rejected one) picks the one to run.
 """
 from __future__ import annotations
 
@@ -18,17 +19,16 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
 
         from transformers import AutoTokenizer
 
-        from tasks.optimize import ort_forward
+        from tuneops.onnx_lm import OnnxCausalLM
 
         config = context.model_config or {}
-        variant = config.get("variant", "fp32")
+        self.variant = config.get("variant", "fp32")
+        self.artifacts = dict(context.artifacts)
         self.max_new_tokens = int(config.get("max_new_tokens", 32))
-        self.forward = ort_forward(Path(context.artifacts[f"onnx_{variant}"]) / "model.onnx")
+        self.lm = OnnxCausalLM(Path(context.artifacts[f"onnx_{self.variant}"]) / "model.onnx")
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        import numpy as np
-
         from tuneops.chat import render
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
@@ -39,13 +39,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         for prompt in prompts:
             text = render([{"role": "user", "content": str(prompt)}], add_generation_prompt=True, bos="")
             ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
-            new: list[int] = []
-            for _ in range(limit):  # full recompute per token (no KV cache in this export)
-                arr = np.array([ids + new], dtype=np.int64)
-                nxt = int(self.forward(arr, np.ones_like(arr))[0, -1].argmax())
-                if nxt in stop:
-                    break
-                new.append(nxt)
+            new = list(self.lm.stream(ids, limit, stop))
             replies.append(tok.decode(new, skip_special_tokens=True).strip())
         return replies
 

@@ -47,9 +47,10 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("evaluate", "perplexity of base vs fine-tuned on the held-out split, sample generations",
               params=("evaluate", "model.max_seq_len"),
               deps=("base_model_dir", "clean_eval_data", "train_dir"), outs=("evaluate_dir",)),
-    StageSpec("optimize", "merge adapter, ONNX export, ORT parity, INT8 dynamic quantization",
+    StageSpec("optimize", "merge adapter, ONNX export with KV cache, ORT parity, quantized variants per "
+              "target profile (INT8/INT4/QDQ), gates, coverage reports",
               params=("optimize", "model.max_seq_len"),
-              deps=("base_model_dir", "clean_eval_data", "train_dir"), outs=("optimize_dir",)),
+              deps=("base_model_dir", "clean_train_data", "clean_eval_data", "train_dir"), outs=("optimize_dir",)),
     StageSpec("register", "log and register the model in MLflow; champion only if it beats base and champion",
               params=("register", "tracking"),
               deps=("train_dir", "evaluate_dir", "optimize_dir", "plan", "validation_dir"),

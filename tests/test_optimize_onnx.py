@@ -1,0 +1,237 @@
+"""Optimize (issue 6) on the tiny Gemma-3: KV-cache export and incremental decoding,
+quantized variants with gates and coverage reports per target, a broken variant caught
+by the gate, sequence-classification export, `tuneops generate` / `tuneops classify`."""
+from __future__ import annotations
+
+import io
+import json
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from tuneops.io import read_json
+
+
+@pytest.fixture(scope="module")
+def optimized(stage, tiny_cfg):
+    return stage("optimize")
+
+
+def test_kv_cache_export_decodes_incrementally_like_full_sequence(optimized, tiny_cfg):
+    from tuneops.onnx_lm import OnnxCausalLM
+
+    fp32 = optimized["variants"]["fp32"]
+    assert fp32["accepted"] and fp32["max_abs_logits_diff"] <= tiny_cfg.optimize.parity_atol
+    assert fp32["incremental_max_abs_diff"] <= 1e-4
+    lm = OnnxCausalLM(tiny_cfg.path("optimize_dir") / fp32["path"])
+    assert lm.has_cache and len(lm.past_names) == 2 * 2  # 2 layers x (key, value)
+    # independent check: greedy decoding with the KV cache == PyTorch greedy generate
+    import torch
+
+    from tuneops import finetuned
+
+    model = finetuned.load(tiny_cfg.path("base_model_dir"), tiny_cfg.path("train_dir"), merge=True).eval()
+    prompt = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
+    with torch.inference_mode():
+        ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                             min_new_tokens=6, pad_token_id=0)[0, len(prompt):].tolist()
+    assert list(lm.stream(prompt, 6)) == ref
+    # the graph optimizer fused the RMSNorms
+    assert optimized["graph_optimization"]["fused_ops"].get("SimplifiedLayerNormalization", 0) > 0
+
+
+def test_every_variant_built_gated_and_covered_per_target(optimized, tiny_cfg):
+    out = tiny_cfg.path("optimize_dir")
+    variants = optimized["variants"]
+    assert set(variants) == {"fp32", "int8", "int4", "int8_dynamic", "qdq"}
+    for name, v in variants.items():
+        assert (out / v["path"]).is_file() and isinstance(v["accepted"], bool) and np.isfinite(v["perplexity"])
+        for target in ("cpu", "fpga", "npu"):
+            report = read_json((out / v["path"]).parent / f"coverage-{target}.json")
+            assert 0 < report["node_share"] <= 1 and report["nodes"] == sum(report["op_counts"].values())
+        if name != "fp32":
+            assert v["size_ratio"] < 1 and "perplexity_change_pct" in v
+    # the tied embedding shares the LM head's quantized weights: no second table
+    assert variants["int4"]["size_ratio"] < variants["int8"]["size_ratio"] < 0.2
+    assert abs(variants["int8"]["perplexity_change_pct"]) < 3
+    # CPU runs everything; fp32 has no int8 compute for an int8-only FPGA; QDQ moves the
+    # MatMul FLOPs onto it
+    assert variants["fp32"]["coverage"]["cpu"]["node_share"] == 1.0
+    assert variants["fp32"]["coverage"]["fpga"]["matmul_flops_share"] == 0
+    assert variants["qdq"]["coverage"]["fpga"]["matmul_flops_share"] > 0.9
+    assert variants["qdq"]["fixed_shape"] == [1, 64] and variants["qdq"]["accepted"]
+    default = optimized["default_variant"]
+    assert default is not None and variants[default]["accepted"]
+    assert read_json(out / "metrics.json")["default_variant"] == default
+
+
+def test_broken_variant_is_rejected_by_the_gate(stage, tiny_cfg, tmp_path):
+    """Static QDQ of every op (embedding, norms, softmax, mask arithmetic) calibrated on one
+    sequence is rejected; the proper recipe (MatMuls, 32 calibration sequences) passes the
+    same gate. The random tiny model's logits are nearly flat (perplexity ~ vocabulary
+    size), so its final norm is scaled x30 first: peaked next-token distributions that a
+    bad variant visibly changes."""
+    import torch
+
+    from tasks import optimize as opt
+    from tuneops import finetuned
+    from tuneops.io import read_jsonl
+    from tuneops.lm import encode, torch_forward
+    from tuneops.models import load_tokenizer
+    from tuneops.onnx_lm import OnnxCausalLM
+
+    stage("train")
+    o = tiny_cfg.optimize
+    tok = load_tokenizer(tiny_cfg.path("base_model_dir"))
+    model = finetuned.load(tiny_cfg.path("base_model_dir"), tiny_cfg.path("train_dir"), merge=True).eval()
+    with torch.no_grad():
+        model.model.norm.weight += 29.0  # Gemma RMSNorm scales by (1 + weight)
+    fixed = opt.export_logits(model, tmp_path / "fixed" / "model.onnx", o.opset, (1, 64))
+    train = encode(read_jsonl(tiny_cfg.path("clean_train_data")), tok, 64)
+    evalset = encode(read_jsonl(tiny_cfg.path("clean_eval_data")), tok, 64)[: o.ppl_samples]
+    reference = opt.score(torch_forward(model), evalset, 4, tok.pad_token_id)
+    gates = {}
+    for name, ops, n in (("proper", ["MatMul"], 32), ("broken", ["all"], 1)):
+        q = opt.quantize_qdq(fixed, tmp_path / name / "model.onnx",
+                             opt.Calibration(train[:n], (1, 64), tok.pad_token_id), opt.qdq_ops(ops))
+        got = opt.score(OnnxCausalLM(q), evalset, 4, tok.pad_token_id)
+        gates[name] = opt.gate_quantized("qdq", got, reference, o.max_ppl_change_pct, o.min_top1_agreement)
+    assert gates["proper"]["accepted"], gates
+    assert not gates["broken"]["accepted"], gates
+
+
+def test_default_variant_is_never_a_rejected_one():
+    from tasks.optimize import choose_default
+
+    v = {"fp32": {"accepted": True}, "int8": {"accepted": False}, "int4": {"accepted": False}}
+    assert choose_default(v, ["int4", "int8", "fp32"]) == "fp32"
+    assert choose_default({"fp32": {"accepted": False}, "int4": {"accepted": False}}, ["int4", "fp32"]) is None
+    assert choose_default({**v, "int4": {"accepted": True}}, ["int4", "int8", "fp32"]) == "int4"
+
+
+def test_unknown_target_profile_is_a_clear_error(tiny_project):
+    from tuneops.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="unknown target profile"):
+        load_config(tiny_project / "params.yaml", ["optimize.targets=[gpu]"])
+
+
+def test_generate_streams_greedy_and_seeded_sampling(optimized, tiny_cfg, capsys):
+    from tuneops.cli import main
+    from tuneops.infer import generate
+
+    args = SimpleNamespace(model=None, variant="fp32", prompt="Hello", max_new_tokens=4, sample=False,
+                           temperature=1.0, top_k=0, top_p=1.0, seed=None, raw=False)
+    greedy = [generate(tiny_cfg, args, io.StringIO()) for _ in range(2)]
+    assert greedy[0] == greedy[1]
+    sampled = [generate(tiny_cfg, SimpleNamespace(**{**vars(args), "sample": True, "top_k": 50, "seed": s}),
+                        io.StringIO()) for s in (1, 1, 2)]
+    assert sampled[0] == sampled[1]
+    rc = main(["generate", "Hi", "--max-new-tokens", "2", "--params", str(tiny_cfg.source)])
+    assert rc == 0 and capsys.readouterr().out.endswith("\n")
+    assert main(["generate", "Hi", "--model", "/nonexistent", "--params", str(tiny_cfg.source)]) == 2
+
+
+def test_sequence_classifier_exports_with_head_and_classifies(stage, tiny_cfg, tmp_path, capsys):
+    """A tiny Gemma-3 classifier (random head, 3 labels): ONNX logits equal PyTorch on a
+    padded batch; `tuneops classify` prints one label per text."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tasks.optimize import export_classifier
+    from tuneops.cli import main
+    from tuneops.models import load_tokenizer
+
+    stage("model")
+    base = tiny_cfg.path("base_model_dir")
+    cfg = AutoConfig.from_pretrained(str(base), num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"},
+                                     label2id={"neg": 0, "neu": 1, "pos": 2})
+    torch.manual_seed(0)
+    model = AutoModelForSequenceClassification.from_config(cfg)
+    src = tmp_path / "classifier"
+    model.save_pretrained(str(src))
+    load_tokenizer(base).save_pretrained(str(src))
+    record = export_classifier(src, tmp_path / "onnx", tiny_cfg.optimize.opset, tiny_cfg.optimize.parity_atol)
+    assert record["accepted"] and record["same_argmax"] and record["labels"] == ["neg", "neu", "pos"]
+    rc = main(["classify", "good", "a much longer and worse text", "--model", str(tmp_path / "onnx"),
+               "--params", str(tiny_cfg.source)])
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert rc == 0 and [x["text"] for x in lines] == ["good", "a much longer and worse text"]
+    assert all(x["label"] in {"neg", "neu", "pos"} for x in lines)
+
+
+def test_qlora_merge_base_is_the_4bit_weights_training_saw():
+    """QLoRA merges into the dequantized 4-bit base: our round trip gives the same outputs
+    as a bitsandbytes Linear4bit (NF4) layer, and the LM head stays fp32."""
+    import bitsandbytes as bnb
+    import torch
+
+    from tuneops.finetuned import dequantize_like_qlora
+
+    torch.manual_seed(0)
+    model = torch.nn.Module()
+    model.proj, model.lm_head = torch.nn.Linear(128, 64, bias=False), torch.nn.Linear(128, 32, bias=False)
+    original, head = model.proj.weight.detach().clone(), model.lm_head.weight.detach().clone()
+    q4 = bnb.nn.Linear4bit(128, 64, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    q4.weight = bnb.nn.Params4bit(original.clone(), requires_grad=False, quant_type="nf4", blocksize=64)
+    q4 = q4.to("cpu")
+    dequantize_like_qlora(model)
+    x = torch.randn(3, 128)
+    with torch.no_grad():
+        expected, unquantized = q4(x), x @ original.T
+        got = model.proj(x)
+    assert not torch.equal(model.proj.weight, original) and torch.equal(model.lm_head.weight, head)
+    # equal up to the 4-bit kernel's own rounding (bf16 on some CPUs), far closer than the
+    # original fp32 weights (the 4-bit quantization error)
+    assert (got - expected).abs().max() < 0.05 * (unquantized - expected).abs().max()
+
+
+def test_coverage_counts_nodes_flops_and_fallback_ops(tmp_path):
+    """A hand-built graph: a QDQ MatMul (int8 island) + an fp32 MatMul + Softmax. The fpga
+    profile executes the QDQ MatMul, not the fp32 one nor Softmax; the cpu profile all."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from tuneops import targets
+
+    w1 = numpy_helper.from_array(np.ones((8, 16), np.int8), "w1_q")
+    w2 = numpy_helper.from_array(np.ones((16, 4), np.float32), "w2")
+    scale = numpy_helper.from_array(np.array(0.1, np.float32), "s")
+    zero = numpy_helper.from_array(np.array(0, np.int8), "z")
+    nodes = [
+        helper.make_node("QuantizeLinear", ["x", "s", "z"], ["x_q"]),
+        helper.make_node("DequantizeLinear", ["x_q", "s", "z"], ["x_dq"]),
+        helper.make_node("DequantizeLinear", ["w1_q", "s", "z"], ["w1"]),
+        helper.make_node("MatMul", ["x_dq", "w1"], ["h"]),
+        helper.make_node("MatMul", ["h", "w2"], ["y"]),
+        helper.make_node("Softmax", ["y"], ["p"], axis=-1),
+    ]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("p", TensorProto.FLOAT, [2, 4])], [w1, w2, scale, zero])
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)]), str(path))
+    fpga = targets.coverage(path, targets.load("fpga"))
+    assert fpga["nodes"] == 6 and fpga["supported_nodes"] == 4
+    assert fpga["cpu_fallback_ops"] == {"MatMul": 1, "Softmax": 1}
+    # FLOPs: 2*2*8*16 = 512 on the target, 2*2*16*4 = 256 on CPU
+    assert fpga["matmul_flops_share"] == pytest.approx(512 / 768)
+    assert targets.coverage(path, targets.load("cpu"))["node_share"] == 1.0
+
+
+def test_generate_runs_a_registered_variant(stage, tiny_cfg):
+    """`tuneops generate --model models:/NAME@champion`: the registered pyfunc's ONNX
+    variant (its default, or --variant) runs with the KV cache."""
+    from tuneops.infer import InferError, generate
+
+    stage("register")
+    uri = f"models:/{tiny_cfg.register.model_name}@champion"
+    args = SimpleNamespace(model=uri, variant=None, prompt="Hello", max_new_tokens=3, sample=False,
+                           temperature=1.0, top_k=0, top_p=1.0, seed=None, raw=False)
+    buf = io.StringIO()
+    reply = generate(tiny_cfg, args, buf)
+    assert buf.getvalue() == reply + "\n"
+    local = generate(tiny_cfg, SimpleNamespace(**{**vars(args), "model": None}), io.StringIO())
+    assert reply == local  # the registered default variant == this project's default variant
+    with pytest.raises(InferError, match="no ONNX variant"):
+        generate(tiny_cfg, SimpleNamespace(**{**vars(args), "variant": "int3"}), io.StringIO())

@@ -1,0 +1,106 @@
+"""``tuneops generate`` / ``tuneops classify``: run an ONNX variant with ONNX Runtime.
+
+``--model`` is a local folder (or ``model.onnx``) or a registered model URI
+(``models:/<name>@champion``, ``models:/<name>/<version>``); without it, the project's
+own optimize output (``paths.optimize_dir``) and its default variant.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .config import Config
+from .io import read_json
+
+
+class InferError(ValueError):
+    pass
+
+
+def _local_lm(cfg: Config, model: str | None, variant: str | None) -> tuple[Path, Path]:
+    """(model.onnx, tokenizer folder) for a local folder or the project's optimize output."""
+    if model is None:
+        opt = cfg.path("optimize_dir")
+        metrics = opt / "metrics.json"
+        if not metrics.is_file():
+            raise InferError(f"no optimize output at {opt}: run `tuneops optimize` or pass --model")
+        m = read_json(metrics)
+        name = variant or m["default_variant"]
+        if name is None:
+            raise InferError("every ONNX variant was rejected by its gate: pass --variant to run one anyway")
+        if name not in m["variants"]:
+            raise InferError(f"no variant {name!r} in {opt}; built: {sorted(m['variants'])}")
+        return opt / m["variants"][name]["path"], cfg.path("base_model_dir")
+    path = Path(model)
+    if path.is_dir():
+        path = path / variant / "model.onnx" if variant and (path / variant).is_dir() else path / "model.onnx"
+    if not path.is_file():
+        raise InferError(f"no ONNX model at {path}")
+    tok = path.parent if (path.parent / "tokenizer_config.json").is_file() else cfg.path("base_model_dir")
+    return path, tok
+
+
+def _registered_lm(uri: str, variant: str | None) -> tuple[Path, Path]:
+    import mlflow.pyfunc
+
+    wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    arts = wrapped.artifacts
+    name = variant or wrapped.variant
+    if f"onnx_{name}" not in arts:
+        raise InferError(f"{uri} has no ONNX variant {name!r}; it has "
+                         f"{sorted(k[5:] for k in arts if k.startswith('onnx_'))}")
+    return Path(arts[f"onnx_{name}"]) / "model.onnx", Path(arts["tokenizer"])
+
+
+def generate(cfg: Config, args: Any, out: Any = None) -> str:
+    from transformers import AutoTokenizer
+
+    from .chat import render
+    from .onnx_lm import OnnxCausalLM
+
+    out = out or sys.stdout
+    if args.model and str(args.model).startswith("models:/"):
+        onnx_path, tok_dir = _registered_lm(args.model, args.variant)
+    else:
+        onnx_path, tok_dir = _local_lm(cfg, args.model, args.variant)
+    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    if args.raw:
+        ids = [tok.bos_token_id] + tok(args.prompt, add_special_tokens=False)["input_ids"]
+    else:
+        text = render([{"role": "user", "content": args.prompt}], add_generation_prompt=True, bos="")
+        ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+    stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")}
+    lm = OnnxCausalLM(onnx_path)
+    new: list[int] = []
+    shown = ""
+    for token in lm.stream(ids, args.max_new_tokens, stop, sample=args.sample, temperature=args.temperature,
+                           top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        new.append(token)
+        text = tok.decode(new, skip_special_tokens=True)
+        out.write(text[len(shown):])
+        out.flush()
+        shown = text
+    out.write("\n")
+    return shown
+
+
+def classify(cfg: Config, args: Any, out: Any = None) -> list[dict[str, Any]]:
+    from transformers import AutoTokenizer
+
+    from .onnx_lm import OnnxClassifier
+
+    out = out or sys.stdout
+    path = Path(args.model)
+    path = path / "model.onnx" if path.is_dir() else path
+    if not path.is_file():
+        raise InferError(f"no ONNX classifier at {path}")
+    labels_file = path.parent / "labels.json"
+    labels = read_json(labels_file) if labels_file.is_file() else None
+    tok = AutoTokenizer.from_pretrained(str(path.parent))
+    enc = tok(list(args.texts), padding=True, return_tensors="np")
+    results = OnnxClassifier(path, labels).predict(enc["input_ids"], enc["attention_mask"])
+    for text, r in zip(args.texts, results):
+        out.write(json.dumps({"text": text, "label": r["label"], "score": round(r["score"], 6)}) + "\n")
+    return results
