@@ -62,6 +62,33 @@ def _current_champion(client: Any, name: str) -> Any:
         return None
 
 
+
+def _lineage_tags(cfg: Config) -> dict[str, str]:
+    """Git commit, params hash and the datasets' paths and md5s: every registered version's lineage."""
+    return {
+        "git.commit": git_commit(cfg.root),
+        "params.hash": cfg.sections_hash(),
+        "data.train.path": os.path.relpath(cfg.path("train_data"), cfg.root),
+        "data.train.md5": md5_file(cfg.path("train_data")),
+        "data.eval.path": os.path.relpath(cfg.path("eval_data"), cfg.root),
+        "data.eval.md5": md5_file(cfg.path("eval_data")),
+    }
+
+
+def _validation_tags(validation: dict[str, Any]) -> dict[str, str]:
+    return {"validation.success": str(validation["success"]), "data.scenario": str(validation.get("scenario")),
+            "data.format": str(validation.get("format")), "data.policy": str(validation.get("policy")),
+            **tracking.run_tags()}
+
+
+def _add_dvc_lock_tags(cfg: Config, tags: dict[str, str]) -> None:
+    """The md5s dvc.lock records for the same dataset paths (equal to data.*.md5 after dvc repro)."""
+    lock = dvc_lock_md5s(cfg.root)
+    for key in ("train", "eval"):
+        recorded = lock.get(tags[f"data.{key}.path"])
+        if recorded:
+            tags[f"dvc.lock.{key}.md5"] = recorded
+
 def run(cfg: Config) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
@@ -80,28 +107,15 @@ def run(cfg: Config) -> dict[str, Any]:
     tracking.setup(cfg)
     client = MlflowClient()
     tags = {
-        "git.commit": git_commit(cfg.root),
-        "params.hash": cfg.sections_hash(),
-        "data.train.path": os.path.relpath(cfg.path("train_data"), cfg.root),
-        "data.train.md5": md5_file(cfg.path("train_data")),
-        "data.eval.path": os.path.relpath(cfg.path("eval_data"), cfg.root),
-        "data.eval.md5": md5_file(cfg.path("eval_data")),
+        **_lineage_tags(cfg),
         **base_model_identity(cfg.path("base_model_dir")),
         "method": plan["method"],
         "eval.base_perplexity": f"{em['base_perplexity']:.6f}",
         "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
         "onnx.default_variant": str(om["default_variant"]),
-        "validation.success": str(validation["success"]),
-        "data.scenario": str(validation.get("scenario")),
-        "data.format": str(validation.get("format")),
-        "data.policy": str(validation.get("policy")),
-        **tracking.run_tags(),
+        **_validation_tags(validation),
     }
-    lock = dvc_lock_md5s(cfg.root)
-    for key in ("train", "eval"):
-        recorded = lock.get(tags[f"data.{key}.path"])
-        if recorded:
-            tags[f"dvc.lock.{key}.md5"] = recorded
+    _add_dvc_lock_tags(cfg, tags)
 
     with mlflow.start_run(run_id=tm["mlflow_run_id"]):
         mlflow.log_metrics({
@@ -194,13 +208,8 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
     client = MlflowClient()
     scores = {k: v for k, v in em.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
     tags = {
-        "git.commit": git_commit(cfg.root),
-        "params.hash": cfg.sections_hash(),
-        "data.train.path": os.path.relpath(cfg.path("train_data"), cfg.root),
-        "data.train.md5": md5_file(cfg.path("train_data")),
-        "data.eval.path": os.path.relpath(cfg.path("eval_data"), cfg.root),
-        "data.eval.md5": md5_file(cfg.path("eval_data")),
-        "base_model.source": provenance(cfg.path("base_model_dir")).get("source", "unknown"),
+        **_lineage_tags(cfg),
+        **base_model_identity(cfg.path("base_model_dir")),
         "method": plan["method"],
         "task_head": em["task_head"],
         "labels": ",".join(em["labels"]),
@@ -210,17 +219,9 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
         f"eval.finetuned_{metric}": f"{em[f'finetuned_{metric}']:.6f}",
         "onnx.default_variant": "None",
         "onnx.skipped": str(om.get("skipped")),
-        "validation.success": str(validation["success"]),
-        "data.scenario": str(validation.get("scenario")),
-        "data.format": str(validation.get("format")),
-        "data.policy": str(validation.get("policy")),
-        **tracking.run_tags(),
+        **_validation_tags(validation),
     }
-    lock = dvc_lock_md5s(cfg.root)
-    for key in ("train", "eval"):
-        recorded = lock.get(tags[f"data.{key}.path"])
-        if recorded:
-            tags[f"dvc.lock.{key}.md5"] = recorded
+    _add_dvc_lock_tags(cfg, tags)
     with tempfile.TemporaryDirectory(dir=cfg.state_dir) as tmp, mlflow.start_run(run_id=tm["mlflow_run_id"]):
         mlflow.log_metrics({("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): float(v)
                             for k, v in scores.items() if k != "samples"})
