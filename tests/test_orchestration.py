@@ -98,7 +98,7 @@ def orchestra():
     from tuneops.orchestrate import deploy, server
 
     root = make_project("orchestrate", (
-        "optimize.int8=false", "train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=0",
+        "optimize.targets=[]", "train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=0",
         "optimize.ppl_samples=4", "optimize.parity_samples=1", "orchestrate.schedule_cron=* * * * *", "orchestrate.watch_cron=null",
         "orchestrate.task_retry_delay_s=1", "orchestrate.startup_timeout_s=180"))
     cfg = load_config(root / "params.yaml")

@@ -32,7 +32,7 @@ def _sh(cmd: list[str], cwd) -> None:
 def registry_project():
     from tuneops.config import load_config
 
-    root = make_project("registry", ("optimize.int8=false", "train.max_steps=4", "evaluate.generations=0",
+    root = make_project("registry", ("optimize.targets=[]", "train.max_steps=4", "evaluate.generations=0",
                                      "evaluate.max_samples=8", "optimize.ppl_samples=4", "optimize.parity_samples=1"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     _sh(["git", "init", "-q"], root)

@@ -186,7 +186,7 @@ class EvaluateParams(_Section):
 
 class OptimizeParams(_Section):
     opset: int = Field(ge=17, le=23)
-    targets: list[str] = Field(min_length=1)
+    targets: list[str] = Field(default_factory=list)   # [] = the fp32 export only
     default_order: list[str] = Field(min_length=1)
     parity_atol: float = Field(gt=0)
     parity_samples: int = Field(gt=0)
