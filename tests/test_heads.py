@@ -241,6 +241,7 @@ def test_ner_loss_goes_down_and_entity_f1_beats_the_base(ner):
     assert e["finetuned_token_accuracy"] > e["base_token_accuracy"], e
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["full", "dora", "qlora", "ia3", "prompt_tuning"])
 def test_every_method_trains_a_token_classification_head(ner, method):
     """Each method on the NER head (12 steps): the loss goes down and the fine-tuned head beats the

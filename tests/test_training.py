@@ -122,6 +122,7 @@ def _spans(pos: list[int]) -> list[tuple[int, int]]:
     return list(zip(starts, starts[1:] + [len(pos)]))
 
 
+@pytest.mark.slow
 def test_packing_trains(project):
     _, m = _select_and_train(project, "packed", "select.method=lora", "train.packing=true")
     assert m["packing"] and m["final_loss"] < m["first_loss"]
@@ -134,7 +135,7 @@ def _adapter_keys(folder: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-@pytest.mark.parametrize("zero", [pytest.param(1, marks=pytest.mark.slow), 2, 3])
+@pytest.mark.parametrize("zero", [pytest.param(1, marks=pytest.mark.slow), 2, pytest.param(3, marks=pytest.mark.slow)])
 def test_deepspeed_zero_on_two_gloo_processes(project, zero):
     """torchrun, 2 processes, gloo: the adapter has the single-process format (same tensors and
     shapes), reloads onto the base and generates; the loss goes down."""
