@@ -89,6 +89,19 @@ def _add_dvc_lock_tags(cfg: Config, tags: dict[str, str]) -> None:
         if recorded:
             tags[f"dvc.lock.{key}.md5"] = recorded
 
+
+def _write_record(cfg: Config, name: str, version: Any, alias: str, reason: str, current: Any,
+                  tm: dict[str, Any], tags: dict[str, str]) -> tuple[dict[str, Any], Any]:
+    """``registration.json``: the registered version, its alias and why, and its lineage tags."""
+    record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
+              "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
+              "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),
+              "tags": tags}
+    out = cfg.path("register_dir")
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "registration.json", record)
+    return record, out
+
 def run(cfg: Config) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
@@ -161,13 +174,7 @@ def run(cfg: Config) -> dict[str, Any]:
     card = registry.model_card(name, version.version, alias, reason, {**tags, "mlflow.run_id": tm["mlflow_run_id"]},
                                em, plan, om, validation)
     client.update_model_version(name, version.version, description=card)
-    record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
-              "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
-              "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),
-              "tags": tags}
-    out = cfg.path("register_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "registration.json", record)
+    record, out = _write_record(cfg, name, version, alias, reason, current, tm, tags)
     (out / "model_card.md").write_text(card, encoding="utf-8")
     client.log_artifact(tm["mlflow_run_id"], str(out / "model_card.md"))
     record["report"] = str(report.write(cfg, record))
@@ -255,11 +262,5 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
                                cfg.register.min_improvement_pct, metric=metric, higher_is_better=higher)
     version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
     registry.set_alias(client, name, alias, version.version, reason)
-    record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
-              "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
-              "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),
-              "tags": tags}
-    out = cfg.path("register_dir")
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(out / "registration.json", record)
+    record, out = _write_record(cfg, name, version, alias, reason, current, tm, tags)
     return {"register_dir": str(out), **record}
