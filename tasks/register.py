@@ -102,6 +102,24 @@ def _write_record(cfg: Config, name: str, version: Any, alias: str, reason: str,
     write_json(out / "registration.json", record)
     return record, out
 
+
+def _log_run_record(cfg: Config, tags: dict[str, str], plan: dict[str, Any], validation: dict[str, Any],
+                    om: dict[str, Any], eval_file: str) -> None:
+    """Into the active MLflow run: data counts, lineage tags, the plan, the validation report and
+    Data Docs, optimize's metrics, evaluate's ``eval_file`` and the loss history."""
+    import mlflow
+
+    mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
+    mlflow.set_tags(tags)
+    mlflow.log_dict(plan, "plan.json")
+    mlflow.log_dict(validation, "validation/report.json")
+    docs = cfg.path("validation_dir") / "data_docs"
+    if docs.is_dir():
+        mlflow.log_artifacts(str(docs), "validation/data_docs")
+    mlflow.log_dict(om, "optimize/metrics.json")
+    mlflow.log_artifact(str(cfg.path("evaluate_dir") / eval_file), "evaluate")
+    mlflow.log_artifact(str(cfg.path("train_dir") / "history.json"), "train")
+
 def run(cfg: Config) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
@@ -144,17 +162,8 @@ def run(cfg: Config) -> dict[str, Any]:
             **{f"onnx_{n}_coverage_{t}_node_share": c["node_share"]
                for n, v in variants.items() for t, c in v.get("coverage", {}).items()},
         })
-        mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
-        mlflow.set_tags(tags)
-        mlflow.log_dict(plan, "plan.json")
+        _log_run_record(cfg, tags, plan, validation, om, "generations.jsonl")
         mlflow.log_dict(cfg.raw, "params.json")
-        mlflow.log_dict(validation, "validation/report.json")
-        docs = cfg.path("validation_dir") / "data_docs"
-        if docs.is_dir():
-            mlflow.log_artifacts(str(docs), "validation/data_docs")
-        mlflow.log_dict(om, "optimize/metrics.json")
-        mlflow.log_artifact(str(cfg.path("evaluate_dir") / "generations.jsonl"), "evaluate")
-        mlflow.log_artifact(str(train_dir / "history.json"), "train")
         from tuneops.serving import OnnxChatModel
 
         artifact = train_dir / tm["artifact"]
@@ -232,16 +241,7 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
     with tempfile.TemporaryDirectory(dir=cfg.state_dir) as tmp, mlflow.start_run(run_id=tm["mlflow_run_id"]):
         mlflow.log_metrics({("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): float(v)
                             for k, v in scores.items() if k != "samples"})
-        mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
-        mlflow.set_tags(tags)
-        mlflow.log_dict(plan, "plan.json")
-        mlflow.log_dict(validation, "validation/report.json")
-        docs = cfg.path("validation_dir") / "data_docs"
-        if docs.is_dir():
-            mlflow.log_artifacts(str(docs), "validation/data_docs")
-        mlflow.log_dict(om, "optimize/metrics.json")
-        mlflow.log_artifact(str(cfg.path("evaluate_dir") / "predictions.jsonl"), "evaluate")
-        mlflow.log_artifact(str(cfg.path("train_dir") / "history.json"), "train")
+        _log_run_record(cfg, tags, plan, validation, om, "predictions.jsonl")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=HeadModel(), artifacts=_head_model_dir(cfg, tm, Path(tmp) / "model"),
             model_config={"task_head": em["task_head"], "labels": em["labels"], "max_seq_len": cfg.model.max_seq_len},
