@@ -23,7 +23,6 @@ from tuneops.io import md5_file, read_jsonl, write_json
 from . import checkpoints, heads, methods
 from .packing import PackedCollator, pack
 
-DS_CONFIG_NAME = "deepspeed_config.json"
 
 
 def world() -> tuple[int, int, int]:
