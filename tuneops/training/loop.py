@@ -24,7 +24,6 @@ from . import checkpoints, heads, methods
 from .packing import PackedCollator, pack
 
 
-
 def world() -> tuple[int, int, int]:
     """(rank, local rank, world size) from the launcher's environment (1 process: 0, 0, 1)."""
     return (int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")),
