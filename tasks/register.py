@@ -72,6 +72,7 @@ def _lineage_tags(cfg: Config) -> dict[str, str]:
         "data.train.md5": md5_file(cfg.path("train_data")),
         "data.eval.path": os.path.relpath(cfg.path("eval_data"), cfg.root),
         "data.eval.md5": md5_file(cfg.path("eval_data")),
+        **cfg.register.tags,
     }
 
 

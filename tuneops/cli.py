@@ -18,6 +18,7 @@ from .data import FORMATS
 EXIT_INVALID_INPUT = 2
 EXIT_INVALID_DATA = 1
 ORCHESTRATION_COMMANDS = ("server", "deploy", "worker", "watch", "models", "lineage", "report")
+TOKEN_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
 
 def _common() -> argparse.ArgumentParser:
@@ -103,6 +104,17 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
                              help="where a registered version came from: code, data md5s, params, plan, metrics")
     lineage.add_argument("ref", metavar="NAME@ALIAS", help="e.g. default@champion (default = register.model_name)")
     lineage.add_argument("--json", action="store_true")
+    api = sub.add_parser("api", parents=[common],
+                         help="the OpenAI-compatible fine-tuning jobs API: serve (default) | worker | token")
+    asub = api.add_subparsers(dest="api_command", metavar="ACTION")
+    serve = asub.add_parser("serve", parents=[common], help="serve the API (foreground; needs `tuneops server start`)")
+    for p in (api, serve):
+        p.add_argument("--host", default=None, help="listen address (default: service.host)")
+        p.add_argument("--port", type=int, default=None, help="port (default: service.port)")
+    asub.add_parser("worker", parents=[common], help="run a process worker for service.work_pool (foreground)")
+    tok = asub.add_parser("token", parents=[common], help="API tokens: create NAME | list | revoke NAME")
+    tok.add_argument("token_action", choices=("create", "list", "revoke"))
+    tok.add_argument("name", nargs="?", default=None, help="token name (the owner of its files, jobs and models)")
     report = sub.add_parser("report", parents=[common], help="rebuild the HTML run report from the stage outputs")
     report.add_argument("--out", default=None, help="file to write (default: <register_dir>/report.html)")
 
@@ -180,6 +192,51 @@ def _orchestration(cfg: Any, args: argparse.Namespace) -> int:
     from . import report
 
     print(report.write(cfg, out=None if args.out is None else __import__("pathlib").Path(args.out)))
+    return 0
+
+
+def _api(cfg: Any, args: argparse.Namespace) -> int:
+    """api [serve] / api worker / api token create|list|revoke."""
+    import os
+    import re
+
+    action = args.api_command or "serve"
+    if action == "token":
+        from .service.app import database_url
+        from .service.db import Store
+
+        store = Store(database_url(cfg))
+        if args.token_action == "list":
+            for t in store.list_tokens():
+                print(f"{t['name']}  created {t['created_at']}")
+            return 0
+        if not args.name or not re.match(TOKEN_NAME, args.name):
+            print("tuneops: error: api token: NAME must be 1-64 characters of A-Z a-z 0-9 _ -", file=sys.stderr)
+            return EXIT_INVALID_INPUT
+        if args.token_action == "revoke":
+            if not store.revoke_token(args.name):
+                print(f"tuneops: error: no token named {args.name!r}", file=sys.stderr)
+                return 1
+            print(f"revoked {args.name}")
+            return 0
+        try:
+            token = store.create_token(args.name)
+        except ValueError as exc:
+            print(f"tuneops: error: {exc}", file=sys.stderr)
+            return 1
+        print(token)
+        print(f"tuneops: token for {args.name!r}: shown once, only its SHA-256 is stored", file=sys.stderr)
+        return 0
+    from .orchestrate import server
+
+    os.environ["PREFECT_API_URL"] = server.api_url(cfg)
+    if action == "worker":
+        os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
+        cmd = [server._bin("prefect"), "worker", "start", "--pool", cfg.service.work_pool, "--type", "process"]
+        os.execvp(cmd[0], cmd)
+    from .service.app import serve
+
+    serve(cfg, args.host, args.port)
     return 0
 
 
@@ -261,6 +318,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command in ORCHESTRATION_COMMANDS:
             return _orchestration(cfg, args)
+        if args.command == "api":
+            return _api(cfg, args)
         if args.command == "run":
             from flows.pipeline import finetune
 

@@ -78,6 +78,14 @@ ScenarioName = Literal["chat", "qa", "translation", "definitions", "topics", "se
 class UserDataParams(_Section):
     path: str | None = None
     md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+    eval_path: str | None = None    # a held-out file of the same format (else eval_fraction of `path`)
+    eval_md5: str | None = Field(default=None, pattern=r"^[0-9a-f]{32}$")
+
+    @model_validator(mode="after")
+    def _eval_needs_md5(self) -> "UserDataParams":
+        if bool(self.eval_path) != bool(self.eval_md5):
+            raise ValueError("eval_path and eval_md5 go together")
+        return self
 
 
 class DataParams(_Section):
@@ -216,6 +224,7 @@ class OptimizeParams(_Section):
 class RegisterParams(_Section):
     model_name: str = Field(min_length=1, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     min_improvement_pct: float = Field(ge=0)
+    tags: dict[str, str] = Field(default_factory=dict)   # added to every registered version (e.g. the API's job id)
 
 
 class TrackingParams(_Section):
@@ -252,6 +261,31 @@ class OrchestrateParams(_Section):
         return self
 
 
+class ServiceParams(_Section):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    database_url: str | None = None
+    storage_dir: str = Field(min_length=1)
+    max_upload_mb: float = Field(gt=0)
+    allowed_models: list[Literal["gemma3-270m", "tiny"]] = Field(min_length=1)
+    work_pool: str = Field(min_length=1)
+    deployment: str = Field(min_length=1)
+    concurrency_limit: int = Field(ge=1)
+    heartbeat_s: int = Field(ge=30)
+    dead_after_s: int = Field(gt=0)
+    sync_interval_s: float = Field(gt=0)
+    max_steps: int = Field(gt=0)
+    experiment: str = Field(min_length=1)
+    job_overrides: list[str] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _dead_after_heartbeats(self) -> "ServiceParams":
+        if self.dead_after_s < 2 * self.heartbeat_s:
+            raise ValueError(f"dead_after_s must be at least 2 x heartbeat_s ({2 * self.heartbeat_s}), "
+                             f"or a live job could be failed (got {self.dead_after_s})")
+        return self
+
+
 class Params(_Section):
     paths: PathsParams
     model: ModelParams
@@ -265,6 +299,7 @@ class Params(_Section):
     register_: RegisterParams = Field(alias="register")
     tracking: TrackingParams
     orchestrate: OrchestrateParams
+    service: ServiceParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

@@ -113,14 +113,19 @@ def build(scenario: str, p: Any) -> tuple[Records, Records, dict[str, Any]]:
     return train, eval_, manifest
 
 
-def split_user_file(path: Path, eval_fraction: float, seed: int,
-                    limit: int | None = None) -> tuple[list[bytes], list[bytes], dict[str, Any]]:
-    """Split a user's JSONL file by line, unparsed (validate reports what is wrong)."""
+def read_user_file(path: Path) -> tuple[list[bytes], dict[str, Any]]:
+    """A user's JSONL file as its non-blank lines, unparsed (validate reports what is wrong)."""
     with path.open("rb") as f:
         lines = [ln.rstrip(b"\r\n") for ln in f]
     if lines and lines[0].startswith(b"\xef\xbb\xbf"):
         lines[0] = lines[0][3:]
     records = [ln for ln in lines if ln.strip()]
-    counts = {"read": len(records), "blank_lines": len(lines) - len(records)}
+    return records, {"read": len(records), "blank_lines": len(lines) - len(records)}
+
+
+def split_user_file(path: Path, eval_fraction: float, seed: int,
+                    limit: int | None = None) -> tuple[list[bytes], list[bytes], dict[str, Any]]:
+    """Split a user's JSONL file by line (fixed-seed shuffle)."""
+    records, counts = read_user_file(path)
     train, eval_ = chatterbot.split(records, eval_fraction, seed, limit)
     return train, eval_, counts

@@ -1,0 +1,272 @@
+"""The fine-tuning jobs API (`tuneops api`) driven by the official `openai` Python client,
+against real services started here: a Prefect server, a process worker for the service's
+work pool and the API itself (subprocesses, free ports, SQLite databases in the test state).
+
+- a chat JSONL is uploaded and validated; a job on the tiny model is queued, runs as a
+  Prefect deployment run in its own working directory, survives an API restart in the
+  middle, succeeds, lists its events and checkpoints, and its model is in `models.list()`
+  and in the MLflow registry (with the job's lineage tags);
+- an invalid file is a 400 naming the line; no token is a 401; another token gets 404
+  for the job (retrieve, cancel, events); an over-limit upload is a 413 and stores nothing;
+- cancelling a running job stops its flow run.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from .conftest import REPO, TEST_ROOT, make_project
+
+openai = pytest.importorskip("openai")
+
+LOGS = TEST_ROOT / "service-logs"
+
+
+def _wait(predicate, timeout: float, what: str, logs: tuple[Path, ...] = (), interval: float = 1.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-5000:]}" for p in logs if p.is_file())
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
+
+
+class Service:
+    def __init__(self, root: Path, cfg, env: dict[str, str], port: int, tokens: dict[str, str]):
+        self.root, self.cfg, self.env, self.port, self.tokens = root, cfg, env, port, tokens
+        self.api: subprocess.Popen | None = None
+        self.api_log = LOGS / "api.log"
+        self.worker_log = LOGS / "worker.log"
+        self.base_url = f"http://127.0.0.1:{port}/v1"
+
+    def tuneops(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "tuneops", "--params", str(self.root / "params.yaml"), *args],
+                              env=self.env, capture_output=True, text=True, timeout=120)
+
+    def client(self, who: str = "alice") -> "openai.OpenAI":
+        return openai.OpenAI(base_url=self.base_url, api_key=self.tokens[who], max_retries=0, timeout=60)
+
+    def start_api(self) -> None:
+        with self.api_log.open("ab") as out:
+            self.api = subprocess.Popen(
+                [sys.executable, "-m", "tuneops", "--params", str(self.root / "params.yaml"), "api",
+                 "--port", str(self.port)], env=self.env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+
+        def up() -> bool:
+            assert self.api.poll() is None, self.api_log.read_text(errors="replace")[-5000:]
+            try:
+                return httpx.get(f"{self.base_url}/models", timeout=2,
+                                 headers={"Authorization": f"Bearer {self.tokens['alice']}"}).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait(up, 120, "the API to answer", (self.api_log,))
+
+    def stop_api(self) -> None:
+        if self.api is not None and self.api.poll() is None:
+            os.killpg(self.api.pid, signal.SIGTERM)
+            self.api.wait(30)
+
+    def wait_status(self, client, job_id: str, statuses: set[str], timeout: float):
+        def reached():
+            job = client.fine_tuning.jobs.retrieve(job_id)
+            assert job.status not in {"failed", "cancelled"} - statuses, f"job {job.status}: {job.error}"
+            return job if job.status in statuses else None
+
+        return _wait(reached, timeout, f"job {job_id} to be {statuses}", (self.worker_log, self.api_log), 2.0)
+
+
+def _chat_jsonl(cfg, n: int) -> bytes:
+    from tuneops.data import scenarios
+
+    train, _, _ = scenarios.build("chat", cfg.ingest)
+    return b"".join(json.dumps({"messages": r["messages"]}).encode() + b"\n" for r in train[:n])
+
+
+@pytest.fixture(scope="module")
+def svc():
+    from tuneops.config import load_config
+    from tuneops.orchestrate import server
+
+    root = make_project("service", (
+        "train.max_steps=6", "train.save_steps=3", "evaluate.max_samples=8", "evaluate.generations=0",
+        "optimize.parity_samples=1", "optimize.ppl_samples=4", "orchestrate.startup_timeout_s=180",
+        "service.max_upload_mb=1", "service.sync_interval_s=1"))
+    cfg = load_config(root / "params.yaml")
+    LOGS.mkdir(parents=True, exist_ok=True)
+    for log in LOGS.glob("*.log"):
+        log.unlink()
+    server.stop(cfg)
+    (cfg.state_dir / "prefect-server.db").unlink(missing_ok=True)
+    shutil.rmtree(cfg.state_dir / "service", ignore_errors=True)      # the service db of an earlier session
+    rec = server.start_prefect(cfg, server.free_port())
+    env = server.client_env(cfg, rec["url"])
+    env.update({"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
+                "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
+    service = Service(root, cfg, env, server.free_port(), {})
+    worker = None
+    try:
+        for who in ("alice", "bob"):
+            out = service.tuneops("api", "token", "create", who)
+            assert out.returncode == 0, out.stderr
+            service.tokens[who] = out.stdout.strip()
+        with (LOGS / "worker.log").open("ab") as wlog:
+            worker = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(root / "params.yaml"),
+                                       "api", "worker"], env=env, stdout=wlog, stderr=subprocess.STDOUT,
+                                      start_new_session=True)
+        service.start_api()
+        yield service
+    finally:
+        service.stop_api()
+        if worker is not None and worker.poll() is None:
+            os.killpg(worker.pid, signal.SIGTERM)
+            try:
+                worker.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(worker.pid, signal.SIGKILL)
+        server.stop(cfg)
+
+
+def test_tokens_are_stored_hashed_only(svc):
+    from sqlalchemy import create_engine, text
+
+    from tuneops.service.app import database_url
+
+    with create_engine(database_url(svc.cfg)).connect() as c:
+        rows = c.execute(text("select name, sha256 from tokens")).all()
+    dump = repr(rows)
+    assert {r.name for r in rows} == {"alice", "bob"}
+    assert all(t not in dump for t in svc.tokens.values())       # the tokens themselves are nowhere in the db
+    listed = svc.tuneops("api", "token", "list")
+    assert "alice" in listed.stdout and svc.tokens["alice"] not in listed.stdout
+
+
+def test_no_token_is_401_and_a_wrong_one_too(svc):
+    r = httpx.get(f"{svc.base_url}/fine_tuning/jobs", timeout=10)
+    assert r.status_code == 401 and r.json()["error"]["code"] == "missing_api_key"
+    with pytest.raises(openai.AuthenticationError) as err:
+        openai.OpenAI(base_url=svc.base_url, api_key="tuneops-not-a-token", max_retries=0).models.list()
+    assert err.value.status_code == 401
+
+
+def test_invalid_file_is_a_400_naming_the_line_and_nothing_is_stored(svc):
+    client = svc.client()
+    good = _chat_jsonl(svc.cfg, 30).splitlines()
+    bad = b"\n".join(good[:2] + [b'{"messages": [{"role": "wizard", "content": "hi"}]}'] + good[3:]) + b"\n"
+    before = client.files.list().data
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("train.jsonl", bad), purpose="fine-tune")
+    assert err.value.status_code == 400
+    assert "train.jsonl:3:" in err.value.body["message"]
+    assert any(p["line"] == 3 and "role" in p["field"] for p in err.value.body["problems"])
+    assert client.files.list().data == before
+    with pytest.raises(openai.APIStatusError) as err:              # over service.max_upload_mb (1 MB)
+        client.files.create(file=("big.jsonl", b"x" * (2 * 2**20)), purpose="fine-tune")
+    assert err.value.status_code == 413 and "max_upload_mb" in err.value.message
+    assert client.files.list().data == before
+    stored = sorted(p.name for p in (svc.root / ".tuneops" / "service" / "files").glob("*"))
+    assert not [n for n in stored if n.endswith(".part")]
+
+
+def test_job_requests_are_checked_before_anything_runs(svc):
+    client = svc.client()
+    f = client.files.create(file=("small.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")
+    for kwargs, param in (({"model": "gpt-4o"}, "model"),
+                          ({"hyperparameters": {"n_epochs": 0}}, "hyperparameters.n_epochs"),
+                          ({"suffix": "../etc"}, "suffix")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(**{"model": "tiny", "training_file": f.id, **kwargs})
+        assert err.value.body["param"] == param
+    few = client.files.create(file=("few.jsonl", _chat_jsonl(svc.cfg, 30)), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError) as err:            # 3 held out < validate.min_rows=5
+        client.fine_tuning.jobs.create(model="tiny", training_file=few.id)
+    assert err.value.body["param"] == "training_file" and "validate.min_rows=5" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:            # bob cannot train on alice's file
+        svc.client("bob").fine_tuning.jobs.create(model="tiny", training_file=f.id)
+    assert err.value.body["param"] == "training_file"
+    assert client.fine_tuning.jobs.list().data == []
+
+
+def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
+    client, bob = svc.client(), svc.client("bob")
+    f = client.files.create(file=("chat.jsonl", _chat_jsonl(svc.cfg, 80)), purpose="fine-tune")
+    assert f.status == "processed" and f.purpose == "fine-tune"
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="smoke", seed=7)
+    assert job.status in ("validating_files", "queued") and job.fine_tuned_model is None
+    assert job.hyperparameters.batch_size == svc.cfg.select.global_batch_size
+
+    # another token sees nothing of it
+    for call in (lambda: bob.fine_tuning.jobs.retrieve(job.id), lambda: bob.fine_tuning.jobs.cancel(job.id),
+                 lambda: bob.fine_tuning.jobs.list_events(job.id), lambda: bob.files.retrieve(f.id)):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    assert bob.fine_tuning.jobs.list().data == [] and bob.files.list().data == []
+
+    # restart the API while the job trains
+    svc.wait_status(client, job.id, {"running"}, 300)
+    svc.stop_api()
+    svc.start_api()
+    assert client.fine_tuning.jobs.retrieve(job.id).status in ("running", "succeeded")
+
+    done = svc.wait_status(client, job.id, {"succeeded"}, 600)
+    assert done.fine_tuned_model and done.fine_tuned_model.endswith(job.id[-8:]) and "smoke" in done.fine_tuned_model
+    assert done.finished_at and done.trained_tokens > 0
+    assert done.fine_tuned_model in [m.id for m in client.models.list()]
+    assert done.fine_tuned_model not in [m.id for m in bob.models.list()]
+
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert messages[0] == "The job has successfully completed"           # newest first
+    steps = [m for m in messages if m.startswith("Step ")]
+    assert len(steps) == 6 and "Step 6/6: training loss=" in steps[0]
+    assert any(m.startswith("Stage train completed") for m in messages)
+    assert any(m.startswith("New fine-tuned model created: " + done.fine_tuned_model) for m in messages)
+
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in ckpts] == [6, 3]
+    assert ckpts[0].fine_tuned_model_checkpoint.startswith(done.fine_tuned_model)
+
+    results = client.files.content(done.result_files[0]).text.splitlines()
+    assert results[0] == "step,train_loss,learning_rate" and len(results) == 7
+
+    # the job ran in its own working directory, and the model is in MLflow with its lineage
+    workdir = svc.root / ".tuneops" / "service" / "jobs" / job.id
+    assert (workdir / "artifacts" / "register" / "registration.json").is_file()
+    from mlflow import MlflowClient
+
+    from tuneops import tracking
+
+    mv = MlflowClient(tracking.tracking_uri(svc.cfg)).get_model_version(done.fine_tuned_model, "1")
+    assert mv.tags["tuneops.job.id"] == job.id and mv.tags["tuneops.job.training_file"] == f.id
+
+
+def test_cancel_stops_a_running_job(svc):
+    client = svc.client()
+    f = client.files.create(file=("chat2.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                         hyperparameters={"n_epochs": 40, "batch_size": 4})
+    svc.wait_status(client, job.id, {"running"}, 300)
+    cancelled = client.fine_tuning.jobs.cancel(job.id)
+    assert cancelled.status == "cancelled"
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from tuneops.service.db import Store
+    from tuneops.service.app import database_url
+
+    run_id = Store(database_url(svc.cfg)).job(job.id)["flow_run_id"]
+    with SyncPrefectClient(svc.env["PREFECT_API_URL"]) as c:
+        _wait(lambda: c.read_flow_run(run_id).state.type.value == "CANCELLED", 120,
+              "the worker to stop the cancelled flow run", (svc.worker_log,))
+    assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
+    with pytest.raises(openai.BadRequestError):
+        client.fine_tuning.jobs.cancel(job.id)

@@ -1,0 +1,440 @@
+"""Fine-tuning jobs on the managed compute: each job is one run of the service's Prefect
+deployment of the tuneops flow (``flows/pipeline.py:finetune``) on ``service.work_pool``,
+with its own working directory (``<storage_dir>/jobs/<id>``: params.yaml, data, artifacts,
+checkpoints). The job's status, events, checkpoints and fine-tuned model are read back
+from Prefect (flow and task run states) and MLflow (step metrics, the registered model).
+
+A running job whose flow run stops sending heartbeats (its worker or machine died) is set
+to Crashed by a Prefect automation (``ensure_deployment``), which the API reports as
+failed with the reason.
+"""
+from __future__ import annotations
+
+import math
+import shutil
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+from uuid import UUID
+
+import yaml
+
+from tuneops import tracking
+from tuneops.config import Config, apply_overrides
+from tuneops.service.db import TERMINAL, Store, now
+
+REPO = Path(__file__).resolve().parents[2]
+STAGES = ("model", "ingest", "validate", "select", "train", "evaluate", "optimize", "register")
+# The stage whose failure is the user's data, and the job parameter to blame.
+DATA_STAGES = {"ingest": "training_file", "validate": "training_file"}
+_sync_lock = threading.Lock()
+
+
+class JobError(ValueError):
+    """A job request the service refuses (400); ``param`` names the request field."""
+
+    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+        super().__init__(message)
+        self.param, self.code = param, code
+
+
+# -- the deployment and the dead-worker automation ----------------------------------------------
+
+def automation_name(cfg: Config) -> str:
+    return f"{cfg.service.deployment}: fail jobs without heartbeats"
+
+
+def dead_message(cfg: Config) -> str:
+    return (f"no heartbeat from the job for {cfg.service.dead_after_s} s (service.dead_after_s): its worker or "
+            f"machine died")
+
+
+def ensure_deployment(cfg: Config) -> UUID:
+    """The work pool, the jobs' deployment (heartbeats on) and the automation that marks a
+    silent running job Crashed; idempotent (safe on every API start)."""
+    from prefect import flow
+    from prefect.automations import Automation
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import EventTrigger, Posture
+    from prefect.exceptions import ObjectNotFound
+
+    s = cfg.service
+    with get_client(sync_client=True) as client:
+        try:
+            client.read_work_pool(s.work_pool)
+        except ObjectNotFound:
+            client.create_work_pool(WorkPoolCreate(name=s.work_pool, type="process"))
+    deployment_id = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:finetune").deploy(
+        name=s.deployment, work_pool_name=s.work_pool, build=False, push=False, concurrency_limit=s.concurrency_limit,
+        job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(s.heartbeat_s)}},
+        tags=["tuneops-service"], print_next_steps=False)
+    name = automation_name(cfg)
+    with get_client(sync_client=True) as client:
+        existing = client.read_automations_by_name(name)
+    if not existing:
+        Automation(
+            name=name,
+            description="tuneops jobs API: a running job silent for service.dead_after_s is Crashed",
+            trigger=EventTrigger(
+                after={"prefect.flow-run.heartbeat"},
+                expect={"prefect.flow-run.heartbeat", "prefect.flow-run.Completed", "prefect.flow-run.Failed",
+                        "prefect.flow-run.Cancelled", "prefect.flow-run.Crashed"},
+                match={"prefect.resource.id": "prefect.flow-run.*"},
+                match_related={"prefect.resource.id": f"prefect.deployment.{deployment_id}"},
+                for_each={"prefect.resource.id"},
+                posture=Posture.Proactive, threshold=1, within=timedelta(seconds=s.dead_after_s)),
+            actions=[ChangeFlowRunState(state=StateType.CRASHED, message=dead_message(cfg), force=True)],
+        ).create()
+    return deployment_id
+
+
+# -- job creation ---------------------------------------------------------------------------------
+
+def resolve_hyperparameters(cfg: Config, hp: dict[str, Any],
+                            train_rows: int) -> tuple[dict[str, Any], list[str], int]:
+    """OpenAI hyperparameters -> (resolved values, params overrides, training steps). ``auto`` = params."""
+    allowed = {"n_epochs", "batch_size", "learning_rate_multiplier"}
+    unknown = sorted(set(hp) - allowed)
+    if unknown:
+        raise JobError(f"unknown hyperparameter(s) {unknown}; supported: {sorted(allowed)}", "hyperparameters")
+
+    def value(key: str, kind: type, low: float, high: float) -> Any:
+        v = hp.get(key, "auto")
+        if v is None or v == "auto":
+            return None
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v) \
+                or not low <= v <= high:
+            raise JobError(f"hyperparameters.{key}: expected 'auto' or a {kind.__name__} in [{low:g}, {high:g}] "
+                           f"(got {v!r})", f"hyperparameters.{key}")
+        return kind(v)
+
+    batch = value("batch_size", int, 1, 256)
+    epochs = value("n_epochs", int, 1, 50)
+    mult = value("learning_rate_multiplier", float, 1e-3, 10.0)
+    batch = batch or cfg.select.global_batch_size
+    overrides = [f"select.global_batch_size={batch}",
+                 f"select.max_micro_batch_size={min(batch, cfg.select.max_micro_batch_size)}"]
+    if epochs:
+        steps = max(1, math.ceil(epochs * train_rows / batch))
+        if steps > cfg.service.max_steps:
+            raise JobError(f"hyperparameters.n_epochs: {epochs} epochs of {train_rows} records at batch size {batch} "
+                           f"is {steps} steps, over this service's limit of {cfg.service.max_steps} "
+                           f"(service.max_steps)", "hyperparameters.n_epochs")
+    else:
+        steps = cfg.train.max_steps
+    overrides.append(f"train.max_steps={steps}")
+    if mult:
+        overrides.append(f"train.learning_rate={cfg.train.learning_rate * mult!r}")
+    resolved = {"n_epochs": max(1, round(steps * batch / max(train_rows, 1))), "batch_size": batch,
+                "learning_rate_multiplier": mult or 1.0}
+    return resolved, overrides, steps
+
+
+def job_dir(cfg: Config, job_id: str) -> Path:
+    return storage(cfg) / "jobs" / job_id
+
+
+def job_config(cfg: Config, job: dict[str, Any]) -> Config:
+    from tuneops.config import load_config
+
+    return load_config(job_dir(cfg, job["id"]) / "params.yaml")
+
+
+def storage(cfg: Config) -> Path:
+    return (cfg.root / cfg.service.storage_dir).resolve()
+
+
+def file_path(cfg: Config, file_id: str) -> Path:
+    return storage(cfg) / "files" / file_id
+
+
+def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any], eval_file: dict[str, Any] | None,
+                    overrides: list[str]) -> Path:
+    """The job's working directory: its own params.yaml (the service's params + the job's
+    settings; relative paths land in this folder) and a copy of its data."""
+    d = job_dir(cfg, job["id"])
+    (d / "data").mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(file_path(cfg, train_file["id"]), d / "data" / "train.jsonl")
+    user: dict[str, Any] = {"path": "data/train.jsonl", "md5": train_file["md5"], "eval_path": None, "eval_md5": None}
+    if eval_file:
+        shutil.copyfile(file_path(cfg, eval_file["id"]), d / "data" / "validation.jsonl")
+        user.update(eval_path="data/validation.jsonl", eval_md5=eval_file["md5"])
+    raw = apply_overrides(cfg.raw, list(cfg.service.job_overrides) + overrides + [
+        f"model.source={job['model']}", f"train.seed={job['seed']}", "orchestrate.cache=false",
+        "train.keep_checkpoints=true", "data.scenario=user", "data.format=chat"])
+    raw["data"]["user"] = user
+    raw["paths"]["state_dir"] = str(cfg.state_dir)                # shared caches and the MLflow registry
+    raw["tracking"].update(tracking_uri=tracking.tracking_uri(cfg), experiment=cfg.service.experiment)
+    raw["register"]["model_name"] = job["fine_tuned_model"]
+    raw["register"]["tags"] = {**raw["register"].get("tags", {}), "tuneops.job.id": job["id"],
+                               "tuneops.job.owner": job["owner"], "tuneops.job.training_file": train_file["id"],
+                               **({"tuneops.job.validation_file": eval_file["id"]} if eval_file else {})}
+    tmp = d / "params.yaml.tmp"
+    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
+    tmp.replace(d / "params.yaml")
+    from tuneops.config import load_config
+
+    load_config(d / "params.yaml")               # the job's params must validate before compute is spent
+    return d
+
+
+def submit(cfg: Config, store: Store, job: dict[str, Any]) -> str | None:
+    """Create the job's flow run (idempotent on the job id); None when Prefect is unreachable
+    (the sync loop tries again)."""
+    from prefect.client.orchestration import get_client
+
+    d = job_dir(cfg, job["id"])
+    try:
+        with get_client(sync_client=True) as client:
+            dep = client.read_deployment_by_name(f"tuneops-finetune/{cfg.service.deployment}")
+            run = client.create_flow_run_from_deployment(
+                dep.id, parameters={"params_file": str(d / "params.yaml"), "overrides": []},
+                name=job["id"], tags=["tuneops-service", f"owner:{job['owner']}"], idempotency_key=job["id"],
+                job_variables={"working_dir": str(d)})
+    except Exception as exc:  # noqa: BLE001 - Prefect down: the job stays queued and is submitted later
+        store.add_event(job["id"], "submit-error", f"Could not reach the job scheduler yet ({type(exc).__name__}); "
+                        f"the job stays queued and is submitted when it is back", level="warn")
+        return None
+    store.update_job(job["id"], flow_run_id=str(run.id), status="queued")
+    store.add_event(job["id"], "queued", f"Job queued on work pool {cfg.service.work_pool} (Prefect flow run "
+                    f"{run.name}, {run.id})")
+    return str(run.id)
+
+
+# -- state: Prefect + MLflow -> the job record and its events -------------------------------------
+
+def _ts(dt: Any) -> int | None:
+    return int(dt.timestamp()) if dt is not None else None
+
+
+def _training_run(cfg: Config, flow_run_id: str) -> Any:
+    from mlflow import MlflowClient
+
+    client = MlflowClient(tracking.tracking_uri(cfg))
+    exp = client.get_experiment_by_name(cfg.service.experiment)
+    if exp is None:
+        return None, client
+    runs = client.search_runs([exp.experiment_id], f"tags.`prefect.flow_run_id` = '{flow_run_id}'",
+                              order_by=["attributes.start_time ASC"], max_results=1)
+    return (runs[0] if runs else None), client
+
+
+def step_history(cfg: Config, flow_run_id: str | None) -> list[dict[str, Any]]:
+    """The training steps logged to MLflow: step, timestamp, train_loss, learning_rate."""
+    if not flow_run_id:
+        return []
+    run, client = _training_run(cfg, flow_run_id)
+    if run is None:
+        return []
+    rows: dict[int, dict[str, Any]] = {}
+    for key, name in (("loss", "train_loss"), ("learning_rate", "learning_rate")):
+        for m in client.get_metric_history(run.info.run_id, key):
+            rows.setdefault(m.step, {"step": m.step, "timestamp": m.timestamp // 1000})[name] = m.value
+    return [rows[k] for k in sorted(rows) if "train_loss" in rows[k]]
+
+
+def _failure(cfg: Config, flow_run: Any, task_runs: list[Any]) -> dict[str, Any]:
+    """The job's ``error``: which stage failed and why (the data stages blame training_file)."""
+    failed = [t for t in task_runs if t.name in STAGES and t.state and t.state.type.value in ("FAILED", "CRASHED")]
+    state = flow_run.state
+    if state.type.value == "CRASHED":
+        return {"code": "worker_died" if "heartbeat" in (state.message or "") else "crashed",
+                "message": state.message or "the job's process crashed", "param": None}
+    if failed:
+        t = failed[-1]
+        stage = t.name
+        detail = _state_detail(t.state)
+        return {"code": "invalid_training_file" if stage in DATA_STAGES else f"{stage}_failed",
+                "message": f"stage {stage} failed: {detail}", "param": DATA_STAGES.get(stage)}
+    return {"code": "job_failed", "message": state.message or "the job failed", "param": None}
+
+
+def _state_detail(state: Any) -> str:
+    """The exception message of a failed state, else the state message."""
+    try:
+        exc = state.result(raise_on_failure=False)
+        if isinstance(exc, BaseException):
+            return f"{type(exc).__name__}: {exc}"[:4000]
+    except Exception:  # noqa: BLE001 - the result may not be retrievable (not persisted)
+        pass
+    return (state.message or state.name)[:4000]
+
+
+def sync(cfg: Config, store: Store, job_id: str) -> dict[str, Any] | None:
+    """Bring one job's record and events up to date; returns the job."""
+    with _sync_lock:
+        job = store.job(job_id)
+        if job is None or job["status"] in TERMINAL:
+            return job
+        if not job["flow_run_id"]:
+            submit(cfg, store, job)
+            return store.job(job_id)
+        try:
+            _sync(cfg, store, job)
+        except Exception as exc:  # noqa: BLE001 - Prefect / MLflow unreachable: keep the last known state
+            store.add_event(job_id, f"sync-error-{now() // 60}", f"Job state not readable right now "
+                            f"({type(exc).__name__}); last known status kept", level="warn")
+        return store.job(job_id)
+
+
+def _sync(cfg: Config, store: Store, job: dict[str, Any]) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    jid = job["id"]
+    with get_client(sync_client=True) as client:
+        fr = client.read_flow_run(UUID(job["flow_run_id"]))
+        tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
+    tasks = sorted(tasks, key=lambda t: (t.start_time or t.expected_start_time or t.created))
+    kind = fr.state.type.value
+    if fr.start_time is not None:
+        store.add_event(jid, "started", "Fine-tuning job started", _ts(fr.start_time))
+        store.update_job(jid, started_at=_ts(fr.start_time))
+    for t in tasks:
+        if t.name not in STAGES:
+            continue
+        if t.start_time is not None:
+            store.add_event(jid, f"stage-{t.name}-start", f"Stage {t.name} started", _ts(t.start_time),
+                            data={"stage": t.name})
+        if t.state and t.state.is_completed():
+            took = f" in {t.total_run_time.total_seconds():.1f} s" if t.total_run_time else ""
+            store.add_event(jid, f"stage-{t.name}-done", f"Stage {t.name} completed{took}",
+                            _ts(t.end_time) or now(), data={"stage": t.name})
+        elif t.state and t.state.type.value in ("FAILED", "CRASHED"):
+            store.add_event(jid, f"stage-{t.name}-failed", f"Stage {t.name} failed: {_state_detail(t.state)}",
+                            _ts(t.end_time) or now(), level="error", data={"stage": t.name})
+    total = job["total_steps"]
+    for h in step_history(cfg, job["flow_run_id"]):
+        store.add_event(jid, f"step-{h['step']}", f"Step {h['step']}/{total}: training loss={h['train_loss']:.4f}",
+                        h["timestamp"], type="metrics",
+                        data={"step": h["step"], "train_loss": h["train_loss"], "total_steps": total,
+                              **({"learning_rate": h["learning_rate"]} if "learning_rate" in h else {})})
+    if kind in ("SCHEDULED", "PENDING", "PAUSED"):
+        store.update_job(jid, status="queued")
+    elif kind in ("RUNNING", "CANCELLING"):
+        store.update_job(jid, status="running")
+    elif kind == "COMPLETED":
+        _succeeded(cfg, store, job, _ts(fr.end_time) or now())
+    elif kind in ("FAILED", "CRASHED"):
+        error = _failure(cfg, fr, tasks)
+        store.add_event(jid, "failed", f"Fine-tuning job failed: {error['message']}", _ts(fr.end_time) or now(),
+                        level="error")
+        store.update_job(jid, status="failed", error=error, finished_at=_ts(fr.end_time) or now())
+    elif kind == "CANCELLED":
+        store.add_event(jid, "cancelled", "Fine-tuning job cancelled", _ts(fr.end_time) or now())
+        store.update_job(jid, status="cancelled", finished_at=_ts(fr.end_time) or now())
+
+
+def _succeeded(cfg: Config, store: Store, job: dict[str, Any], finished: int) -> None:
+    """A completed flow run: the job succeeds once its model is found in the MLflow registry."""
+    import json
+
+    from mlflow import MlflowClient
+
+    jc = job_config(cfg, job)
+    record = json.loads((jc.path("register_dir") / "registration.json").read_text())
+    client = MlflowClient(tracking.tracking_uri(cfg), registry_uri=tracking.tracking_uri(cfg))
+    version = client.get_model_version(job["fine_tuned_model"], str(record["version"]))
+    train = json.loads((jc.path("train_dir") / "metrics.json").read_text())
+    ev = json.loads((jc.path("evaluate_dir") / "metrics.json").read_text())
+    store.add_event(job["id"], "evaluated",
+                    f"Evaluation: perplexity {ev['base_perplexity']:.3f} (base model) -> "
+                    f"{ev['finetuned_perplexity']:.3f} (fine-tuned)", finished,
+                    data={"base_perplexity": ev["base_perplexity"], "perplexity": ev["finetuned_perplexity"]})
+    store.add_event(job["id"], "model", f"New fine-tuned model created: {job['fine_tuned_model']} (MLflow version "
+                    f"{version.version}, alias {record['alias']}: {record['reason']})", finished,
+                    data={"model": job["fine_tuned_model"], "version": version.version, "alias": record["alias"]})
+    result = _results_file(cfg, store, job)
+    store.add_event(job["id"], "succeeded", "The job has successfully completed", finished)
+    store.update_job(job["id"], status="succeeded", finished_at=finished, model_version=str(version.version),
+                     trained_tokens=int(train.get("tokens") or 0), result_files=[result] if result else [])
+
+
+def _results_file(cfg: Config, store: Store, job: dict[str, Any]) -> str | None:
+    """step,train_loss,learning_rate as a CSV file of the job's owner (purpose fine-tune-results)."""
+    import hashlib
+
+    from tuneops.service.db import new_id
+
+    rows = step_history(cfg, job["flow_run_id"])
+    text = "step,train_loss,learning_rate\n" + "".join(
+        f"{r['step']},{r['train_loss']:.6f},{r.get('learning_rate', '')}\n" for r in rows)
+    fid = new_id("file")
+    path = file_path(cfg, fid)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    store.add_file(id=fid, owner=job["owner"], filename=f"{job['id']}-results.csv", purpose="fine-tune-results",
+                   bytes=path.stat().st_size, created_at=now(), status="processed", status_details=None,
+                   md5=hashlib.md5(text.encode()).hexdigest(), records=len(rows), deleted=False)  # noqa: S324
+    return fid
+
+
+def cancel(cfg: Config, store: Store, job: dict[str, Any]) -> dict[str, Any]:
+    """Cancel a queued or running job (Prefect: Cancelled if not started, else Cancelling, which
+    makes the worker stop the process)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling
+
+    if job["flow_run_id"]:
+        with get_client(sync_client=True) as client:
+            fr = client.read_flow_run(UUID(job["flow_run_id"]))
+            if not fr.state.is_final():
+                started = fr.state.type.value in ("RUNNING", "CANCELLING")
+                client.set_flow_run_state(fr.id, Cancelling(message="cancelled through the jobs API") if started
+                                          else Cancelled(message="cancelled through the jobs API"), force=True)
+    store.update_job(job["id"], status="cancelled", finished_at=now())
+    store.add_event(job["id"], "cancelled", "Fine-tuning job cancelled")
+    return store.job(job["id"])  # type: ignore[return-value]
+
+
+def checkpoints(cfg: Config, job: dict[str, Any]) -> list[dict[str, Any]]:
+    """The job's complete training checkpoints (newest first), with the loss at their step."""
+    from tuneops.training.checkpoints import MARKER, is_complete, step_of
+
+    root = job_config(cfg, job).path("checkpoint_dir")
+    found = [p for p in root.glob("*/checkpoint-*") if p.is_dir() and is_complete(p)] if root.is_dir() else []
+    loss = {h["step"]: h["train_loss"] for h in step_history(cfg, job["flow_run_id"])}
+    import hashlib
+
+    out = []
+    for p in sorted(found, key=step_of, reverse=True):
+        step = step_of(p)
+        name = job["fine_tuned_model"] or job["id"]
+        out.append({"object": "fine_tuning.job.checkpoint",
+                    "id": "ftckpt-" + hashlib.sha256(f"{job['id']}/{step}".encode()).hexdigest()[:24],
+                    "created_at": int((p / MARKER).stat().st_mtime), "fine_tuning_job_id": job["id"],
+                    "fine_tuned_model_checkpoint": f"{name}:ckpt-step-{step}", "step_number": step,
+                    "metrics": {"step": float(step), **({"train_loss": loss[step]} if step in loss else {})}})
+    return out
+
+
+class Syncer:
+    """The API's background loop: every ``service.sync_interval_s`` brings every unfinished
+    job up to date (so events are recorded while nobody polls)."""
+
+    def __init__(self, cfg: Config, store: Store):
+        self.cfg, self.store = cfg, store
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="tuneops-job-sync", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.cfg.service.sync_interval_s):
+            for job in self.store.active_jobs():
+                if self._stop.is_set():
+                    return
+                try:
+                    sync(self.cfg, self.store, job["id"])
+                except Exception:  # noqa: BLE001 - one bad job must not stop the loop
+                    time.sleep(0)
