@@ -46,6 +46,7 @@ class Service:
     def __init__(self, root: Path, cfg, env: dict[str, str], port: int, tokens: dict[str, str]):
         self.root, self.cfg, self.env, self.port, self.tokens = root, cfg, env, port, tokens
         self.api: subprocess.Popen | None = None
+        self.worker: subprocess.Popen | None = None
         self.api_log = LOGS / "api.log"
         self.worker_log = LOGS / "worker.log"
         self.base_url = f"http://127.0.0.1:{port}/v1"
@@ -66,8 +67,7 @@ class Service:
         def up() -> bool:
             assert self.api.poll() is None, self.api_log.read_text(errors="replace")[-5000:]
             try:
-                return httpx.get(f"{self.base_url}/models", timeout=2,
-                                 headers={"Authorization": f"Bearer {self.tokens['alice']}"}).status_code == 200
+                return httpx.get(f"http://127.0.0.1:{self.port}/health", timeout=2).status_code == 200
             except httpx.HTTPError:
                 return False
 
@@ -102,7 +102,7 @@ def svc():
     root = make_project("service", (
         "train.max_steps=6", "train.save_steps=3", "evaluate.max_samples=8", "evaluate.generations=0",
         "optimize.parity_samples=1", "optimize.ppl_samples=4", "orchestrate.startup_timeout_s=180",
-        "service.max_upload_mb=1", "service.sync_interval_s=1"))
+        "service.max_upload_mb=1", "service.sync_interval_s=1", "service.dead_after_s=60"))
     cfg = load_config(root / "params.yaml")
     LOGS.mkdir(parents=True, exist_ok=True)
     for log in LOGS.glob("*.log"):
@@ -121,10 +121,11 @@ def svc():
             out = service.tuneops("api", "token", "create", who)
             assert out.returncode == 0, out.stderr
             service.tokens[who] = out.stdout.strip()
-        with (LOGS / "worker.log").open("ab") as wlog:
+        with service.worker_log.open("ab") as wlog:
             worker = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(root / "params.yaml"),
                                        "api", "worker"], env=env, stdout=wlog, stderr=subprocess.STDOUT,
                                       start_new_session=True)
+        service.worker = worker
         service.start_api()
         yield service
     finally:
@@ -270,3 +271,42 @@ def test_cancel_stops_a_running_job(svc):
     assert client.fine_tuning.jobs.retrieve(job.id).status == "cancelled"
     with pytest.raises(openai.BadRequestError):
         client.fine_tuning.jobs.cancel(job.id)
+
+
+@pytest.mark.slow
+def test_a_job_whose_worker_died_fails_with_the_reason(svc):
+    """Last in the module: it kills the worker. SIGKILL of the worker and the job's process
+    (a machine dying) while the API is down too -> no more heartbeats -> the Prefect
+    automation crashes the flow run after service.dead_after_s -> the restarted API reports
+    the job failed, code worker_died, never left running."""
+    import psutil
+    from prefect.client.orchestration import SyncPrefectClient
+
+    from tuneops.service.app import database_url
+    from tuneops.service.db import Store
+
+    client = svc.client()
+    f = client.files.create(file=("chat3.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id,
+                                         hyperparameters={"n_epochs": 40, "batch_size": 4})
+    _wait(lambda: any(e.message == "Stage train started" for e in client.fine_tuning.jobs.list_events(job.id)),
+          300, "the job to train", (svc.worker_log,), 2.0)
+    svc.stop_api()
+    procs = [psutil.Process(svc.worker.pid), *psutil.Process(svc.worker.pid).children(recursive=True)]
+    assert len(procs) >= 2, "the worker should be running the job's process"
+    for p in procs:
+        p.kill()
+    killed = time.monotonic()
+    run_id = Store(database_url(svc.cfg)).job(job.id)["flow_run_id"]
+    with SyncPrefectClient(svc.env["PREFECT_API_URL"]) as c:
+        state = _wait(lambda: (s := c.read_flow_run(run_id).state).type.value == "CRASHED" and s,
+                      svc.cfg.service.dead_after_s + 120, "the automation to crash the silent run", (), 3.0)
+    waited = time.monotonic() - killed
+    assert "heartbeat" in state.message
+    assert waited >= svc.cfg.service.dead_after_s - svc.cfg.service.heartbeat_s - 5
+    svc.start_api()
+    j = client.fine_tuning.jobs.retrieve(job.id)
+    assert j.status == "failed" and j.error.code == "worker_died" and "dead_after_s" in j.error.message
+    messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert messages[0].startswith("Fine-tuning job failed: no heartbeat")
+    print(f"dead worker detected {waited:.0f} s after the kill (dead_after_s {svc.cfg.service.dead_after_s})")

@@ -72,7 +72,8 @@ def job_obj(j: dict[str, Any]) -> dict[str, Any]:
             "training_file": j["training_file"], "validation_file": j["validation_file"],
             "hyperparameters": hp, "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
             "result_files": j["result_files"] or [], "trained_tokens": j["trained_tokens"], "error": j["error"],
-            "seed": j["seed"], "estimated_finish": None, "integrations": [], "metadata": j["job_metadata"],
+            "seed": j["seed"],
+            "estimated_finish": j["estimated_finish"] if j["status"] == "running" else None, "integrations": [], "metadata": j["job_metadata"],
             "user_provided_suffix": j["suffix"]}
 
 
@@ -167,6 +168,11 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         if name is None:
             raise APIError(401, "Incorrect API key provided", None, "invalid_api_key")
         return name
+
+    @app.get("/health")
+    def health() -> dict[str, str]:
+        """Liveness for probes (no token needed, nothing about jobs)."""
+        return {"status": "ok"}
 
     # -- files ---------------------------------------------------------------------------------
     @app.post("/v1/files")

@@ -7,7 +7,6 @@ process can stop and start at any time without losing a job.
 from __future__ import annotations
 
 import hashlib
-import json
 import secrets
 import time
 from pathlib import Path
@@ -25,7 +24,6 @@ tokens = Table(
     Column("name", String(64), primary_key=True),
     Column("sha256", String(64), nullable=False, unique=True),   # the token itself is never stored
     Column("created_at", Integer, nullable=False),
-    Column("revoked_at", Integer),
 )
 
 files = Table(
@@ -64,6 +62,7 @@ jobs = Table(
     Column("error", JSON),
     Column("trained_tokens", Integer),
     Column("total_steps", Integer, nullable=False),
+    Column("estimated_finish", Integer),
     Column("result_files", JSON, nullable=False, default=list),
 )
 
@@ -137,8 +136,7 @@ class Store:
 
     def owner_of(self, token: str) -> str | None:
         with self.engine.connect() as c:
-            row = c.execute(select(tokens.c.name).where(tokens.c.sha256 == token_hash(token),
-                                                        tokens.c.revoked_at.is_(None))).first()
+            row = c.execute(select(tokens.c.name).where(tokens.c.sha256 == token_hash(token))).first()
         return row.name if row else None
 
     # -- files --------------------------------------------------------------------------------
@@ -225,10 +223,6 @@ def page(items: list[dict[str, Any]], after: str | None, limit: int, key: str = 
         ids = [i[key] for i in items]
         items = items[ids.index(after) + 1:] if after in ids else []
     return items[:limit], len(items) > limit
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, sort_keys=True)
 
 
 def iter_chunks(path: Path, size: int = 1 << 20) -> Iterator[bytes]:

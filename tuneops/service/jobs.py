@@ -238,6 +238,26 @@ def step_history(cfg: Config, flow_run_id: str | None) -> list[dict[str, Any]]:
     return [rows[k] for k in sorted(rows) if "train_loss" in rows[k]]
 
 
+def _silent(cfg: Config, client: Any, fr: Any) -> bool:
+    """A running flow run with no heartbeat in the last ``service.dead_after_s`` (and running
+    longer than that). The automation covers runs that sent at least one heartbeat; this also
+    covers a process that died before its first one, while the API is up."""
+    from datetime import datetime, timezone
+
+    from prefect.events.filters import EventFilter, EventNameFilter, EventOccurredFilter, EventResourceFilter
+
+    window = timedelta(seconds=cfg.service.dead_after_s)
+    start = fr.start_time or fr.state.timestamp
+    now_ = datetime.now(timezone.utc)
+    if start is None or now_ - start < window:
+        return False
+    page = client.read_events(EventFilter(
+        event=EventNameFilter(name=["prefect.flow-run.heartbeat"]),
+        resource=EventResourceFilter(id=[f"prefect.flow-run.{fr.id}"]),
+        occurred=EventOccurredFilter(since=now_ - window, until=now_)), limit=1)
+    return not page.events
+
+
 def _failure(cfg: Config, flow_run: Any, task_runs: list[Any]) -> dict[str, Any]:
     """The job's ``error``: which stage failed and why (the data stages blame training_file)."""
     failed = [t for t in task_runs if t.name in STAGES and t.state and t.state.type.value in ("FAILED", "CRASHED")]
@@ -289,6 +309,11 @@ def _sync(cfg: Config, store: Store, job: dict[str, Any]) -> None:
     jid = job["id"]
     with get_client(sync_client=True) as client:
         fr = client.read_flow_run(UUID(job["flow_run_id"]))
+        if fr.state.type.value == "RUNNING" and _silent(cfg, client, fr):
+            from prefect.states import Crashed
+
+            client.set_flow_run_state(fr.id, Crashed(message=dead_message(cfg)), force=True)
+            fr = client.read_flow_run(fr.id)
         tasks = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
     tasks = sorted(tasks, key=lambda t: (t.start_time or t.expected_start_time or t.created))
     kind = fr.state.type.value
@@ -309,7 +334,12 @@ def _sync(cfg: Config, store: Store, job: dict[str, Any]) -> None:
             store.add_event(jid, f"stage-{t.name}-failed", f"Stage {t.name} failed: {_state_detail(t.state)}",
                             _ts(t.end_time) or now(), level="error", data={"stage": t.name})
     total = job["total_steps"]
-    for h in step_history(cfg, job["flow_run_id"]):
+    history = step_history(cfg, job["flow_run_id"])
+    if len(history) >= 2 and history[-1]["step"] < total:     # the remaining steps at the rate so far
+        (a, b) = history[0], history[-1]
+        rate = (b["timestamp"] - a["timestamp"]) / max(b["step"] - a["step"], 1)
+        store.update_job(jid, estimated_finish=int(b["timestamp"] + rate * (total - b["step"])))
+    for h in history:
         store.add_event(jid, f"step-{h['step']}", f"Step {h['step']}/{total}: training loss={h['train_loss']:.4f}",
                         h["timestamp"], type="metrics",
                         data={"step": h["step"], "train_loss": h["train_loss"], "total_steps": total,
@@ -352,6 +382,7 @@ def _succeeded(cfg: Config, store: Store, job: dict[str, Any], finished: int) ->
     result = _results_file(cfg, store, job)
     store.add_event(job["id"], "succeeded", "The job has successfully completed", finished)
     store.update_job(job["id"], status="succeeded", finished_at=finished, model_version=str(version.version),
+                     estimated_finish=None,
                      trained_tokens=int(train.get("tokens") or 0), result_files=[result] if result else [])
 
 
