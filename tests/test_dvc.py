@@ -27,7 +27,8 @@ def _ran(output: str) -> list[str]:
 
 
 def test_dvc_repro_reproduces_and_reruns_only_what_changed():
-    root = make_project("dvc")
+    root = make_project("dvc", ("train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=0",
+                                "optimize.ppl_samples=4", "optimize.parity_samples=1"))
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
     _run(["git", "init", "-q"], root)
     _run(["dvc", "init", "-q"], root)

@@ -66,6 +66,28 @@ def test_every_variant_built_gated_and_covered_per_target(optimized, tiny_cfg):
     assert read_json(out / "metrics.json")["default_variant"] == default
 
 
+def test_quantized_gate_rejects_perplexity_drift_both_ways_and_top1_flips():
+    import numpy as np
+
+    from tasks.optimize import gate_quantized
+
+    ref = {"perplexity": 10.0, "top1": np.arange(100)}
+    limits, floors = {"int8": 3.0}, {"int8": 0.9}
+
+    def gate(ppl, flips):
+        top1 = ref["top1"].copy()
+        top1[:flips] = -1
+        return gate_quantized("int8", {"perplexity": ppl, "top1": top1}, ref, limits, floors)
+
+    assert gate(10.2, 5)["accepted"]                                  # +2%, 95% agreement
+    assert not gate(10.4, 0)["accepted"]                              # +4% perplexity
+    assert not gate(9.6, 0)["accepted"]                               # -4%: a deviation too, not a gain
+    assert not gate(10.0, 11)["accepted"]                             # 89% top-1 agreement
+    assert not gate(float("nan"), 0)["accepted"]
+    assert gate(10.2, 5)["perplexity_change_pct"] == pytest.approx(2.0)
+
+
+@pytest.mark.slow   # ~1.5 min: two QDQ builds + scoring (CI time); the gate rules are unit-tested too
 def test_broken_variant_is_rejected_by_the_gate(stage, tiny_cfg, tmp_path):
     """Static QDQ of every op (embedding, norms, softmax, mask arithmetic) calibrated on one
     sequence is rejected; the proper recipe (MatMuls, 32 calibration sequences) passes the

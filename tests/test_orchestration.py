@@ -257,6 +257,7 @@ def test_scheduled_deployment_fires_and_an_unchanged_rerun_hits_the_cache(orches
     _wait(lambda: all(r.state.type.value in TERMINAL for r in o.runs()), 300, "queued scheduled runs to finish", logs)
 
 
+@pytest.mark.slow   # ~2 min: a second full retrain (CI time); the trigger and dedupe settings are in the deploy test
 def test_data_change_triggers_exactly_one_retrain(orchestra):
     from prefect.events import emit_event
     from prefect.events.worker import EventsWorker

@@ -49,8 +49,19 @@ def test_every_stage_input_is_produced_upstream():
 
 def test_every_params_section_is_read_by_a_stage():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    read = {p.split(".")[0] for s in stages.STAGES for p in s.params} | {"paths"} | set(stages.ORCHESTRATION_PARAMS)
+    read = ({p.split(".")[0] for s in stages.STAGES for p in s.params} | {"paths"} | set(stages.ORCHESTRATION_PARAMS)
+            | set(stages.SERVICE_PARAMS))
     assert set(params) == read
+
+
+def test_service_params_are_read_by_the_jobs_api():
+    from tuneops.service import app, jobs
+
+    sources = "".join(open(m.__file__).read() for m in (app, jobs))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for section in stages.SERVICE_PARAMS:
+        for key in params[section]:
+            assert f"service.{key}" in sources or f"s.{key}" in sources, f"{section}.{key} is never read"
 
 
 def test_orchestration_params_are_read_by_the_flow_and_cli():

@@ -20,6 +20,9 @@ from tuneops.cli import main as cli
 
 from .conftest import REPO, make_project
 
+# ~3 min (three registered versions); champion vs a worse model is also in tests/test_stages.py
+pytestmark = pytest.mark.slow
+
 TRAIN_ON = ("train", "evaluate", "optimize", "register")
 
 

@@ -87,11 +87,11 @@ class Service:
         return _wait(reached, timeout, f"job {job_id} to be {statuses}", (self.worker_log, self.api_log), 2.0)
 
 
-def _chat_jsonl(cfg, n: int) -> bytes:
+def _chat_jsonl(cfg, n: int, skip: int = 0) -> bytes:
     from tuneops.data import scenarios
 
     train, _, _ = scenarios.build("chat", cfg.ingest)
-    return b"".join(json.dumps({"messages": r["messages"]}).encode() + b"\n" for r in train[:n])
+    return b"".join(json.dumps({"messages": r["messages"]}).encode() + b"\n" for r in train[skip:skip + n])
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +193,9 @@ def test_job_requests_are_checked_before_anything_runs(svc):
     with pytest.raises(openai.BadRequestError) as err:            # 3 held out < validate.min_rows=5
         client.fine_tuning.jobs.create(model="tiny", training_file=few.id)
     assert err.value.body["param"] == "training_file" and "validate.min_rows=5" in err.value.body["message"]
+    assert client.files.delete(few.id).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(few.id)
     with pytest.raises(openai.BadRequestError) as err:            # bob cannot train on alice's file
         svc.client("bob").fine_tuning.jobs.create(model="tiny", training_file=f.id)
     assert err.value.body["param"] == "training_file"
@@ -201,9 +204,11 @@ def test_job_requests_are_checked_before_anything_runs(svc):
 
 def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     client, bob = svc.client(), svc.client("bob")
-    f = client.files.create(file=("chat.jsonl", _chat_jsonl(svc.cfg, 80)), purpose="fine-tune")
+    f = client.files.create(file=("chat.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")
+    v = client.files.create(file=("held-out.jsonl", _chat_jsonl(svc.cfg, 12, skip=60)), purpose="fine-tune")
     assert f.status == "processed" and f.purpose == "fine-tune"
-    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, suffix="smoke", seed=7)
+    job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=v.id, suffix="smoke",
+                                         seed=7)
     assert job.status in ("validating_files", "queued") and job.fine_tuned_model is None
     assert job.hyperparameters.batch_size == svc.cfg.select.global_batch_size
 
@@ -243,12 +248,15 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     # the job ran in its own working directory, and the model is in MLflow with its lineage
     workdir = svc.root / ".tuneops" / "service" / "jobs" / job.id
     assert (workdir / "artifacts" / "register" / "registration.json").is_file()
+    manifest = json.loads((workdir / "data" / "chat" / "manifest.json").read_text())
+    assert (manifest["train_rows"], manifest["eval_rows"]) == (60, 12)      # the validation file is the eval split
     from mlflow import MlflowClient
 
     from tuneops import tracking
 
     mv = MlflowClient(tracking.tracking_uri(svc.cfg)).get_model_version(done.fine_tuned_model, "1")
     assert mv.tags["tuneops.job.id"] == job.id and mv.tags["tuneops.job.training_file"] == f.id
+    assert mv.tags["tuneops.job.validation_file"] == v.id
 
 
 def test_cancel_stops_a_running_job(svc):

@@ -48,7 +48,10 @@ def _select_and_train(root: Path, tag: str, *overrides: str) -> tuple[dict, dict
     return plan, train.run(cfg)
 
 
-@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora", "ia3", "prompt_tuning"])
+# IA3 and prompt tuning run in the slow set (CI time); the four methods the planner picks run always.
+@pytest.mark.parametrize("method", ["full", "lora", "dora", "qlora",
+                                    pytest.param("ia3", marks=pytest.mark.slow),
+                                    pytest.param("prompt_tuning", marks=pytest.mark.slow)])
 def test_every_method_lowers_the_loss(project, method):
     plan, m = _select_and_train(project, method, f"select.method={method}")
     assert plan["method"] == method == m["method"]

@@ -62,6 +62,7 @@ STAGE_NAMES = tuple(s.name for s in STAGES)
 # params sections that steer how the pipeline runs (server, schedules, retries, caching),
 # not what it computes: read by the Prefect flow and the CLI, not by a stage.
 ORCHESTRATION_PARAMS = ("orchestrate",)
+SERVICE_PARAMS = ("service",)        # the jobs API (tuneops/service): not a stage input either
 
 
 def get(name: str) -> StageSpec:

@@ -192,12 +192,12 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
                     md5.update(chunk)
                     out.write(chunk)
             filename = Path(file.filename or "upload.jsonl").name[:255]
-            records = _validate_upload(cfg, part, filename)
+            records, details = _validate_upload(cfg, part, filename)
             part.replace(files_dir / fid)
         finally:
             part.unlink(missing_ok=True)
         return file_obj(store.add_file(id=fid, owner=who, filename=filename, purpose=purpose, bytes=size,
-                                       created_at=now(), status="processed", status_details=None,
+                                       created_at=now(), status="processed", status_details=details,
                                        md5=md5.hexdigest(), records=records, deleted=False))
 
     @app.get("/v1/files")
@@ -291,8 +291,8 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
     return app
 
 
-def _validate_upload(cfg: Config, path: Path, filename: str) -> int:
-    """The data gate on an upload (chat format, params' rules): the number of records, or a
+def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str | None]:
+    """The data gate on an upload (chat format, params' rules): (records accepted, details), or a
     400 whose message lists the problems as ``FILENAME:LINE: FIELD: RULE: message``."""
     from tuneops.data.cli import resolve_tokenizer
     from tuneops.data.gate import LazyTokenizer, Settings, validate_dataset
@@ -305,7 +305,9 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> int:
             raise APIError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: {exc}",
                            "file", "invalid_file") from None
     if result.success:
-        return int(result.counts()["total"]["accepted"])
+        total = result.counts()["total"]
+        return int(total["accepted"]), (f"{total['rejected']} of {total['read']} records will be left out by the data "
+                                         f"gate (data.policy quarantine)" if total["rejected"] else None)
     problems = [{"line": p.line, "field": p.field, "rule": p.rule, "message": p.message} for p in result.problems]
     shown = "\n".join(f"{filename}:{p['line']}: {p['field']}: {p['rule']}: {p['message']}" for p in problems[:20])
     more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
@@ -378,7 +380,7 @@ def _create_job(cfg: Config, store: Store, who: str, body: dict[str, Any]) -> di
     name = "-".join(x for x in ("ft", model, who, suffix, jid[-8:]) if x)
     job = {"id": jid, "owner": who, "model": model, "training_file": files["training_file"]["id"],
            "validation_file": files.get("validation_file", {}).get("id"), "hyperparameters": resolved,
-           "suffix": suffix, "seed": seed, "job_metadata": meta, "status": "validating_files", "created_at": now(),
+           "suffix": suffix, "seed": seed, "job_metadata": meta, "status": "queued", "created_at": now(),
            "fine_tuned_model": name, "total_steps": steps, "result_files": []}
     try:
         J.prepare_workdir(cfg, job, files["training_file"], files.get("validation_file"), overrides)

@@ -297,7 +297,7 @@ def sync(cfg: Config, store: Store, job_id: str) -> dict[str, Any] | None:
         try:
             _sync(cfg, store, job)
         except Exception as exc:  # noqa: BLE001 - Prefect / MLflow unreachable: keep the last known state
-            store.add_event(job_id, f"sync-error-{now() // 60}", f"Job state not readable right now "
+            store.add_event(job_id, f"sync-error-{now() // 600}", f"Job state not readable right now "
                             f"({type(exc).__name__}); last known status kept", level="warn")
         return store.job(job_id)
 
@@ -349,7 +349,15 @@ def _sync(cfg: Config, store: Store, job: dict[str, Any]) -> None:
     elif kind in ("RUNNING", "CANCELLING"):
         store.update_job(jid, status="running")
     elif kind == "COMPLETED":
-        _succeeded(cfg, store, job, _ts(fr.end_time) or now())
+        from mlflow.exceptions import MlflowException
+
+        try:
+            _succeeded(cfg, store, job, _ts(fr.end_time) or now())
+        except (OSError, ValueError, KeyError, MlflowException) as exc:   # finished, but no registered model
+            error = {"code": "no_model", "param": None,
+                     "message": f"the pipeline finished without a registered model ({type(exc).__name__}: {exc})"}
+            store.add_event(jid, "failed", f"Fine-tuning job failed: {error['message']}", now(), level="error")
+            store.update_job(jid, status="failed", error=error, finished_at=_ts(fr.end_time) or now())
     elif kind in ("FAILED", "CRASHED"):
         error = _failure(cfg, fr, tasks)
         store.add_event(jid, "failed", f"Fine-tuning job failed: {error['message']}", _ts(fr.end_time) or now(),
