@@ -10,6 +10,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,19 @@ TINY = (
 # The stage-by-stage project (tests/test_stages.py, test_optimize_onnx.py, test_report.py) builds every
 # target's variants; the other tiny pipelines (flow, dvc, orchestration, ...) export fp32 only.
 ALL_TARGETS = ("optimize.targets=[cpu,fpga,npu]",)
+
+
+def wait_for(predicate, timeout: float, what: str, logs=(), interval: float = 2.0):
+    """Poll ``predicate`` until it returns something truthy (returned); on timeout fail with the
+    tails of ``logs`` (the server / worker / API logs that say why)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-5000:]}" for p in logs if p.is_file())
+    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
 def make_project(name: str, overrides: tuple[str, ...] = ()) -> Path:

@@ -23,20 +23,10 @@ from tuneops import stages
 from tuneops.io import read_jsonl
 
 from .conftest import REPO, TEST_ROOT, make_project
+from .conftest import wait_for as _wait
 
 ARTIFACTS = TEST_ROOT / "artifacts"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}
-
-
-def _wait(predicate, timeout: float, what: str, logs: list[Path] = (), interval: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-4000:]}" for p in logs if p.is_file())
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
 class Orchestra:

@@ -25,21 +25,11 @@ import httpx
 import pytest
 
 from .conftest import REPO, TEST_ROOT, make_project
+from .conftest import wait_for as _wait
 
 openai = pytest.importorskip("openai")
 
 LOGS = TEST_ROOT / "service-logs"
-
-
-def _wait(predicate, timeout: float, what: str, logs: tuple[Path, ...] = (), interval: float = 1.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    tails = "\n".join(f"--- {p}:\n{p.read_text(errors='replace')[-5000:]}" for p in logs if p.is_file())
-    pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}\n{tails}")
 
 
 class Service:
