@@ -8,6 +8,7 @@ import shutil
 import subprocess
 import time
 
+import pytest
 import yaml
 
 from tuneops import stages
@@ -26,6 +27,7 @@ def _ran(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
 
+@pytest.mark.slow   # ~4 min of CLI processes (CI time); dvc.yaml vs the stages is checked in test_pipeline_definition
 def test_dvc_repro_reproduces_and_reruns_only_what_changed():
     root = make_project("dvc", ("train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=0",
                                 "optimize.ppl_samples=4", "optimize.parity_samples=1"))
