@@ -4,6 +4,8 @@ by the gate, sequence-classification export, `tuneops generate` / `tuneops class
 from __future__ import annotations
 
 import io
+import subprocess
+import sys
 import json
 from types import SimpleNamespace
 
@@ -241,7 +243,7 @@ def test_coverage_counts_nodes_flops_and_fallback_ops(tmp_path):
     assert targets.coverage(path, targets.load("cpu"))["node_share"] == 1.0
 
 
-def test_generate_runs_a_registered_variant(stage, tiny_cfg):
+def test_generate_runs_a_registered_variant(stage, tiny_cfg, tmp_path):
     """`tuneops generate --model models:/NAME@champion`: the registered pyfunc's ONNX
     variant (its default, or --variant) runs with the KV cache."""
     from tuneops.infer import InferError, generate
@@ -257,3 +259,9 @@ def test_generate_runs_a_registered_variant(stage, tiny_cfg):
     assert reply == local  # the registered default variant == this project's default variant
     with pytest.raises(InferError, match="no ONNX variant"):
         generate(tiny_cfg, SimpleNamespace(**{**vars(args), "variant": "int3"}), io.StringIO())
+    # the CLI, from another folder: it must find this project's registry, not create one there
+    proc = subprocess.run([sys.executable, "-m", "tuneops", "--params", str(tiny_cfg.root / "params.yaml"),
+                           "generate", "--model", uri, "--max-new-tokens", "3", "Hello"],
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.strip() == reply.strip() and not list(tmp_path.iterdir())

@@ -42,9 +42,13 @@ def _local_lm(cfg: Config, model: str | None, variant: str | None) -> tuple[Path
     return path, tok
 
 
-def _registered_lm(uri: str, variant: str | None) -> tuple[Path, Path]:
+def _registered_lm(cfg: Config, uri: str, variant: str | None) -> tuple[Path, Path]:
     import mlflow.pyfunc
 
+    from . import tracking
+
+    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))      # this project's registry, from any folder
+    mlflow.set_registry_uri(tracking.tracking_uri(cfg))
     wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     arts = wrapped.artifacts
     name = variant or wrapped.variant
@@ -62,7 +66,7 @@ def generate(cfg: Config, args: Any, out: Any = None) -> str:
 
     out = out or sys.stdout
     if args.model and str(args.model).startswith("models:/"):
-        onnx_path, tok_dir = _registered_lm(args.model, args.variant)
+        onnx_path, tok_dir = _registered_lm(cfg, args.model, args.variant)
     else:
         onnx_path, tok_dir = _local_lm(cfg, args.model, args.variant)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
