@@ -117,7 +117,7 @@ def orchestra():
         if worker is not None:
             worker.terminate()
             try:
-                worker.wait(30)
+                worker.wait(5)           # a Prefect worker takes ~30 s to stop gracefully: nothing to keep here
             except Exception:  # noqa: BLE001
                 worker.kill()
         server.stop(cfg)

@@ -123,9 +123,10 @@ def svc():
         if worker is not None and worker.poll() is None:
             os.killpg(worker.pid, signal.SIGTERM)
             try:
-                worker.wait(30)
+                worker.wait(5)           # a Prefect worker takes ~30 s to stop gracefully: nothing to keep here
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
+                worker.wait(10)
         server.stop(cfg)
 
 
