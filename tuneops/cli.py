@@ -155,7 +155,8 @@ def _orchestration(cfg: Any, args: argparse.Namespace) -> int:
             from .orchestrate.deploy import worker_command
 
             os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
-            os.execvp(worker_command(cfg)[0], worker_command(cfg))
+            cmd = worker_command(cfg.orchestrate.work_pool)
+            os.execvp(cmd[0], cmd)
         else:
             from flows.watch import watch
 
@@ -231,8 +232,10 @@ def _api(cfg: Any, args: argparse.Namespace) -> int:
 
     os.environ["PREFECT_API_URL"] = server.api_url(cfg)
     if action == "worker":
+        from .orchestrate.deploy import worker_command
+
         os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
-        cmd = [server._bin("prefect"), "worker", "start", "--pool", cfg.service.work_pool, "--type", "process"]
+        cmd = worker_command(cfg.service.work_pool)
         os.execvp(cmd[0], cmd)
     from .service.app import serve
 

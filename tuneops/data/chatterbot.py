@@ -59,6 +59,11 @@ def clean(rows: list[dict[str, Any]], max_chars: int) -> tuple[list[dict[str, An
     return kept, counts
 
 
+def eval_count(n: int, eval_fraction: float) -> int:
+    """How many of ``n`` rows :func:`split` holds out for evaluation."""
+    return max(1, round(n * eval_fraction))
+
+
 def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int,
           limit: int | None = None) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """Fixed-seed shuffle and split of (deduplicated) rows."""
@@ -66,5 +71,5 @@ def split(rows: list[dict[str, Any]], eval_fraction: float, seed: int,
     random.Random(seed).shuffle(rows)
     if limit:
         rows = rows[:limit]
-    n_eval = max(1, round(len(rows) * eval_fraction))
+    n_eval = eval_count(len(rows), eval_fraction)
     return rows[n_eval:], rows[:n_eval]

@@ -28,13 +28,12 @@ def watch_deployment_name(cfg: Config) -> str:
     return f"{cfg.orchestrate.deployment}-data-watch"
 
 
-def ensure_work_pool(cfg: Config) -> str:
-    """Create the process work pool if the server does not have it yet."""
+def ensure_work_pool(name: str) -> str:
+    """Create the process work pool ``name`` if the server does not have it yet; its type."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.exceptions import ObjectNotFound
 
-    name = cfg.orchestrate.work_pool
     with get_client(sync_client=True) as client:
         try:
             pool = client.read_work_pool(name)
@@ -65,7 +64,7 @@ def deploy(cfg: Config, params_file: str | Path, overrides: list[str] | tuple[st
 
     o = cfg.orchestrate
     params_file, overrides = str(Path(params_file).resolve()), list(overrides)
-    pool_type = ensure_work_pool(cfg)
+    pool_type = ensure_work_pool(o.work_pool)
     parameters = {"params_file": params_file, "overrides": overrides}
     finetune = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:finetune")
     finetune_id = finetune.deploy(
@@ -95,15 +94,16 @@ def deploy(cfg: Config, params_file: str | Path, overrides: list[str] | tuple[st
     }
 
 
-def worker_command(cfg: Config) -> list[str]:
+def worker_command(pool: str) -> list[str]:
+    """A process worker for the work pool ``pool`` (orchestrate.work_pool, or service.work_pool)."""
     from tuneops.orchestrate.server import _bin
 
-    return [_bin("prefect"), "worker", "start", "--pool", cfg.orchestrate.work_pool, "--type", "process"]
+    return [_bin("prefect"), "worker", "start", "--pool", pool, "--type", "process"]
 
 
 def start_worker(cfg: Config, env: dict[str, str], log: Path) -> subprocess.Popen:
     """A process worker for the pool, in the background (its own process group)."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as out:
-        return subprocess.Popen(worker_command(cfg), stdout=out, stderr=subprocess.STDOUT, env=env,
+        return subprocess.Popen(worker_command(cfg.orchestrate.work_pool), stdout=out, stderr=subprocess.STDOUT, env=env,
                                 cwd=str(cfg.root), start_new_session=True)

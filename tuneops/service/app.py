@@ -18,6 +18,7 @@ chosen by the server and never used from user input as paths.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import os
 import re
@@ -32,6 +33,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from tuneops.config import Config
+from tuneops.data.chatterbot import eval_count
 from tuneops.service import jobs as J
 from tuneops.service.db import Store, default_url, iter_chunks, new_id, now, page
 
@@ -127,7 +129,6 @@ def too_large(limit: int) -> APIError:
 def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
     store = Store(database_url(cfg))
     limit = int(cfg.service.max_upload_mb * 2**20)
-    files_dir = J.storage(cfg) / "files"
     (J.storage(cfg) / "tmp").mkdir(parents=True, exist_ok=True)
     tempfile.tempdir = str(J.storage(cfg) / "tmp")     # multipart spooling stays in the project
 
@@ -181,8 +182,9 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
             raise APIError(400, f"purpose {purpose!r} is not supported; this service accepts 'fine-tune'", "purpose",
                            "invalid_purpose")
         fid = new_id("file")
-        files_dir.mkdir(parents=True, exist_ok=True)
-        part, md5, size = files_dir / f"{fid}.part", hashlib.md5(), 0  # noqa: S324 - a content fingerprint
+        dest = J.file_path(cfg, fid)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        part, md5, size = dest.with_name(f"{fid}.part"), hashlib.md5(), 0  # noqa: S324 - a content fingerprint
         try:
             with part.open("wb") as out:
                 while chunk := file.file.read(1 << 20):
@@ -193,7 +195,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
                     out.write(chunk)
             filename = Path(file.filename or "upload.jsonl").name[:255]
             records, details = _validate_upload(cfg, part, filename)
-            part.replace(files_dir / fid)
+            part.replace(dest)
         finally:
             part.unlink(missing_ok=True)
         return file_obj(store.add_file(id=fid, owner=who, filename=filename, purpose=purpose, bytes=size,
@@ -218,13 +220,13 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         f = store.get_file(who, file_id)
         if f is None:
             raise not_found("file", file_id)
-        return StreamingResponse(iter_chunks(files_dir / f["id"]), media_type="application/octet-stream")
+        return StreamingResponse(iter_chunks(J.file_path(cfg, f["id"])), media_type="application/octet-stream")
 
     @app.delete("/v1/files/{file_id}")
     def delete_file(file_id: str, who: str = Depends(owner)) -> dict[str, Any]:
         if not store.delete_file(who, file_id):
             raise not_found("file", file_id)
-        (files_dir / file_id).unlink(missing_ok=True)     # jobs keep their own copy in their working dir
+        J.file_path(cfg, file_id).unlink(missing_ok=True)     # jobs keep their own copy in their working dir
         return {"id": file_id, "object": "file", "deleted": True}
 
     # -- jobs ----------------------------------------------------------------------------------
@@ -309,7 +311,7 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str |
         return int(total["accepted"]), (f"{total['rejected']} of {total['read']} records will be left out by the data "
                                          f"gate (data.policy quarantine)" if total["rejected"] else None)
     problems = [{"line": p.line, "field": p.field, "rule": p.rule, "message": p.message} for p in result.problems]
-    shown = "\n".join(f"{filename}:{p['line']}: {p['field']}: {p['rule']}: {p['message']}" for p in problems[:20])
+    shown = "\n".join(str(dataclasses.replace(p, path=filename)) for p in result.problems[:20])
     more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
     raise APIError(400, f"{filename} failed validation ({len(problems)} problems; format chat, see data/README.md):\n"
                         f"{shown}{more}", "file", "invalid_file", extra={"problems": problems[:200]})
@@ -362,7 +364,7 @@ def _create_job(cfg: Config, store: Store, who: str, body: dict[str, Any]) -> di
         raise APIError(400, "metadata: at most 16 string pairs (keys <= 64, values <= 512 characters)", "metadata",
                        "invalid_metadata")
     rows = files["training_file"]["records"]
-    held_out = 0 if "validation_file" in files else max(1, round(rows * cfg.ingest.eval_fraction))
+    held_out = 0 if "validation_file" in files else eval_count(rows, cfg.ingest.eval_fraction)
     min_rows = cfg.validate.min_rows
     if rows - held_out < min_rows or (held_out and held_out < min_rows):
         need = min_rows if held_out == 0 else max(min_rows + 1, -(-min_rows // cfg.ingest.eval_fraction))

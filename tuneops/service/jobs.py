@@ -10,10 +10,11 @@ failed with the reason.
 """
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
 import shutil
 import threading
-import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -22,22 +23,24 @@ from uuid import UUID
 import yaml
 
 from tuneops import tracking
-from tuneops.config import Config, apply_overrides
-from tuneops.service.db import TERMINAL, Store, now
+from tuneops.config import Config, apply_overrides, load_config
+from tuneops.io import md5_file
+from tuneops.service.db import TERMINAL, Store, new_id, now
+from tuneops.stages import STAGE_NAMES as STAGES
 
 REPO = Path(__file__).resolve().parents[2]
-STAGES = ("model", "ingest", "validate", "select", "train", "evaluate", "optimize", "register")
 # The stage whose failure is the user's data, and the job parameter to blame.
 DATA_STAGES = {"ingest": "training_file", "validate": "training_file"}
 _sync_lock = threading.Lock()
+log = logging.getLogger("tuneops.service")
 
 
 class JobError(ValueError):
     """A job request the service refuses (400); ``param`` names the request field."""
 
-    def __init__(self, message: str, param: str | None = None, code: str = "invalid_request"):
+    def __init__(self, message: str, param: str | None = None):
         super().__init__(message)
-        self.param, self.code = param, code
+        self.param = param
 
 
 # -- the deployment and the dead-worker automation ----------------------------------------------
@@ -57,18 +60,14 @@ def ensure_deployment(cfg: Config) -> UUID:
     from prefect import flow
     from prefect.automations import Automation
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.client.schemas.objects import StateType
     from prefect.events.actions import ChangeFlowRunState
     from prefect.events.schemas.automations import EventTrigger, Posture
-    from prefect.exceptions import ObjectNotFound
+
+    from tuneops.orchestrate.deploy import ensure_work_pool
 
     s = cfg.service
-    with get_client(sync_client=True) as client:
-        try:
-            client.read_work_pool(s.work_pool)
-        except ObjectNotFound:
-            client.create_work_pool(WorkPoolCreate(name=s.work_pool, type="process"))
+    ensure_work_pool(s.work_pool)
     deployment_id = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:finetune").deploy(
         name=s.deployment, work_pool_name=s.work_pool, build=False, push=False, concurrency_limit=s.concurrency_limit,
         job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(s.heartbeat_s)}},
@@ -140,8 +139,6 @@ def job_dir(cfg: Config, job_id: str) -> Path:
 
 
 def job_config(cfg: Config, job: dict[str, Any]) -> Config:
-    from tuneops.config import load_config
-
     return load_config(job_dir(cfg, job["id"]) / "params.yaml")
 
 
@@ -177,8 +174,6 @@ def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any]
     tmp = d / "params.yaml.tmp"
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
     tmp.replace(d / "params.yaml")
-    from tuneops.config import load_config
-
     load_config(d / "params.yaml")               # the job's params must validate before compute is spent
     return d
 
@@ -258,7 +253,7 @@ def _silent(cfg: Config, client: Any, fr: Any) -> bool:
     return not page.events
 
 
-def _failure(cfg: Config, flow_run: Any, task_runs: list[Any]) -> dict[str, Any]:
+def _failure(flow_run: Any, task_runs: list[Any]) -> dict[str, Any]:
     """The job's ``error``: which stage failed and why (the data stages blame training_file)."""
     failed = [t for t in task_runs if t.name in STAGES and t.state and t.state.type.value in ("FAILED", "CRASHED")]
     state = flow_run.state
@@ -352,23 +347,24 @@ def _sync(cfg: Config, store: Store, job: dict[str, Any]) -> None:
         from mlflow.exceptions import MlflowException
 
         try:
-            _succeeded(cfg, store, job, _ts(fr.end_time) or now())
+            _succeeded(cfg, store, job, history, _ts(fr.end_time) or now())
         except (OSError, ValueError, KeyError, MlflowException) as exc:   # finished, but no registered model
-            error = {"code": "no_model", "param": None,
-                     "message": f"the pipeline finished without a registered model ({type(exc).__name__}: {exc})"}
-            store.add_event(jid, "failed", f"Fine-tuning job failed: {error['message']}", now(), level="error")
-            store.update_job(jid, status="failed", error=error, finished_at=_ts(fr.end_time) or now())
+            _fail(store, jid, {"code": "no_model", "param": None, "message": f"the pipeline finished without a "
+                               f"registered model ({type(exc).__name__}: {exc})"}, _ts(fr.end_time) or now())
     elif kind in ("FAILED", "CRASHED"):
-        error = _failure(cfg, fr, tasks)
-        store.add_event(jid, "failed", f"Fine-tuning job failed: {error['message']}", _ts(fr.end_time) or now(),
-                        level="error")
-        store.update_job(jid, status="failed", error=error, finished_at=_ts(fr.end_time) or now())
+        _fail(store, jid, _failure(fr, tasks), _ts(fr.end_time) or now())
     elif kind == "CANCELLED":
         store.add_event(jid, "cancelled", "Fine-tuning job cancelled", _ts(fr.end_time) or now())
         store.update_job(jid, status="cancelled", finished_at=_ts(fr.end_time) or now())
 
 
-def _succeeded(cfg: Config, store: Store, job: dict[str, Any], finished: int) -> None:
+def _fail(store: Store, job_id: str, error: dict[str, Any], finished: int) -> None:
+    store.add_event(job_id, "failed", f"Fine-tuning job failed: {error['message']}", finished, level="error")
+    store.update_job(job_id, status="failed", error=error, finished_at=finished)
+
+
+def _succeeded(cfg: Config, store: Store, job: dict[str, Any], history: list[dict[str, Any]],
+               finished: int) -> None:
     """A completed flow run: the job succeeds once its model is found in the MLflow registry."""
     import json
 
@@ -387,20 +383,14 @@ def _succeeded(cfg: Config, store: Store, job: dict[str, Any], finished: int) ->
     store.add_event(job["id"], "model", f"New fine-tuned model created: {job['fine_tuned_model']} (MLflow version "
                     f"{version.version}, alias {record['alias']}: {record['reason']})", finished,
                     data={"model": job["fine_tuned_model"], "version": version.version, "alias": record["alias"]})
-    result = _results_file(cfg, store, job)
+    result = _results_file(cfg, store, job, history)
     store.add_event(job["id"], "succeeded", "The job has successfully completed", finished)
     store.update_job(job["id"], status="succeeded", finished_at=finished, model_version=str(version.version),
-                     estimated_finish=None,
-                     trained_tokens=int(train.get("tokens") or 0), result_files=[result] if result else [])
+                     estimated_finish=None, trained_tokens=int(train.get("tokens") or 0), result_files=[result])
 
 
-def _results_file(cfg: Config, store: Store, job: dict[str, Any]) -> str | None:
+def _results_file(cfg: Config, store: Store, job: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     """step,train_loss,learning_rate as a CSV file of the job's owner (purpose fine-tune-results)."""
-    import hashlib
-
-    from tuneops.service.db import new_id
-
-    rows = step_history(cfg, job["flow_run_id"])
     text = "step,train_loss,learning_rate\n" + "".join(
         f"{r['step']},{r['train_loss']:.6f},{r.get('learning_rate', '')}\n" for r in rows)
     fid = new_id("file")
@@ -409,7 +399,7 @@ def _results_file(cfg: Config, store: Store, job: dict[str, Any]) -> str | None:
     path.write_text(text, encoding="utf-8")
     store.add_file(id=fid, owner=job["owner"], filename=f"{job['id']}-results.csv", purpose="fine-tune-results",
                    bytes=path.stat().st_size, created_at=now(), status="processed", status_details=None,
-                   md5=hashlib.md5(text.encode()).hexdigest(), records=len(rows), deleted=False)  # noqa: S324
+                   md5=md5_file(path), records=len(rows), deleted=False)
     return fid
 
 
@@ -438,12 +428,10 @@ def checkpoints(cfg: Config, job: dict[str, Any]) -> list[dict[str, Any]]:
     root = job_config(cfg, job).path("checkpoint_dir")
     found = [p for p in root.glob("*/checkpoint-*") if p.is_dir() and is_complete(p)] if root.is_dir() else []
     loss = {h["step"]: h["train_loss"] for h in step_history(cfg, job["flow_run_id"])}
-    import hashlib
-
+    name = job["fine_tuned_model"] or job["id"]
     out = []
     for p in sorted(found, key=step_of, reverse=True):
         step = step_of(p)
-        name = job["fine_tuned_model"] or job["id"]
         out.append({"object": "fine_tuning.job.checkpoint",
                     "id": "ftckpt-" + hashlib.sha256(f"{job['id']}/{step}".encode()).hexdigest()[:24],
                     "created_at": int((p / MARKER).stat().st_mtime), "fine_tuning_job_id": job["id"],
@@ -476,4 +464,4 @@ class Syncer:
                 try:
                     sync(self.cfg, self.store, job["id"])
                 except Exception:  # noqa: BLE001 - one bad job must not stop the loop
-                    time.sleep(0)
+                    log.exception("syncing job %s failed", job["id"])
