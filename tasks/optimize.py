@@ -19,6 +19,7 @@ Classification / NER head models are not exported (yet): ``metrics.json`` record
 """
 from __future__ import annotations
 
+import contextlib
 import shutil
 import time
 from pathlib import Path
@@ -344,20 +345,29 @@ HEAD_SKIP = ("ONNX export of {head} models is not implemented in this stage yet:
              "register registers the PyTorch model")
 
 
-def quantize_int8_dynamic(src: Path, dst: Path) -> Path:
-    """``quantize_dynamic``: int8 per-channel weights, activations quantized per call."""
+@contextlib.contextmanager
+def _untied_copy(src: Path, dst: Path) -> Iterator[Path]:
+    """A temporary copy of ``src`` next to ``dst`` with the tied/transposed weights untied (what
+    ORT's quantizers need), removed once the quantized ``dst`` is written."""
     import onnx
-    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     tmp = dst.parent / "untied.onnx"
     _fresh(dst)
     _fresh(tmp)
     onnx.save(untie_transposed_weights(onnx.load(str(src))), str(tmp), save_as_external_data=True,
               location="untied.onnx.data")
-    quantize_dynamic(str(tmp), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
-                     weight_type=QuantType.QInt8, use_external_data_format=True)
+    yield tmp
     tmp.unlink()
     (dst.parent / "untied.onnx.data").unlink(missing_ok=True)
+
+
+def quantize_int8_dynamic(src: Path, dst: Path) -> Path:
+    """``quantize_dynamic``: int8 per-channel weights, activations quantized per call."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    with _untied_copy(src, dst) as tmp:
+        quantize_dynamic(str(tmp), str(dst), op_types_to_quantize=["MatMul"], per_channel=True,
+                         weight_type=QuantType.QInt8, use_external_data_format=True)
     return dst
 
 
@@ -385,24 +395,17 @@ class Calibration:
 def quantize_qdq(src: Path, dst: Path, calibration: Calibration, op_types: list[str] | None) -> Path:
     """Static INT8 in QDQ format (uint8 activations, int8 per-channel weights, MinMax
     calibration); ``op_types=None`` quantizes every op ORT can (embedding Gather included)."""
-    import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
     class Reader(CalibrationDataReader):
         def get_next(self) -> dict[str, np.ndarray] | None:
             return calibration.get_next()
 
-    tmp = dst.parent / "untied.onnx"
-    _fresh(dst)
-    _fresh(tmp)
-    onnx.save(untie_transposed_weights(onnx.load(str(src))), str(tmp), save_as_external_data=True,
-              location="untied.onnx.data")
     calibration.rewind()
-    quantize_static(str(tmp), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
-                    per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                    use_external_data_format=True, extra_options={"WeightSymmetric": True})
-    tmp.unlink()
-    (dst.parent / "untied.onnx.data").unlink(missing_ok=True)
+    with _untied_copy(src, dst) as tmp:
+        quantize_static(str(tmp), str(dst), Reader(), quant_format=QuantFormat.QDQ, op_types_to_quantize=op_types,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        use_external_data_format=True, extra_options={"WeightSymmetric": True})
     return dst
 
 
