@@ -47,8 +47,7 @@ def _registered_lm(cfg: Config, uri: str, variant: str | None) -> tuple[Path, Pa
 
     from . import tracking
 
-    mlflow.set_tracking_uri(tracking.tracking_uri(cfg))      # this project's registry, from any folder
-    mlflow.set_registry_uri(tracking.tracking_uri(cfg))
+    tracking.use_store(cfg)          # this project's registry, from any folder
     wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
     arts = wrapped.artifacts
     name = variant or wrapped.variant

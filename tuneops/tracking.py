@@ -13,12 +13,19 @@ def tracking_uri(cfg: Config) -> str:
     return cfg.tracking.tracking_uri or f"sqlite:///{state_paths(cfg.state_dir)['mlflow_db']}"
 
 
-def setup(cfg: Config) -> Any:
-    """Point MLflow at the configured store and return the experiment id."""
+def use_store(cfg: Config) -> None:
+    """Point MLflow (tracking and model registry) at the configured store."""
     import mlflow
 
     mlflow.set_tracking_uri(tracking_uri(cfg))
     mlflow.set_registry_uri(tracking_uri(cfg))
+
+
+def setup(cfg: Config) -> Any:
+    """Point MLflow at the configured store and return the experiment id (created if new)."""
+    import mlflow
+
+    use_store(cfg)
     name = cfg.tracking.experiment
     exp = mlflow.get_experiment_by_name(name)
     if exp is None:
