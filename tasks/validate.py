@@ -30,18 +30,9 @@ from tuneops.data import formats
 from tuneops.data.docs import render
 from tuneops.data.gate import GateResult, Settings, SplitResult, validate_dataset
 from tuneops.data.records import Problem
+from tuneops.errors import DataValidationError  # noqa: F401  (raised here; re-exported for callers)
 from tuneops.io import fresh_dir, md5_file, write_json
 from tuneops.models import load_tokenizer
-
-
-class DataValidationError(Exception):
-    def __init__(self, problems: list[Problem], report: str):
-        self.problems = problems
-        self.report = report
-        shown = "\n".join(str(p) for p in problems[:50])
-        more = f"\n... and {len(problems) - 50} more" if len(problems) > 50 else ""
-        super().__init__(f"data validation failed ({len(problems)} problems; report: {report})\n{shown}{more}")
-
 
 NATIVE_FIELDS = {"classification": ("text", "label"), "ner": ("tokens", "tags")}
 

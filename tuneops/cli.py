@@ -14,9 +14,8 @@ from typing import Any
 
 from . import stages
 from .data import FORMATS
+from .errors import EXIT_INVALID_INPUT, InvalidInput, TuneopsError
 
-EXIT_INVALID_INPUT = 2
-EXIT_INVALID_DATA = 1
 ORCHESTRATION_COMMANDS = ("server", "deploy", "worker", "watch", "models", "lineage", "report")
 TOKEN_NAME = r"^[A-Za-z0-9_-]{1,64}$"
 
@@ -293,8 +292,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "validate" and args.data_format and not args.data:
         parser.error("validate: --format goes with DATA (the stage validates data.format)")
 
-    from .config import ConfigError
-
     try:
         if args.command == "plan":
             return _plan(args, rest)
@@ -312,9 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
             try:
                 getattr(infer, args.command)(cfg, args)
-            except (infer.InferError, FileNotFoundError) as exc:
-                print(f"tuneops: error: {exc}", file=sys.stderr)
-                return EXIT_INVALID_INPUT
+            except FileNotFoundError as exc:
+                raise InvalidInput(str(exc)) from exc
             return 0
         if args.command == "params":
             print(json.dumps(cfg.raw, indent=2))
@@ -332,29 +328,9 @@ def main(argv: list[str] | None = None) -> int:
             result = stages.get(args.command).load()(cfg)
         print(json.dumps(result, indent=2, default=str))
         return 0
-    except ConfigError as exc:
+    except TuneopsError as exc:
         print(f"tuneops: error: {exc}", file=sys.stderr)
-        return EXIT_INVALID_INPUT
-    except Exception as exc:  # noqa: BLE001 - map known user-facing errors to clean exits
-        from tasks.validate import DataValidationError
-
-        if isinstance(exc, DataValidationError):
-            print(f"tuneops: {exc}", file=sys.stderr)
-            return EXIT_INVALID_DATA
-        from .planner import PlanError
-        from .registry import RegistryError
-
-        if isinstance(exc, RegistryError):
-            print(f"tuneops: {exc}", file=sys.stderr)
-            return 1
-        if exc.__class__.__name__ == "ServerError":
-            print(f"tuneops: error: {exc}", file=sys.stderr)
-            return 1
-        if isinstance(exc, PlanError):
-            print(f"tuneops: error: {exc}", file=sys.stderr)
-            return EXIT_INVALID_INPUT
-        raise
-
+        return exc.exit_code
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from .errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning")
 
 
-class ConfigError(ValueError):
+class ConfigError(InvalidInput):
     """A params problem; ``str()`` is the one-line message shown to the user."""
 
 

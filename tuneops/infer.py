@@ -12,10 +12,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
+from .errors import InvalidInput
 from .io import read_json
 
 
-class InferError(ValueError):
+class InferError(InvalidInput):
     pass
 
 

@@ -14,13 +14,14 @@ from typing import Any
 
 from tuneops import tracking
 from tuneops.config import Config
+from tuneops.errors import TuneopsError
 from tuneops.lineage import dvc_lock_md5s
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion.history"
 
 
-class RegistryError(ValueError):
+class RegistryError(TuneopsError, ValueError):
     """A registry request that cannot be done (message says why)."""
 
 

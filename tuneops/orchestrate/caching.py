@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneops import stages
-from tuneops.config import Config, ConfigError
+from tuneops.config import Config
 from tuneops.io import md5_file
 
 _CODE_ROOTS = ("tuneops", "tasks", "flows")
@@ -131,12 +131,11 @@ def record(cfg: Config, name: str) -> None:
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the failure is the user's input."""
-    from tasks.validate import DataValidationError
-    from tuneops.planner import PlanError
+    from tuneops.errors import TuneopsError
 
     try:
         state.result()
-    except (DataValidationError, ConfigError, PlanError, FileNotFoundError, ValueError):
+    except (TuneopsError, FileNotFoundError, ValueError):
         return False
     except Exception:  # noqa: BLE001 - anything else may be transient (OOM kill, I/O, lock)
         return True

@@ -20,9 +20,10 @@ from typing import Any
 from tuneops import tracking
 from tuneops.config import Config
 from tuneops.env import state_paths
+from tuneops.errors import TuneopsError
 
 
-class ServerError(RuntimeError):
+class ServerError(TuneopsError, RuntimeError):
     """A server did not come up (message names the log file)."""
 
 

@@ -9,6 +9,8 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from ..errors import InvalidInput
+
 from .goals import METHODS, Goals
 from .hardware import Hardware
 from .memory import Estimate, MemoryModelConstants, Setup, estimate, trainable_params
@@ -43,7 +45,7 @@ RULES: dict[str, str] = {
 _LABEL = {"full": "full fine-tuning"}
 
 
-class PlanError(Exception):
+class PlanError(InvalidInput):
     """The request cannot be planned (e.g. a forced method does not fit); str() is one line."""
 
 
