@@ -2,17 +2,21 @@
 wrapped as a task, run in order. The flow only wires; the stage code is the same
 that ``dvc repro`` runs through the CLI.
 
-Tasks are cached on their inputs' md5s + params + code version and retried on
+Tasks are cached on their inputs' md5s + params + code deps and retried on
 transient failures (``tuneops.orchestrate.caching``; settings under ``orchestrate``).
+In a DVC project each stage's ``dvc.lock`` entry is committed after it ran
+(``tuneops.dvc_record``), so ``dvc status`` is clean after the flow.
 """
 from __future__ import annotations
 
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 from prefect import flow, runtime, task
 
-from tuneops import env, stages
+from tuneops import dvc_record, env, stages
 from tuneops.config import load_config
 from tuneops.orchestrate import caching
 
@@ -29,4 +33,23 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
     env.configure(cfg.state_dir)
     os.environ["TUNEOPS_PREFECT_FLOW_RUN_ID"] = str(runtime.flow_run.id)
     names = stages.STAGE_NAMES[stages.STAGE_NAMES.index(start):] if start else stages.STAGE_NAMES
-    return {name: caching.run_stage(TASKS[name], cfg, name) for name in names}
+    record = _records_dvc(cfg, params_file, overrides)
+    results: dict[str, Any] = {}
+    for name in names:
+        t0 = time.perf_counter()
+        results[name] = caching.run_stage(TASKS[name], cfg, name)
+        took = time.perf_counter() - t0
+        lock = f"; dvc.lock entry {dvc_record.commit_stage(cfg.root, name):.2f} s" if record else ""
+        print(f"stage {name}: {took:.1f} s{lock}")
+    return results
+
+
+def _records_dvc(cfg: Any, params_file: str, overrides: list[str] | None) -> bool:
+    """Whether this run's stages go into dvc.lock (a DVC project, its own params.yaml as is)."""
+    if not dvc_record.is_project(cfg.root):
+        return False
+    if overrides or Path(params_file).resolve() != cfg.root / "params.yaml":
+        print("not recorded in dvc.lock: this run's params are not params.yaml's (--set / another params "
+              "file); edit params.yaml or use `dvc exp run -S KEY=VALUE`")
+        return False
+    return True

@@ -43,10 +43,17 @@ def run_head(cfg: Config, info: dict[str, Any], out: Any) -> dict[str, Any]:
         f"{metric}_change": scores["finetuned"][metric] - scores["base"][metric],
     }
     write_json(out / "metrics.json", metrics)
+    write_json(out / "comparison.json", comparison(metric, scores["base"][metric], scores["finetuned"][metric]))
     write_jsonl(out / "predictions.jsonl", (
         {"record": rows[i]["record"], "base": preds["base"][i], "finetuned": preds["finetuned"][i]}
         for i in range(min(len(rows), max(e.generations, 8)))))
     return {"evaluate_dir": str(out), **metrics}
+
+
+def comparison(metric: str, base: float, finetuned: float) -> list[dict[str, Any]]:
+    """``comparison.json``: base vs fine-tuned on the primary metric (the plot dvc.yaml declares)."""
+    return [{"model": "base", "metric": metric, "value": base},
+            {"model": "fine-tuned", "metric": metric, "value": finetuned}]
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -81,6 +88,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "primary_metric": "perplexity", "primary_direction": "lower",
     }
     write_json(out / "metrics.json", metrics)
+    write_json(out / "comparison.json", comparison("perplexity", base["perplexity"], ft["perplexity"]))
     write_jsonl(out / "generations.jsonl", (
         {"prompt": msgs, "reference": ref, "base": replies["base"][i], "finetuned": replies["finetuned"][i]}
         for i, (msgs, ref) in enumerate(prompts)))

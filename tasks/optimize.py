@@ -468,6 +468,7 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics = {"task_head": info["task_head"], "variants": {}, "default_variant": None,
                    "skipped": HEAD_SKIP.format(head=info["task_head"])}
         write_json(out / "metrics.json", metrics)
+        write_json(out / "variants.json", [])
         return {"optimize_dir": str(out), **metrics}
     o = cfg.optimize
     base_dir, out = cfg.path("base_model_dir"), fresh_dir(cfg.path("optimize_dir"))
@@ -556,6 +557,9 @@ def run(cfg: Config) -> dict[str, Any]:
                "targets": list(o.targets), "graph_optimization": graph, "timings": timings,
                "variants": variants, "default_variant": choose_default(variants, list(o.default_order))}
     write_json(out / "metrics.json", metrics)
+    write_json(out / "variants.json", [      # size vs perplexity per variant (the plot dvc.yaml declares)
+        {"variant": n, "size_mb": v["size_bytes"] / 1e6, "perplexity": v["perplexity"], "accepted": v["accepted"]}
+        for n, v in variants.items()])
     return {"optimize_dir": str(out), **metrics}
 
 
