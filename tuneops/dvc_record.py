@@ -27,7 +27,23 @@ from . import stages
 
 log = logging.getLogger(__name__)
 
-CACHE_CONFIG = '[cache]\n    type = "reflink,hardlink,copy"\n'
+CACHE_CONFIG = '[cache]\n    type = "reflink,hardlink,copy"\n[plots]\n    html_template = ../.tuneops/dvc-plots.html\n'
+# `dvc plots show|diff` page: DVC's own template loads Vega from a CDN; this one inlines the
+# Vega / Vega-Lite / vega-embed bundle of the vl-convert-python package, so the HTML renders offline.
+PLOTS_TEMPLATE = """<!DOCTYPE html>
+<html>
+<head>
+<meta charset="utf-8">
+{refresh_tag}
+<title>DVC plots</title>
+<script>%s</script>
+<style>body { font-family: sans-serif; } table { border-spacing: 15px; }</style>
+</head>
+<body>
+{plot_divs}
+</body>
+</html>
+"""
 DVCIGNORE = "__pycache__/\n*.pyc\n/.tuneops/\n/.venv/\n"
 
 
@@ -44,6 +60,19 @@ def commit_stage(root: Path, name: str) -> float:
     with contextlib.chdir(root), Repo(".") as repo:   # DVC resolves targets and its run cache against the cwd
         repo.commit(f"dvc.yaml:{name}", force=True)
     return time.perf_counter() - t0
+
+
+def plots_template(root: Path) -> Path:
+    """Write the offline ``dvc plots`` page template that ``.dvc/config`` names (once per project)."""
+    path = Path(root) / ".tuneops" / "dvc-plots.html"
+    if not path.is_file():
+        import vl_convert
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(PLOTS_TEMPLATE % vl_convert.javascript_bundle(), encoding="utf-8")
+        tmp.replace(path)
+    return path
 
 
 def init_project(root: Path, code_from: Path | None = None, scm: bool = False) -> Path:
@@ -67,4 +96,5 @@ def init_project(root: Path, code_from: Path | None = None, scm: bool = False) -
         Repo.init(str(root), no_scm=not scm).close()
         with (root / ".dvc" / "config").open("a") as f:   # keeps `no_scm` from dvc init
             f.write(CACHE_CONFIG)
+    plots_template(root)
     return root
