@@ -27,7 +27,17 @@ from . import stages
 
 log = logging.getLogger(__name__)
 
-CACHE_CONFIG = '[cache]\n    type = "reflink,hardlink,copy"\n[plots]\n    html_template = ../.tuneops/dvc-plots.html\n'
+# Appended to .dvc/config by init_project (the repo's own .dvc/config has the same): hardlinked
+# cache, the offline plots page, and the default remote `local` (relative = to the .dvc folder).
+DVC_CONFIG = """[core]
+    remote = local
+[cache]
+    type = "reflink,hardlink,copy"
+[plots]
+    html_template = ../.tuneops/dvc-plots.html
+['remote "local"']
+    url = {remote}
+"""
 # `dvc plots show|diff` page: DVC's own template loads Vega from a CDN; this one inlines the
 # Vega / Vega-Lite / vega-embed bundle of the vl-convert-python package, so the HTML renders offline.
 PLOTS_TEMPLATE = """<!DOCTYPE html>
@@ -75,10 +85,12 @@ def plots_template(root: Path) -> Path:
     return path
 
 
-def init_project(root: Path, code_from: Path | None = None, scm: bool = False) -> Path:
+def init_project(root: Path, code_from: Path | None = None, scm: bool = False,
+                 remote: str = "../.tuneops/dvc-remote") -> Path:
     """Make ``root`` (a folder with a params.yaml: a jobs-API working dir, a test project) a DVC
     project of this pipeline: ``dvc.yaml``, ``.dvcignore``, a copy of the stages' code deps (so
-    the lock records the code that ran), ``dvc init`` (without git unless ``scm``)."""
+    the lock records the code that ran), ``dvc init`` (without git unless ``scm``) and the
+    default remote ``local`` at ``remote`` (a URL, or a folder relative to ``.dvc/``)."""
     from dvc.repo import Repo
 
     root, src = Path(root), Path(code_from or stages.code_root())
@@ -95,6 +107,6 @@ def init_project(root: Path, code_from: Path | None = None, scm: bool = False) -
     if not (root / ".dvc").is_dir():
         Repo.init(str(root), no_scm=not scm).close()
         with (root / ".dvc" / "config").open("a") as f:   # keeps `no_scm` from dvc init
-            f.write(CACHE_CONFIG)
+            f.write(DVC_CONFIG.format(remote=remote))
     plots_template(root)
     return root
