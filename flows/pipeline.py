@@ -16,7 +16,7 @@ from typing import Any
 
 from prefect import flow, runtime, task
 
-from tuneops import dvc_record, env, stages
+from tuneops import dvc_record, env, log, stages
 from tuneops.config import load_config
 from tuneops.orchestrate import caching
 
@@ -39,8 +39,8 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
         t0 = time.perf_counter()
         results[name] = caching.run_stage(TASKS[name], cfg, name)
         took = time.perf_counter() - t0
-        lock = f"; dvc.lock entry {dvc_record.commit_stage(cfg.root, name):.2f} s" if record else ""
-        print(f"stage {name}: {took:.1f} s{lock}")
+        lock = f" (+ dvc.lock entry {dvc_record.commit_stage(cfg.root, name):.2f} s)" if record else ""
+        print(log.stage_summary(name, results[name], took) + lock)
     return results
 
 

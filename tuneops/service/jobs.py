@@ -175,7 +175,18 @@ def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any]
     tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
     tmp.replace(d / "params.yaml")
     load_config(d / "params.yaml")               # the job's params must validate before compute is spent
+    _dvc_project(cfg, d)
     return d
+
+
+def _dvc_project(cfg: Config, d: Path) -> None:
+    """The job's own DVC record: its folder is a DVC project of the pipeline (dvc.yaml, the stage
+    code it runs, the service project's default remote), so its flow run commits each stage to
+    the job's dvc.lock and `dvc status` / `dvc repro` work in it."""
+    from tuneops import dvc_record, remote
+
+    if not dvc_record.is_project(d):
+        dvc_record.init_project(d, remote=remote.default_remote(cfg.root) or str(cfg.state_dir / "dvc-remote"))
 
 
 def submit(cfg: Config, store: Store, job: dict[str, Any]) -> str | None:
