@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneops import finetuned
+from tuneops import finetuned, log
 from tuneops.chat import prompt_and_reference
 from tuneops.config import Config
 from tuneops.io import fresh_dir, md5_file, read_jsonl, write_json, write_jsonl
@@ -74,6 +74,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     scores, replies = {}, {}
     for name, model in (("base", load_causal_lm(base_dir)), ("finetuned", finetuned.load(base_dir, train_dir))):
+        log.log.info(f"evaluate: {name} model, {len(features)} conversations, {len(prompts)} generations ...")
         model.eval()
         scores[name] = perplexity(torch_forward(model), features, e.batch_size, pad)
         replies[name] = [generate(model, tokenizer, msgs, e.max_new_tokens) for msgs, _ in prompts]
