@@ -56,7 +56,7 @@ def readme_commands() -> list[str]:
         texts = [line.strip()] if block else re.findall(r"`(tuneops(?: [^`]*)?)`", line)
         for text in texts:
             text = re.split(r"\s+#", text.removeprefix("$ "))[0].strip().removesuffix("&").strip()
-            if not re.match(r"^tuneops(\s|$)", text):
+            if not re.match(r"^tuneops\s", text):           # a command, not the word `tuneops`
                 continue
             if not block and re.fullmatch(r"tuneops( [a-z]+)+", text):
                 text += " --help"                # prose naming a command (`tuneops data add`): its help
@@ -148,3 +148,19 @@ def test_every_readme_command_works_as_written(project, tmp_path):
     print(f"README commands: {len(ran)} run, {len(skipped)} covered elsewhere")
     assert any(c.startswith("tuneops plan") for c in ran)
     assert len(ran) >= 20
+
+
+def test_a_stage_ends_with_a_summary_json_on_request_and_quiet_hides_progress(project):
+    import json
+
+    proc = _run(["tuneops", "validate"], project)
+    _check("tuneops validate", proc)
+    assert re.fullmatch(r"validate: \d+\.\d s  train rows \d+, eval rows \d+, rejected \d+\n", proc.stdout), proc.stdout
+    assert "validate: record checks" in proc.stderr                     # progress of a long step
+    assert "Warning" not in proc.stderr, proc.stderr                    # third-party warnings out of view
+    as_json = _run(["tuneops", "validate", "--json"], project)
+    _check("tuneops validate --json", as_json)
+    assert json.loads(as_json.stdout)["train_rows"] > 0
+    quiet = _run(["tuneops", "-q", "validate"], project)
+    _check("tuneops -q validate", quiet)
+    assert "record checks" not in quiet.stderr
