@@ -18,14 +18,11 @@ changed params under DVC).
 from __future__ import annotations
 
 import contextlib
-import logging
 import shutil
 import time
 from pathlib import Path
 
 from . import stages
-
-log = logging.getLogger(__name__)
 
 # Appended to .dvc/config by init_project (the repo's own .dvc/config has the same): hardlinked
 # cache, the offline plots page, and the default remote `local` (relative = to the .dvc folder).

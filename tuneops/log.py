@@ -62,7 +62,7 @@ def _fmt(value: Any) -> str:
 
 # Key figures of each stage's result (label, result key); absent keys are left out.
 FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
-    "model": (("source", "source"), ("model", "base_model_dir")),
+    "model": (("source", "source"),),
     "ingest": (("scenario", "scenario"), ("train rows", "train_rows"), ("eval rows", "eval_rows")),
     "validate": (("train rows", "train_rows"), ("eval rows", "eval_rows"), ("rejected", "rejected_rows")),
     "select": (("method", "method"), ("fits", "fits")),
