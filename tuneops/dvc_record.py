@@ -24,17 +24,13 @@ from pathlib import Path
 
 from . import stages
 
-# Appended to .dvc/config by init_project (the repo's own .dvc/config has the same): hardlinked
-# cache, the offline plots page, and the default remote `local` (relative = to the .dvc folder).
-DVC_CONFIG = """[core]
-    remote = local
-[cache]
-    type = "reflink,hardlink,copy"
-[plots]
-    html_template = ../.tuneops/dvc-plots.html
-['remote "local"']
-    url = {remote}
-"""
+# .dvc/config of a project made by init_project (this repo's own .dvc/config has the same):
+# hardlinked cache, the offline plots page, and the default remote `local` (a folder relative to .dvc/).
+def _dvc_config(remote: str) -> dict[str, dict[str, object]]:
+    return {"core": {"remote": "local"}, "cache": {"type": "reflink,hardlink,copy"},
+            "plots": {"html_template": "../.tuneops/dvc-plots.html"}, "remote": {"local": {"url": remote}}}
+
+
 # `dvc plots show|diff` page: DVC's own template loads Vega from a CDN; this one inlines the
 # Vega / Vega-Lite / vega-embed bundle of the vl-convert-python package, so the HTML renders offline.
 PLOTS_TEMPLATE = """<!DOCTYPE html>
@@ -102,8 +98,10 @@ def init_project(root: Path, code_from: Path | None = None, scm: bool = False,
             dst.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(src / code, dst)
     if not (root / ".dvc").is_dir():
-        Repo.init(str(root), no_scm=not scm).close()
-        with (root / ".dvc" / "config").open("a") as f:   # keeps `no_scm` from dvc init
-            f.write(DVC_CONFIG.format(remote=remote))
+        if "://" not in remote and not Path(remote).is_absolute():   # DVC's config API reads paths from the cwd
+            remote = str((root / ".dvc" / remote).resolve())
+        with contextlib.closing(Repo.init(str(root), no_scm=not scm)) as repo, repo.config.edit() as conf:
+            for section, values in _dvc_config(remote).items():
+                conf[section].update(values)
     plots_template(root)
     return root
