@@ -81,5 +81,5 @@ def stage_summary(name: str, result: dict[str, Any], seconds: float | None = Non
     if name == "optimize" and isinstance(result.get("variants"), dict):
         figures.append("variants " + " ".join(f"{v}{'' if r.get('accepted') else '(rejected)'}"
                                               for v, r in result["variants"].items()))
-    head = f"{name}: {seconds:.1f} s" if seconds is not None else f"{name}:"
-    return head + (f"  {', '.join(figures).replace(', -> ', ' -> ')}" if figures else "")
+    head = f"{name}: {seconds:.1f} s " if seconds is not None else f"{name}:"
+    return (head + (f" {', '.join(figures).replace(', -> ', ' -> ')}" if figures else "")).rstrip()
