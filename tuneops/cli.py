@@ -84,6 +84,9 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     sub.add_parser("deploy", parents=[common],
                    help="create the fine-tuning (cron + data-change trigger) and data-watch deployments")
     sub.add_parser("worker", parents=[common], help="run a process worker for orchestrate.work_pool (foreground)")
+    export = sub.add_parser("export", parents=[common], help="the plan as another platform's jobs: kaito | azureml")
+    export.add_argument("platform", choices=("kaito", "azureml"),
+                        help="kaito: Workspace + ConfigMap; azureml: command (+ finetuning) job YAML")
     sub.add_parser("watch", parents=[common],
                    help="data watcher, once: compare dataset md5s with the last trained version, emit the event")
     models = sub.add_parser("models", parents=[common], help="registry: list|show|promote|rollback")
@@ -311,6 +314,11 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(infer, args.command)(cfg, args)
             except FileNotFoundError as exc:
                 raise InvalidInput(str(exc)) from exc
+            return 0
+        if args.command == "export":
+            from .platforms import export
+
+            print(json.dumps(export(cfg, args.platform), indent=2))
             return 0
         if args.command == "params":
             print(json.dumps(cfg.raw, indent=2))

@@ -83,7 +83,10 @@ def main(argv: list[str]) -> int:
 
     argv = [a for a in argv if not a.startswith("--local_rank")]   # DeepSpeed's launcher adds it
     params_file, root, train_dir = Path(argv[0]), Path(argv[1]), Path(argv[2])
-    cfg = load_config(params_file, root=root)
+    # optional `--set KEY=VALUE` pairs: a scheduler that mounts the data at paths known only at run
+    # time (Azure ML inputs) points the params there
+    overrides = [argv[i + 1] for i in range(3, len(argv) - 1) if argv[i] == "--set"]
+    cfg = load_config(params_file, overrides, root=root)
     configure(cfg.state_dir)
     plan = json.loads(cfg.path("plan").read_text())
     try:
