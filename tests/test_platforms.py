@@ -139,3 +139,46 @@ def test_azureml_jobs_load_with_the_sdk(project, model, method, gpus, nodes):
         assert ft.type == "finetuning" and ft.hyperparameters["lora_r"] == str(plan["peft"]["r"])
     else:                                               # managed fine-tuning trains LoRA only
         assert len(out["files"]) == 1 and "LoRA" in out["finetuning"]
+
+
+def test_deploy_image_on_a_docker_pool(project):
+    """`tuneops deploy --image` on a Docker work pool (real Prefect API, ephemeral server; the pool
+    gets Prefect's own default Docker job template): both deployments run the image's /app code,
+    with the params' job variables; a process pool, which cannot run images, is refused."""
+    import os
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.exceptions import ObjectNotFound
+
+    from tuneops.config import load_config
+    from tuneops.errors import TuneopsError
+    from tuneops.orchestrate.deploy import deploy
+
+    template = json.loads(subprocess.run(
+        [str(Path(sys.executable).parent / "prefect"), "work-pool", "get-default-base-job-template", "--type", "docker"],
+        capture_output=True, text=True, check=True, env=os.environ).stdout)
+    assert "image" in template["variables"]["properties"]
+    with get_client(sync_client=True) as client:
+        for name, kw in (("test-docker", {"type": "docker", "base_job_template": template}),
+                         ("test-process", {"type": "process"})):
+            try:
+                client.read_work_pool(name)
+            except ObjectNotFound:
+                client.create_work_pool(WorkPoolCreate(name=name, **kw))
+    cfg = load_config(project / "params.yaml", ["orchestrate.work_pool=test-docker"])
+    out = deploy(cfg, project / "params.yaml", ["train.max_steps=5"], image="registry.example/tuneops:1.0")
+    assert out["params_file"] == "/app/params.yaml" and out["work_pool"]["type"] == "docker"
+    with get_client(sync_client=True) as client:
+        for dep in out["deployments"].values():
+            d = client.read_deployment(dep["id"])
+            assert (d.path, d.work_pool_name) == ("/app", "test-docker")
+            assert d.job_variables["image"] == "registry.example/tuneops:1.0"
+            assert d.job_variables["env"] == {"TUNEOPS_DVC_PULL": "1"}          # platforms.job_variables
+            assert d.parameters["overrides"] == ["train.max_steps=5"]
+    with pytest.raises(TuneopsError, match="process pool, which runs no images"):
+        deploy(load_config(project / "params.yaml", ["orchestrate.work_pool=test-process"]),
+               project / "params.yaml", image="tuneops:latest")
+    with pytest.raises(TuneopsError, match="prefect work-pool create nope --type docker"):
+        deploy(load_config(project / "params.yaml", ["orchestrate.work_pool=nope"]),
+               project / "params.yaml", image="tuneops:latest")

@@ -81,8 +81,10 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     server.add_argument("--port", type=int, default=None, help="Prefect port (default: orchestrate.prefect_port)")
     server.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=None,
                         help="also start an MLflow tracking server (default: orchestrate.mlflow_server)")
-    sub.add_parser("deploy", parents=[common],
-                   help="create the fine-tuning (cron + data-change trigger) and data-watch deployments")
+    deploy_p = sub.add_parser("deploy", parents=[common],
+                              help="create the fine-tuning (cron + data-change trigger) and data-watch deployments")
+    deploy_p.add_argument("--image", default=None, metavar="IMAGE",
+                          help="run from this tuneops image on a Docker / Kubernetes work pool (orchestrate.work_pool)")
     sub.add_parser("worker", parents=[common], help="run a process worker for orchestrate.work_pool (foreground)")
     export = sub.add_parser("export", parents=[common], help="the plan as another platform's jobs: kaito | azureml")
     export.add_argument("platform", choices=("kaito", "azureml"),
@@ -152,7 +154,7 @@ def _orchestration(cfg: Any, args: argparse.Namespace) -> int:
         if cmd == "deploy":
             from .orchestrate.deploy import deploy
 
-            print(json.dumps(deploy(cfg, cfg.source, overrides), indent=2))
+            print(json.dumps(deploy(cfg, cfg.source, overrides, image=args.image), indent=2))
         elif cmd == "worker":
             from .orchestrate.deploy import worker_command
 

@@ -321,6 +321,7 @@ class AzureMLParams(_Section):
 class PlatformsParams(_Section):
     out_dir: str = Field(min_length=1)
     image: str = Field(min_length=1)
+    job_variables: dict[str, Any]
     kaito: KaitoParams
     azureml: AzureMLParams
 
