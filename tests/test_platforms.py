@@ -179,6 +179,7 @@ def test_deploy_image_on_a_docker_pool(project):
     with pytest.raises(TuneopsError, match="process pool, which runs no images"):
         deploy(load_config(project / "params.yaml", ["orchestrate.work_pool=test-process"]),
                project / "params.yaml", image="tuneops:latest")
-    with pytest.raises(TuneopsError, match="prefect work-pool create nope --type docker"):
-        deploy(load_config(project / "params.yaml", ["orchestrate.work_pool=nope"]),
-               project / "params.yaml", image="tuneops:latest")
+    # a pool that does not exist yet becomes a Docker pool with Prefect's default template
+    out = deploy(load_config(project / "params.yaml", ["orchestrate.work_pool=test-new-docker"]),
+                 project / "params.yaml", image="tuneops:latest")
+    assert out["work_pool"]["type"] == "docker"

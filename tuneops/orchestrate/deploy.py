@@ -77,9 +77,19 @@ def _image_deploy(cfg: Config, image: str, parameters: dict[str, Any], triggers:
         try:
             pool = client.read_work_pool(o.work_pool)
         except ObjectNotFound:
-            raise TuneopsError(f"deploy --image: work pool {o.work_pool!r} does not exist; create it with `prefect "
-                               f"work-pool create {o.work_pool} --type docker` (or kubernetes; pip install prefect-docker "
-                               "/ prefect-kubernetes) and pass --set orchestrate.work_pool=NAME") from None
+            # a new pool: Docker, with Prefect's own default job template (a Kubernetes pool is made
+            # first with `prefect work-pool create NAME --type kubernetes`, then named here)
+            from prefect.client.schemas.actions import WorkPoolCreate
+            from prefect.utilities.asyncutils import run_coro_as_sync
+            from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+            template = run_coro_as_sync(get_default_base_job_template_for_infrastructure_type("docker"))
+            if not template:
+                raise TuneopsError(f"deploy --image: work pool {o.work_pool!r} does not exist; create it with `prefect "
+                                   f"work-pool create {o.work_pool} --type docker` (or kubernetes) and pass "
+                                   "--set orchestrate.work_pool=NAME") from None
+            pool = client.create_work_pool(WorkPoolCreate(name=o.work_pool, type="docker",
+                                                          base_job_template=template))
     if "image" not in pool.base_job_template.get("variables", {}).get("properties", {}):
         raise TuneopsError(f"deploy --image: work pool {o.work_pool!r} is a {pool.type} pool, which runs no images; "
                            "use a docker or kubernetes pool (--set orchestrate.work_pool=NAME)")
