@@ -101,6 +101,9 @@ def finetuning_job(cfg: Any, plan: dict[str, Any]) -> tuple[dict[str, Any] | Non
 
 def check(path: Path) -> Any:
     """Parse and schema-check a job YAML with the Azure ML SDK, offline (no workspace)."""
+    import logging
+
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)   # "experimental class" notes
     try:
         from azure.ai.ml import load_job
     except ImportError as exc:
