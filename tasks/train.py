@@ -22,11 +22,24 @@ from tuneops.training.methods import method_for
 SUPPORTED_METHODS = ("full", "lora", "dora", "qlora", "ia3", "prompt_tuning")
 
 
+def check_resume(cfg: Config, plan: dict[str, Any]) -> None:
+    if not cfg.train.resume:
+        return
+    from tuneops.io import md5_file
+    from tuneops.training import checkpoints
+
+    key = checkpoints.run_key(cfg, plan, md5_file(cfg.path("clean_train_data")))
+    last, _ = checkpoints.latest_complete(cfg.path("checkpoint_dir") / key)
+    if last is not None:
+        checkpoints.resume_mode(last, plan)
+
+
 def run(cfg: Config) -> dict[str, Any]:
     from tuneops.training.loop import train, uses_deepspeed
 
     plan = read_json(cfg.path("plan"))
     method_for(plan)  # an unknown method fails here, before anything is loaded
+    check_resume(cfg, plan)     # a checkpoint this plan cannot load fails here, before any process starts
     out = fresh_dir(cfg.path("train_dir"))
     if plan["world_size"] > 1 or uses_deepspeed(plan):
         from tuneops.training.launch import launch

@@ -60,8 +60,21 @@ def test_every_stage_input_is_produced_upstream():
 def test_every_params_section_is_read_by_a_stage():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     read = ({p.split(".")[0] for s in stages.STAGES for p in s.params} | {"paths"} | set(stages.ORCHESTRATION_PARAMS)
-            | set(stages.SERVICE_PARAMS))
+            | set(stages.SERVICE_PARAMS) | set(stages.PLATFORM_PARAMS))
     assert set(params) == read
+
+
+def test_platform_params_are_read():
+    from tuneops.orchestrate import deploy
+    from tuneops import platforms
+    from tuneops.platforms import azureml, kaito
+
+    sources = "".join(open(m.__file__).read() for m in (platforms, azureml, kaito, deploy))
+    params = yaml.safe_load((REPO / "params.yaml").read_text())["platforms"]
+    keys = [f"platforms.{k}" for k in params if k not in ("kaito", "azureml")]
+    keys += [f"k.{k}" for k in params["kaito"]] + [f"a.{k}" for k in params["azureml"]]
+    for key in keys:
+        assert key in sources, f"{key} is never read"
 
 
 def test_service_params_are_read_by_the_jobs_api():

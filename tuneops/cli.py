@@ -92,9 +92,14 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     server.add_argument("--port", type=int, default=None, help="Prefect port (default: orchestrate.prefect_port)")
     server.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=None,
                         help="also start an MLflow tracking server (default: orchestrate.mlflow_server)")
-    sub.add_parser("deploy", parents=[common],
-                   help="create the fine-tuning (cron + data-change trigger) and data-watch deployments")
+    deploy_p = sub.add_parser("deploy", parents=[common],
+                              help="create the fine-tuning (cron + data-change trigger) and data-watch deployments")
+    deploy_p.add_argument("--image", default=None, metavar="IMAGE",
+                          help="run from this tuneops image on a Docker / Kubernetes work pool (orchestrate.work_pool)")
     sub.add_parser("worker", parents=[common], help="run a process worker for orchestrate.work_pool (foreground)")
+    export = sub.add_parser("export", parents=[common], help="the plan as another platform's jobs: kaito | azureml")
+    export.add_argument("platform", choices=("kaito", "azureml"),
+                        help="kaito: Workspace + ConfigMap; azureml: command (+ finetuning) job YAML")
     sub.add_parser("watch", parents=[common],
                    help="data watcher, once: compare dataset md5s with the last trained version, emit the event")
     models = sub.add_parser("models", parents=[common], help="registry: list|show|promote|rollback")
@@ -225,7 +230,7 @@ def _deploy(cfg: Any, args: argparse.Namespace) -> int:
     from .orchestrate.deploy import deploy
 
     _prefect_api(cfg)
-    print(json.dumps(deploy(cfg, cfg.source, list(getattr(args, "overrides", []) or [])), indent=2))
+    print(json.dumps(deploy(cfg, cfg.source, list(getattr(args, "overrides", []) or []), image=args.image), indent=2))
     return 0
 
 
@@ -307,6 +312,13 @@ def _lineage(cfg: Any, args: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2, default=str))
     else:
         _print_lineage(out)
+    return 0
+
+
+def _export(cfg: Any, args: argparse.Namespace) -> int:
+    from .platforms import export
+
+    print(json.dumps(export(cfg, args.platform), indent=2))
     return 0
 
 
@@ -411,7 +423,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "validate": _validate, "data": _data, "run": _run, "params": _params,
     "generate": _infer, "classify": _infer,
     "server": _server, "deploy": _deploy, "worker": _worker, "watch": _watch,
-    "models": _models, "lineage": _lineage, "report": _report, "api": _api,
+    "models": _models, "lineage": _lineage, "report": _report, "api": _api, "export": _export,
 }
 
 

@@ -288,6 +288,45 @@ class ServiceParams(_Section):
         return self
 
 
+class KaitoParams(_Section):
+    name: str = Field(pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", max_length=63)
+    namespace: str = Field(min_length=1)
+    instance_type: str = Field(min_length=1)
+    preset: str = Field(min_length=1)
+    input_urls: list[str]
+    input_image: str | None = None
+    input_volume_claim: str | None = None
+    output_image: str | None = None
+    output_push_secret: str | None = None
+    output_volume_claim: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "KaitoParams":
+        given = [k for k in ("input_urls", "input_image", "input_volume_claim") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of input_urls, input_image, input_volume_claim (Kaito takes one "
+                             f"tuning input; got {given or 'none'})")
+        given = [k for k in ("output_image", "output_volume_claim") if getattr(self, k)]
+        if len(given) != 1:
+            raise ValueError(f"set exactly one of output_image, output_volume_claim (got {given or 'none'})")
+        return self
+
+
+class AzureMLParams(_Section):
+    compute: str = Field(min_length=1)
+    experiment: str = Field(min_length=1)
+    instance_type: str | None = None
+    finetuning_model: str = Field(min_length=1)
+
+
+class PlatformsParams(_Section):
+    out_dir: str = Field(min_length=1)
+    image: str = Field(min_length=1)
+    job_variables: dict[str, Any]
+    kaito: KaitoParams
+    azureml: AzureMLParams
+
+
 class Params(_Section):
     paths: PathsParams
     model: ModelParams
@@ -302,6 +341,7 @@ class Params(_Section):
     tracking: TrackingParams
     orchestrate: OrchestrateParams
     service: ServiceParams
+    platforms: PlatformsParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

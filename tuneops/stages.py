@@ -100,6 +100,7 @@ def code_root(project: "Path | str | None" = None) -> "Path":
 # not what it computes: read by the Prefect flow and the CLI, not by a stage.
 ORCHESTRATION_PARAMS = ("orchestrate",)
 SERVICE_PARAMS = ("service",)        # the jobs API (tuneops/service): not a stage input either
+PLATFORM_PARAMS = ("platforms",)     # exports to other platforms and the image (tuneops/platforms, deploy --image)
 
 
 def get(name: str) -> StageSpec:

@@ -57,13 +57,79 @@ def data_trigger(cfg: Config, params_file: str, overrides: list[str]) -> Any:
     )
 
 
-def deploy(cfg: Config, params_file: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> dict[str, Any]:
-    """Create or update both deployments; returns their ids and settings."""
+APP = "/app"     # the project folder in the tuneops image (Dockerfile WORKDIR)
+
+
+def _image_deploy(cfg: Config, image: str, parameters: dict[str, Any], triggers: list[Any]) -> tuple[str, str, str]:
+    """Both deployments on a Docker or Kubernetes work pool, running the code baked into
+    ``image`` at /app (no source pull); ``platforms.job_variables`` (resources, GPUs, volumes,
+    TUNEOPS_DVC_PULL for the data) go to every flow run. Returns (pool type, finetune id, watch id)."""
+    from prefect.client.orchestration import get_client
+    from prefect.deployments.runner import RunnerDeployment
+    from prefect.deployments.runner import deploy as deploy_all
+    from prefect.exceptions import ObjectNotFound
+    from prefect.schedules import Cron
+
+    from tuneops.errors import TuneopsError
+
+    o = cfg.orchestrate
+    with get_client(sync_client=True) as client:
+        try:
+            pool = client.read_work_pool(o.work_pool)
+        except ObjectNotFound:
+            # a new pool: Docker, with Prefect's own default job template (a Kubernetes pool is made
+            # first with `prefect work-pool create NAME --type kubernetes`, then named here)
+            from prefect.client.schemas.actions import WorkPoolCreate
+            from prefect.utilities.asyncutils import run_coro_as_sync
+            from prefect.workers.utilities import get_default_base_job_template_for_infrastructure_type
+
+            template = run_coro_as_sync(get_default_base_job_template_for_infrastructure_type("docker"))
+            if not template:
+                raise TuneopsError(f"deploy --image: work pool {o.work_pool!r} does not exist; create it with `prefect "
+                                   f"work-pool create {o.work_pool} --type docker` (or kubernetes) and pass "
+                                   "--set orchestrate.work_pool=NAME") from None
+            pool = client.create_work_pool(WorkPoolCreate(name=o.work_pool, type="docker",
+                                                          base_job_template=template))
+    if "image" not in pool.base_job_template.get("variables", {}).get("properties", {}):
+        raise TuneopsError(f"deploy --image: work pool {o.work_pool!r} is a {pool.type} pool, which runs no images; "
+                           "use a docker or kubernetes pool (--set orchestrate.work_pool=NAME)")
+    jobvars = dict(cfg.platforms.job_variables)
+    common = {"concurrency_limit": None, "parameters": parameters, "tags": ["tuneops", cfg.register.model_name],
+              "job_variables": jobvars}
+    out = []
+    for entry, name, cron, limit, trig in (("flows/pipeline.py:finetune", o.deployment, o.schedule_cron,
+                                            o.concurrency_limit, triggers),
+                                           ("flows/watch.py:watch", watch_deployment_name(cfg), o.watch_cron, 1, [])):
+        d = RunnerDeployment.from_entrypoint(
+            entrypoint=str(REPO / entry), name=name, **{**common, "concurrency_limit": limit},
+            schedules=[Cron(cron, timezone=o.timezone)] if cron else [], triggers=trig)
+        d.entrypoint, d._path = entry, APP          # where the code is in the image
+        out.append(d)
+    ids = deploy_all(*out, work_pool_name=o.work_pool, image=image, build=False, push=False,
+                     print_next_steps_message=False)
+    return pool.type, str(ids[0]), str(ids[1])
+
+
+def deploy(cfg: Config, params_file: str | Path, overrides: list[str] | tuple[str, ...] = (),
+           image: str | None = None) -> dict[str, Any]:
+    """Create or update both deployments; returns their ids and settings. With ``image``: on
+    the Docker / Kubernetes pool ``orchestrate.work_pool``, from the tuneops image."""
     from prefect import flow
     from prefect.schedules import Cron
 
     o = cfg.orchestrate
     params_file, overrides = str(Path(params_file).resolve()), list(overrides)
+    if image:
+        params_file = f"{APP}/{Path(params_file).relative_to(cfg.root)}" if Path(params_file).is_relative_to(
+            cfg.root) else f"{APP}/params.yaml"
+        parameters = {"params_file": params_file, "overrides": overrides}
+        pool_type, finetune_id, watch_id = _image_deploy(cfg, image, parameters,
+                                                         [data_trigger(cfg, params_file, overrides)])
+        return {"work_pool": {"name": o.work_pool, "type": pool_type}, "image": image,
+                "job_variables": dict(cfg.platforms.job_variables), "params_file": params_file,
+                "deployments": {f"tuneops-finetune/{o.deployment}": {"id": finetune_id, "cron": o.schedule_cron},
+                                f"tuneops-data-watch/{watch_deployment_name(cfg)}": {"id": watch_id,
+                                                                                     "cron": o.watch_cron}}}
     pool_type = ensure_work_pool(o.work_pool)
     parameters = {"params_file": params_file, "overrides": overrides}
     finetune = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:finetune")

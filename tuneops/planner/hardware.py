@@ -33,8 +33,6 @@ class Hardware:
             raise ValueError(f"invalid hardware: {self}")
         if self.gpus and not (self.gpu_memory_gb and self.gpu_memory_gb > 0):
             raise ValueError("select.hardware.gpu_memory_gb: required (> 0) when gpus > 0")
-        if not self.gpus and self.nodes > 1:
-            raise ValueError("select.hardware.nodes: multi-node CPU training is not planned; use 1")
 
     @property
     def is_cpu(self) -> bool:

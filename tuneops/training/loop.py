@@ -163,16 +163,27 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     key = checkpoints.run_key(cfg, plan, data_md5)
     ckpt_root = cfg.path("checkpoint_dir") / key
     resume, skipped = checkpoints.latest_complete(ckpt_root) if t.resume else (None, [])
+    # another process layout resumes too: as it is, or through a DeepSpeed universal checkpoint
+    mode = checkpoints.resume_mode(resume, plan) if resume else "fresh"
     if rank == 0:
         if not t.resume:
             shutil.rmtree(ckpt_root, ignore_errors=True)
         for bad in skipped:      # a checkpoint being written when the process died: never used
             shutil.rmtree(bad, ignore_errors=True)
         ckpt_root.mkdir(parents=True, exist_ok=True)
+        if mode == "universal":
+            checkpoints.to_universal(resume)
+    if mode == "universal":
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()      # the other ranks wait for rank 0's conversion
 
     gpu = torch.cuda.is_available()
     precision = plan.get("precision", "fp32").split("+")[-1]
     ds = ds_config(plan, t.max_grad_norm) if uses_deepspeed(plan) else None
+    if ds is not None and mode == "universal":
+        ds["checkpoint"] = {"load_universal": True}
     # TrainingArguments before the model: with ZeRO-3 it makes from_pretrained partition while loading.
     args = TrainingArguments(
         output_dir=str(ckpt_root), max_steps=t.max_steps, learning_rate=t.learning_rate,
@@ -196,7 +207,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
     collator = (heads.HeadCollator(tokenizer.pad_token_id, heads.label_prefix(plan)) if heads.is_head(plan)
                 else PackedCollator(tokenizer.pad_token_id) if t.packing else _CountingCollator(tokenizer.pad_token_id))
-    callbacks = [checkpoints.callback(rank)]
+    callbacks = [checkpoints.callback(rank, plan)]
 
     run_file = ckpt_root / "mlflow_run.json"
     run_ctx = None
@@ -245,7 +256,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
             peak = peak_memory_mb()
             metrics = {
                 "mlflow_run_id": run.info.run_id, "method": plan["method"], "artifact": artifact.name,
-                "steps": result.global_step, "resumed_from_step": start_step,
+                "steps": result.global_step, "resumed_from_step": start_step, "resume_mode": mode,
                 "skipped_checkpoints": [p.name for p in skipped],
                 "train_loss": result.training_loss,
                 "first_loss": history[0]["loss"] if history else None,
