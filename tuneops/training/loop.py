@@ -240,6 +240,9 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
             import mlflow
 
             tokenizer.save_pretrained(artifact)
+            gen_cfg = cfg.path("base_model_dir") / "generation_config.json"
+            if gen_cfg.is_file() and not (artifact / gen_cfg.name).is_file():
+                shutil.copyfile(gen_cfg, artifact / gen_cfg.name)    # stop ids for serving (tuneops.chat.stop_ids)
             history = [{"step": h["step"], **{k: v for k, v in h.items() if k != "step"}}
                        for h in trainer.state.log_history if "loss" in h]
             peak = peak_memory_mb()

@@ -78,7 +78,10 @@ def disable_cpu_bf16_repack(model: Any) -> int:
 def _lora(model: Any, plan: dict[str, Any]) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    from tuneops.families import check_targets
+
     p = plan["peft"]
+    check_targets(model, list(p["target_modules"]))
     return get_peft_model(model, LoraConfig(
         r=p["r"], lora_alpha=p["alpha"], lora_dropout=p["dropout"], target_modules=list(p["target_modules"]),
         use_dora=plan["method"] == "dora", task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
