@@ -5,8 +5,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..families import TARGET_PRESETS
+from ..training.methods import METHODS as _METHOD_SPECS
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning")
+METHODS = tuple(_METHOD_SPECS)      # the method specs (tuneops/training/methods.py), in their order
 OFFLOAD = ("auto", "none", "optimizer", "optimizer+params")
 MINIMIZE = ("memory", "cost", "time")
 QUALITY = ("standard", "best")
