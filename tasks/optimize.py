@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tuneops import finetuned, log, targets
+from tuneops import families, finetuned, log, targets
 from tuneops.config import Config
 from tuneops.io import dir_size, fresh_dir, read_jsonl, write_json
 from tuneops.lm import encode, perplexity, torch_forward
@@ -56,7 +56,9 @@ class WithPast(torch.nn.Module):
     """``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``.
 
     The flat past tensors fill a plain ``DynamicCache`` (one full layer per decoder layer,
-    no sliding-window truncation: sliding-window layers get their window from the mask),
+    no sliding-window truncation: sliding-window layers of the families that have them
+    (``Family.sliding_window`` in ``tuneops/families.py``: Mistral, Gemma 2/3) get their window from
+    the mask, and RoPE of every variant (``Family.rope``) is computed from ``position_ids``),
     so the exported graph grows the cache by concatenation and works for any past length,
     0 (prefill) included.
     """
@@ -487,6 +489,7 @@ def run(cfg: Config) -> dict[str, Any]:
     ppl_set, pad = features[: o.ppl_samples], tokenizer.pad_token_id
 
     model = finetuned.load(base_dir, cfg.path("train_dir"), merge=True).eval()
+    export_facts = families.for_config(model.config).export_facts(model.config)
     reference = torch_forward(model)
     torch_score = score(reference, ppl_set, o.batch_size, pad)
     torch_ppl = torch_score["perplexity"]
@@ -556,6 +559,7 @@ def run(cfg: Config) -> dict[str, Any]:
     if raw != fp32:
         shutil.rmtree(raw.parent, ignore_errors=True)
     metrics = {"torch_perplexity": torch_ppl, "ppl_samples": len(ppl_set), "parity_samples": o.parity_samples,
+               "export": export_facts,
                "targets": list(o.targets), "graph_optimization": graph, "timings": timings,
                "variants": variants, "default_variant": choose_default(variants, list(o.default_order))}
     write_json(out / "metrics.json", metrics)

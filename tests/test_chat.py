@@ -1,8 +1,10 @@
-"""Chat rendering/tokenization: the template users get equals what training sees, and
-only assistant tokens (with weight != 0) carry loss."""
+"""Chat rendering/tokenization on the tiny model's real tokenizer (Gemma 3's, from the bundled
+GGUF, with Gemma's own chat template written in by the model stage): training renders with
+the tokenizer's template, and only assistant tokens (with weight != 0) plus the end-of-turn
+marker carry loss. Other families: tests/test_families.py."""
 from __future__ import annotations
 
-from tuneops.chat import IGNORE_INDEX, render, tokenize
+from tuneops.chat import IGNORE_INDEX, end_marker, prompt_ids, render, stop_ids, tokenize
 
 CONV = [
     {"role": "system", "content": "Be brief."},
@@ -13,17 +15,18 @@ CONV = [
 ]
 
 
-def test_tokenizer_template_matches_training_rendering(tokenizer):
-    text = tokenizer.apply_chat_template(CONV, tokenize=False)
-    assert text == render(CONV)
-    prompt = tokenizer.apply_chat_template(CONV[:4], tokenize=False, add_generation_prompt=True)
-    assert prompt == render(CONV[:4], add_generation_prompt=True)
+def test_gemma_renders_its_own_turns_with_the_system_prompt_in_the_first_user_turn(tokenizer):
+    assert render(tokenizer, CONV) == (
+        "<bos><start_of_turn>user\nBe brief.\n\nHi there<end_of_turn>\n<start_of_turn>model\nHello!<end_of_turn>\n"
+        "<start_of_turn>user\nWhat is 2+2?<end_of_turn>\n<start_of_turn>model\nFour.<end_of_turn>\n")
+    assert render(tokenizer, CONV[:4], add_generation_prompt=True).endswith("<start_of_turn>model\n")
+    assert prompt_ids(tokenizer, CONV[:2])[0] == tokenizer.bos_token_id          # one BOS, from the template
+    assert prompt_ids(tokenizer, CONV[:2]).count(tokenizer.bos_token_id) == 1
 
 
-def test_segment_tokenization_equals_whole_string_tokenization(tokenizer):
+def test_tokenization_equals_the_templates_own_tokenization(tokenizer):
     enc = tokenize(CONV, tokenizer, 512)
-    whole = tokenizer(render(CONV), add_special_tokens=False)["input_ids"]
-    assert enc["input_ids"] == whole
+    assert enc["input_ids"] == tokenizer.apply_chat_template(CONV, tokenize=True, return_dict=True)["input_ids"]
 
 
 def _labelled_text(conv, tokenizer) -> str:
@@ -31,11 +34,16 @@ def _labelled_text(conv, tokenizer) -> str:
     return tokenizer.decode([t for t, lab in zip(enc["input_ids"], enc["labels"]) if lab != IGNORE_INDEX])
 
 
-def test_labels_only_on_weighted_assistant_tokens(tokenizer):
-    assert _labelled_text(CONV, tokenizer) == "Four.<end_of_turn>\n"
+def test_labels_only_on_weighted_assistant_tokens_and_their_end_marker(tokenizer):
+    assert _labelled_text(CONV, tokenizer) == "Four.<end_of_turn>"
     conv = [dict(m) for m in CONV]
     conv[2]["weight"] = 1
-    assert _labelled_text(conv, tokenizer) == "Hello!<end_of_turn>\nFour.<end_of_turn>\n"
+    assert _labelled_text(conv, tokenizer) == "Hello!<end_of_turn>Four.<end_of_turn>"
+
+
+def test_stop_ids_are_end_of_turn_and_eos(tokenizer):
+    assert end_marker(tokenizer) == "<end_of_turn>"
+    assert stop_ids(tokenizer) == [tokenizer.convert_tokens_to_ids("<end_of_turn>"), tokenizer.eos_token_id]
 
 
 def test_truncation_keeps_ids_and_labels_aligned(tokenizer):

@@ -132,7 +132,7 @@ def test_each_bad_record_names_line_field_and_rule(fmt, tmp_path, tokenizer):
 
 def test_token_length_is_what_training_sees(tmp_path, tokenizer):
     """The max_seq_len rule counts tokens exactly as training tokenizes (chat.tokenize)."""
-    from tuneops.chat import segments, tokenize
+    from tuneops.chat import render, tokenize
 
     rec = {"text": "word " * 40}
     expected = len(tokenize(formats.get("text").to_chat(rec), tokenizer, 10**6)["input_ids"])
@@ -140,8 +140,9 @@ def test_token_length_is_what_training_sees(tmp_path, tokenizer):
                         max_seq_len=16)
     assert problems == [f"TRAIN:2: text: max_seq_len: {expected} tokens > max_seq_len 16 (model tokenizer)"]
     conv = [{"role": "system", "content": "S"}, {"role": "user", "content": "U"},
-            {"role": "assistant", "content": "A", "weight": 0}, {"role": "assistant", "content": "B"}]
-    assert segment_texts(conv) == [s.text for s in segments(conv)]
+            {"role": "assistant", "content": "A", "weight": 0}, {"role": "user", "content": "V"},
+            {"role": "assistant", "content": "B"}]
+    assert segment_texts(conv, tokenizer) == [render(tokenizer, conv)]
 
 
 def test_duplicates_near_duplicates_and_leakage(tmp_path, tokenizer):

@@ -60,7 +60,7 @@ class TinyModelParams(_Section):
 
 
 class ModelParams(_Section):
-    source: Literal["gemma3-270m", "tiny", "minilm", "local"]
+    source: Literal["gemma3-270m", "smollm2", "tiny", "minilm", "local"]
     local_path: str | None = None
     max_seq_len: int = Field(gt=8, le=32768)
     tiny: TinyModelParams
@@ -144,7 +144,15 @@ class LoraParams(_Section):
     r: int = Field(gt=0)
     alpha: float = Field(gt=0)
     dropout: float = Field(ge=0, lt=1)
-    target_modules: list[str] = Field(min_length=1)
+    # auto: the model family's attention projections; all-linear: attention + MLP (tuneops/families.py)
+    target_modules: Literal["auto", "all-linear"] | list[str] = "auto"
+
+    @field_validator("target_modules")
+    @classmethod
+    def _non_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("must be auto, all-linear or a non-empty list of module names")
+        return v
 
 
 class HardwareParams(_Section):
@@ -269,7 +277,7 @@ class ServiceParams(_Section):
     database_url: str | None = None
     storage_dir: str = Field(min_length=1)
     max_upload_mb: float = Field(gt=0)
-    allowed_models: list[Literal["gemma3-270m", "tiny"]] = Field(min_length=1)
+    allowed_models: list[Literal["gemma3-270m", "smollm2", "tiny"]] = Field(min_length=1)
     work_pool: str = Field(min_length=1)
     deployment: str = Field(min_length=1)
     concurrency_limit: int = Field(ge=1)

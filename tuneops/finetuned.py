@@ -85,14 +85,16 @@ def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
         return load_causal_lm(train_dir / "model")
     from peft import PeftModel
 
-    method = info.get("method")
-    if merge and method == "prompt_tuning":
+    from .training.methods import spec
+
+    method = spec(info["method"])
+    if merge and not method.mergeable:
         raise ValueError("prompt tuning learns virtual input tokens, not weights: there is nothing to merge "
                          "into the base for export; use a LoRA-family method or IA3 for ONNX deployment")
-    if method == "qlora":
-        from .training.methods import _load_4bit, disable_cpu_bf16_repack
+    if method.nf4_base:
+        from .training.methods import disable_cpu_bf16_repack
 
-        base = _load_4bit(base_dir, {"method": "qlora", "precision": "nf4+fp32", **plan})
+        base = method.load(base_dir, {"method": method.name, "precision": "nf4+fp32", **plan})
         disable_cpu_bf16_repack(base)
         if merge:
             dequantize_4bit(base)

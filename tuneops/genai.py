@@ -14,6 +14,10 @@ from typing import Any
 
 
 def _flatten_gemma3_rope(config: Any) -> None:
+    from .families import for_config
+
+    if for_config(config).rope != "local-global":     # the family spec: two RoPE bases (sliding / full)
+        return
     rp = getattr(config, "rope_parameters", None)
     if isinstance(rp, dict) and "full_attention" in rp:
         config.rope_local_base_freq = rp["sliding_attention"]["rope_theta"]

@@ -61,7 +61,7 @@ def _registered_lm(cfg: Config, uri: str, variant: str | None) -> tuple[Path, Pa
 def generate(cfg: Config, args: Any, out: Any = None) -> str:
     from transformers import AutoTokenizer
 
-    from .chat import render
+    from .chat import load_generation_config, prompt_ids, raw_ids, stop_ids
     from .onnx_lm import OnnxCausalLM
 
     out = out or sys.stdout
@@ -71,11 +71,11 @@ def generate(cfg: Config, args: Any, out: Any = None) -> str:
         onnx_path, tok_dir = _local_lm(cfg, args.model, args.variant)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     if args.raw:
-        ids = [tok.bos_token_id] + tok(args.prompt, add_special_tokens=False)["input_ids"]
+        ids = raw_ids(tok, args.prompt)
     else:
-        text = render([{"role": "user", "content": args.prompt}], add_generation_prompt=True, bos="")
-        ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
-    stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")}
+        ids = prompt_ids(tok, [{"role": "user", "content": args.prompt}])
+    gen_cfg = load_generation_config(tok_dir, onnx_path.parent, cfg.path("base_model_dir"))
+    stop = set(stop_ids(tok, gen_cfg))
     lm = OnnxCausalLM(onnx_path)
     new: list[int] = []
     shown = ""

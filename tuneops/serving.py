@@ -27,18 +27,20 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         self.max_new_tokens = int(config.get("max_new_tokens", 32))
         self.lm = OnnxCausalLM(Path(context.artifacts[f"onnx_{self.variant}"]) / "model.onnx")
         self.tokenizer = AutoTokenizer.from_pretrained(context.artifacts["tokenizer"])
+        from tuneops.chat import load_generation_config
+
+        self.generation_config = load_generation_config(context.artifacts["tokenizer"])
 
     def predict(self, context: Any, model_input: Any, params: dict[str, Any] | None = None) -> list[str]:
-        from tuneops.chat import render
+        from tuneops.chat import prompt_ids, stop_ids
 
         prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
         tok = self.tokenizer
-        stop = {tok.eos_token_id, tok.convert_tokens_to_ids("<end_of_turn>")}
+        stop = set(stop_ids(tok, getattr(self, "generation_config", None)))
         limit = int((params or {}).get("max_new_tokens", self.max_new_tokens))
         replies = []
         for prompt in prompts:
-            text = render([{"role": "user", "content": str(prompt)}], add_generation_prompt=True, bos="")
-            ids = [tok.bos_token_id] + tok(text, add_special_tokens=False)["input_ids"]
+            ids = prompt_ids(tok, [{"role": "user", "content": str(prompt)}])
             new = list(self.lm.stream(ids, limit, stop))
             replies.append(tok.decode(new, skip_special_tokens=True).strip())
         return replies

@@ -266,7 +266,9 @@ FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (
     Format("chat", _chat, ("messages",), "messages", lambda r: r["messages"], csv=False),
     Format("instruction", _instruction, ("prompt", "completion"), "(record)",
            lambda r: [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]),
-    Format("text", _plain_text, ("text",), "text", lambda r: [{"role": "assistant", "content": r["text"]}]),
+    # an empty user turn first: chat templates (Gemma, Mistral, ...) require a conversation to open with one
+    Format("text", _plain_text, ("text",), "text",
+           lambda r: [{"role": "user", "content": ""}, {"role": "assistant", "content": r["text"]}]),
     Format("classification", _classification, ("text", "label"), "text",
            lambda r: [{"role": "user", "content": f"Classify this text.\n\n{r['text']}"},
                       {"role": "assistant", "content": str(r["label"])}]),

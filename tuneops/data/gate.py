@@ -21,6 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
+from ..chat import ChatFormatError
 from . import formats
 from .records import MAX_LINE_BYTES, MAX_PROBLEMS, Problem, RecordReader, Row, cap_problems
 
@@ -190,11 +191,15 @@ def _tokenizer_threads() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def segment_texts(messages: list[dict[str, Any]]) -> list[str]:
-    """The texts training tokenizes separately (``tuneops.chat.pieces``), for token counts."""
-    from ..chat import pieces
+def segment_texts(messages: list[dict[str, Any]], tokenizer: Any) -> list[str]:
+    """The text training tokenizes (the conversation in the model's chat template,
+    ``tuneops.chat.render``), for token counts; raises ``ChatFormatError`` when the template
+    cannot render it."""
+    from ..chat import render
 
-    return [text for text, _ in pieces(messages)]
+    if not getattr(tokenizer, "chat_template", None):   # an encoder (classification / NER heads): the text
+        return ["\n".join(m["content"] for m in messages)]
+    return [render(tokenizer, messages)]
 
 
 def _encode_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
@@ -206,8 +211,8 @@ def _encode_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
 
 
 class TokenCounter:
-    """Token lengths of conversations as training tokenizes them (one ``<bos>`` + each
-    chat segment tokenized alone, as ``tuneops.chat.tokenize`` does), computed in the
+    """Token lengths of conversations as training tokenizes them (the conversation rendered
+    by the model's chat template, as ``tuneops.chat.tokenize`` does), computed in the
     background: chunks of distinct segment texts go to the (GIL-free, multi-threaded)
     Rust tokenizer while the caller goes on reading and checking records."""
 
@@ -238,7 +243,7 @@ class TokenCounter:
 
     def add(self, conversation: list[dict[str, Any]]) -> int:
         ids = []
-        for text in segment_texts(conversation):
+        for text in segment_texts(conversation, self._tok()):
             i = self._index.get(text)
             if i is None:
                 i = self._index[text] = len(self._index)
@@ -258,7 +263,7 @@ class TokenCounter:
         finally:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
-        return [1 + sum(lens[i] for i in ids) for ids in self._convs]
+        return [sum(lens[i] for i in ids) for ids in self._convs]
 
 
 class LazyTokenizer:
@@ -436,8 +441,13 @@ def validate_dataset(paths: dict[str, Path | str], tokenizer: Any, s: Settings) 
                     sr.rejected[row.line] = row.problems
                     sr.rejected_rows[row.line] = row
                 else:
+                    try:
+                        counter.add(spec.to_chat(row.obj))
+                    except ChatFormatError as exc:     # the model's template cannot render the record
+                        sr.rejected[row.line] = [Problem(sr.path, row.line, spec.field, "chat_template", str(exc))]
+                        sr.rejected_rows[row.line] = row
+                        continue
                     good.append(row)
-                    counter.add(spec.to_chat(row.obj))
             sr.rows = reader.count
             sr.fatal.extend(reader.problems)
         if sr.fatal:               # an unusable file: nothing of it is checked further

@@ -4,7 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning")
+from ..families import TARGET_PRESETS
+from ..training.methods import METHODS as _METHOD_SPECS
+
+METHODS = tuple(_METHOD_SPECS)      # the method specs (tuneops/training/methods.py), in their order
 OFFLOAD = ("auto", "none", "optimizer", "optimizer+params")
 MINIMIZE = ("memory", "cost", "time")
 QUALITY = ("standard", "best")
@@ -17,7 +20,7 @@ class LoraSettings:
     r: int = 8
     alpha: float = 16
     dropout: float = 0.05
-    target_modules: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    target_modules: tuple[str, ...] | str = "auto"     # auto | all-linear | module names (tuneops/families.py)
 
 
 @dataclass(frozen=True)
@@ -58,7 +61,12 @@ class Goals:
             raise ValueError(f"select.lora.alpha: must be > 0 (got {self.lora.alpha!r})")
         if not (isinstance(self.lora.dropout, (int, float)) and 0 <= self.lora.dropout < 1):
             raise ValueError(f"select.lora.dropout: must be in [0, 1) (got {self.lora.dropout!r})")
-        if not self.lora.target_modules or not all(isinstance(t, str) for t in self.lora.target_modules):
+        tm = self.lora.target_modules
+        if isinstance(tm, str):
+            if tm not in TARGET_PRESETS:
+                raise ValueError(f"select.lora.target_modules: must be {' or '.join(TARGET_PRESETS)} "
+                                 f"or a list of module names (got {tm!r})")
+        elif not tm or not all(isinstance(t, str) for t in tm):
             raise ValueError("select.lora.target_modules: must be a non-empty list of module names")
         if not (isinstance(self.memory_headroom, (int, float)) and 0 < self.memory_headroom <= 1):
             raise ValueError(f"select.memory_headroom: must be in (0, 1] (got {self.memory_headroom!r})")
@@ -78,9 +86,10 @@ class Goals:
         if set(lora) - {"r", "alpha", "dropout", "target_modules"}:
             raise ValueError(f"select.lora.{sorted(set(lora) - {'r', 'alpha', 'dropout', 'target_modules'})[0]}: unknown key")
         if "target_modules" in lora:
-            if not isinstance(lora["target_modules"], (list, tuple)):
-                raise ValueError("select.lora.target_modules: must be a list of module names")
-            lora = {**lora, "target_modules": tuple(lora["target_modules"])}
+            tm = lora["target_modules"]
+            if not isinstance(tm, (list, tuple, str)):
+                raise ValueError("select.lora.target_modules: must be auto, all-linear or a list of module names")
+            lora = {**lora, "target_modules": tm if isinstance(tm, str) else tuple(tm)}
         return cls(**kw, lora=LoraSettings(**lora))
 
 

@@ -86,6 +86,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .model import ModelSpec
+from ..training.methods import spec
 
 GIB = 2**30
 
@@ -168,25 +169,26 @@ def trainable_params(model: ModelSpec, setup: Setup, c: MemoryModelConstants) ->
     """Φ: full = Ψ; LoRA/QLoRA = L·Σ r(d_in+d_out); DoRA adds L·Σ d_out; IA3 = L·(2kv + I)
     (rescaling vectors for keys, values and the FFN input, Liu et al. 2022); prompt tuning =
     virtual tokens × h."""
-    if setup.method == "full":
+    m = spec(setup.method)
+    if m.trains == "all":
         return model.params
-    if setup.method == "ia3":
+    if m.trains == "ia3":
         return model.layers * (2 * model.kv_heads * model.head_dim + model.intermediate)
-    if setup.method == "prompt_tuning":
+    if m.trains == "prompt":
         return c.prompt_virtual_tokens * model.hidden
     dims = [model.modules[t] for t in setup.targets]
     lora = model.layers * sum(setup.lora_r * (i + o) for i, o in dims)
-    return lora + (model.layers * sum(o for _, o in dims) if setup.method == "dora" else 0)
+    return lora + (model.layers * sum(o for _, o in dims) if m.dora else 0)
 
 
 def model_state_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) -> tuple[float, float, float]:
     """(weights, gradients, optimizer states) in bytes for one replica, before ZeRO partitioning."""
     w, psi = setup.compute_bytes, model.params
-    if setup.method == "full":
+    if spec(setup.method).trains == "all":
         k = c.adam_k_mixed if w == 2 else c.adam_k_fp32
         return w * psi, w * psi, k * psi
     phi = trainable_params(model, setup, c)
-    linear_bytes = c.nf4_bits_per_param / 8 if setup.method == "qlora" else w
+    linear_bytes = c.nf4_bits_per_param / 8 if spec(setup.method).nf4_base else w
     frozen = model.linear_params * linear_bytes + (psi - model.linear_params) * w
     return frozen + c.adapter_bytes * phi, c.adapter_grad_bytes * phi, c.adapter_adam_bytes * phi
 
@@ -194,7 +196,8 @@ def model_state_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) -
 def activation_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) -> tuple[float, float]:
     """(activations incl. logits, logits) in bytes for one micro-batch; see the module docstring."""
     h, q, kv = model.hidden, model.heads * model.head_dim, model.kv_heads * model.head_dim
-    s = setup.seq_len + (c.prompt_virtual_tokens if setup.method == "prompt_tuning" else 0)
+    m = spec(setup.method)
+    s = setup.seq_len + (c.prompt_virtual_tokens if m.virtual_tokens else 0)
     tokens, scale = setup.micro_batch * s, setup.compute_bytes / 2
     mlp_factor = c.mlp_factor_plain if model.is_encoder else c.mlp_factor_gated
     norms = c.norm_bytes * (model.norms_per_layer * h + (q + kv if model.qk_norm else 0))
@@ -203,13 +206,13 @@ def activation_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) ->
     dims = [model.modules[t] for t in setup.targets]
     # LoRA keeps dropout(x) for lora_A and lora_A's r outputs; DoRA also keeps the base output.
     per_token_layer += setup.compute_bytes * sum(i + setup.lora_r for i, _ in dims)
-    if setup.method == "dora":
+    if m.dora:
         per_token_layer += setup.compute_bytes * sum(o for _, o in dims)
     if setup.checkpointing:
         layers = model.layers * scale * c.checkpoint_bytes_per_hidden * h * tokens + per_token_layer * tokens
     else:
         layers = model.layers * per_token_layer * tokens
-    if setup.method == "dora" and dims:
+    if m.dora and dims:
         layers += c.dora_weight_copies * 4 * max(i * o for i, o in dims)
     outputs = {"causal_lm": tokens * model.vocab, "token_classification": tokens * model.num_labels,
                "sequence_classification": setup.micro_batch * model.num_labels}[setup.task_head]
@@ -235,7 +238,7 @@ def tied_embedding_grad_excess(model: ModelSpec, setup: Setup, c: MemoryModelCon
     gradient). They are full-size at every ZeRO stage: partitioning happens after autograd has
     produced the gradient. By then the activations are freed, so only the part of the transient
     that exceeds the activations adds to the peak."""
-    if setup.method != "full" or not model.tied_embeddings or model.is_encoder or setup.task_head != "causal_lm":
+    if spec(setup.method).trains != "all" or not model.tied_embeddings or model.is_encoder or setup.task_head != "causal_lm":
         return 0.0
     g = setup.compute_bytes * model.embedding_params
     counted = g / setup.world_size if setup.zero_stage >= 2 else g
@@ -259,7 +262,7 @@ def offload_buffer_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants
     grad_partition = c.offload_grad_bytes * phi / n
     if setup.zero_stage == 3:
         return grad_partition, 0.0
-    largest = largest_param(model) if setup.method == "full" else largest_trainable(model, setup)
+    largest = largest_param(model) if spec(setup.method).trains == "all" else largest_trainable(model, setup)
     temp = c.offload_temp_grad_buffers * w * largest
     return grad_partition + c.offload_staging_copies * w * phi / n + temp, temp
 
@@ -277,7 +280,7 @@ def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = No
     weights, grads, optim = model_state_bytes(model, setup, c)
     n, w = setup.world_size, setup.compute_bytes
     host = 0.0
-    if setup.method == "full" and w == 4 and (setup.zero_stage >= 1 or setup.offload_optimizer):
+    if spec(setup.method).trains == "all" and w == 4 and (setup.zero_stage >= 1 or setup.offload_optimizer):
         optim += c.zero_fp32_master_bytes * model.params   # DeepSpeed's own fp32 master copy
     if setup.zero_stage >= 1:
         optim /= n

@@ -21,17 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-# Canonical (llama) module names used in ``select.lora.target_modules``, mapped to the name of
-# the module that holds that projection in each family. Phi-3 fuses q/k/v and gate/up.
-_ALIASES: dict[str, dict[str, str]] = {
-    "phi3": {"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-             "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"},
-    "bert": {"q_proj": "query", "k_proj": "key", "v_proj": "value",
-             "o_proj": "attention.output.dense", "up_proj": "intermediate.dense"},
-}
-_ENCODERS = {"bert", "roberta"}
-_FOUR_NORM_FAMILIES = {"gemma2", "gemma3_text", "gemma3"}
-_QK_NORM_FAMILIES = {"gemma3_text", "gemma3", "qwen3"}
+from ..families import Family, for_model_type
+
 _REQUIRED = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "vocab_size")
 
 
@@ -91,7 +82,7 @@ class ModelSpec:
         common = dict(name=name, model_type=mtype, layers=cfg["num_hidden_layers"], hidden=h,
                       intermediate=cfg["intermediate_size"], heads=heads, kv_heads=kv_heads,
                       head_dim=head_dim, vocab=cfg["vocab_size"], num_labels=labels)
-        if mtype in _ENCODERS:
+        if for_model_type(mtype).encoder:
             return cls(**common, **_encoder_shape(cfg), is_encoder=True, tied_embeddings=True,
                        max_positions=cfg.get("max_position_embeddings"))
         return cls(**common, **_decoder_shape(cfg, mtype, head_dim, kv_heads), is_encoder=False,
@@ -118,19 +109,16 @@ class ModelSpec:
         """Parameters of one transformer layer."""
         return sum(i * o for i, o in self.modules.values()) + self.layer_other_params
 
-    def resolve_targets(self, canonical: list[str] | tuple[str, ...], strict: bool = True) -> list[str]:
-        """Map llama-style target names (q_proj, ...) to this model's module names, deduplicated;
-        a name the model lacks raises ``ValueError`` (or is skipped when not ``strict``)."""
-        aliases = _ALIASES.get(self.model_type, {})
-        out: list[str] = []
-        for name in canonical:
-            real = name if name in self.modules else aliases.get(name)
-            if real is None and strict:
-                raise ValueError(f"select.lora.target_modules: {self.name} has no module {name!r} "
-                                 f"(has {', '.join(self.modules)})")
-            if real is not None and real not in out:
-                out.append(real)
-        return out
+    @property
+    def family(self) -> Family:
+        """The model-family spec (``tuneops/families.py``) this config belongs to."""
+        return for_model_type(self.model_type)
+
+    def resolve_targets(self, wanted: Any, strict: bool = True) -> list[str]:
+        """``auto``, ``all-linear`` or llama-style target names (q_proj, ...) mapped to this model's
+        module names through its family spec, deduplicated; a name the model lacks raises
+        ``ValueError`` (or is skipped when not ``strict``)."""
+        return self.family.resolve_targets(wanted, list(self.modules), strict=strict, model=self.name)
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "model_type": self.model_type, "params": self.params,
@@ -141,15 +129,10 @@ class ModelSpec:
 def _decoder_shape(cfg: dict[str, Any], mtype: str, head_dim: int, kv_heads: int) -> dict[str, Any]:
     h, inter, heads = cfg["hidden_size"], cfg["intermediate_size"], cfg["num_attention_heads"]
     q, kv = heads * head_dim, kv_heads * head_dim
-    if mtype == "phi3":
-        modules = {"qkv_proj": (h, q + 2 * kv), "o_proj": (q, h),
-                   "gate_up_proj": (h, 2 * inter), "down_proj": (inter, h)}
-    else:
-        modules = {"q_proj": (h, q), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (q, h),
-                   "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    bias = q + 2 * kv if cfg.get("attention_bias", mtype == "qwen2") else 0
-    norms = 4 if mtype in _FOUR_NORM_FAMILIES else 2
-    qk_norm = mtype in _QK_NORM_FAMILIES
+    fam = for_model_type(mtype)
+    modules = fam.modules(h, inter, q, kv)
+    bias = q + 2 * kv if cfg.get("attention_bias", fam.qkv_bias) else 0
+    norms, qk_norm = fam.norms_per_layer, fam.qk_norm
     return {"modules": modules, "layer_other_params": bias + norms * h + (2 * head_dim if qk_norm else 0),
             "embedding_params": cfg["vocab_size"] * h, "final_params": h, "norms_per_layer": norms,
             "qk_norm": qk_norm}

@@ -15,6 +15,7 @@ from .goals import METHODS, Goals
 from .hardware import Hardware
 from .memory import Estimate, MemoryModelConstants, Setup, estimate, trainable_params
 from .model import ModelSpec
+from ..training.methods import spec
 from .table import TASK_HEADS, ScenarioTable, load_table
 
 RULES: dict[str, str] = {
@@ -42,7 +43,6 @@ RULES: dict[str, str] = {
     "R14-grad-accum": "grad_accum = ceil(global_batch / (micro x world)); the effective global batch is reported.",
     "R15-peft-config": "LoRA/DoRA/QLoRA use select.lora (targets mapped to the model's module names).",
 }
-_LABEL = {"full": "full fine-tuning"}
 
 
 class PlanError(InvalidInput):
@@ -174,7 +174,7 @@ def _check_inputs(model: ModelSpec, seq_len: int, scenario: str, tokens: int | N
 
 def _precision(method: str, hw: Hardware) -> str:
     compute = "fp32" if hw.is_cpu else ("bf16" if hw.bf16 else "fp16")
-    return f"nf4+{compute}" if method == "qlora" else compute
+    return f"nf4+{compute}" if spec(method).nf4_base else compute
 
 
 def _rungs(hw: Hardware, method: str, goals: Goals | None = None) -> list[tuple[int, bool, bool]]:
@@ -186,7 +186,7 @@ def _rungs(hw: Hardware, method: str, goals: Goals | None = None) -> list[tuple[
     forced = goals is not None and (goals.zero_stage != "auto" or goals.offload != "auto")
     if forced:
         every = [(s, oo, op) for s in range(4) for oo, op in ((False, False), (True, False), (True, True))
-                 if (s > 0 or not oo) and (s == 3 or not op) and not (method == "qlora" and op)]
+                 if (s > 0 or not oo) and (s == 3 or not op) and (spec(method).param_offload or not op)]
         want = {"none": (False, False), "optimizer": (True, False), "optimizer+params": (True, True)}.get(goals.offload)
         return [r for r in every if (goals.zero_stage == "auto" or r[0] == goals.zero_stage)
                 and (want is None or r[1:] == want)]
@@ -195,11 +195,11 @@ def _rungs(hw: Hardware, method: str, goals: Goals | None = None) -> list[tuple[
     rungs = [(0, False, False), (1, False, False), (2, False, False), (3, False, False), (3, True, False)]
     if hw.world_size == 1:
         rungs = [(0, False, False), (2, True, False)]
-    return rungs + ([] if method == "qlora" else [(3, True, True)])
+    return rungs + ([(3, True, True)] if spec(method).param_offload else [])
 
 
 def _base_setup(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_len: int, head: str) -> Setup:
-    peft_targets = method in ("lora", "qlora", "dora")
+    peft_targets = spec(method).uses_lora_targets
     return Setup(method=method, compute_bytes=4 if hw.is_cpu else 2, world_size=hw.world_size,
                  seq_len=seq_len, task_head=head, lora_r=goals.lora.r, on_gpu=not hw.is_cpu,
                  targets=tuple(model.resolve_targets(goals.lora.target_modules)) if peft_targets else ())
@@ -248,7 +248,7 @@ def _choose_method(model: ModelSpec, hw: Hardware, goals: Goals, table: Scenario
         if goals.method == "auto" and not others:
             hint = "; no other method fits either"
         if goals.method != "auto":
-            raise PlanError(f"{_LABEL.get(goals.method, goals.method + ' fine-tuning')} of {model.name} does not fit: "
+            raise PlanError(f"{spec(goals.method).label or goals.method + ' fine-tuning'} of {model.name} does not fit: "
                             f"needs ~{fits[goals.method].need_gb:.1f} GB per device, have {usable:.1f} GB{hint}")
         least = min(candidates, key=lambda m: fits[m].need_gb)
         raise PlanError(f"no allowed method fits {model.name}: least is {least} at ~{fits[least].need_gb:.1f} GB "
@@ -330,19 +330,20 @@ def _launcher(setup: Setup, hw: Hardware, say) -> str:
 def _peft_config(model: ModelSpec, setup: Setup, goals: Goals, c: MemoryModelConstants, say) -> dict[str, Any] | None:
     phi = trainable_params(model, setup, c)
     share = f"{phi:,} trainable parameters ({100 * phi / model.params:.2f}% of {model.params:,})"
-    if setup.method == "full":
-        say("R15-peft-config", f"full fine-tuning: {share}")
+    m = spec(setup.method)
+    if m.trains == "all":
+        say("R15-peft-config", f"{m.label}: {share}")
         return None
-    if setup.method == "ia3":
+    if m.trains == "ia3":
         targets = model.resolve_targets(("k_proj", "v_proj", "down_proj"), strict=False)
         cfg = {"r": None, "alpha": None, "dropout": None, "target_modules": targets,
                "feedforward_modules": [t for t in targets if t == "down_proj"]}
-    elif setup.method == "prompt_tuning":
+    elif m.trains == "prompt":
         cfg = {"r": None, "alpha": None, "dropout": None, "target_modules": None,
                "num_virtual_tokens": c.prompt_virtual_tokens}
     else:
         cfg = {"r": goals.lora.r, "alpha": goals.lora.alpha, "dropout": goals.lora.dropout,
-               "target_modules": list(setup.targets), "use_dora": setup.method == "dora"}
+               "target_modules": list(setup.targets), "use_dora": m.dora}
     say("R15-peft-config", f"{setup.method} on {cfg['target_modules'] or 'input embeddings'}: {share}")
     return cfg
 

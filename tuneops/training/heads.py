@@ -115,7 +115,9 @@ def encode(rows: list[dict[str, Any]], tokenizer: Any, max_len: int, plan: dict[
 def label_prefix(plan: dict[str, Any]) -> int:
     """Positions peft prepends to the sequence (prompt tuning's virtual tokens): token labels
     need as many -100s in front, or logits and labels do not line up."""
-    if head_of(plan) == TOKEN_CLS and plan.get("method") == "prompt_tuning":
+    from .methods import spec
+
+    if head_of(plan) == TOKEN_CLS and plan.get("method") and spec(plan["method"]).virtual_tokens:
         return int((plan.get("peft") or {}).get("num_virtual_tokens") or 0)
     return 0
 

@@ -148,7 +148,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     rank, local_rank, world_size = world()
     if world_size != plan["world_size"]:
         raise RuntimeError(f"train: the plan is for {plan['world_size']} process(es), launched with {world_size}")
-    if t.packing and plan["method"] == "prompt_tuning":
+    if t.packing and methods.spec(plan["method"]).virtual_tokens:
         raise ValueError("train.packing: not supported with prompt_tuning (virtual tokens are prepended to "
                          "every row, across packed examples); set train.packing=false")
     if t.packing and heads.is_head(plan):
@@ -190,7 +190,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=plan["micro_batch_size"], gradient_accumulation_steps=plan["grad_accum"],
-        activation_checkpointing=bool(plan.get("gradient_checkpointing")) and plan["method"] != "qlora",
+        activation_checkpointing=bool(plan.get("gradient_checkpointing")) and methods.spec(plan["method"]).trainer_checkpointing,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit, save_only_model=False, report_to="none",
         use_cpu=not gpu, dataloader_pin_memory=False, remove_unused_columns=False, disable_tqdm=rank != 0,
@@ -233,7 +233,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     try:
         trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator,
                           callbacks=callbacks)
-        if plan["method"] == "qlora":
+        if methods.spec(plan["method"]).nf4_base:
             methods.disable_cpu_bf16_repack(trainer.model)
         t0 = time.perf_counter()
         result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -251,6 +251,9 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
             import mlflow
 
             tokenizer.save_pretrained(artifact)
+            gen_cfg = cfg.path("base_model_dir") / "generation_config.json"
+            if gen_cfg.is_file() and not (artifact / gen_cfg.name).is_file():
+                shutil.copyfile(gen_cfg, artifact / gen_cfg.name)    # stop ids for serving (tuneops.chat.stop_ids)
             history = [{"step": h["step"], **{k: v for k, v in h.items() if k != "step"}}
                        for h in trainer.state.log_history if "loss" in h]
             peak = peak_memory_mb()

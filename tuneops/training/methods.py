@@ -78,10 +78,13 @@ def disable_cpu_bf16_repack(model: Any) -> int:
 def _lora(model: Any, plan: dict[str, Any]) -> Any:
     from peft import LoraConfig, get_peft_model
 
+    from tuneops.families import check_targets
+
     p = plan["peft"]
+    check_targets(model, list(p["target_modules"]))
     return get_peft_model(model, LoraConfig(
         r=p["r"], lora_alpha=p["alpha"], lora_dropout=p["dropout"], target_modules=list(p["target_modules"]),
-        use_dora=plan["method"] == "dora", task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
+        use_dora=spec(plan["method"]).dora, task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
 
 
 def _qlora(model: Any, plan: dict[str, Any]) -> Any:
@@ -115,23 +118,61 @@ def _prompt_tuning(model: Any, plan: dict[str, Any]) -> Any:
 
 @dataclass(frozen=True)
 class Method:
+    """One fine-tuning method: how the trainer loads and wraps the base, and the facts the planner
+    (memory terms, precision, ZeRO rungs, peft config), the trainer and the exporter (merge) read
+    instead of comparing method names."""
+
     name: str
     load: Callable[[Path, dict[str, Any]], Any]
     wrap: Callable[[Any, dict[str, Any]], Any] | None   # None: full fine-tuning (no adapter)
+    trains: str = "lora"          # what is trained: all (every weight) | lora | ia3 (vectors) | prompt (virtual tokens)
+    dora: bool = False            # LoRA + a magnitude vector per output (memory: + L*sum(d_out), base output kept)
+    nf4_base: bool = False        # the frozen base is 4-bit NF4 (QLoRA): precision nf4+<compute>, no param offload
+    label: str = ""
 
     @property
     def artifact(self) -> str:
         return "model" if self.wrap is None else "adapter"
 
+    @property
+    def uses_lora_targets(self) -> bool:
+        """Trains LoRA matrices on ``select.lora.target_modules``."""
+        return self.trains == "lora"
+
+    @property
+    def mergeable(self) -> bool:
+        """Its weights fold into the base for export (prompt tuning has none)."""
+        return self.trains != "prompt"
+
+    @property
+    def virtual_tokens(self) -> bool:
+        """Prepends learned tokens to every row (longer sequences; no packing; token labels shift)."""
+        return self.trains == "prompt"
+
+    @property
+    def param_offload(self) -> bool:
+        """ZeRO-3 may offload its parameters (bitsandbytes 4-bit weights cannot be)."""
+        return not self.nf4_base
+
+    @property
+    def trainer_checkpointing(self) -> bool:
+        """The Trainer turns on activation checkpointing (QLoRA's kbit preparation does it itself)."""
+        return not self.nf4_base
+
 
 METHODS: dict[str, Method] = {
-    "full": Method("full", _load_plain, None),
+    "full": Method("full", _load_plain, None, trains="all", label="full fine-tuning"),
     "lora": Method("lora", _load_plain, _lora),
-    "dora": Method("dora", _load_plain, _lora),        # LoRA + use_dora: a flag, not a copy
-    "qlora": Method("qlora", _load_4bit, _qlora),
-    "ia3": Method("ia3", _load_plain, _ia3),
-    "prompt_tuning": Method("prompt_tuning", _load_plain, _prompt_tuning),
+    "dora": Method("dora", _load_plain, _lora, dora=True),        # LoRA + use_dora: a flag, not a copy
+    "qlora": Method("qlora", _load_4bit, _qlora, nf4_base=True),
+    "ia3": Method("ia3", _load_plain, _ia3, trains="ia3"),
+    "prompt_tuning": Method("prompt_tuning", _load_plain, _prompt_tuning, trains="prompt"),
 }
+
+
+def spec(name: str) -> Method:
+    """The method spec by name (``ValueError`` naming the supported ones)."""
+    return method_for({"method": name})
 
 
 def method_for(plan: dict[str, Any]) -> Method:
