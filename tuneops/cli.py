@@ -72,6 +72,13 @@ def build_parser() -> argparse.ArgumentParser:
     cls = sub.add_parser("classify", parents=[common], help="classify texts with an ONNX classifier")
     cls.add_argument("texts", nargs="+", metavar="TEXT")
     cls.add_argument("--model", required=True, help="folder with model.onnx, labels.json and the tokenizer")
+    srv = sub.add_parser("serve", parents=[common],
+                         help="OpenAI-compatible chat (and /v1/classify) server for one model (foreground)")
+    srv.add_argument("model", nargs="?", default=None,
+                     help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported folder "
+                          "(default: serve.model, else models:/<register.model_name>@champion)")
+    srv.add_argument("--host", default=None, help="listen address (default: serve.host)")
+    srv.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
     return parser
 
 
@@ -311,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                 getattr(infer, args.command)(cfg, args)
             except FileNotFoundError as exc:
                 raise InvalidInput(str(exc)) from exc
+            return 0
+        if args.command == "serve":
+            from .serve_app import serve
+
+            serve(cfg, args.model, args.host, args.port)
             return 0
         if args.command == "params":
             print(json.dumps(cfg.raw, indent=2))
