@@ -216,3 +216,43 @@ def test_a_bad_model_reference_is_one_clear_error(registered, tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("tuneops: error: models:/no-such-model@champion: no such registered model")
     time.sleep(0)
+
+
+def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
+    """`tuneops serve` of a classification model answers POST /v1/classify (documented shape) with
+    the labels `tuneops classify` gives; the chat endpoint tells the caller to use it."""
+    import torch
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from tasks.optimize import export_classifier
+    from tuneops.models import load_tokenizer
+    from tuneops.serve_app import create_app
+
+    base = registered.path("base_model_dir")
+    conf = AutoConfig.from_pretrained(str(base), num_labels=2, id2label={0: "neg", 1: "pos"},
+                                      label2id={"neg": 0, "pos": 1})
+    torch.manual_seed(0)
+    src = tmp_path / "classifier"
+    AutoModelForSequenceClassification.from_config(conf).save_pretrained(str(src))
+    load_tokenizer(base).save_pretrained(str(src))
+    assert export_classifier(src, tmp_path / "onnx", registered.optimize.opset, registered.optimize.parity_atol)[
+        "accepted"]
+    srv = InProcess(create_app(registered, str(tmp_path / "onnx")))
+    try:
+        texts = ["good", "a much longer and worse text"]
+        r = httpx.post(f"{srv.base_url}/classify", json={"model": "onnx", "input": texts}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
+        from tuneops.chat_engine import Classifier
+
+        direct = Classifier(onnx_path=tmp_path / "onnx" / "model.onnx").classify(texts)
+        assert [d["label"] for d in body["data"]] == [d["label"] for d in direct]
+        assert all(0 < d["score"] <= 1 for d in body["data"])
+        with pytest.raises(openai.BadRequestError) as err:
+            srv.client().chat.completions.create(model="onnx", messages=HELLO)
+        assert err.value.body["code"] == "wrong_endpoint" and "/v1/classify" in err.value.body["message"]
+        bad = httpx.post(f"{srv.base_url}/classify", json={"model": "onnx", "input": []}, timeout=60)
+        assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
+    finally:
+        srv.stop()

@@ -24,8 +24,9 @@ OFFLINE = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "DO_NOT_TRACK": "
            "MLFLOW_DISABLE_TELEMETRY": "true", "ORT_DISABLE_TELEMETRY": "1", "PIP_NO_INDEX": "1"}
 
 PREDICT = """
-import json, sys, mlflow, tuneops
+import json, sys, mlflow
 model = mlflow.pyfunc.load_model(sys.argv[1])
+import tuneops            # importable only now: from the model's code_paths
 out = model.predict({"messages": [{"role": "user", "content": "Hello"}]}, params={"max_tokens": 4})
 print(json.dumps({"replies": out, "tuneops": tuneops.__file__, "inputs": [i.name for i in
       model.metadata.get_input_schema().inputs]}))
