@@ -256,3 +256,31 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
         assert bad.status_code == 400 and bad.json()["error"]["param"] == "input"
     finally:
         srv.stop()
+
+
+def test_model_pool_loads_once_and_evicts_least_recently_used():
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tuneops.chat_engine import ModelPool
+
+    loads = []
+
+    class Spec:
+        def __init__(self, name):
+            self.id = name
+
+        def load(self, threads):
+            loads.append(self.id)
+            time.sleep(0.05)
+            return SimpleNamespace(kind="chat")
+
+    pool = ModelPool(limit=2)
+    with ThreadPoolExecutor(4) as ex:                       # four requests for one model arrive together
+        models = list(ex.map(lambda _: pool.get("a", lambda: Spec("a")), range(4)))
+    assert loads == ["a"] and all(m is models[0] for m in models) and models[0].id == "a"
+    pool.get("b", Spec("b"))
+    pool.get("a", Spec("a"))                                 # a is now the most recently used
+    pool.get("c", Spec("c"))                                 # evicts b
+    assert pool.loaded() == ["a", "c"] and loads == ["a", "b", "c"]
+    pool.get("b", Spec("b"))
+    assert pool.loaded() == ["c", "b"] and loads == ["a", "b", "c", "b"]
