@@ -80,7 +80,8 @@ def test_chat_replies_streamed_and_not_with_usage_from_the_tokenizer(server, reg
 
     assert choice.message.content == generate(registered, args, io.StringIO())
 
-    chunks = list(client.chat.completions.create(model=f"models:/{name}@champion", messages=HELLO, max_tokens=6,
+    chunks = list(client.chat.completions.create(model=f"models:/{name}@champion", messages=HELLO,
+                                                 max_completion_tokens=6,
                                                  temperature=0, stream=True,
                                                  stream_options={"include_usage": True}))
     assert chunks[0].choices[0].delta.role == "assistant"
