@@ -356,3 +356,20 @@ def test_planner_reads_config_json_of_every_family_exactly(arch, tied):
     assert spec.family.name != "generic"
     assert spec.params == sum(p.numel() for p in model.parameters())
     assert spec.tied_embeddings is tied and (spec.heads, spec.kv_heads, spec.vocab) == (4, 2, 300)
+
+
+def test_no_family_name_or_marker_in_evaluate_generate_serving_and_jobs_api():
+    """Stop and BOS tokens come from the tokenizer, its template and generation_config: the code that
+    evaluates, generates, serves and runs jobs names no family and no family's turn marker."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    files = [root / "tasks" / "evaluate.py", *(root / "tuneops" / n for n in ("lm.py", "serving.py", "infer.py",
+                                                                              "onnx_lm.py")),
+             *sorted((root / "tuneops" / "service").glob("*.py"))]
+    pattern = re.compile(r"gemma|llama|qwen|phi-?3|mistral|smollm|<end_of_turn>|<start_of_turn>|<\|im_end\|>|"
+                         r"<\|eot_id\|>|<\|end\|>|bos_token_id", re.IGNORECASE)
+    hits = [f"{f.relative_to(root)}:{i}: {line.strip()}" for f in files
+            for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
+    assert hits == []

@@ -32,7 +32,8 @@ _TOKENIZERS: dict[tuple[str, int], Any] = {}
 
 def resolve_tokenizer(cfg: Config) -> Any:
     """The model's own tokenizer: from the prepared base model, else (Gemma sources, which
-    share one tokenizer) the cached Gemma tokenizer, converted once from the GGUF.
+    share one tokenizer) the cached Gemma tokenizer, converted once from the GGUF, or the
+    cached SmolLM2 folder's.
     Loaded once per process and folder version."""
     from ..models import gemma_tokenizer, load_tokenizer
 
@@ -49,6 +50,15 @@ def resolve_tokenizer(cfg: Config) -> Any:
         key = (str(cache), 0)
         if key not in _TOKENIZERS:
             _TOKENIZERS[key] = gemma_tokenizer(cache)
+        return _TOKENIZERS[key]
+    if cfg.model.source == "smollm2":               # the converted SmolLM2 folder in the cache (once)
+        from ..env import state_paths
+        from ..models import _smollm2_folder
+
+        folder = _smollm2_folder(state_paths(cfg.state_dir)["cache"])
+        key = (str(folder), 0)
+        if key not in _TOKENIZERS:
+            _TOKENIZERS[key] = load_tokenizer(folder)
         return _TOKENIZERS[key]
     raise ConfigError(f"no tokenizer at {base}: run `tuneops model` first (model.source is {cfg.model.source!r})")
 

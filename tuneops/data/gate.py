@@ -197,6 +197,8 @@ def segment_texts(messages: list[dict[str, Any]], tokenizer: Any) -> list[str]:
     cannot render it."""
     from ..chat import render
 
+    if not getattr(tokenizer, "chat_template", None):   # an encoder (classification / NER heads): the text
+        return ["\n".join(m["content"] for m in messages)]
     return [render(tokenizer, messages)]
 
 
