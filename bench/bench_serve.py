@@ -137,7 +137,7 @@ def main() -> None:
 
     cfg = load_config(args.params, args.overrides)
     model = args.model or f"models:/{cfg.register.model_name}@champion"
-    logs = Path(args.out).parent
+    logs = Path(cfg.state_dir) / "bench-serve-logs"
     logs.mkdir(parents=True, exist_ok=True)
     rows = []
     port = free_port()
