@@ -171,15 +171,14 @@ def run(cfg: Config) -> dict[str, Any]:
         })
         _log_run_record(cfg, tags, plan, validation, om, "generations.jsonl")
         mlflow.log_dict(cfg.raw, "params.json")
-        from tuneops.serving import OnnxChatModel
+        from tuneops.serving import chat_model_spec
 
         artifact = train_dir / tm["artifact"]
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=OnnxChatModel(),
-            artifacts={**{f"onnx_{n}": str((opt_dir / v["path"]).parent) for n, v in variants.items()},
-                       tm["artifact"]: str(artifact), "tokenizer": str(artifact)},
-            model_config={"variant": om["default_variant"] or "fp32"},
-            pip_requirements=["onnxruntime>=1.32,<1.33", "transformers>=5.20,<6", "numpy"],
+        info = mlflow.pyfunc.log_model(     # self-contained: tuneops code, pinned requirements, signature
+            name="model", **chat_model_spec(
+                artifacts={**{f"onnx_{n}": str((opt_dir / v["path"]).parent) for n, v in variants.items()},
+                           tm["artifact"]: str(artifact), "tokenizer": str(artifact)},
+                variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens),
         )
     current = _current_champion(client, name)
     champion_ppl = float(current.tags["eval.finetuned_perplexity"]) if current else None

@@ -258,6 +258,20 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     assert mv.tags["tuneops.job.validation_file"] == v.id
     assert mv.tags["data.remote"] == str(svc.cfg.state_dir / "dvc-remote")    # the job's data is shared
 
+    # the API serves the model it made (issue 16): its owner chats with it, other tokens get 404
+    hello = [{"role": "user", "content": "Hello"}]
+    reply = client.chat.completions.create(model=done.fine_tuned_model, messages=hello, max_tokens=4, temperature=0)
+    assert reply.model == done.fine_tuned_model and reply.choices[0].finish_reason in ("stop", "length")
+    assert reply.usage.completion_tokens <= 4 and reply.usage.prompt_tokens > 0
+    streamed = client.chat.completions.create(model=done.fine_tuned_model, messages=hello, max_tokens=4,
+                                              temperature=0, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+    for who in (bob, client):
+        with pytest.raises(openai.NotFoundError) as err:
+            who.chat.completions.create(model=done.fine_tuned_model if who is bob else "someone-elses-model",
+                                        messages=hello, max_tokens=2)
+        assert err.value.body["code"] == "model_not_found"
+
 
 def test_cancel_stops_a_running_job(svc):
     client = svc.client()

@@ -103,8 +103,13 @@ def test_register_champion_with_lineage_and_a_loadable_model(stage, tiny_cfg):
     assert "validation/data_docs/index.html" in [
         f.path for f in client.list_artifacts(out["mlflow_run_id"], "validation/data_docs")]
     model = mlflow.pyfunc.load_model(f"models:/{tiny_cfg.register.model_name}@champion")
-    replies = model.predict(["Hello"], params={"max_new_tokens": 3})
+    replies = model.predict({"messages": [{"role": "user", "content": "Hello"}]}, params={"max_tokens": 3})
     assert len(replies) == 1 and isinstance(replies[0], str)
+    meta = model.metadata
+    assert [i.name for i in meta.get_input_schema().inputs] == ["messages"]
+    assert {p.name for p in meta.get_params_schema().params} >= {"max_tokens", "temperature"}
+    reqs = open(mlflow.pyfunc.get_model_dependencies(f"models:/{tiny_cfg.register.model_name}@champion")).read()
+    assert "onnxruntime==" in reqs and "transformers==" in reqs and "torch" not in reqs
 
 
 def test_worse_model_never_takes_champion(stage, tiny_cfg):

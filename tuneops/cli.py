@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     cls = sub.add_parser("classify", parents=[common], help="classify texts with an ONNX classifier")
     cls.add_argument("texts", nargs="+", metavar="TEXT")
     cls.add_argument("--model", required=True, help="folder with model.onnx, labels.json and the tokenizer")
+    srv = sub.add_parser("serve", parents=[common],
+                         help="OpenAI-compatible chat (and /v1/classify) server for one model (foreground)")
+    srv.add_argument("model", nargs="?", default=None,
+                     help="models:/NAME@ALIAS, models:/NAME/VERSION or an exported folder "
+                          "(default: serve.model, else models:/<register.model_name>@champion)")
+    srv.add_argument("--host", default=None, help="listen address (default: serve.host)")
+    srv.add_argument("--port", type=int, default=None, help="port (default: serve.port)")
     return parser
 
 
@@ -315,6 +322,13 @@ def _lineage(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(cfg: Any, args: argparse.Namespace) -> int:
+    from .serve_app import serve
+
+    serve(cfg, args.model, args.host, args.port)
+    return 0
+
+
 def _export(cfg: Any, args: argparse.Namespace) -> int:
     from .platforms import export
 
@@ -424,6 +438,7 @@ COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
     "generate": _infer, "classify": _infer,
     "server": _server, "deploy": _deploy, "worker": _worker, "watch": _watch,
     "models": _models, "lineage": _lineage, "report": _report, "api": _api, "export": _export,
+    "serve": _serve,
 }
 
 

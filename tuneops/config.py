@@ -335,6 +335,28 @@ class PlatformsParams(_Section):
     azureml: AzureMLParams
 
 
+class ServeParams(_Section):
+    host: str = Field(min_length=1)
+    port: int = Field(ge=1, le=65535)
+    model: str | None = None
+    auth: bool = False
+    max_concurrent: int = Field(ge=1)
+    max_queue: int = Field(ge=0)
+    max_input_tokens: int = Field(ge=1)
+    max_tokens: int = Field(ge=1)
+    default_max_tokens: int = Field(ge=1)
+    temperature: float = Field(ge=0, le=2)
+    max_classify_inputs: int = Field(ge=1)
+    max_loaded_models: int = Field(ge=1)
+    threads: int = Field(ge=0)
+
+    @model_validator(mode="after")
+    def _default_within_cap(self) -> "ServeParams":
+        if self.default_max_tokens > self.max_tokens:
+            raise ValueError(f"default_max_tokens ({self.default_max_tokens}) must be <= max_tokens ({self.max_tokens})")
+        return self
+
+
 class Params(_Section):
     paths: PathsParams
     model: ModelParams
@@ -350,6 +372,7 @@ class Params(_Section):
     orchestrate: OrchestrateParams
     service: ServiceParams
     platforms: PlatformsParams
+    serve: ServeParams
 
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
 

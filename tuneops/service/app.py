@@ -290,6 +290,9 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         raise APIError(404, f"The model {model_id!r} does not exist or you do not have access to it", "model",
                        "model_not_found")
 
+    from tuneops.service import inference       # chat with the caller's own fine-tuned models (issue 16)
+
+    app.include_router(inference.router(cfg, store, owner))
     return app
 
 

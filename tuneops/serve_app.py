@@ -1,0 +1,115 @@
+"""``tuneops serve [MODEL]``: one model behind an OpenAI-compatible HTTP server.
+
+MODEL (default ``serve.model``, else ``models:/<register.model_name>@champion``) is a registered
+version or alias (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) or an exported folder (an
+optimize output, a variant folder with ``model.onnx``, a registered model folder with ``MLmodel``).
+A chat model runs its default ONNX Runtime variant with its own chat template and stop tokens;
+a classification / NER model answers ``POST /v1/classify``. Endpoints: ``tuneops/endpoint.py``
+plus ``GET /v1/models``, ``GET /v1/models/{id}`` and ``GET /health``.
+
+Auth (``serve.auth: true``): the jobs API's bearer tokens (``tuneops api token create NAME``).
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException
+
+from .chat_engine import ModelPool, Scheduler, resolve
+from .config import Config
+from .endpoint import ApiError, add_routes, model_not_found
+
+
+def default_model(cfg: Config) -> str:
+    return cfg.serve.model or f"models:/{cfg.register.model_name}@champion"
+
+
+def bearer_auth(store: Any) -> Any:
+    """A FastAPI dependency: the token's owner, or 401 in OpenAI's shape."""
+
+    def owner(request: Request) -> str:
+        auth = request.headers.get("authorization", "")
+        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+            raise ApiError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>' "
+                                "(tokens: `tuneops api token create NAME`)", None, "missing_api_key")
+        name = store.owner_of(auth[7:].strip())
+        if name is None:
+            raise ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
+        return name
+    return owner
+
+
+def create_app(cfg: Config, model: str | None = None) -> FastAPI:
+    """The app for one model, loaded now (a bad reference fails before the server listens)."""
+    import time
+
+    from . import tracking
+
+    ref = model or default_model(cfg)
+    files = resolve(ref, tracking.tracking_uri(cfg), fallback_tokenizer=cfg.path("base_model_dir"))
+    pool = ModelPool(1, cfg.serve.threads)
+    loaded = pool.get(ref, files)
+    ids = {files.id, ref}
+    created = int(time.time())
+    if cfg.serve.auth:
+        from .service.app import database_url
+        from .service.db import Store
+
+        who = bearer_auth(Store(database_url(cfg)))
+    else:
+        def who() -> str:
+            return "local"
+
+    app = FastAPI(title="tuneops serve", version="1")
+    app.state.model, app.state.scheduler = loaded, Scheduler(cfg.serve.max_concurrent, cfg.serve.max_queue)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        body = getattr(exc, "body", None) or {"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                                                        "param": None, "code": None}}
+        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
+        return JSONResponse(ApiError(400, f"{where}: {err['msg']}", where or None, "invalid_request").body, 400)
+
+    def get_model(owner: str, model_id: str) -> Any:
+        if model_id not in ids:
+            raise model_not_found(model_id)
+        return loaded
+
+    def model_obj() -> dict[str, Any]:
+        return {"id": files.id, "object": "model", "created": created, "owned_by": "tuneops", "kind": files.kind,
+                "source": ref}
+
+    @app.get("/health")
+    def health() -> dict[str, Any]:
+        return {"status": "ok", "model": files.id, "kind": files.kind}
+
+    router = APIRouter()
+
+    @router.get("/v1/models")
+    def list_models(_: str = Depends(who)) -> dict[str, Any]:
+        return {"object": "list", "data": [model_obj()]}
+
+    @router.get("/v1/models/{model_id:path}")
+    def get_model_obj(model_id: str, _: str = Depends(who)) -> dict[str, Any]:
+        if model_id not in ids:
+            raise model_not_found(model_id)
+        return model_obj()
+
+    add_routes(router, get_model, app.state.scheduler, cfg.serve, who)
+    app.include_router(router)
+    return app
+
+
+def serve(cfg: Config, model: str | None = None, host: str | None = None, port: int | None = None) -> None:
+    import uvicorn
+
+    app = create_app(cfg, model)
+    uvicorn.run(app, host=host or cfg.serve.host, port=port or cfg.serve.port, log_level="info")
