@@ -60,7 +60,7 @@ def test_every_stage_input_is_produced_upstream():
 def test_every_params_section_is_read_by_a_stage():
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     read = ({p.split(".")[0] for s in stages.STAGES for p in s.params} | {"paths"} | set(stages.ORCHESTRATION_PARAMS)
-            | set(stages.SERVICE_PARAMS) | set(stages.PLATFORM_PARAMS))
+            | set(stages.SERVICE_PARAMS) | set(stages.SERVE_PARAMS) | set(stages.PLATFORM_PARAMS))
     assert set(params) == read
 
 

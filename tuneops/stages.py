@@ -37,7 +37,7 @@ class StageSpec:
 STAGES: tuple[StageSpec, ...] = (
     StageSpec("model", "prepare the base model (GGUF -> safetensors, or the tiny model)",
               params=("model",), outs=("base_model_dir",),
-              code=("tasks/model.py", "tuneops/models.py", "tuneops/chat.py")),
+              code=("tasks/model.py", "tuneops/models.py", "tuneops/chat.py", "tuneops/families.py")),
     StageSpec("ingest", "materialize the scenario's dataset (data.scenario) with a fixed-seed train/eval split",
               params=("ingest", "data"), outs=("train_data", "eval_data", "ingest_manifest"),
               code=("tasks/ingest.py", "tuneops/data")),
@@ -45,28 +45,30 @@ STAGES: tuple[StageSpec, ...] = (
               params=("validate", "data", "model.max_seq_len"),
               deps=("base_model_dir", "train_data", "eval_data"),
               outs=("validation_dir", "clean_train_data", "clean_eval_data"),
-              code=("tasks/validate.py", "tuneops/data", "tuneops/models.py", "tuneops/chat.py")),
+              code=("tasks/validate.py", "tuneops/data", "tuneops/models.py", "tuneops/chat.py", "tuneops/families.py")),
     StageSpec("select", "choose the fine-tuning method from params, model and hardware",
               params=("select", "model.max_seq_len"),
               deps=("base_model_dir", "validation_dir"), outs=("plan",),
-              code=("tasks/select.py", "tuneops/planner", "tuneops/training/heads.py")),
+              code=("tasks/select.py", "tuneops/planner", "tuneops/training/heads.py", "tuneops/training/methods.py",
+                    "tuneops/families.py")),
     StageSpec("train", "fine-tune (LoRA via peft + transformers Trainer), metrics to MLflow",
               params=("train", "model.max_seq_len", "tracking"),
               deps=("base_model_dir", "clean_train_data", "plan"), outs=("train_dir",),
               code=("tasks/train.py", "tuneops/training", "tuneops/chat.py", "tuneops/lm.py",
-                    "tuneops/models.py", "tuneops/tracking.py")),
+                    "tuneops/models.py", "tuneops/tracking.py", "tuneops/families.py")),
     StageSpec("evaluate", "perplexity of base vs fine-tuned on the held-out split, sample generations",
               params=("evaluate", "model.max_seq_len"),
               deps=("base_model_dir", "clean_eval_data", "train_dir"), outs=("evaluate_dir",),
               code=("tasks/evaluate.py", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lm.py",
-                    "tuneops/models.py", "tuneops/training/heads.py", "tuneops/training/methods.py")),
+                    "tuneops/models.py", "tuneops/training/heads.py", "tuneops/training/methods.py",
+                    "tuneops/families.py")),
     StageSpec("optimize", "merge adapter, ONNX export with KV cache, ORT parity, quantized variants per "
               "target profile (INT8/INT4/QDQ), gates, coverage reports",
               params=("optimize", "model.max_seq_len"),
               deps=("base_model_dir", "clean_train_data", "clean_eval_data", "train_dir"), outs=("optimize_dir",),
               code=("tasks/optimize.py", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lm.py",
                     "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/targets", "tuneops/training/heads.py",
-                    "tuneops/training/methods.py")),
+                    "tuneops/training/methods.py", "tuneops/families.py")),
     StageSpec("register", "log and register the model in MLflow; champion only if it beats base and champion",
               params=("register", "tracking"),
               deps=("train_dir", "evaluate_dir", "optimize_dir", "plan", "validation_dir"),
@@ -74,7 +76,8 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/register.py", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lineage.py",
                     "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/registry.py", "tuneops/report.py",
                     "tuneops/serving.py", "tuneops/tracking.py", "tuneops/remote.py",
-                    "tuneops/training/heads.py", "tuneops/training/methods.py")),
+                    "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
+                    "tuneops/chat_engine.py")),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
@@ -100,6 +103,7 @@ def code_root(project: "Path | str | None" = None) -> "Path":
 # not what it computes: read by the Prefect flow and the CLI, not by a stage.
 ORCHESTRATION_PARAMS = ("orchestrate",)
 SERVICE_PARAMS = ("service",)        # the jobs API (tuneops/service): not a stage input either
+SERVE_PARAMS = ("serve",)           # `tuneops serve` and the jobs API's chat endpoint: not a stage input
 PLATFORM_PARAMS = ("platforms",)     # exports to other platforms and the image (tuneops/platforms, deploy --image)
 
 
