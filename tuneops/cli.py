@@ -17,7 +17,7 @@ from .data import FORMATS
 from .errors import EXIT_INVALID_INPUT, InvalidInput, TuneopsError
 
 ORCHESTRATION_COMMANDS = ("server", "deploy", "worker", "watch", "models", "lineage", "report")
-TOKEN_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+TOKEN_NAME = r"[A-Za-z0-9_-]{1,64}"
 
 
 def _common() -> argparse.ArgumentParser:
@@ -210,7 +210,7 @@ def _api(cfg: Any, args: argparse.Namespace) -> int:
             for t in store.list_tokens():
                 print(f"{t['name']}  created {t['created_at']}")
             return 0
-        if not args.name or not re.match(TOKEN_NAME, args.name):
+        if not args.name or not re.fullmatch(TOKEN_NAME, args.name):
             print("tuneops: error: api token: NAME must be 1-64 characters of A-Z a-z 0-9 _ -", file=sys.stderr)
             return EXIT_INVALID_INPUT
         if args.token_action == "revoke":
@@ -303,7 +303,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "data":
             from .data.cli import add_command
 
-            return add_command(cfg, args.path, args.data_format, args.name)
+            from .orchestrate.lock import project_lock
+
+            with project_lock(cfg):
+                return add_command(cfg, args.path, args.data_format, args.name)
         if args.command in ("generate", "classify"):
             from . import infer
 
@@ -325,7 +328,10 @@ def main(argv: list[str] | None = None) -> int:
             result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
                               start=args.start)
         else:
-            result = stages.get(args.command).load()(cfg)
+            from .orchestrate.lock import project_lock
+
+            with project_lock(cfg):
+                result = stages.get(args.command).load()(cfg)
         print(json.dumps(result, indent=2, default=str))
         return 0
     except TuneopsError as exc:

@@ -20,6 +20,7 @@ class StageSpec:
     deps: tuple[str, ...] = ()
     outs: tuple[str, ...] = ()
     uncached_outs: tuple[str, ...] = ()   # side-effect records (e.g. registry), not DVC-cached
+    editable_outs: bool = False   # outputs are user data: edited in place, they are the new data (cache kept)
 
     @property
     def module(self) -> str:
@@ -33,7 +34,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("model", "prepare the base model (GGUF -> safetensors, or the tiny model)",
               params=("model",), outs=("base_model_dir",)),
     StageSpec("ingest", "materialize the scenario's dataset (data.scenario) with a fixed-seed train/eval split",
-              params=("ingest", "data"), outs=("train_data", "eval_data", "ingest_manifest")),
+              params=("ingest", "data"), outs=("train_data", "eval_data", "ingest_manifest"), editable_outs=True),
     StageSpec("validate", "data gate: record checks + Great Expectations suite (stops bad data before compute)",
               params=("validate", "data", "model.max_seq_len"),
               deps=("base_model_dir", "train_data", "eval_data"),
