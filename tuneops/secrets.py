@@ -1,7 +1,7 @@
 """Redaction of secrets wherever params are logged or copied (MLflow artifacts, job folders).
 
-A value is secret when its key looks like one (``token``, ``password``, ``secret``,
-``api_key``, ``credential``, ``private_key``) or when it is a URL carrying a password
+A value is secret when its key names one (ends in ``token``, ``password``, ``secret``,
+``api_key``, ``credentials``, ``private_key``) or when it is a URL carrying a password
 (``postgresql+asyncpg://user:PW@host/db``: the password becomes ``***``, the rest stays,
 so the value still says which server it was).
 """
@@ -11,7 +11,9 @@ import re
 from typing import Any
 
 MASK = "***"
-SECRET_KEY = re.compile(r"(token|passw(or)?d|secret|api[_-]?key|credential|private[_-]?key)", re.IGNORECASE)
+# the key's last word: hf_token, api_key, password, client_secret (not max_new_tokens, kv_parity_tokens)
+SECRET_KEY = re.compile(r"(^|[_.-])(token|passw(or)?d|secret|api[_-]?key|credentials?|private[_-]?key)$",
+                        re.IGNORECASE)
 URL_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)(?P<pw>[^@/?#\s]*)(?P<tail>@)")
 
 
