@@ -291,10 +291,10 @@ def test_a_planted_secret_is_not_copied_into_a_job_folder(tmp_path):
     J.file_path(cfg, "file-1").parent.mkdir(parents=True)
     J.file_path(cfg, "file-1").write_text('{"messages": []}\n')
     job = {"id": "ftjob-1", "owner": "alice", "model": "tiny", "seed": 1, "fine_tuned_model": "ft-tiny-alice-1"}
-    d = J.prepare_workdir(cfg, job, {"id": "file-1", "md5": "x"}, None, [])
+    d = J.prepare_workdir(cfg, job, {"id": "file-1", "md5": "0" * 32}, None, [])
     assert not [p for p in d.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     with pytest.raises(Exception):                                  # invalid params: nothing left behind
-        J.prepare_workdir(cfg, {**job, "id": "ftjob-2", "model": "no-such-model"}, {"id": "file-1", "md5": "x"},
+        J.prepare_workdir(cfg, {**job, "id": "ftjob-2", "model": "no-such-model"}, {"id": "file-1", "md5": "0" * 32},
                           None, [])
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["ftjob-1"]
 
