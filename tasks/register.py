@@ -25,6 +25,7 @@ tokenizer and label maps) is registered as a pyfunc (``tuneops.serving.HeadModel
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
@@ -112,8 +113,9 @@ def _bound(cfg: Config, upstream: dict[str, Any] | None) -> tuple[dict[str, Any]
     if tm.get("mlflow_run_id") != disk["train"].get("mlflow_run_id"):
         raise TuneopsError(f"register: {cfg.path('train_dir')} holds training run {disk['train'].get('mlflow_run_id')},"
                            f" not this flow run's {tm.get('mlflow_run_id')}: another run replaced it; run again")
-    em = {**disk["evaluate"], **(upstream.get("evaluate") or {})}
-    om = {**disk["optimize"], **(upstream.get("optimize") or {})}
+    # as written to disk (write_json: default=str), so numbers and paths compare like for like
+    em = json.loads(json.dumps({**disk["evaluate"], **(upstream.get("evaluate") or {})}, default=str))
+    om = json.loads(json.dumps({**disk["optimize"], **(upstream.get("optimize") or {})}, default=str))
     for stage, got, have in (("evaluate", em, disk["evaluate"]), ("optimize", om, disk["optimize"])):
         if any(have.get(k) != v for k, v in got.items() if k in have and not k.endswith("_dir")):
             raise TuneopsError(f"register: the {stage} outputs on disk are not this flow run's (another run "
