@@ -17,6 +17,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -33,6 +34,8 @@ FAST = ("train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=0",
 
 
 def _run(root: Path, *sets: str, kill_at: str | None = None, wait: bool = True) -> subprocess.Popen | tuple:
+    """`tuneops run` in its own process group, output to files (a SIGKILLed run's orphaned
+    ephemeral Prefect server would hold pipes open)."""
     env = os.environ.copy()
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
     env.pop(faults.ENV, None)
@@ -41,20 +44,27 @@ def _run(root: Path, *sets: str, kill_at: str | None = None, wait: bool = True) 
     argv = [sys.executable, "-m", "tuneops", "--params", str(root / "params.yaml"), "run"]
     for s in sets:
         argv += ["--set", s]
-    proc = subprocess.Popen(argv, env=env, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+    logs = tempfile.mkdtemp(dir=root, prefix="run-log-")
+    out, err = open(Path(logs) / "out", "w+"), open(Path(logs) / "err", "w+")
+    proc = subprocess.Popen(argv, env=env, cwd=root, stdout=out, stderr=err, text=True, start_new_session=True)
+    proc.logs = (out, err)  # type: ignore[attr-defined]
     if not wait:
         return proc
     return _finish(proc)
 
 
 def _finish(proc: subprocess.Popen) -> tuple[int, str, str]:
-    out, err = proc.communicate(timeout=900)
+    code = proc.wait(timeout=900)
     try:
         os.killpg(proc.pid, signal.SIGKILL)       # the killed run's ephemeral Prefect server, if orphaned
     except ProcessLookupError:
         pass
-    return proc.returncode, out, err
+    texts = []
+    for f in proc.logs:  # type: ignore[attr-defined]
+        f.seek(0)
+        texts.append(f.read())
+        f.close()
+    return code, texts[0], texts[1]
 
 
 def _result(stdout: str) -> dict:

@@ -331,8 +331,8 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str |
             result = validate_dataset({"train": path}, LazyTokenizer(lambda: resolve_tokenizer(cfg)),
                                       Settings.from_config(cfg, fmt="chat"))
         except Exception as exc:  # noqa: BLE001 - a hostile file is a 400, never a 500
-            raise APIError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: {exc}",
-                           "file", "invalid_file") from None
+            raise APIError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: "
+                                f"{J.public_message(cfg, exc)}", "file", "invalid_file") from None
     if result.success:
         total = result.counts()["total"]
         return int(total["accepted"]), (f"{total['rejected']} of {total['read']} records will be left out by the data "
