@@ -207,10 +207,14 @@ def run(cfg: Config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
         faults.point("register:logged")
         current = _current_champion(client, name)
         gate_tags = rescore(cfg, name, current, opt_dir / variants["fp32"]["path"], artifact)
-        champion_ppl = float(gate_tags["gate.champion.perplexity"]) if current is not None else None
-        alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"], variants["fp32"]["accepted"],
-                               champion_ppl, cfg.register.min_improvement_pct,
-                               challenger_ppl=float(gate_tags["gate.challenger.perplexity"]))
+        if current is not None and "gate.champion.error" in gate_tags:
+            alias, reason = "challenger", (f"the champion (version {current.version}) cannot be scored like this "
+                                           f"version ({gate_tags['gate.champion.error']}): not comparable")
+        else:
+            champion_ppl = float(gate_tags["gate.champion.perplexity"]) if current is not None else None
+            alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"],
+                                   variants["fp32"]["accepted"], champion_ppl, cfg.register.min_improvement_pct,
+                                   challenger_ppl=float(gate_tags["gate.challenger.perplexity"]))
         # One write creates the version with everything a rerun needs: lineage, the gate's numbers
         # and decision, the champion it was compared with, and the registration key.
         version = mlflow.register_model(info.model_uri, name, tags={

@@ -98,7 +98,11 @@ def rescore(cfg: Any, name: str, champion: Any, challenger_onnx: Path,
     tags["gate.champion.version"] = str(champion.version)
     tags["gate.champion.base_model.hash"] = str(champion.tags.get("base_model.hash", ""))
     with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=f"gate-{os.getpid()}-") as tmp:
-        onnx, tok = registered_fp32(name, champion.version, Path(tmp))
+        try:
+            onnx, tok = registered_fp32(name, champion.version, Path(tmp))
+        except FileNotFoundError as exc:      # e.g. a head model: nothing to score the same way
+            tags["gate.champion.error"] = str(exc)[:500]
+            return tags
         champ = score_onnx(cfg, onnx, tok)
     tags["gate.champion.perplexity"] = f"{champ['perplexity']:.6f}"
     tags["gate.champion.tokens"] = str(champ["tokens"])

@@ -42,7 +42,7 @@ def parse_json_object(raw: bytes) -> dict[str, Any]:
     return body
 
 
-def _number(value: Any, kind: type, field: str) -> Any:
+def _number(value: Any, kind: type) -> Any:
     """'auto' / null, or a finite number of ``kind`` (an int may be written 3.0)."""
     if value is None or value == "auto":
         return None
@@ -67,12 +67,12 @@ class Hyperparameters(_Strict):
     @field_validator("n_epochs", "batch_size")
     @classmethod
     def _int(cls, v: Any) -> Any:
-        return _number(v, int, "")
+        return _number(v, int)
 
     @field_validator("learning_rate_multiplier")
     @classmethod
     def _float(cls, v: Any) -> Any:
-        return _number(v, float, "")
+        return _number(v, float)
 
     def given(self) -> dict[str, Any]:
         return {k: v for k, v in self.model_dump().items() if v is not None}
