@@ -322,15 +322,15 @@ def main(argv: list[str] | None = None) -> int:
             return _orchestration(cfg, args)
         if args.command == "api":
             return _api(cfg, args)
-        if args.command == "run":
-            from flows.pipeline import finetune
+        from .orchestrate.lock import project_lock
 
-            result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
-                              start=args.start)
-        else:
-            from .orchestrate.lock import project_lock
+        with project_lock(cfg):          # one writer per project (the flow takes it again, re-entrant)
+            if args.command == "run":
+                from flows.pipeline import finetune
 
-            with project_lock(cfg):
+                result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
+                                  start=args.start)
+            else:
                 result = stages.get(args.command).load()(cfg)
         print(json.dumps(result, indent=2, default=str))
         return 0
