@@ -48,7 +48,11 @@ system-deps:
 	@dpkg -s $(DEB_DATA) $(DEB_TOOLS) >/dev/null 2>&1 || { apt-get update -qq && \
 	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA) $(DEB_TOOLS); }
 
-setup: $(VENV)/.installed system-deps
+setup: $(VENV)/.installed system-deps .tuneops/dvc-plots.html
+
+# `dvc plots show|diff` render with this page (.dvc/config plots.html_template): Vega inlined, offline.
+.tuneops/dvc-plots.html: $(VENV)/.installed
+	$(BIN)/python -c "from tuneops import dvc_record; dvc_record.plots_template('.')"
 
 run: setup  ## the main job: the full pipeline on the defaults, via the Prefect flow
 	tuneops run

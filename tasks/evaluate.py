@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneops import finetuned
+from tuneops import finetuned, log
 from tuneops.chat import prompt_and_reference
 from tuneops.config import Config
 from tuneops.io import fresh_dir, md5_file, read_jsonl, write_json, write_jsonl
@@ -43,10 +43,17 @@ def run_head(cfg: Config, info: dict[str, Any], out: Any) -> dict[str, Any]:
         f"{metric}_change": scores["finetuned"][metric] - scores["base"][metric],
     }
     write_json(out / "metrics.json", metrics)
+    write_json(out / "comparison.json", comparison(metric, scores["base"][metric], scores["finetuned"][metric]))
     write_jsonl(out / "predictions.jsonl", (
         {"record": rows[i]["record"], "base": preds["base"][i], "finetuned": preds["finetuned"][i]}
         for i in range(min(len(rows), max(e.generations, 8)))))
     return {"evaluate_dir": str(out), **metrics}
+
+
+def comparison(metric: str, base: float, finetuned: float) -> list[dict[str, Any]]:
+    """``comparison.json``: base vs fine-tuned on the primary metric (the plot dvc.yaml declares)."""
+    return [{"model": "base", "metric": metric, "value": base},
+            {"model": "fine-tuned", "metric": metric, "value": finetuned}]
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -67,6 +74,7 @@ def run(cfg: Config) -> dict[str, Any]:
 
     scores, replies = {}, {}
     for name, model in (("base", load_causal_lm(base_dir)), ("finetuned", finetuned.load(base_dir, train_dir))):
+        log.log.info(f"evaluate: {name} model, {len(features)} conversations, {len(prompts)} generations ...")
         model.eval()
         scores[name] = perplexity(torch_forward(model), features, e.batch_size, pad)
         replies[name] = [generate(model, tokenizer, msgs, e.max_new_tokens) for msgs, _ in prompts]
@@ -81,6 +89,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "primary_metric": "perplexity", "primary_direction": "lower",
     }
     write_json(out / "metrics.json", metrics)
+    write_json(out / "comparison.json", comparison("perplexity", base["perplexity"], ft["perplexity"]))
     write_jsonl(out / "generations.jsonl", (
         {"prompt": msgs, "reference": ref, "base": replies["base"][i], "finetuned": replies["finetuned"][i]}
         for i, (msgs, ref) in enumerate(prompts)))

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from tuneops import finetuned, targets
+from tuneops import finetuned, log, targets
 from tuneops.config import Config
 from tuneops.io import dir_size, fresh_dir, read_jsonl, write_json
 from tuneops.lm import encode, perplexity, torch_forward
@@ -468,6 +468,7 @@ def run(cfg: Config) -> dict[str, Any]:
         metrics = {"task_head": info["task_head"], "variants": {}, "default_variant": None,
                    "skipped": HEAD_SKIP.format(head=info["task_head"])}
         write_json(out / "metrics.json", metrics)
+        write_json(out / "variants.json", [])
         return {"optimize_dir": str(out), **metrics}
     o = cfg.optimize
     base_dir, out = cfg.path("base_model_dir"), fresh_dir(cfg.path("optimize_dir"))
@@ -492,7 +493,8 @@ def run(cfg: Config) -> dict[str, Any]:
     timings: dict[str, float] = {}
     t = time.perf_counter()
     fp32 = out / "fp32" / "model.onnx"
-    raw = export_causal_lm(model, out / "export" / "model.onnx" if o.graph_optimization else fp32, o.opset)
+    with log.step("optimize: ONNX export with KV cache"):
+        raw = export_causal_lm(model, out / "export" / "model.onnx" if o.graph_optimization else fp32, o.opset)
     timings["export_s"] = time.perf_counter() - t
     graph: dict[str, Any] = {"optimizer": None}
     if o.graph_optimization:
@@ -523,7 +525,8 @@ def run(cfg: Config) -> dict[str, Any]:
         "accepted": parity <= o.parity_atol and incremental <= o.parity_atol,
         "gate": f"max abs logits diff <= {o.parity_atol} (full sequence vs PyTorch, and KV-cache decoding vs full)"}
     del lm
-    for name in wanted[1:]:
+    for i, name in enumerate(wanted[1:], 1):
+        log.log.info(f"optimize: variant {name} ({i}/{len(wanted) - 1}): quantize, score, gate ...")
         dst = out / name / "model.onnx"
         t = time.perf_counter()
         if name in ("int8", "int4"):
@@ -556,6 +559,9 @@ def run(cfg: Config) -> dict[str, Any]:
                "targets": list(o.targets), "graph_optimization": graph, "timings": timings,
                "variants": variants, "default_variant": choose_default(variants, list(o.default_order))}
     write_json(out / "metrics.json", metrics)
+    write_json(out / "variants.json", [      # size vs perplexity per variant (the plot dvc.yaml declares)
+        {"variant": n, "size_mb": v["size_bytes"] / 1e6, "perplexity": v["perplexity"], "accepted": v["accepted"]}
+        for n, v in variants.items()])
     return {"optimize_dir": str(out), **metrics}
 
 

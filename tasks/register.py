@@ -31,6 +31,7 @@ from typing import Any
 
 from tuneops import faults, registry, report, tracking
 from tuneops.config import Config
+from tuneops import remote as data_remote
 from tuneops.errors import TuneopsError
 from tuneops.gate import decide, rescore
 from tuneops.io import md5_file, read_json, write_json
@@ -81,12 +82,17 @@ def _validation_tags(validation: dict[str, Any]) -> dict[str, str]:
 
 
 def _add_dvc_lock_tags(cfg: Config, tags: dict[str, str]) -> None:
-    """The md5s dvc.lock records for the same dataset paths (equal to data.*.md5 after dvc repro)."""
+    """The md5s dvc.lock records for the same dataset paths (equal to data.*.md5 after dvc repro),
+    and the DVC remote the train/eval files are pushed to (``tuneops data checkout`` reads it)."""
     lock = dvc_lock_md5s(cfg.root)
     for key in ("train", "eval"):
         recorded = lock.get(tags[f"data.{key}.path"])
         if recorded:
             tags[f"dvc.lock.{key}.md5"] = recorded
+    url = data_remote.default_remote(cfg.root)
+    if url:
+        data_remote.push(url, [cfg.path("train_data"), cfg.path("eval_data")])
+        tags["data.remote"] = url
 
 
 def _write_record(cfg: Config, name: str, version: Any, alias: str, reason: str, previous: Any,

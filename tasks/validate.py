@@ -25,6 +25,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from tuneops import log
 from tuneops.config import Config
 from tuneops.data import formats
 from tuneops.data.docs import render
@@ -116,7 +117,9 @@ def build_report(result: GateResult, cfg: Config | None = None) -> dict[str, Any
 def run(cfg: Config) -> dict[str, Any]:
     settings = Settings.from_config(cfg)
     tokenizer = load_tokenizer(cfg.path("base_model_dir"))
-    result = validate_dataset({"train": cfg.path("train_data"), "eval": cfg.path("eval_data")}, tokenizer, settings)
+    with log.step("validate: record checks + Great Expectations suite"):
+        result = validate_dataset({"train": cfg.path("train_data"), "eval": cfg.path("eval_data")}, tokenizer,
+                                  settings)
     out = fresh_dir(cfg.path("validation_dir"))
     report = build_report(result, cfg)
     rejected = sum(len(sp.rejected) for sp in result.splits.values())

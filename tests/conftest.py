@@ -115,3 +115,45 @@ def tokenizer(stage, tiny_cfg):
 
     stage("model")
     return load_tokenizer(tiny_cfg.path("base_model_dir"))
+
+
+# The pipeline's cheap end-to-end settings (flow, dvc): fp32 export only, few steps and samples.
+E2E = ("train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=1",
+       "optimize.ppl_samples=4", "optimize.parity_samples=1")
+
+
+def sh(cmd: list[str], cwd, timeout: float = 900) -> str:
+    """Run a command (a user's shell line); fail with its output tails unless it exits 0."""
+    import subprocess
+
+    proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout, env=os.environ.copy())
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    return proc.stdout + proc.stderr
+
+
+def git_dvc_project(name: str, overrides: tuple[str, ...] = ()) -> Path:
+    """A tiny project that is a git + DVC repo of this pipeline (dvc.yaml, its code deps, the
+    default local remote), committed, like a fresh clone of this repository."""
+    from tuneops import dvc_record
+
+    root = make_project(name, overrides)
+    sh(["git", "init", "-q"], root)
+    sh(["git", "config", "user.email", "t@example.com"], root)
+    sh(["git", "config", "user.name", "tuneops tests"], root)
+    dvc_record.init_project(root, scm=True)
+    (root / ".gitignore").write_text("/.tuneops/\n")
+    sh(["git", "add", "-A"], root)
+    sh(["git", "commit", "-qm", "project"], root)
+    return root
+
+
+@pytest.fixture(scope="session")
+def flow_run():
+    """One Prefect flow run of the whole pipeline in a git + DVC project: (project, final state,
+    seconds)."""
+    from flows.pipeline import finetune
+
+    root = git_dvc_project("flow", E2E)
+    t0 = time.perf_counter()
+    state = finetune(params_file=str(root / "params.yaml"), return_state=True)
+    return root, state, time.perf_counter() - t0

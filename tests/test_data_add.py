@@ -99,3 +99,34 @@ def test_add_outside_a_dvc_repo_changes_nothing(stage, capsys):
     rc, _, err = _add(root, good, "text", capsys)
     assert rc == 2 and "is not a DVC repository (run `dvc init`); nothing was changed" in err
     assert (root / "params.yaml").read_bytes() == before and not (root / "data" / "user").exists()
+
+
+def test_add_with_a_held_out_file(repo, capsys):
+    """`data add PATH --eval EVAL_PATH`: both validated together (a leaked eval row is refused),
+    both `dvc add`ed, params point at both; ingest then trains on all of PATH."""
+    from tuneops.cli import main
+
+    def chat(i: int) -> str:
+        return json.dumps({"messages": [{"role": "user", "content": f"how do I reset account {i} today?"},
+                                        {"role": "assistant", "content": f"open settings, then account {i}."}]})
+
+    train, held = repo / "faq.jsonl", repo / "faq-eval.jsonl"
+    train.write_text("".join(chat(i) + "\n" for i in range(30)))
+    held.write_text("".join(chat(i) + "\n" for i in (3, *range(100, 110))))      # row 3 leaks from train
+    args = ["--params", str(repo / "params.yaml"), "data", "add", str(train), "--format", "chat", "--eval", str(held)]
+    before = (repo / "params.yaml").read_bytes()
+    assert main(args) == 1 and "nothing was added or changed" in capsys.readouterr().err
+    assert (repo / "params.yaml").read_bytes() == before
+
+    held.write_text("".join(chat(i) + "\n" for i in range(100, 110)))
+    assert main(args) == 0, capsys.readouterr()
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["eval"]["path"] == "data/user/faq.eval.jsonl" and summary["eval"]["records"] == 10
+    cfg = load_config(repo / "params.yaml")
+    assert (cfg.data.user.path, cfg.data.user.eval_path) == ("data/user/faq.jsonl", "data/user/faq.eval.jsonl")
+    assert cfg.data.user.eval_md5 == md5_file(repo / "data/user/faq.eval.jsonl") == md5_file(held)
+    assert (repo / "data/user/faq.eval.jsonl.dvc").is_file()
+    from tasks import ingest
+
+    manifest = ingest.run(cfg)
+    assert (manifest["train_rows"], manifest["eval_rows"]) == (30, 10)

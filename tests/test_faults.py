@@ -41,7 +41,7 @@ def _run(root: Path, *sets: str, kill_at: str | None = None, wait: bool = True) 
     env.pop(faults.ENV, None)
     if kill_at:
         env[faults.ENV] = kill_at
-    argv = [sys.executable, "-m", "tuneops", "--params", str(root / "params.yaml"), "run"]
+    argv = [sys.executable, "-m", "tuneops", "--params", str(root / "params.yaml"), "run", "--json"]
     for s in sets:
         argv += ["--set", s]
     logs = tempfile.mkdtemp(dir=root, prefix="run-log-")

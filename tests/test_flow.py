@@ -4,17 +4,12 @@ from __future__ import annotations
 from tuneops import stages
 from tuneops.io import read_json
 
-from .conftest import make_project
 
-
-def test_prefect_flow_runs_every_stage_and_registers_a_champion():
+def test_prefect_flow_runs_every_stage_and_registers_a_champion(flow_run):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
-    from flows.pipeline import finetune
-
-    root = make_project("flow")
-    state = finetune(params_file=str(root / "params.yaml"), return_state=True)
+    root, state, _ = flow_run
     assert state.is_completed(), state
     result = state.result()
     assert tuple(result) == stages.STAGE_NAMES

@@ -21,6 +21,14 @@ def _paths(entries: list) -> list[str]:
     return keys
 
 
+def _split_deps(entries: list) -> tuple[list, list]:
+    """dvc.yaml deps: the ``${paths.*}`` inputs first, then the code deps (plain repo paths)."""
+    keys = [e for e in entries or [] if str(e).startswith("${")]
+    code = [e for e in entries or [] if not str(e).startswith("${")]
+    assert list(entries or []) == keys + code, "dvc.yaml deps: path keys first, then code"
+    return _paths(keys), code
+
+
 def test_dvc_stages_match_stage_list_in_order():
     assert tuple(_dvc()) == stages.STAGE_NAMES
 
@@ -31,7 +39,9 @@ def test_each_dvc_stage_matches_its_spec():
         d = _dvc()[spec.name]
         assert d["cmd"] == f"tuneops {spec.name}"
         assert tuple(d.get("params", ())) == spec.params
-        assert tuple(_paths(d.get("deps"))) == spec.deps
+        keys, code = _split_deps(d.get("deps"))
+        assert tuple(keys) == spec.deps
+        assert tuple(code) == spec.code, f"{spec.name}: dvc.yaml code deps differ from tuneops/stages.py"
         assert tuple(_paths(d.get("outs"))) == spec.outs + spec.uncached_outs
         for key in spec.params + spec.deps + spec.outs:
             node = params if "." in key or key in params else params["paths"]
@@ -81,3 +91,67 @@ def test_flow_wraps_every_stage_in_order():
     assert tuple(pipeline.TASKS) == stages.STAGE_NAMES
     for spec in stages.STAGES:
         assert pipeline.TASKS[spec.name].fn is spec.load()
+
+
+def _module_file(module: str):
+    path = REPO / (module.replace(".", "/") + ".py")
+    if path.is_file():
+        return path
+    init = REPO / module.replace(".", "/") / "__init__.py"
+    return init if init.is_file() else None
+
+
+def _imports(module: str) -> set[str]:
+    """Project modules ``module`` imports anywhere in its source (top level and inside functions)."""
+    import ast
+
+    path = _module_file(module)
+    package = module if path.name == "__init__.py" else module.rpartition(".")[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parts = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parts + ([base] if base else []))
+            if base.split(".")[0] in ("tuneops", "tasks"):
+                found.add(base)
+                found |= {f"{base}.{a.name}" for a in node.names if _module_file(f"{base}.{a.name}")}
+        elif isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.split(".")[0] in ("tuneops", "tasks")}
+    return {m for m in found if _module_file(m)}
+
+
+def test_code_deps_cover_every_module_a_stage_runs():
+    """Each stage's code deps (dvc.yaml and the Prefect cache) cover every project module its
+    tasks/ module imports, transitively, except the shared plumbing: a change to any of them
+    makes the stage stale in both runners."""
+    for spec in stages.STAGES:
+        seen, todo = set(), [spec.module]
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += sorted(_imports(module) - seen)
+        for module in sorted(seen):
+            rel = _module_file(module).relative_to(REPO).as_posix()
+            if rel in stages.PLUMBING or (rel.endswith("__init__.py") and module != spec.module):
+                continue            # plumbing; a package's __init__ (re-exports) is covered where it matters
+            assert any(rel == c or rel.startswith(c.rstrip("/") + "/") for c in spec.code), \
+                f"{spec.name} runs {rel} (via {spec.module}) but its code deps do not list it"
+        for c in spec.code:
+            assert (REPO / c).exists(), f"{spec.name}: code dep {c} does not exist"
+
+
+def test_dvc_metrics_and_plots_are_stage_outputs():
+    """`dvc metrics`/`dvc plots` read files inside the stages' outputs (train, evaluate, optimize)."""
+    dvc = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    outs = {f"${{paths.{o}}}" for s in stages.STAGES for o in s.outs}
+    metrics = dvc["metrics"]
+    plots = [next(iter(p.values())) for p in dvc["plots"]]
+    files = list(metrics) + [f for p in plots for f in p["y"]]
+    assert {m.split("/")[0] for m in metrics} == {"${paths.train_dir}", "${paths.evaluate_dir}",
+                                                   "${paths.optimize_dir}"}
+    for f in files:
+        assert f.split("/")[0] in outs, f"{f} is not inside a stage output"
+    assert [p["x"] for p in plots] == ["step", "value", "size_mb"]

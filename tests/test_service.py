@@ -241,6 +241,14 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     assert (workdir / "artifacts" / "register" / "registration.json").is_file()
     manifest = json.loads((workdir / "data" / "chat" / "manifest.json").read_text())
     assert (manifest["train_rows"], manifest["eval_rows"]) == (60, 12)      # the validation file is the eval split
+    # ... and keeps its own DVC record there: every stage in its dvc.lock, `dvc status` clean
+    import yaml
+
+    from tuneops.stages import STAGE_NAMES
+
+    assert tuple(yaml.safe_load((workdir / "dvc.lock").read_text())["stages"]) == STAGE_NAMES
+    status = subprocess.run(["dvc", "status"], cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
     from mlflow import MlflowClient
 
     from tuneops import tracking
@@ -248,6 +256,7 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     mv = MlflowClient(tracking.tracking_uri(svc.cfg)).get_model_version(done.fine_tuned_model, "1")
     assert mv.tags["tuneops.job.id"] == job.id and mv.tags["tuneops.job.training_file"] == f.id
     assert mv.tags["tuneops.job.validation_file"] == v.id
+    assert mv.tags["data.remote"] == str(svc.cfg.state_dir / "dvc-remote")    # the job's data is shared
 
 
 def test_cancel_stops_a_running_job(svc):

@@ -10,14 +10,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import Any
+from typing import Any, Callable
 
 from . import stages
 from .data import FORMATS
-from .errors import EXIT_INVALID_INPUT, InvalidInput, TuneopsError
+from .errors import InvalidInput, TuneopsError
 
-ORCHESTRATION_COMMANDS = ("server", "deploy", "worker", "watch", "models", "lineage", "report")
-TOKEN_NAME = r"[A-Za-z0-9_-]{1,64}"
+TOKEN_NAME = r"[A-Za-z0-9_-]{1,64}"   # full match (re.fullmatch): no trailing newline
 
 
 def _common() -> argparse.ArgumentParser:
@@ -26,6 +25,12 @@ def _common() -> argparse.ArgumentParser:
                    help="params file (default: params.yaml)")
     p.add_argument("--set", dest="overrides", action="append", default=argparse.SUPPRESS, metavar="KEY=VALUE",
                    help="override one param, e.g. --set train.max_steps=10 (repeatable)")
+    p.add_argument("-q", "--quiet", action="count", default=argparse.SUPPRESS,
+                   help="warnings and errors only")
+    p.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS,
+                   help="debug logs and third-party warnings")
+    p.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                   help="machine-readable output (JSON) instead of the summary")
     return p
 
 
@@ -43,13 +48,19 @@ def build_parser() -> argparse.ArgumentParser:
                                help="validate this file (TRAIN [EVAL]: also leakage) instead of running the stage")
             stage.add_argument("--format", dest="data_format", choices=FORMATS, default=None,
                                help="record format of DATA (default: data.format in params)")
-    data = sub.add_parser("data", parents=[common], help="datasets: `data add PATH --format F`")
+    data = sub.add_parser("data", parents=[common],
+                          help="datasets: `data add PATH --format F [--eval EVAL_PATH]`, `data checkout MODEL@ALIAS`")
     data_sub = data.add_subparsers(dest="data_command", metavar="ACTION", required=True)
     add = data_sub.add_parser("add", parents=[common],
                               help="validate a dataset, copy it to data/user/, `dvc add` it and point params at it")
     add.add_argument("path", metavar="PATH", help="JSONL, CSV or Parquet file")
     add.add_argument("--format", dest="data_format", choices=FORMATS, required=True)
     add.add_argument("--name", default=None, help="dataset name (default: the file's name)")
+    add.add_argument("--eval", dest="eval_path", default=None, metavar="EVAL_PATH",
+                     help="held-out file of the same format (default: data.eval_fraction of PATH is held out)")
+    checkout = data_sub.add_parser("checkout", parents=[common],
+                                   help="restore the train/eval data a registered version was trained on")
+    checkout.add_argument("ref", metavar="MODEL@ALIAS|MODEL@VERSION", help="e.g. tuneops-chat@champion")
     run = sub.add_parser("run", parents=[common], help="the whole pipeline as one Prefect flow")
     run.add_argument("--from", dest="start", choices=stages.STAGE_NAMES, help="skip the stages before this one")
     sub.add_parser("plan", parents=[common], add_help=False,
@@ -90,10 +101,8 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     msub = models.add_subparsers(dest="models_command", metavar="ACTION", required=True)
     ls = msub.add_parser("list", parents=[common], help="versions with aliases and eval perplexity")
     ls.add_argument("name", nargs="?", default="default", help="registered model (default: register.model_name)")
-    ls.add_argument("--json", action="store_true")
     show = msub.add_parser("show", parents=[common], help="one version: tags and model card")
     show.add_argument("ref", metavar="NAME@ALIAS|NAME@VERSION")
-    show.add_argument("--json", action="store_true")
     promote = msub.add_parser("promote", parents=[common],
                               help="make a version champion if it passes the evaluation gate (else exit 1)")
     promote.add_argument("ref", metavar="NAME@VERSION|NAME@challenger")
@@ -102,7 +111,6 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     lineage = sub.add_parser("lineage", parents=[common],
                              help="where a registered version came from: code, data md5s, params, plan, metrics")
     lineage.add_argument("ref", metavar="NAME@ALIAS", help="e.g. default@champion (default = register.model_name)")
-    lineage.add_argument("--json", action="store_true")
     api = sub.add_parser("api", parents=[common],
                          help="the OpenAI-compatible fine-tuning jobs API: serve (default) | worker | token")
     asub = api.add_subparsers(dest="api_command", metavar="ACTION")
@@ -118,128 +126,250 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
     report.add_argument("--out", default=None, help="file to write (default: <register_dir>/report.html)")
 
 
-def _orchestration(cfg: Any, args: argparse.Namespace) -> int:
-    """server / deploy / worker / watch / models / lineage / report."""
+# -- handlers: one per command (COMMANDS below maps each command to its handler) ------------
+
+def _stage(cfg: Any, args: argparse.Namespace) -> int:
+    """``tuneops <stage>``: run one stage (what dvc.yaml runs); a summary line, or --json."""
+    import time
+
+    from . import log
+
+    from .orchestrate.lock import project_lock
+
+    t0 = time.perf_counter()
+    with project_lock(cfg):                       # one writer per project
+        result = stages.get(args.command).load()(cfg)
+    return _result(args, result, log.stage_summary(args.command, result, time.perf_counter() - t0))
+
+
+def _result(args: argparse.Namespace, result: Any, summary: str) -> int:
+    print(json.dumps(result, indent=2, default=str) if getattr(args, "json", False) else summary)
+    return 0
+
+
+def _validate(cfg: Any, args: argparse.Namespace) -> int:
+    if not args.data:
+        return _stage(cfg, args)
+    from .data.cli import validate_command
+
+    return validate_command(cfg, args.data, args.data_format)
+
+
+def _data(cfg: Any, args: argparse.Namespace) -> int:
+    if args.data_command == "add":
+        from .data.cli import add_command
+        from .orchestrate.lock import project_lock
+
+        with project_lock(cfg):
+            return add_command(cfg, args.path, args.data_format, args.name, args.eval_path)
+    from .remote import checkout
+
+    out = checkout(cfg, args.ref)
+    files = ", ".join(f"{f['path']} (md5 {f['md5']})" for f in out["files"])
+    return _result(args, out, f"{out['model']} v{out['version']}: restored {files} from {out['remote']}")
+
+
+def _run(cfg: Any, args: argparse.Namespace) -> int:
+    import time
+
+    from flows.pipeline import finetune
+
+    from . import log
+
+    from .orchestrate.lock import project_lock
+
+    t0 = time.perf_counter()
+    with project_lock(cfg):                       # before Prefect starts; the flow re-enters it
+        result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
+                          start=args.start)
+    lines = [log.stage_summary(name, r) for name, r in result.items()]
+    return _result(args, result, "\n".join([*lines, f"tuneops run: {len(result)} stages in "
+                                                     f"{time.perf_counter() - t0:.1f} s"]))
+
+
+def _params(cfg: Any, args: argparse.Namespace) -> int:
+    print(json.dumps(cfg.raw, indent=2))
+    return 0
+
+
+def _infer(cfg: Any, args: argparse.Namespace) -> int:
+    from . import infer
+
+    try:
+        getattr(infer, args.command)(cfg, args)
+    except FileNotFoundError as exc:
+        raise InvalidInput(str(exc)) from exc
+    return 0
+
+
+def _server(cfg: Any, args: argparse.Namespace) -> int:
+    from .orchestrate import server
+
+    if args.action == "start":
+        out = server.start(cfg, prefect_port=args.port, mlflow=args.mlflow)
+        for name, rec in out.items():
+            state = "already running" if rec.get("already_running") else f"started in {rec['startup_s']} s"
+            print(f"{name}: {rec['url']} ({state}; pid {rec['pid']}, log {rec['log']})")
+        print(f"export PREFECT_API_URL={out['prefect']['url']}")
+    elif args.action == "stop":
+        out = server.stop(cfg)
+        print("\n".join(f"{n}: stopped (pid {r['pid']})" for n, r in out.items()) or "no server running")
+    else:
+        out = server.status(cfg)
+        print("\n".join(f"{n}: {'running' if r['running'] else 'not running'} at {r['url']} (pid {r['pid']})"
+                        for n, r in out.items()) or "no server started")
+        return 0 if out and all(r["running"] for r in out.values()) else 3
+    return 0
+
+
+def _prefect_api(cfg: Any) -> None:
     import os
 
-    cmd = args.command
-    if cmd == "server":
-        from .orchestrate import server
+    from .orchestrate import server
 
-        if args.action == "start":
-            out = server.start(cfg, prefect_port=args.port, mlflow=args.mlflow)
-            for name, rec in out.items():
-                state = "already running" if rec.get("already_running") else f"started in {rec['startup_s']} s"
-                print(f"{name}: {rec['url']} ({state}; pid {rec['pid']}, log {rec['log']})")
-            print(f"export PREFECT_API_URL={out['prefect']['url']}")
-        elif args.action == "stop":
-            out = server.stop(cfg)
-            print("\n".join(f"{n}: stopped (pid {r['pid']})" for n, r in out.items()) or "no server running")
-        else:
-            out = server.status(cfg)
-            print("\n".join(f"{n}: {'running' if r['running'] else 'not running'} at {r['url']} (pid {r['pid']})"
-                            for n, r in out.items()) or "no server started")
-            return 0 if out and all(r["running"] for r in out.values()) else 3
-        return 0
-    if cmd in ("deploy", "worker", "watch"):
-        from .orchestrate import server
+    os.environ["PREFECT_API_URL"] = server.api_url(cfg)
 
-        os.environ["PREFECT_API_URL"] = server.api_url(cfg)
-        overrides = list(getattr(args, "overrides", []) or [])
-        if cmd == "deploy":
-            from .orchestrate.deploy import deploy
 
-            print(json.dumps(deploy(cfg, cfg.source, overrides), indent=2))
-        elif cmd == "worker":
-            from .orchestrate.deploy import worker_command
+def _deploy(cfg: Any, args: argparse.Namespace) -> int:
+    from .orchestrate.deploy import deploy
 
-            os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
-            cmd = worker_command(cfg.orchestrate.work_pool)
-            os.execvp(cmd[0], cmd)
-        else:
-            from flows.watch import watch
+    _prefect_api(cfg)
+    print(json.dumps(deploy(cfg, cfg.source, list(getattr(args, "overrides", []) or [])), indent=2))
+    return 0
 
-            print(json.dumps(watch(params_file=cfg.source, overrides=overrides), indent=2, default=str))
-        return 0
+
+def _exec_worker(cfg: Any, pool: str) -> int:
+    import os
+
+    from .orchestrate.deploy import worker_command
+
+    _prefect_api(cfg)
+    os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
+    cmd = worker_command(pool)
+    os.execvp(cmd[0], cmd)
+    return 0   # not reached
+
+
+def _worker(cfg: Any, args: argparse.Namespace) -> int:
+    return _exec_worker(cfg, cfg.orchestrate.work_pool)
+
+
+def _watch(cfg: Any, args: argparse.Namespace) -> int:
+    from flows.watch import watch
+
+    _prefect_api(cfg)
+    print(json.dumps(watch(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or [])),
+                     indent=2, default=str))
+    return 0
+
+
+def _models_list(cfg: Any, args: argparse.Namespace) -> int:
     from . import registry
 
-    if cmd == "models":
-        action = args.models_command
-        if action == "list":
-            rows = registry.list_versions(cfg, args.name)
-            if args.json:
-                print(json.dumps(rows, indent=2))
-            for r in [] if args.json else rows:
-                print(f"v{r['version']:<4} {','.join(r['aliases']) or '-':<20} ppl {r['eval_perplexity']!s:<10} "
-                      f"{r['created']}  {r['promotion_reason'] or ''}")
-        elif action == "show":
-            out = registry.show(cfg, args.ref)
-            print(json.dumps(out, indent=2) if args.json else out["model_card"] or json.dumps(out, indent=2))
-        elif action == "promote":
-            out = registry.promote(cfg, args.ref)
-            print(f"{out['name']} v{out['version']} is champion: {out['reason']}")
-        else:
-            out = registry.rollback(cfg, args.name)
-            print(f"{out['name']}: champion is v{out['champion']} again (was v{out['rolled_back']})")
+    rows = registry.list_versions(cfg, args.name)
+    if getattr(args, "json", False):
+        print(json.dumps(rows, indent=2))
         return 0
-    if cmd == "lineage":
-        out = registry.lineage(cfg, args.ref)
-        if args.json:
-            print(json.dumps(out, indent=2, default=str))
-        else:
-            _print_lineage(out)
-        return 0
+    for r in rows:
+        print(f"v{r['version']:<4} {','.join(r['aliases']) or '-':<20} ppl {r['eval_perplexity']!s:<10} "
+              f"{r['created']}  {r['promotion_reason'] or ''}")
+    return 0
+
+
+def _models_show(cfg: Any, args: argparse.Namespace) -> int:
+    from . import registry
+
+    out = registry.show(cfg, args.ref)
+    print(json.dumps(out, indent=2) if getattr(args, "json", False) else out["model_card"] or json.dumps(out, indent=2))
+    return 0
+
+
+def _models_promote(cfg: Any, args: argparse.Namespace) -> int:
+    from . import registry
+
+    out = registry.promote(cfg, args.ref)
+    print(f"{out['name']} v{out['version']} is champion: {out['reason']}")
+    return 0
+
+
+def _models_rollback(cfg: Any, args: argparse.Namespace) -> int:
+    from . import registry
+
+    out = registry.rollback(cfg, args.name)
+    print(f"{out['name']}: champion is v{out['champion']} again (was v{out['rolled_back']})")
+    return 0
+
+
+MODELS_ACTIONS = {"list": _models_list, "show": _models_show, "promote": _models_promote,
+                  "rollback": _models_rollback}
+
+
+def _models(cfg: Any, args: argparse.Namespace) -> int:
+    return MODELS_ACTIONS[args.models_command](cfg, args)
+
+
+def _lineage(cfg: Any, args: argparse.Namespace) -> int:
+    from . import registry
+
+    out = registry.lineage(cfg, args.ref)
+    if getattr(args, "json", False):
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        _print_lineage(out)
+    return 0
+
+
+def _report(cfg: Any, args: argparse.Namespace) -> int:
+    from pathlib import Path
+
     from . import report
 
-    print(report.write(cfg, out=None if args.out is None else __import__("pathlib").Path(args.out)))
+    print(report.write(cfg, out=None if args.out is None else Path(args.out)))
     return 0
+
+
+def _api_token(cfg: Any, args: argparse.Namespace) -> int:
+    import re
+
+    from .service.app import database_url
+    from .service.db import Store
+
+    store = Store(database_url(cfg))
+    if args.token_action == "list":
+        for t in store.list_tokens():
+            print(f"{t['name']}  created {t['created_at']}")
+        return 0
+    if not args.name or not re.fullmatch(TOKEN_NAME, args.name):
+        raise InvalidInput("api token: NAME must be 1-64 characters of A-Z a-z 0-9 _ -")
+    if args.token_action == "revoke":
+        if not store.revoke_token(args.name):
+            raise TuneopsError(f"no token named {args.name!r}")
+        print(f"revoked {args.name}")
+        return 0
+    try:
+        token = store.create_token(args.name)
+    except ValueError as exc:
+        raise TuneopsError(str(exc)) from exc
+    print(token)
+    print(f"tuneops: token for {args.name!r}: shown once, only its SHA-256 is stored", file=sys.stderr)
+    return 0
+
+
+def _api_serve(cfg: Any, args: argparse.Namespace) -> int:
+    from .service.app import serve
+
+    _prefect_api(cfg)
+    serve(cfg, args.host, args.port)
+    return 0
+
+
+API_ACTIONS = {"serve": _api_serve, "worker": lambda cfg, args: _exec_worker(cfg, cfg.service.work_pool),
+               "token": _api_token}
 
 
 def _api(cfg: Any, args: argparse.Namespace) -> int:
     """api [serve] / api worker / api token create|list|revoke."""
-    import os
-    import re
-
-    action = args.api_command or "serve"
-    if action == "token":
-        from .service.app import database_url
-        from .service.db import Store
-
-        store = Store(database_url(cfg))
-        if args.token_action == "list":
-            for t in store.list_tokens():
-                print(f"{t['name']}  created {t['created_at']}")
-            return 0
-        if not args.name or not re.fullmatch(TOKEN_NAME, args.name):
-            print("tuneops: error: api token: NAME must be 1-64 characters of A-Z a-z 0-9 _ -", file=sys.stderr)
-            return EXIT_INVALID_INPUT
-        if args.token_action == "revoke":
-            if not store.revoke_token(args.name):
-                print(f"tuneops: error: no token named {args.name!r}", file=sys.stderr)
-                return 1
-            print(f"revoked {args.name}")
-            return 0
-        try:
-            token = store.create_token(args.name)
-        except ValueError as exc:
-            print(f"tuneops: error: {exc}", file=sys.stderr)
-            return 1
-        print(token)
-        print(f"tuneops: token for {args.name!r}: shown once, only its SHA-256 is stored", file=sys.stderr)
-        return 0
-    from .orchestrate import server
-
-    os.environ["PREFECT_API_URL"] = server.api_url(cfg)
-    if action == "worker":
-        from .orchestrate.deploy import worker_command
-
-        os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
-        cmd = worker_command(cfg.service.work_pool)
-        os.execvp(cmd[0], cmd)
-    from .service.app import serve
-
-    serve(cfg, args.host, args.port)
-    return 0
+    return API_ACTIONS[args.api_command or "serve"](cfg, args)
 
 
 def _print_lineage(out: dict[str, Any]) -> None:
@@ -280,7 +410,18 @@ def _plan(args: argparse.Namespace, rest: list[str]) -> int:
     cfg = _config(args)
     defaults = {**cfg.section("select"), "seq_len": cfg.model.max_seq_len,
                 "model_path": str(cfg.path("base_model_dir"))}
-    return plan_main(rest, defaults=defaults)
+    return plan_main(rest + (["--json"] if getattr(args, "json", False) else []), defaults=defaults)
+
+
+# The one table from command to handler (stages: tuneops.stages.STAGES; ``plan`` is handled
+# before the config is read, it takes the planner's own flags).
+COMMANDS: dict[str, Callable[[Any, argparse.Namespace], int]] = {
+    **{spec.name: _stage for spec in stages.STAGES},
+    "validate": _validate, "data": _data, "run": _run, "params": _params,
+    "generate": _infer, "classify": _infer,
+    "server": _server, "deploy": _deploy, "worker": _worker, "watch": _watch,
+    "models": _models, "lineage": _lineage, "report": _report, "api": _api,
+}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -291,52 +432,17 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "validate" and args.data_format and not args.data:
         parser.error("validate: --format goes with DATA (the stage validates data.format)")
+    from . import log
 
+    log.setup(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
     try:
         if args.command == "plan":
             return _plan(args, rest)
-        cfg = _config(args)
-        if args.command == "validate" and args.data:
-            from .data.cli import validate_command
-
-            return validate_command(cfg, args.data, args.data_format)
-        if args.command == "data":
-            from .data.cli import add_command
-
-            from .orchestrate.lock import project_lock
-
-            with project_lock(cfg):
-                return add_command(cfg, args.path, args.data_format, args.name)
-        if args.command in ("generate", "classify"):
-            from . import infer
-
-            try:
-                getattr(infer, args.command)(cfg, args)
-            except FileNotFoundError as exc:
-                raise InvalidInput(str(exc)) from exc
-            return 0
-        if args.command == "params":
-            print(json.dumps(cfg.raw, indent=2))
-            return 0
-        if args.command in ORCHESTRATION_COMMANDS:
-            return _orchestration(cfg, args)
-        if args.command == "api":
-            return _api(cfg, args)
-        from .orchestrate.lock import project_lock
-
-        with project_lock(cfg):          # one writer per project (the flow takes it again, re-entrant)
-            if args.command == "run":
-                from flows.pipeline import finetune
-
-                result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
-                                  start=args.start)
-            else:
-                result = stages.get(args.command).load()(cfg)
-        print(json.dumps(result, indent=2, default=str))
-        return 0
+        return COMMANDS[args.command](_config(args), args)
     except TuneopsError as exc:
         print(f"tuneops: error: {exc}", file=sys.stderr)
         return exc.exit_code
+
 
 if __name__ == "__main__":
     sys.exit(main())

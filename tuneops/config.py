@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -323,8 +324,15 @@ class Config:
         return getattr(self.params, name)
 
     def path(self, key: str) -> Path:
-        """Absolute path for ``paths.<key>``: the one place paths are resolved."""
-        return (self.root / getattr(self.params.paths, key)).resolve()
+        """Absolute path for ``paths.<key>``: the one place paths are resolved. The state dir of a
+        ``dvc exp run --temp|--queue`` (run in a copy under .dvc/tmp/exps) is the project's own, so
+        its MLflow runs and registered versions land in the project's store."""
+        value = getattr(self.params.paths, key)
+        exp_root = os.environ.get("DVC_ROOT")
+        if key == "state_dir" and exp_root and not Path(value).is_absolute() \
+                and self.root.is_relative_to(Path(exp_root).resolve() / ".dvc" / "tmp" / "exps"):
+            return (Path(exp_root) / value).resolve()
+        return (self.root / value).resolve()
 
     @property
     def state_dir(self) -> Path:

@@ -6,9 +6,9 @@
 unexpected error is one ``tuneops: error:`` line, exit 2).
 
 ``data add``: validate, then copy the file to ``data/user/<name>.jsonl`` (CSV/Parquet
-converted to JSONL), ``dvc add`` it and point params.yaml at it (``data.scenario: user``,
-``data.format``, ``data.user.path`` and ``data.user.md5``; comments kept). On any failure
-nothing is changed.
+converted to JSONL; with ``--eval EVAL_PATH`` also ``<name>.eval.jsonl``), ``dvc add`` it and
+point params.yaml at it (``data.scenario: user``, ``data.format``, ``data.user.path`` /
+``md5`` and ``eval_path`` / ``eval_md5``; comments kept). On any failure nothing is changed.
 """
 from __future__ import annotations
 
@@ -97,9 +97,9 @@ def _dataset_name(path: Path, name: str | None) -> str:
     return stem
 
 
-def _write_jsonl(result: Any, dest: Path) -> tuple[int, int]:
+def _write_jsonl(result: Any, dest: Path, split_name: str = "train") -> tuple[int, int]:
     """Copy a JSONL file as is; convert CSV/Parquet records (unreadable rows are counted)."""
-    split = result.splits["train"]
+    split = result.splits[split_name]
     tmp = dest.with_name(dest.name + ".tmp")
     if split.kind == "jsonl":
         shutil.copyfile(split.path, tmp)
@@ -142,13 +142,17 @@ def _update_params(params_file: Path, values: dict[str, Any]) -> None:
     os.replace(tmp, params_file)
 
 
-def add_command(cfg: Config, src: str, fmt: str, name: str | None = None) -> int:
+def add_command(cfg: Config, src: str, fmt: str, name: str | None = None, eval_src: str | None = None) -> int:
+    """``data add PATH [--eval EVAL_PATH]``: with ``--eval`` the held-out file is validated with
+    PATH (leakage included), added the same way and set as ``data.user.eval_path``; without it
+    ``eval_fraction`` of PATH is held out."""
     if fmt not in FORMATS:
         print(f"tuneops: error: --format must be one of {', '.join(FORMATS)}", file=sys.stderr)
         return EXIT_ERROR
     src_path = Path(src)
+    inputs = {"train": src, **({"eval": eval_src} if eval_src else {})}
     try:
-        result = _gate(cfg, {"train": src}, fmt)
+        result = _gate(cfg, inputs, fmt)
     except ConfigError:
         raise
     except Exception as exc:  # noqa: BLE001
@@ -156,31 +160,43 @@ def add_command(cfg: Config, src: str, fmt: str, name: str | None = None) -> int
         return EXIT_ERROR
     if not result.success:
         _print_problems(result)
-        print(f"tuneops: {src} failed validation (format {fmt}, policy {result.settings.policy}); "
-              f"nothing was added or changed", file=sys.stderr)
+        print(f"tuneops: {' and '.join(inputs.values())} failed validation (format {fmt}, policy "
+              f"{result.settings.policy}); nothing was added or changed", file=sys.stderr)
         return EXIT_INVALID_DATA
     root = cfg.root
     if not (root / ".dvc").is_dir():
         print(f"tuneops: error: {root} is not a DVC repository (run `dvc init`); nothing was changed", file=sys.stderr)
         return EXIT_ERROR
-    dest = root / "data" / "user" / f"{_dataset_name(src_path, name)}.jsonl"
-    rel = dest.relative_to(root).as_posix()
+    stem = _dataset_name(src_path, name)
+    dests = {"train": root / "data" / "user" / f"{stem}.jsonl"}
+    if eval_src:
+        dests["eval"] = root / "data" / "user" / f"{stem}.eval.jsonl"
+    rels = {k: d.relative_to(root).as_posix() for k, d in dests.items()}
     params_file = Path(cfg.source).resolve()
-    backups = {p: p.read_bytes() for p in (dest, dest.with_name(dest.name + ".dvc"), params_file) if p.is_file()}
-    created = [p for p in (dest, dest.with_name(dest.name + ".dvc")) if not p.exists()]
+    touched = [p for d in dests.values() for p in (d, d.with_name(d.name + ".dvc"))]
+    backups = {p: p.read_bytes() for p in (*touched, params_file) if p.is_file()}
+    created = [p for p in touched if not p.exists()]
+    rows: dict[str, int] = {}
+    skipped: dict[str, int] = {}
+    md5s: dict[str, str] = {}
     try:
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        same = src_path.resolve() == dest.resolve()
-        rows, skipped = (result.splits["train"].rows, 0) if same else _write_jsonl(result, dest)
-        proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", rel], cwd=root, capture_output=True,
-                              text=True, timeout=600)
+        for split, dest in dests.items():
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            same = Path(inputs[split]).resolve() == dest.resolve()
+            rows[split], skipped[split] = (result.splits[split].rows, 0) if same else _write_jsonl(result, dest, split)
+        proc = subprocess.run([sys.executable, "-m", "dvc", "add", "-q", *rels.values()], cwd=root,
+                              capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
-            raise RuntimeError(f"dvc add {rel} failed: {(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
+            raise RuntimeError(f"dvc add {' '.join(rels.values())} failed: "
+                               f"{(proc.stderr or proc.stdout).strip().splitlines()[-1:]}")
         import yaml
 
-        md5 = yaml.safe_load(dest.with_name(dest.name + ".dvc").read_text())["outs"][0]["md5"]
-        _update_params(params_file, {"data.scenario": "user", "data.format": fmt, "data.user.path": rel,
-                                     "data.user.md5": md5})
+        for split, dest in dests.items():
+            md5s[split] = yaml.safe_load(dest.with_name(dest.name + ".dvc").read_text())["outs"][0]["md5"]
+        values = {"data.scenario": "user", "data.format": fmt, "data.user.path": rels["train"],
+                  "data.user.md5": md5s["train"], "data.user.eval_path": rels.get("eval"),
+                  "data.user.eval_md5": md5s.get("eval")}
+        _update_params(params_file, values)
         load_config(params_file)                      # the updated params must still validate
     except Exception as exc:  # noqa: BLE001 - undo, then one line
         for path, data in backups.items():
@@ -189,12 +205,16 @@ def add_command(cfg: Config, src: str, fmt: str, name: str | None = None) -> int
             path.unlink(missing_ok=True)
         print(f"tuneops: error: data add: {exc}; nothing was changed", file=sys.stderr)
         return EXIT_ERROR
-    summary = {"path": rel, "md5": md5, "format": fmt, "records": rows, "dvc_file": f"{rel}.dvc",
-               "params": {"data.scenario": "user", "data.format": fmt, "data.user.path": rel, "data.user.md5": md5},
+    summary = {"path": rels["train"], "md5": md5s["train"], "format": fmt, "records": rows["train"],
+               "dvc_file": f"{rels['train']}.dvc", "params": values,
                "rows_to_be_rejected": result.counts()["total"]["rejected"]}
-    if skipped:
-        summary["unreadable_rows_not_converted"] = skipped
+    if eval_src:
+        summary["eval"] = {"path": rels["eval"], "md5": md5s["eval"], "records": rows["eval"],
+                           "dvc_file": f"{rels['eval']}.dvc"}
+    if any(skipped.values()):
+        summary["unreadable_rows_not_converted"] = sum(skipped.values())
     print(json.dumps(summary, indent=2))
-    print(f"tuneops: added {rel} ({rows} records); commit {rel}.dvc and {params_file.name}, then `dvc repro`",
-          file=sys.stderr)
+    files = " and ".join(f"{r}.dvc" for r in rels.values())
+    print(f"tuneops: added {' + '.join(rels.values())} ({' + '.join(str(n) for n in rows.values())} records); "
+          f"commit {files} and {params_file.name}, then `dvc repro`", file=sys.stderr)
     return EXIT_OK

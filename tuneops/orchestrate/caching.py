@@ -2,7 +2,7 @@
 
 A stage's cache key is what DVC would compare: the md5s of its input paths (data,
 base model, upstream outputs), the values of the params sections it reads, and the
-code version (a hash of the ``tuneops``/``tasks``/``flows`` sources), plus the project
+stage's code deps (``StageSpec.code``: the same files dvc.yaml lists), plus the project
 folder. A scheduled run with nothing changed therefore reuses every stage's result
 and trains nothing.
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,20 +31,14 @@ from tuneops import faults, stages
 from tuneops.config import Config
 from tuneops.io import md5_file
 
-_CODE_ROOTS = ("tuneops", "tasks", "flows")
 _md5_memo: dict[tuple[str, int, int], str] = {}
 
 
-@lru_cache(maxsize=1)
-def code_version() -> str:
-    """Hash of every Python source of the pipeline (stage code and everything it uses)."""
-    repo = Path(__file__).resolve().parents[2]
-    h = hashlib.sha256()
-    for root in _CODE_ROOTS:
-        for path in sorted((repo / root).rglob("*.py")):
-            h.update(str(path.relative_to(repo)).encode())
-            h.update(path.read_bytes())
-    return h.hexdigest()[:16]
+def code_md5(cfg: Config, spec: stages.StageSpec) -> dict[str, str | None]:
+    """md5 of each of the stage's code deps (``StageSpec.code``, what dvc.yaml lists for it),
+    resolved where DVC resolves them (``stages.code_root``); bytecode caches are skipped."""
+    root = stages.code_root(cfg.root)
+    return {c: path_md5(root / c, ignore=stages.CODE_IGNORE) for c in spec.code}
 
 
 def _file_md5(path: Path) -> str:
@@ -57,14 +49,17 @@ def _file_md5(path: Path) -> str:
     return _md5_memo[key]
 
 
-def path_md5(path: Path) -> str | None:
-    """md5 of a file, or of a folder's (relative path, md5) list; None when missing."""
+def path_md5(path: Path, ignore: tuple[str, ...] = ()) -> str | None:
+    """md5 of a file, or of a folder's (relative path, md5) list; None when missing. Folder
+    entries whose path part ends with one of ``ignore`` are skipped."""
     path = Path(path)
     if path.is_file():
         return _file_md5(path)
     if path.is_dir():
         h = hashlib.md5()
-        for p in sorted(q for q in path.rglob("*") if q.is_file()):
+        files = (q for q in path.rglob("*") if q.is_file()
+                 and not any(part.endswith(ignore) for part in q.relative_to(path).parts))
+        for p in sorted(files):
             h.update(f"{p.relative_to(path).as_posix()}:{_file_md5(p)}\n".encode())
         return h.hexdigest()
     return None
@@ -82,7 +77,7 @@ def stage_inputs(cfg: Config, spec: stages.StageSpec) -> dict[str, Any]:
     return {
         "stage": spec.name,
         "project": str(cfg.root),
-        "code": code_version(),
+        "code": code_md5(cfg, spec),
         "params": {key: _param_value(cfg, key) for key in spec.params},
         "deps": {key: path_md5(cfg.path(key)) for key in spec.deps},
     }

@@ -10,7 +10,7 @@ from .goals import METHODS, MINIMIZE, QUALITY, Goals
 from .hardware import Hardware
 from .model import ModelSpec
 from .rules import Plan, PlanError, explain, make_plan
-from .table import load_table
+from .table import TASK_HEADS, load_table
 
 _DEFAULT_HARDWARE = {"gpus": "auto", "gpu_memory_gb": "auto", "host_ram_gb": "auto", "nodes": 1}
 _DEFAULT_SEQ_LEN = 256
@@ -41,6 +41,8 @@ def _parser() -> _Parser:
     p.add_argument("--quality", choices=QUALITY)
     p.add_argument("--method", choices=METHODS, help="force a method")
     p.add_argument("--scenario", choices=list(load_table().scenarios), default="chat")
+    p.add_argument("--task-head", choices=TASK_HEADS,
+                   help="force the head (default: select.task_head; auto = the scenario's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--explain", action="store_true", help="print the method table and rules")
     return p
@@ -66,6 +68,8 @@ def main(argv: list[str], defaults: dict[str, Any] | None = None) -> int:
 
 def _plan_from(args: argparse.Namespace, select: dict[str, Any]) -> Plan:
     model_path, seq_len = select.pop("model_path", None), select.pop("seq_len", _DEFAULT_SEQ_LEN)
+    task_head = select.pop("task_head", "auto")      # params' select.task_head (the stage's choice, not a goal)
+    task_head = args.task_head or (None if task_head == "auto" else task_head)
     model_path = args.model if args.model is not None else model_path
     seq_len = args.seq_len if args.seq_len is not None else seq_len
     if not model_path:
@@ -83,7 +87,7 @@ def _plan_from(args: argparse.Namespace, select: dict[str, Any]) -> Plan:
         select["allowed_methods"] = allowed + ([args.method] if args.method not in allowed else [])
     goals = Goals.from_params({**select, "hardware": hardware})
     return make_plan(ModelSpec.from_path(model_path), Hardware.from_params(hardware), seq_len, goals,
-                     scenario=args.scenario, tokens=args.tokens)
+                     scenario=args.scenario, tokens=args.tokens, task_head=task_head)
 
 
 def summary(plan: Plan) -> str:

@@ -189,7 +189,22 @@ def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any]
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         raise
+    try:
+        _dvc_project(cfg, d)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return d
+
+
+def _dvc_project(cfg: Config, d: Path) -> None:
+    """The job's own DVC record: its folder is a DVC project of the pipeline (dvc.yaml, the stage
+    code it runs, the service project's default remote), so its flow run commits each stage to
+    the job's dvc.lock and `dvc status` / `dvc repro` work in it."""
+    from tuneops import dvc_record, remote
+
+    if not dvc_record.is_project(d):
+        dvc_record.init_project(d, remote=remote.default_remote(cfg.root) or str(cfg.state_dir / "dvc-remote"))
 
 
 def remove_workdir(cfg: Config, job_id: str) -> None:

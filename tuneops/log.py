@@ -1,0 +1,85 @@
+"""What the user sees: the log level (``-q`` / ``-v``), third-party warnings kept out of the
+default view, progress lines for long steps, and the one-line summary each stage ends with.
+
+``-q``: warnings and errors only; default: tuneops' progress and summaries (INFO), other
+libraries at WARNING with their Python warnings hidden; ``-v``: everything (DEBUG), warnings
+included. Set before the heavy imports (Prefect, transformers read their level then).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+import warnings
+from typing import Any, Iterator
+
+log = logging.getLogger("tuneops")
+
+LEVELS = {-1: logging.WARNING, 0: logging.INFO, 1: logging.DEBUG}
+# Libraries that log at INFO what a user does not need by default.
+_NOISY = ("mlflow", "transformers", "dvc", "alembic", "urllib3", "httpx", "great_expectations", "onnxruntime",
+          "onnxscript", "torch", "deepspeed", "peft", "filelock", "matplotlib", "numexpr")
+
+
+def setup(verbosity: int = 0) -> None:
+    """``verbosity`` -1 (``-q``), 0 (default) or 1 (``-v``)."""
+    verbosity = max(-1, min(1, verbosity))
+    level = LEVELS[verbosity]
+    os.environ["PREFECT_LOGGING_LEVEL"] = logging.getLevelName(level)
+    os.environ["MLFLOW_LOGGING_LEVEL"] = logging.getLevelName(level if verbosity > 0 else logging.WARNING)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info" if verbosity > 0 else "error")
+    if verbosity < 0:
+        os.environ.setdefault("TQDM_DISABLE", "1")
+    log.setLevel(level)
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.propagate = False
+    for name in _NOISY:
+        logging.getLogger(name).setLevel(logging.DEBUG if verbosity > 0 else logging.WARNING)
+    if verbosity < 1:   # third-party Python warnings out of the default view; ours stay
+        warnings.filterwarnings("ignore")
+        warnings.filterwarnings("default", module=r"(tuneops|tasks|flows)(\.|$)")
+
+
+@contextlib.contextmanager
+def step(what: str) -> Iterator[None]:
+    """``what ...`` then ``what: 12.3 s`` (INFO): progress for a step that takes a while."""
+    log.info(f"{what} ...")
+    t0 = time.perf_counter()
+    yield
+    log.info(f"{what}: {time.perf_counter() - t0:.1f} s")
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# Key figures of each stage's result (label, result key); absent keys are left out.
+FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
+    "model": (("source", "source"),),
+    "ingest": (("scenario", "scenario"), ("train rows", "train_rows"), ("eval rows", "eval_rows")),
+    "validate": (("train rows", "train_rows"), ("eval rows", "eval_rows"), ("rejected", "rejected_rows")),
+    "select": (("method", "method"), ("fits", "fits")),
+    "train": (("method", "method"), ("steps", "steps"), ("loss", "first_loss"), ("->", "final_loss"),
+              ("tokens/s", "tokens_per_s")),
+    "evaluate": (("base ppl", "base_perplexity"), ("fine-tuned ppl", "finetuned_perplexity"),
+                 ("base acc", "base_accuracy"), ("fine-tuned acc", "finetuned_accuracy")),
+    "optimize": (("default variant", "default_variant"),),
+    "register": (("model", "model_name"), ("version", "version"), ("alias", "alias")),
+}
+
+
+def stage_summary(name: str, result: dict[str, Any], seconds: float | None = None) -> str:
+    """One line: ``train: 21.8 s  method lora, steps 8, loss 12.48 -> 12.35, tokens/s 540``."""
+    figures = [f"{label} {_fmt(result[key])}" for label, key in FIGURES.get(name, ()) if result.get(key) is not None]
+    if name == "optimize" and isinstance(result.get("variants"), dict):
+        figures.append("variants " + " ".join(f"{v}{'' if r.get('accepted') else '(rejected)'}"
+                                              for v, r in result["variants"].items()))
+    head = f"{name}: {seconds:.1f} s " if seconds is not None else f"{name}:"
+    return (head + (f" {', '.join(figures).replace(', -> ', ' -> ')}" if figures else "")).rstrip()
