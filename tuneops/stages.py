@@ -75,7 +75,8 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/register.py", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lineage.py",
                     "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/registry.py", "tuneops/report.py",
                     "tuneops/serving.py", "tuneops/tracking.py", "tuneops/remote.py",
-                    "tuneops/training/heads.py", "tuneops/training/methods.py")),
+                    "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/faults.py",
+                    "tuneops/gate.py", "tuneops/secrets.py", "tuneops/lm.py")),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
