@@ -4,6 +4,8 @@ that ``dvc repro`` runs through the CLI.
 
 Tasks are cached on their inputs' md5s + params + code deps and retried on
 transient failures (``tuneops.orchestrate.caching``; settings under ``orchestrate``).
+The whole run holds the project lock (``tuneops.orchestrate.lock``): a second run of the
+same project waits or refuses (``orchestrate.lock``).
 In a DVC project each stage's ``dvc.lock`` entry is committed after it ran
 (``tuneops.dvc_record``), so ``dvc status`` is clean after the flow.
 """
@@ -19,6 +21,9 @@ from prefect import flow, runtime, task
 from tuneops import dvc_record, env, log, stages
 from tuneops.config import load_config
 from tuneops.orchestrate import caching
+from tuneops.orchestrate.lock import project_lock
+
+BOUND = ("train", "evaluate", "optimize")   # the results register reads from the same flow run
 
 TASKS = {spec.name: task(spec.load(), name=spec.name, task_run_name=spec.name, cache_key_fn=caching.cache_key_fn,
                          persist_result=True, retry_condition_fn=caching.is_transient)
@@ -35,11 +40,14 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
     names = stages.STAGE_NAMES[stages.STAGE_NAMES.index(start):] if start else stages.STAGE_NAMES
     record = _records_dvc(cfg, params_file, overrides)
     results: dict[str, Any] = {}
-    for name in names:
-        t0 = time.perf_counter()
-        results[name] = caching.run_stage(TASKS[name], cfg, name)
-        took = time.perf_counter() - t0
-        print(log.stage_summary(name, results[name], took) + (_record(cfg, name) if record else ""))
+    with project_lock(cfg, f"tuneops run (Prefect flow run {runtime.flow_run.id})"):
+        for name in names:
+            t0 = time.perf_counter()
+            # register gets this flow run's own train/evaluate/optimize results (never another run's files)
+            kwargs = {"upstream": {k: results[k] for k in BOUND if k in results}} if name == "register" else {}
+            results[name] = caching.run_stage(TASKS[name], cfg, name, **kwargs)
+            took = time.perf_counter() - t0
+            print(log.stage_summary(name, results[name], took) + (_record(cfg, name) if record else ""))
     return results
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from tuneops.config import Config, ConfigError
 from tuneops.data import scenarios
-from tuneops.io import md5_file, write_json, write_jsonl
+from tuneops.io import md5_file, write_json, write_jsonl, tmp_name
 
 
 class IngestError(ConfigError):
@@ -19,7 +19,7 @@ class IngestError(ConfigError):
 
 def _write_lines(path: Path, lines: list[bytes]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     with tmp.open("wb") as f:
         for line in lines:
             f.write(line + b"\n")

@@ -2,9 +2,19 @@
 (ONNX variants + adapter + tokenizer as a pyfunc) in the MLflow model registry.
 
 Alias ``champion`` only when the fine-tuned model beats the base model, passes the
-ONNX parity gate, and is not worse than the current champion; otherwise
+ONNX parity gate, and is not worse than the current champion, both re-scored now on the
+current eval split with their own tokenizers (``tuneops/gate.py``); otherwise
 ``challenger``: a worse model never replaces the champion. Champion moves are recorded
-for ``tuneops models rollback`` (tuneops/registry.py). Also writes the version's markdown
+for ``tuneops models rollback`` (tuneops/registry.py).
+
+Bound to its run: in the Prefect flow, the training run id and the train / evaluate /
+optimize results come from the same flow run (``upstream``), and the files on disk must be
+that run's (else it stops: another run replaced them). Convergent: the version is found
+again by its ``registration.key`` tag (training run + params), and the gate's decision is a
+tag of the version, so a rerun after a kill at any point finishes the same version (card,
+alias, champion history, registration.json) instead of creating another. The kill points
+between the writes are ``tuneops.faults.REGISTER_POINTS``. The params logged to MLflow are
+redacted (``tuneops/secrets.py``). Also writes the version's markdown
 model card (its description in the registry) and the HTML run report (tuneops/report.py),
 both saved in ``paths.register_dir`` and logged to the run.
 
@@ -15,32 +25,20 @@ tokenizer and label maps) is registered as a pyfunc (``tuneops.serving.HeadModel
 """
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
-from tuneops import registry, report, tracking
+from tuneops import faults, registry, report, tracking
 from tuneops.config import Config
 from tuneops import remote as data_remote
+from tuneops.errors import TuneopsError
+from tuneops.gate import decide, rescore
 from tuneops.io import md5_file, read_json, write_json
 from tuneops.lineage import base_model_identity, dvc_lock_md5s, git_commit
+from tuneops.secrets import redact, redact_text
 
-
-def decide(ft_ppl: float, base_ppl: float, onnx_ok: bool, champion_ppl: float | None,
-           min_improvement_pct: float, metric: str = "perplexity", higher_is_better: bool = False) -> tuple[str, str]:
-    """The promotion gate: (alias, reason). ``metric`` is lower-is-better (perplexity) unless
-    ``higher_is_better`` (accuracy, entity F1); the required improvement over the champion is
-    relative in the metric's direction."""
-    ft, base, champ = ft_ppl, base_ppl, champion_ppl
-    if (ft <= base) if higher_is_better else (ft >= base):
-        return "challenger", f"fine-tuned {metric} {ft:.3f} does not beat base {base:.3f}"
-    if not onnx_ok:
-        return "challenger", "ONNX fp32 export failed the parity gate"
-    if champ is not None and ((ft < champ * (1 + min_improvement_pct / 100)) if higher_is_better
-                              else (ft > champ * (1 - min_improvement_pct / 100))):
-        return "challenger", (f"fine-tuned {metric} {ft:.3f} is worse than the champion's "
-                              f"{champ:.3f} (required improvement {min_improvement_pct}%)")
-    against = "no champion yet" if champ is None else f"champion {champ:.3f}"
-    return "champion", f"{metric} {ft:.3f} beats base {base:.3f} and {against}"
+__all__ = ["decide", "run"]
 
 
 def _count_metrics(counts: dict[str, Any]) -> dict[str, float]:
@@ -97,17 +95,46 @@ def _add_dvc_lock_tags(cfg: Config, tags: dict[str, str]) -> None:
         tags["data.remote"] = url
 
 
-def _write_record(cfg: Config, name: str, version: Any, alias: str, reason: str, current: Any,
+def _write_record(cfg: Config, name: str, version: Any, alias: str, reason: str, previous: Any,
                   tm: dict[str, Any], tags: dict[str, str]) -> tuple[dict[str, Any], Any]:
     """``registration.json``: the registered version, its alias and why, and its lineage tags."""
     record = {"model_name": name, "version": version.version, "alias": alias, "reason": reason,
-              "previous_champion": current.version if current else None, "mlflow_run_id": tm["mlflow_run_id"],
-              "model_uri": f"models:/{name}/{version.version}", "tracking_uri": tracking.tracking_uri(cfg),
+              "previous_champion": previous, "mlflow_run_id": tm["mlflow_run_id"],
+              "model_uri": f"models:/{name}/{version.version}", "tracking_uri": redact_text(tracking.tracking_uri(cfg)),
               "tags": tags}
     out = cfg.path("register_dir")
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "registration.json", record)
     return record, out
+
+
+def _bound(cfg: Config, upstream: dict[str, Any] | None) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """(train, evaluate, optimize) results of this flow run (``upstream``), checked against the
+    files on disk; without ``upstream`` (the stage alone, as dvc.yaml runs it) the files."""
+    disk = {"train": read_json(cfg.path("train_dir") / "metrics.json"),
+            "evaluate": read_json(cfg.path("evaluate_dir") / "metrics.json"),
+            "optimize": read_json(cfg.path("optimize_dir") / "metrics.json")}
+    upstream = upstream or {}
+    tm = {**disk["train"], **{k: v for k, v in (upstream.get("train") or {}).items() if k in disk["train"]}}
+    if tm.get("mlflow_run_id") != disk["train"].get("mlflow_run_id"):
+        raise TuneopsError(f"register: {cfg.path('train_dir')} holds training run {disk['train'].get('mlflow_run_id')},"
+                           f" not this flow run's {tm.get('mlflow_run_id')}: another run replaced it; run again")
+    # as written to disk (write_json: default=str), so numbers and paths compare like for like
+    em = json.loads(json.dumps({**disk["evaluate"], **(upstream.get("evaluate") or {})}, default=str))
+    om = json.loads(json.dumps({**disk["optimize"], **(upstream.get("optimize") or {})}, default=str))
+    for stage, got, have in (("evaluate", em, disk["evaluate"]), ("optimize", om, disk["optimize"])):
+        if any(have.get(k) != v for k, v in got.items() if k in have and not k.endswith("_dir")):
+            raise TuneopsError(f"register: the {stage} outputs on disk are not this flow run's (another run "
+                               f"replaced them); run again")
+    em.pop("evaluate_dir", None)
+    om.pop("optimize_dir", None)
+    tm.pop("train_dir", None)
+    return tm, em, om
+
+
+def registration_key(cfg: Config, tm: dict[str, Any]) -> str:
+    """One registration per training run and params: what a rerun looks its version up by."""
+    return f"{tm['mlflow_run_id']}:{cfg.sections_hash(('evaluate', 'optimize', 'register'))}"
 
 
 def _log_run_record(cfg: Config, tags: dict[str, str], plan: dict[str, Any], validation: dict[str, Any],
@@ -127,14 +154,12 @@ def _log_run_record(cfg: Config, tags: dict[str, str], plan: dict[str, Any], val
     mlflow.log_artifact(str(cfg.path("evaluate_dir") / eval_file), "evaluate")
     mlflow.log_artifact(str(cfg.path("train_dir") / "history.json"), "train")
 
-def run(cfg: Config) -> dict[str, Any]:
+def run(cfg: Config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
     import mlflow
     from mlflow import MlflowClient
 
     train_dir, opt_dir = cfg.path("train_dir"), cfg.path("optimize_dir")
-    tm = read_json(train_dir / "metrics.json")
-    em = read_json(cfg.path("evaluate_dir") / "metrics.json")
-    om = read_json(opt_dir / "metrics.json")
+    tm, em, om = _bound(cfg, upstream)
     plan = read_json(cfg.path("plan"))
     validation = read_json(cfg.path("validation_dir") / "report.json")
     if em.get("task_head"):
@@ -144,52 +169,98 @@ def run(cfg: Config) -> dict[str, Any]:
 
     tracking.setup(cfg)
     client = MlflowClient()
-    tags = {
-        **_lineage_tags(cfg),
-        **base_model_identity(cfg.path("base_model_dir")),
-        "method": plan["method"],
-        "eval.base_perplexity": f"{em['base_perplexity']:.6f}",
-        "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
-        "onnx.default_variant": str(om["default_variant"]),
-        **_validation_tags(validation),
-    }
-    _add_dvc_lock_tags(cfg, tags)
+    key = registration_key(cfg, tm)
+    version = registry.find_registration(client, name, key)
+    if version is None:
+        tags = {
+            **_lineage_tags(cfg),
+            **base_model_identity(cfg.path("base_model_dir")),
+            "method": plan["method"],
+            "eval.base_perplexity": f"{em['base_perplexity']:.6f}",
+            "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
+            "eval.data.md5": str(em.get("eval_data_md5", "")),
+            "onnx.default_variant": str(om["default_variant"]),
+            **_validation_tags(validation),
+        }
+        _add_dvc_lock_tags(cfg, tags)
+        with mlflow.start_run(run_id=tm["mlflow_run_id"]):
+            mlflow.log_metrics({
+                "eval_base_loss": em["base_loss"], "eval_base_perplexity": em["base_perplexity"],
+                "eval_loss": em["finetuned_loss"], "eval_perplexity": em["finetuned_perplexity"],
+                "onnx_fp32_max_abs_logits_diff": variants["fp32"]["max_abs_logits_diff"],
+                **{f"onnx_{n}_size_mb": v["size_bytes"] / 2**20 for n, v in variants.items()},
+                **{f"onnx_{n}_perplexity": v["perplexity"] for n, v in variants.items()},
+                **{f"onnx_{n}_perplexity_change_pct": v["perplexity_change_pct"]
+                   for n, v in variants.items() if "perplexity_change_pct" in v},
+                **{f"onnx_{n}_top1_agreement": v["top1_agreement"] for n, v in variants.items()
+                   if "top1_agreement" in v},
+                **{f"onnx_{n}_accepted": float(v["accepted"]) for n, v in variants.items()},
+                **{f"onnx_{n}_coverage_{t}_node_share": c["node_share"]
+                   for n, v in variants.items() for t, c in v.get("coverage", {}).items()},
+            })
+            _log_run_record(cfg, tags, plan, validation, om, "generations.jsonl")
+            mlflow.log_dict(redact(cfg.raw), "params.json")
+            from tuneops.serving import chat_model_spec
 
-    with mlflow.start_run(run_id=tm["mlflow_run_id"]):
-        mlflow.log_metrics({
-            "eval_base_loss": em["base_loss"], "eval_base_perplexity": em["base_perplexity"],
-            "eval_loss": em["finetuned_loss"], "eval_perplexity": em["finetuned_perplexity"],
-            "onnx_fp32_max_abs_logits_diff": variants["fp32"]["max_abs_logits_diff"],
-            **{f"onnx_{n}_size_mb": v["size_bytes"] / 2**20 for n, v in variants.items()},
-            **{f"onnx_{n}_perplexity": v["perplexity"] for n, v in variants.items()},
-            **{f"onnx_{n}_perplexity_change_pct": v["perplexity_change_pct"]
-               for n, v in variants.items() if "perplexity_change_pct" in v},
-            **{f"onnx_{n}_top1_agreement": v["top1_agreement"] for n, v in variants.items() if "top1_agreement" in v},
-            **{f"onnx_{n}_accepted": float(v["accepted"]) for n, v in variants.items()},
-            **{f"onnx_{n}_coverage_{t}_node_share": c["node_share"]
-               for n, v in variants.items() for t, c in v.get("coverage", {}).items()},
-        })
-        _log_run_record(cfg, tags, plan, validation, om, "generations.jsonl")
-        mlflow.log_dict(cfg.raw, "params.json")
-        from tuneops.serving import chat_model_spec
+            artifact = train_dir / tm["artifact"]
+            info = mlflow.pyfunc.log_model(     # self-contained: tuneops code, pinned requirements, signature
+                name="model", **chat_model_spec(
+                    artifacts={**{f"onnx_{n}": str((opt_dir / v["path"]).parent) for n, v in variants.items()},
+                               tm["artifact"]: str(artifact), "tokenizer": str(artifact)},
+                    variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens),
+            )
+        faults.point("register:logged")
+        current = _current_champion(client, name)
+        gate_tags = rescore(cfg, name, current, opt_dir / variants["fp32"]["path"], artifact)
+        if current is not None and "gate.champion.error" in gate_tags:
+            alias, reason = "challenger", (f"the champion (version {current.version}) cannot be scored like this "
+                                           f"version ({gate_tags['gate.champion.error']}): not comparable")
+        else:
+            champion_ppl = float(gate_tags["gate.champion.perplexity"]) if current is not None else None
+            alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"],
+                                   variants["fp32"]["accepted"], champion_ppl, cfg.register.min_improvement_pct,
+                                   challenger_ppl=float(gate_tags["gate.challenger.perplexity"]))
+        # One write creates the version with everything a rerun needs: lineage, the gate's numbers
+        # and decision, the champion it was compared with, and the registration key.
+        version = mlflow.register_model(info.model_uri, name, tags={
+            **tags, **gate_tags, "promotion.reason": reason, "promotion.alias": alias,
+            "previous_champion": str(current.version) if current is not None else "",
+            registry.REGISTRATION_TAG: key})
+    faults.point("register:version")
+    return _finish(cfg, client, name, version, tm, em, om, plan, validation)
 
-        artifact = train_dir / tm["artifact"]
-        info = mlflow.pyfunc.log_model(     # self-contained: tuneops code, pinned requirements, signature
-            name="model", **chat_model_spec(
-                artifacts={**{f"onnx_{n}": str((opt_dir / v["path"]).parent) for n, v in variants.items()},
-                           tm["artifact"]: str(artifact), "tokenizer": str(artifact)},
-                variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens),
-        )
-    current = _current_champion(client, name)
-    champion_ppl = float(current.tags["eval.finetuned_perplexity"]) if current else None
-    alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"], variants["fp32"]["accepted"],
-                           champion_ppl, cfg.register.min_improvement_pct)
-    version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
-    registry.set_alias(client, name, alias, version.version, reason)
-    card = registry.model_card(name, version.version, alias, reason, {**tags, "mlflow.run_id": tm["mlflow_run_id"]},
+
+def _finish(cfg: Config, client: Any, name: str, version: Any, tm: dict[str, Any], em: dict[str, Any],
+            om: dict[str, Any], plan: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
+    """Everything after the version exists, each step idempotent and read from the version's tags:
+    model card, alias, champion history, registration.json, report. A rerun redoes what is missing."""
+    version = client.get_model_version(name, str(version.version))
+    vt = dict(version.tags)
+    alias, reason = vt["promotion.alias"], vt["promotion.reason"]
+    tags = {k: v for k, v in vt.items() if not k.startswith(("promotion.", "gate.", "champion.", "rolled_back"))
+            and k not in (registry.REGISTRATION_TAG, "previous_champion")}
+    card = registry.model_card(name, version.version, alias, reason, {**vt, "mlflow.run_id": tm["mlflow_run_id"]},
                                em, plan, om, validation)
-    client.update_model_version(name, version.version, description=card)
-    record, out = _write_record(cfg, name, version, alias, reason, current, tm, tags)
+    if version.description != card:
+        client.update_model_version(name, version.version, description=card)
+    faults.point("register:card")
+    number = int(version.version)
+    if alias == registry.CHAMPION:
+        # once champion (then maybe rolled back), a rerun never moves the alias back to it
+        if registry._alias_version(client, name, alias) != number and not vt.get("champion.at") \
+                and not vt.get("rolled_back"):
+            registry.move_alias(client, name, alias, number)
+        faults.point("register:alias")
+        if registry._alias_version(client, name, alias) == number and not vt.get("champion.at"):
+            registry.record_champion(client, name, number, reason)
+    else:
+        held = registry._alias_version(client, name, alias)
+        if held is None or held < number:          # never takes the alias from a newer version
+            registry.move_alias(client, name, alias, number)
+        faults.point("register:alias")
+    faults.point("register:history")
+    record, out = _write_record(cfg, name, version, alias, reason, vt.get("previous_champion") or None, tm, tags)
+    faults.point("register:record")
     (out / "model_card.md").write_text(card, encoding="utf-8")
     client.log_artifact(tm["mlflow_run_id"], str(out / "model_card.md"))
     record["report"] = str(report.write(cfg, record))
@@ -241,6 +312,7 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
         f"eval.finetuned_{metric}": f"{em[f'finetuned_{metric}']:.6f}",
         "onnx.default_variant": "None",
         "onnx.skipped": str(om.get("skipped")),
+        "eval.data.md5": str(em.get("eval_data_md5", "")),
         **_validation_tags(validation),
     }
     _add_dvc_lock_tags(cfg, tags)
@@ -248,6 +320,7 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
         mlflow.log_metrics({("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): float(v)
                             for k, v in scores.items() if k != "samples"})
         _log_run_record(cfg, tags, plan, validation, om, "predictions.jsonl")
+        mlflow.log_dict(redact(cfg.raw), "params.json")
         info = mlflow.pyfunc.log_model(
             name="model", python_model=HeadModel(), artifacts=_head_model_dir(cfg, tm, Path(tmp) / "model"),
             model_config={"task_head": em["task_head"], "labels": em["labels"], "max_seq_len": cfg.model.max_seq_len},
@@ -255,8 +328,15 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
         )
     current = _current_champion(client, name)
     champion_value = None
+    eval_md5 = str(em.get("eval_data_md5", ""))
     if current is not None:
-        if current.tags.get("eval.primary_metric", "perplexity") != metric:
+        if current.tags.get("eval.data.md5") != eval_md5 or \
+                current.tags.get("base_model.hash") != tags.get("base_model.hash"):
+            alias = "challenger"
+            reason = (f"the champion (version {current.version}) was evaluated on another eval split or base "
+                      f"model, and head models are not re-scored yet: not comparable, so not promoted "
+                      f"(`tuneops models promote` after checking)")
+        elif current.tags.get("eval.primary_metric", "perplexity") != metric:
             alias = "challenger"
             reason = (f"the champion (version {current.version}) is measured by "
                       f"{current.tags.get('eval.primary_metric', 'perplexity')}, not {metric}: not comparable "
@@ -268,5 +348,5 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
                                cfg.register.min_improvement_pct, metric=metric, higher_is_better=higher)
     version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
     registry.set_alias(client, name, alias, version.version, reason)
-    record, out = _write_record(cfg, name, version, alias, reason, current, tm, tags)
+    record, out = _write_record(cfg, name, version, alias, reason, current.version if current else None, tm, tags)
     return {"register_dir": str(out), **record}

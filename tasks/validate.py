@@ -32,7 +32,7 @@ from tuneops.data.docs import render
 from tuneops.data.gate import GateResult, Settings, SplitResult, validate_dataset
 from tuneops.data.records import Problem
 from tuneops.errors import DataValidationError  # noqa: F401  (raised here; re-exported for callers)
-from tuneops.io import fresh_dir, md5_file, write_json
+from tuneops.io import fresh_dir, md5_file, write_json, tmp_name
 from tuneops.models import load_tokenizer
 
 NATIVE_FIELDS = {"classification": ("text", "label"), "ner": ("tokens", "tags")}
@@ -55,7 +55,7 @@ def head_labels(fmt: str, train: SplitResult, labels: list[Any] | None,
 def write_clean(split: SplitResult, fmt: str, dest: Path) -> Path:
     """The accepted rows as chat JSONL (the chat format: the accepted lines verbatim)."""
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = tmp_name(dest)
     if fmt == "chat" and split.kind == "jsonl" and not split.rejected and len(split.accepted) == split.rows:
         shutil.copyfile(split.path, tmp)
     else:

@@ -98,7 +98,7 @@ def test_head_metrics_by_hand():
 
 
 def test_promotion_gate_in_both_directions():
-    from tasks.register import decide
+    from tuneops.gate import decide
 
     assert decide(9.0, 10.0, True, None, 0)[0] == "champion"                  # perplexity: lower is better
     assert decide(0.8, 0.5, True, None, 0, "accuracy", True)[0] == "champion"

@@ -89,9 +89,9 @@ def test_service_params_are_read_by_the_jobs_api():
 
 def test_orchestration_params_are_read_by_the_flow_and_cli():
     """`orchestrate` is not a stage's input (it does not change results) but every key is used."""
-    from tuneops.orchestrate import caching, deploy, server, watch
+    from tuneops.orchestrate import caching, deploy, lock, server, watch
 
-    sources = "".join(open(m.__file__).read() for m in (caching, deploy, server, watch))
+    sources = "".join(open(m.__file__).read() for m in (caching, deploy, lock, server, watch))
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     for section in stages.ORCHESTRATION_PARAMS:
         for key in params[section]:

@@ -332,3 +332,147 @@ def test_a_job_whose_worker_died_fails_with_the_reason(svc):
     messages = [e.message for e in client.fine_tuning.jobs.list_events(job.id, limit=100)]
     assert messages[0].startswith("Fine-tuning job failed: no heartbeat")
     print(f"dead worker detected {waited:.0f} s after the kill (dead_after_s {svc.cfg.service.dead_after_s})")
+
+
+def _fuzz_bodies(file_id: str) -> list[tuple[str, bytes]]:
+    """Hostile job requests: non-finite and wrong-typed fields at every level, malformed
+    bodies, trailing-newline names. Every one must be a 400 (none is a valid job)."""
+    good = {"model": "tiny", "training_file": file_id}
+    cases: list[tuple[str, bytes]] = []
+
+    def add(label: str, body: dict) -> None:
+        cases.append((label, json.dumps(body, allow_nan=True).encode()))
+
+    nonfinite = {"NaN": "NaN", "Infinity": "Infinity", "-Infinity": "-Infinity", "1e400": "1e400", "-1e400": "-1e400"}
+    for key in ("n_epochs", "batch_size", "learning_rate_multiplier"):
+        for label, lit in nonfinite.items():
+            for where in ("hyperparameters", "method"):
+                hp = f'{{"{key}": {lit}}}'
+                inner = hp if where == "hyperparameters" else \
+                    f'{{"type": "supervised", "supervised": {{"hyperparameters": {hp}}}}}'
+                raw = f'{{"model": "tiny", "training_file": "{file_id}", "{where}": {inner}}}'
+                cases.append((f"{where}.{key}={label}", raw.encode()))
+        for bad in (True, "3", [1], {"a": 1}, 2.5 if key != "learning_rate_multiplier" else 11.0, -1, 0, 10**30, ""):
+            add(f"hyperparameters.{key}={bad!r}", {**good, "hyperparameters": {key: bad}})
+    for bad in ([], "x", 5, True, [1, 2]):
+        add(f"hyperparameters={bad!r}", {**good, "hyperparameters": bad})
+        add(f"method={bad!r}", {**good, "method": bad})
+        add(f"method.supervised={bad!r}", {**good, "method": {"type": "supervised", "supervised": bad}})
+        add(f"method.supervised.hyperparameters={bad!r}",
+            {**good, "method": {"type": "supervised", "supervised": {"hyperparameters": bad}}})
+    add("method.type=dpo", {**good, "method": {"type": "dpo"}})
+    add("method.type=5", {**good, "method": {"type": 5}})
+    add("hyperparameters.unknown", {**good, "hyperparameters": {"epochs": 2}})
+    for key in ("model", "training_file", "validation_file"):
+        for bad in (5, [], {}, True, "x\n", "../../etc/passwd"):
+            add(f"{key}={bad!r}", {**good, key: bad})
+    for bad in ("x\n", "eve\n", "\nx", "a" * 41, "../etc", "a b", "", 5, ["x"], "é"):
+        add(f"suffix={bad!r}", {**good, "suffix": bad})
+    for bad in ("1", 1.5, -1, True, 2**31, 1e400, [1]):
+        add(f"seed={bad!r}", {**good, "seed": bad})
+    for bad in ([], "x", {"a": 1}, {str(i): "v" for i in range(17)}, {"k": "v" * 513}):
+        add(f"metadata={str(bad)[:30]}", {**good, "metadata": bad})
+    add("integrations=x", {**good, "integrations": "x"})
+    add("integrations=[wandb]", {**good, "integrations": [{"type": "wandb"}]})
+    add("unknown top-level key", {**good, "foo": 1})
+    add("missing model", {"training_file": file_id})
+    add("missing training_file", {"model": "tiny"})
+    for label, raw in (("empty body", b""), ("truncated", b'{"model": '), ("not JSON", b"model=tiny"),
+                       ("array", b"[]"), ("null", b"null"), ("number", b"1"), ("string", b'"x"'),
+                       ("NaN body", b"NaN"), ("bad UTF-8", b'{"model": "\xff\xfe"}'),
+                       ("deep nesting", b"[" * 100_000 + b"]" * 100_000),
+                       ("duplicate keys", b'{"model": "tiny", "model": 5}'),
+                       ("BOM", b'\xef\xbb\xbf{"model": "tiny"}')):
+        cases.append((label, raw))
+    return cases
+
+
+def _announce_big_body(port: int, path: str, token: str | None) -> int:
+    """POST with ``Content-Length: 200 MB`` and only 64 KB of body; the status line's code."""
+    import socket
+
+    head = (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {200 * 2**20}\r\n" + (f"Authorization: Bearer {token}\r\n" if token else "") + "\r\n")
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(head.encode() + b"{" + b" " * (64 * 1024))
+        data = b""
+        while b"\r\n" not in data:
+            chunk = sock.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    return int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else 0
+
+
+def _rss_kb(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def test_fuzzed_job_requests_are_400s_in_openai_shape_and_leave_nothing(svc):
+    """API fuzz (issue 18): every hostile body is a 4xx in OpenAI's error shape with a param
+    where a field is to blame; zero 5xx; no job row, no job folder, no stored part file; no
+    absolute server path in any message; an unauthenticated oversized body is refused before
+    it is read (the API's memory does not grow by its size)."""
+    client = svc.client()
+    f = client.files.create(file=("fuzz.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")
+    jobs_dir = svc.root / ".tuneops" / "service" / "jobs"
+    before = sorted(p.name for p in jobs_dir.iterdir()) if jobs_dir.is_dir() else []
+    jobs_before = [j.id for j in client.fine_tuning.jobs.list().data]
+    url = f"{svc.base_url}/fine_tuning/jobs"
+    headers = {"Authorization": f"Bearer {svc.tokens['alice']}", "Content-Type": "application/json"}
+    forbidden = [str(svc.root), str(REPO), "/root/", "/tmp/", "Traceback"]
+    results, server_errors, unnamed = [], [], []
+    cases = _fuzz_bodies(f.id)
+    with httpx.Client(timeout=60) as http:
+        for label, raw in cases:
+            r = http.post(url, content=raw, headers=headers)
+            results.append((label, r.status_code))
+            if r.status_code >= 500:
+                server_errors.append((label, r.status_code, r.text[:200]))
+                continue
+            assert 400 <= r.status_code < 500, (label, r.status_code, r.text[:300])
+            err = r.json()["error"]
+            assert set(err) >= {"message", "type", "param", "code"}, (label, err)
+            assert not any(s in err["message"] for s in forbidden), (label, err["message"])
+            if label.split("=")[0].split(".")[0] in ("hyperparameters", "method", "suffix", "seed", "metadata",
+                                                      "model", "training_file", "validation_file") and "=" in label:
+                if err["param"] is None:
+                    unnamed.append((label, err))
+        # the param names the field, with the nesting the client sent
+        r = http.post(url, content=b'{"model": "tiny", "training_file": "%s", "method": {"type": "supervised", '
+                      b'"supervised": {"hyperparameters": {"batch_size": NaN}}}}' % f.id.encode(), headers=headers)
+        assert r.json()["error"]["param"] == "method.supervised.hyperparameters.batch_size"
+        r = http.post(url, json={"model": "tiny", "training_file": f.id, "suffix": "x\n"}, headers=headers)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "suffix"
+    # oversized bodies: the headers announce 200 MB and only 64 KB follow; the answer must come
+    # without the server waiting for (or buffering) the rest: 401 unauthenticated, 413 with a token
+    rss = _rss_kb(svc.api.pid)
+    for path, auth, expect in (("/v1/fine_tuning/jobs", None, 401), ("/v1/files", None, 401),
+                               ("/v1/fine_tuning/jobs", svc.tokens["alice"], 413)):
+        status = _announce_big_body(svc.port, path, auth)
+        assert status == expect, (path, auth is not None, status)
+        results.append((f"200 MB announced, POST {path}, {'with' if auth else 'no'} token", status))
+    with httpx.Client(timeout=120) as http:                       # and 64 MB really sent without a token
+        try:
+            status = http.post(url, content=b"x" * (64 * 2**20),
+                               headers={"Content-Type": "application/json"}).status_code
+        except httpx.TransportError:                                 # the server stopped reading: refused
+            status = 401
+        assert status == 401
+        results.append(("64 MB sent, no token", status))
+    grown_mb = (_rss_kb(svc.api.pid) - rss) / 1024
+    assert grown_mb < 32, f"the API grew by {grown_mb:.0f} MB on refused bodies"
+    print(f"\nAPI fuzz: {len(results)} inputs, {len(server_errors)} 5xx, API memory {grown_mb:+.0f} MB after the "
+          f"oversized bodies")
+    assert not server_errors, server_errors
+    assert not unnamed, unnamed
+    assert [j.id for j in client.fine_tuning.jobs.list().data] == jobs_before           # no job recorded
+    after = sorted(p.name for p in jobs_dir.iterdir()) if jobs_dir.is_dir() else []
+    assert after == before                                                             # no folder left
+    assert not list((svc.root / ".tuneops" / "service" / "files").glob("*.part"))
+    # a token name with a trailing newline is refused by the CLI (one line, exit 2)
+    out = svc.tuneops("api", "token", "create", "eve\n")
+    assert out.returncode == 2 and out.stderr.startswith("tuneops: error: api token: NAME")

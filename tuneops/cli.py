@@ -16,7 +16,7 @@ from . import stages
 from .data import FORMATS
 from .errors import InvalidInput, TuneopsError
 
-TOKEN_NAME = r"^[A-Za-z0-9_-]{1,64}$"
+TOKEN_NAME = r"[A-Za-z0-9_-]{1,64}"   # full match (re.fullmatch): no trailing newline
 
 
 def _common() -> argparse.ArgumentParser:
@@ -146,8 +146,11 @@ def _stage(cfg: Any, args: argparse.Namespace) -> int:
 
     from . import log
 
+    from .orchestrate.lock import project_lock
+
     t0 = time.perf_counter()
-    result = stages.get(args.command).load()(cfg)
+    with project_lock(cfg):                       # one writer per project
+        result = stages.get(args.command).load()(cfg)
     return _result(args, result, log.stage_summary(args.command, result, time.perf_counter() - t0))
 
 
@@ -167,8 +170,10 @@ def _validate(cfg: Any, args: argparse.Namespace) -> int:
 def _data(cfg: Any, args: argparse.Namespace) -> int:
     if args.data_command == "add":
         from .data.cli import add_command
+        from .orchestrate.lock import project_lock
 
-        return add_command(cfg, args.path, args.data_format, args.name, args.eval_path)
+        with project_lock(cfg):
+            return add_command(cfg, args.path, args.data_format, args.name, args.eval_path)
     from .remote import checkout
 
     out = checkout(cfg, args.ref)
@@ -183,8 +188,12 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
 
     from . import log
 
+    from .orchestrate.lock import project_lock
+
     t0 = time.perf_counter()
-    result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []), start=args.start)
+    with project_lock(cfg):                       # before Prefect starts; the flow re-enters it
+        result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
+                          start=args.start)
     lines = [log.stage_summary(name, r) for name, r in result.items()]
     return _result(args, result, "\n".join([*lines, f"tuneops run: {len(result)} stages in "
                                                      f"{time.perf_counter() - t0:.1f} s"]))
@@ -356,7 +365,7 @@ def _api_token(cfg: Any, args: argparse.Namespace) -> int:
         for t in store.list_tokens():
             print(f"{t['name']}  created {t['created_at']}")
         return 0
-    if not args.name or not re.match(TOKEN_NAME, args.name):
+    if not args.name or not re.fullmatch(TOKEN_NAME, args.name):
         raise InvalidInput("api token: NAME must be 1-64 characters of A-Z a-z 0-9 _ -")
     if args.token_action == "revoke":
         if not store.revoke_token(args.name):

@@ -261,6 +261,8 @@ class OrchestrateParams(_Section):
     task_retries: int = Field(ge=0)
     task_retry_delay_s: float = Field(ge=0)
     cache: bool
+    lock: Literal["wait", "fail"] = "wait"   # a second writer of the project: wait for the lock, or refuse
+    lock_timeout_s: float = Field(default=3600, ge=0)
 
     @model_validator(mode="after")
     def _crons_parse(self) -> "OrchestrateParams":

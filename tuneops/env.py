@@ -53,5 +53,11 @@ def configure(state_dir: str | Path) -> dict[str, Path]:
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(paths["torch_extensions"]))
     os.environ.setdefault("MPLCONFIGDIR", str(state_dir / "matplotlib"))
     for p in ("prefect_home", "hf_home", "cache"):
-        paths[p].mkdir(parents=True, exist_ok=True)
+        try:
+            paths[p].mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            from .errors import InvalidInput
+
+            raise InvalidInput(f"paths.state_dir: {state_dir}: cannot create {paths[p].name}/ there "
+                               f"({exc.strerror or type(exc).__name__}); point it at a writable folder") from None
     return paths

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from .config import Config
-from .errors import InvalidInput
+from .errors import InvalidInput, TuneopsError
 from .io import read_json
 
 
@@ -48,14 +48,31 @@ def _registered_lm(cfg: Config, uri: str, variant: str | None) -> tuple[Path, Pa
 
     from . import tracking
 
+    from mlflow.exceptions import MlflowException
+
     tracking.use_store(cfg)          # this project's registry, from any folder
-    wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    try:
+        wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
+    except (MlflowException, OSError) as exc:
+        raise TuneopsError(f"--model {uri}: no such registered model version "
+                           f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
     arts = wrapped.artifacts
     name = variant or wrapped.variant
     if f"onnx_{name}" not in arts:
         raise InferError(f"{uri} has no ONNX variant {name!r}; it has "
                          f"{sorted(k[5:] for k in arts if k.startswith('onnx_'))}")
     return Path(arts[f"onnx_{name}"]) / "model.onnx", Path(arts["tokenizer"])
+
+
+def _check_sampling(args: Any) -> None:
+    """Decoding flags, checked before any model is loaded (a bad one is exit 2, not a silent exit 0)."""
+    checks = (("--max-new-tokens", args.max_new_tokens, args.max_new_tokens >= 1, "at least 1"),
+              ("--temperature", args.temperature, args.temperature > 0, "greater than 0"),
+              ("--top-k", args.top_k, args.top_k >= 0, "0 (all) or more"),
+              ("--top-p", args.top_p, 0 < args.top_p <= 1, "in (0, 1]"))
+    for flag, value, ok, rule in checks:
+        if not ok:
+            raise InferError(f"generate: {flag} must be {rule} (got {value})")
 
 
 def generate(cfg: Config, args: Any, out: Any = None) -> str:
@@ -65,6 +82,7 @@ def generate(cfg: Config, args: Any, out: Any = None) -> str:
     from .onnx_lm import OnnxCausalLM
 
     out = out or sys.stdout
+    _check_sampling(args)
     if args.model and str(args.model).startswith("models:/"):
         onnx_path, tok_dir = _registered_lm(cfg, args.model, args.variant)
     else:

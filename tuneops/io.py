@@ -9,9 +9,16 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
+def tmp_name(path: Path) -> Path:
+    """A temp file next to ``path`` private to this writer (two processes never share one)."""
+    import uuid
+
+    return path.with_name(f".{path.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}.tmp")
+
+
 def write_json(path: Path, data: Any) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False, default=str) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
@@ -23,7 +30,7 @@ def read_json(path: Path) -> Any:
 
 def write_jsonl(path: Path, rows: Iterable[dict[str, Any]]) -> int:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = tmp_name(path)
     n = 0
     with tmp.open("w", encoding="utf-8", newline="\n") as f:
         for row in rows:
@@ -46,6 +53,26 @@ def md5_file(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def private_tmp(dest: Path) -> Path:
+    """A new, empty folder next to ``dest`` that only this call owns (unique name), to build
+    ``dest`` in before ``replace_dir`` moves it into place."""
+    import tempfile
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}.tmp-"))
+
+
+def replace_dir(src: Path, dest: Path) -> Path:
+    """Move the complete folder ``src`` to ``dest``; the old ``dest`` (if any) is renamed away
+    first and deleted after, so ``dest`` is never a half-written folder."""
+    trash = private_tmp(dest)
+    if dest.exists():
+        os.rename(dest, trash / dest.name)
+    os.rename(src, dest)
+    shutil.rmtree(trash, ignore_errors=True)
+    return dest
 
 
 def fresh_dir(path: Path) -> Path:

@@ -46,11 +46,12 @@ def gemma_tokenizer(cache: Path) -> Any:
     if not (tok_dir / "tokenizer_config.json").is_file():
         gguf = _gguf(cache)
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        tmp = tok_dir.with_name("tokenizer.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tok.save_pretrained(tmp)
-        shutil.rmtree(tok_dir, ignore_errors=True)
-        tmp.rename(tok_dir)
+        from .io import private_tmp, replace_dir
+
+        work = private_tmp(tok_dir)
+        tok.save_pretrained(work / "tokenizer")
+        replace_dir(work / "tokenizer", tok_dir)
+        shutil.rmtree(work, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     ensure_template(tok, for_model_type("gemma3_text").chat_template)   # the GGUF has none: Gemma's own
     return tok
@@ -276,32 +277,37 @@ def _with_chat_template(folder: Path) -> dict[str, Any]:
 
 
 def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
-    """Write the base model folder (weights, config, tokenizer with chat template, provenance)."""
+    """Write the base model folder (weights, config, tokenizer with chat template, provenance),
+    built in a folder private to this call and moved into place only when complete."""
+    from .io import private_tmp, replace_dir
+
     src = model_params.source
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    if src == "local":
-        local = resolve_local(str(model_params.local_path))
-        shutil.copytree(local, tmp)
-        info: dict[str, Any] = {"source": "local", "path": str(local.resolve()), **_with_chat_template(tmp)}
-    elif src == "smollm2":
-        shutil.copytree(_smollm2_folder(cache), tmp)
-        info = json.loads((tmp / PROVENANCE).read_text())
-    elif src == "minilm":
-        info = _minilm(tmp)
-    elif src == "gemma3-270m":
-        shutil.copytree(_gemma_folder(cache), tmp)
-        info = json.loads((tmp / PROVENANCE).read_text())
-    else:
-        model, info = _tiny(cache, model_params.tiny)
-        model.generation_config.pad_token_id = 0
-        model.save_pretrained(tmp)
-        gemma_tokenizer(cache).save_pretrained(tmp)
-        info["params"] = sum(p.numel() for p in model.parameters())
-    info.setdefault("params", None)
-    (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
-    shutil.rmtree(out_dir, ignore_errors=True)
-    tmp.rename(out_dir)
+    work = private_tmp(out_dir)
+    tmp = work / "model"
+    try:
+        if src == "local":
+            local = resolve_local(str(model_params.local_path))
+            shutil.copytree(local, tmp)
+            info: dict[str, Any] = {"source": "local", "path": str(local.resolve()), **_with_chat_template(tmp)}
+        elif src == "smollm2":
+            shutil.copytree(_smollm2_folder(cache), tmp)
+            info = json.loads((tmp / PROVENANCE).read_text())
+        elif src == "minilm":
+            info = _minilm(tmp)
+        elif src == "gemma3-270m":
+            shutil.copytree(_gemma_folder(cache), tmp)
+            info = json.loads((tmp / PROVENANCE).read_text())
+        else:
+            model, info = _tiny(cache, model_params.tiny)
+            model.generation_config.pad_token_id = 0
+            model.save_pretrained(tmp)
+            gemma_tokenizer(cache).save_pretrained(tmp)
+            info["params"] = sum(p.numel() for p in model.parameters())
+        info.setdefault("params", None)
+        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
+        replace_dir(tmp, out_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
     return out_dir
 
 

@@ -1,10 +1,15 @@
 """The model registry (MLflow): aliases ``champion`` / ``challenger``, promotion only
 through the evaluation gate, rollback, model cards and lineage.
 
-``champion`` moves only when a version passes ``tasks.register.decide`` (beats the base
-model, passes the ONNX fp32 gate, not worse than the current champion) - at
-registration or with ``tuneops models promote``. Every move is appended to the
-registered model's ``champion.history`` tag, which ``rollback`` walks back.
+``champion`` moves only when a version passes ``tuneops.gate.decide`` (beats the base
+model, passes the ONNX fp32 gate, not worse than the current champion re-scored on the same
+eval rows) - at registration or with ``tuneops models promote``.
+
+Every champion move is appended to the registered model's ``champion.history`` tag *after*
+the alias has moved (and the version gets a ``champion.at`` tag), so the history names only
+versions that really were champion. ``champion_stack`` derives the sequence of champions from
+that log and from where the alias points now (a move whose log entry was lost to a kill is
+taken from the alias itself); ``rollback`` walks that stack back.
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from tuneops.lineage import dvc_lock_md5s
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion.history"
+REGISTRATION_TAG = "registration.key"     # training run + params: a rerun finds its own version
 
 
 class RegistryError(TuneopsError, ValueError):
@@ -54,24 +60,93 @@ def get_version(mc: Any, name: str, which: str) -> Any:
         raise RegistryError(f"registry: {name}@{which}: no such model version") from None
 
 
+def _registered(mc: Any, name: str) -> Any:
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mc.get_registered_model(name)
+    except MlflowException:
+        raise RegistryError(f"registry: no registered model named {name!r} (nothing registered yet)") from None
+
+
 def _history(mc: Any, name: str) -> list[dict[str, Any]]:
-    tags = mc.get_registered_model(name).tags
-    return json.loads(tags.get(HISTORY_TAG, "[]"))
+    tags = _registered(mc, name).tags
+    try:
+        history = json.loads(tags.get(HISTORY_TAG, "[]"))
+    except ValueError:
+        return []
+    return history if isinstance(history, list) else []
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+def champion_stack(mc: Any, name: str) -> list[str]:
+    """The champions in order, oldest first, the current one last: replayed from the history
+    log (``promoted`` pushes, ``rolled_back`` pops to its target), then reconciled with the
+    alias, the ground truth (an interrupted move whose entry was never written)."""
+    stack: list[str] = []
+    for event in _history(mc, name):
+        version = str(event.get("version"))
+        if event.get("event") == "rolled_back":
+            while stack and stack[-1] != version:
+                stack.pop()
+            if not stack:
+                stack.append(version)
+        elif not stack or stack[-1] != version:
+            stack.append(version)
+    current = _alias_version(mc, name, CHAMPION)
+    if current is None:
+        return []
+    current_s = str(current)
+    if current_s in stack:
+        while stack[-1] != current_s:
+            stack.pop()
+    else:
+        stack.append(current_s)
+    return stack
+
+
+def record_champion(mc: Any, name: str, version: str, reason: str) -> None:
+    """After the champion alias has moved to ``version``: log the move (once) and tag the version."""
+    version = str(version)
+    history = _history(mc, name)
+    last = history[-1] if history else {}
+    if str(last.get("version")) == version and last.get("event", "promoted") == "promoted":
+        at = str(last.get("at") or _now())           # a rerun: the move is already logged
+    else:
+        at = _now()
+        history.append({"event": "promoted", "version": version, "at": at, "reason": reason})
+        mc.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    mc.set_model_version_tag(name, version, "champion.at", at)
+
+
+def move_alias(mc: Any, name: str, alias: str, version: str) -> None:
+    """Point ``alias`` at ``version`` (a new champion stops being the challenger)."""
+    mc.set_registered_model_alias(name, alias, str(version))
+    if alias == CHAMPION and _alias_version(mc, name, CHALLENGER) == int(version):
+        mc.delete_registered_model_alias(name, CHALLENGER)
 
 
 def set_alias(mc: Any, name: str, alias: str, version: str, reason: str) -> None:
-    """Point ``alias`` at ``version``; champion moves are recorded for rollback."""
+    """Point ``alias`` at ``version``; a champion move is logged for rollback only after the
+    alias has moved."""
+    move_alias(mc, name, alias, version)
     if alias == CHAMPION:
-        history = _history(mc, name)
-        history.append({"version": str(version), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-                         "reason": reason})
-        mc.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
-        try:
-            if mc.get_model_version_by_alias(name, CHALLENGER).version == str(version):
-                mc.delete_registered_model_alias(name, CHALLENGER)
-        except Exception:  # noqa: BLE001 - no challenger
-            pass
-    mc.set_registered_model_alias(name, alias, str(version))
+        record_champion(mc, name, version, reason)
+
+
+def find_registration(mc: Any, name: str, key: str) -> Any:
+    """The version an earlier (maybe interrupted) registration with this key created, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mc.search_model_versions(f"name='{name}'")
+    except MlflowException:
+        return None
+    mine = [v for v in found if v.tags.get(REGISTRATION_TAG) == key]
+    return min(mine, key=lambda v: int(v.version)) if mine else None
 
 
 def _artifact(mc: Any, run_id: str, path: str) -> Any:
@@ -117,8 +192,13 @@ def show(cfg: Config, ref: str) -> dict[str, Any]:
 
 
 def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
-    """The evaluation gate for an existing version against the current champion."""
-    from tasks.register import decide
+    """The evaluation gate for an existing version against the current champion: the base
+    comparison from the version's own evaluation, the champion comparison on numbers measured
+    now, both versions re-scored on this project's current eval split with their own tokenizers."""
+    import tempfile
+    from pathlib import Path
+
+    from tuneops.gate import decide, registered_fp32, score_onnx
 
     opt = _artifact(mc, mv.run_id, "optimize/metrics.json") or {}
     onnx_ok = bool(opt.get("variants", {}).get("fp32", {}).get("accepted", False))
@@ -128,11 +208,22 @@ def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
         champ = None
     if champ is not None and champ.version == mv.version:
         raise RegistryError(f"registry: {name} version {mv.version} is already the champion")
-    champ_ppl = _float(champ.tags.get("eval.finetuned_perplexity")) if champ is not None else None
     ppl, base = _float(mv.tags.get("eval.finetuned_perplexity")), _float(mv.tags.get("eval.base_perplexity"))
     if ppl is None or base is None:
         raise RegistryError(f"registry: {name} version {mv.version} has no evaluation tags; it cannot pass the gate")
-    return decide(ppl, base, onnx_ok, champ_ppl, cfg.register.min_improvement_pct)
+    champ_ppl = chal_ppl = None
+    if champ is not None:
+        if not cfg.path("clean_eval_data").is_file():
+            raise RegistryError(f"registry: no eval split at {cfg.path('clean_eval_data')} to score {name} "
+                                f"v{mv.version} and the champion v{champ.version} on (run the pipeline up to validate)")
+        with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix="gate-") as tmp:
+            try:
+                scores = [score_onnx(cfg, *registered_fp32(name, v.version, Path(tmp) / str(v.version)))
+                          for v in (mv, champ)]
+            except FileNotFoundError as exc:
+                raise RegistryError(f"registry: {exc}") from None
+        chal_ppl, champ_ppl = scores[0]["perplexity"], scores[1]["perplexity"]
+    return decide(ppl, base, onnx_ok, champ_ppl, cfg.register.min_improvement_pct, challenger_ppl=chal_ppl)
 
 
 def promote(cfg: Config, ref: str) -> dict[str, Any]:
@@ -157,23 +248,24 @@ def _alias_version(mc: Any, name: str, alias: str) -> int | None:
 
 
 def rollback(cfg: Config, name: str | None = None) -> dict[str, Any]:
-    """Give ``champion`` back to the version that held it before the current one."""
+    """Give ``champion`` back to the version that held it before the current one (only ever a
+    version that really was champion: see ``champion_stack``)."""
     mc, name = client(cfg), model_name(cfg, name)
-    history = _history(mc, name)
-    current = _alias_version(mc, name, CHAMPION)
-    if current is None:
+    _registered(mc, name)
+    stack = champion_stack(mc, name)
+    if not stack:
         raise RegistryError(f"registry: {name} has no champion to roll back")
-    while history and int(history[-1]["version"]) == current:
-        history.pop()
-    if not history:
+    current = stack[-1]
+    if len(stack) < 2:
         raise RegistryError(f"registry: {name}: no earlier champion than version {current} to roll back to")
-    target = history[-1]["version"]
+    target = stack[-2]
     get_version(mc, name, target)
-    mc.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
     mc.set_registered_model_alias(name, CHAMPION, target)
-    mc.set_model_version_tag(name, str(current), "rolled_back",
-                             time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()))
-    return {"name": name, "champion": int(target), "rolled_back": current}
+    history = _history(mc, name)
+    history.append({"event": "rolled_back", "version": target, "from": current, "at": _now()})
+    mc.set_registered_model_tag(name, HISTORY_TAG, json.dumps(history))
+    mc.set_model_version_tag(name, current, "rolled_back", _now())
+    return {"name": name, "champion": int(target), "rolled_back": int(current)}
 
 
 # --- lineage -------------------------------------------------------------------------------------------
@@ -226,6 +318,25 @@ def lineage(cfg: Config, ref: str) -> dict[str, Any]:
 
 # --- model card -----------------------------------------------------------------------------------------
 
+def _gate_section(tags: dict[str, str]) -> str:
+    """How the champion comparison was measured (the ``gate.*`` tags)."""
+    if "gate.challenger.perplexity" not in tags:
+        return "Fine-tuned vs base: the evaluation above (same split, same tokenizer)."
+    lines = [f"Fine-tuned vs base: the evaluation above. Champion comparison: {tags.get('gate.scorer')}, "
+             f"{tags.get('gate.samples')} rows of the eval split `{tags.get('gate.eval_data.md5')}`, measured at "
+             "registration.", "", "| model | perplexity | tokens scored |", "|---|---|---|",
+             f"| this version | {tags['gate.challenger.perplexity']} | {tags.get('gate.challenger.tokens', '')} |"]
+    if tags.get("gate.champion.version"):
+        same = tags.get("gate.champion.base_model.hash") == tags.get("base_model.hash")
+        lines.append(f"| champion v{tags['gate.champion.version']} | {tags.get('gate.champion.perplexity')} | "
+                     f"{tags.get('gate.champion.tokens', '')} |")
+        lines += ["", "The champion was scored with its own tokenizer and weights"
+                  + ("" if same else " (another base model than this version's)") + "."]
+    else:
+        lines += ["", "No champion at registration."]
+    return "\n".join(lines)
+
+
 def model_card(name: str, version: str, alias: str, reason: str, tags: dict[str, str], metrics: dict[str, Any],
                plan: dict[str, Any], optimize: dict[str, Any], validation: dict[str, Any]) -> str:
     """The markdown model card stored as the version's description (and as an artifact)."""
@@ -257,6 +368,9 @@ Validation passed: {tags.get('validation.success')}
 |---|---|
 | base | {metrics.get('base_perplexity', float('nan')):.4f} |
 | fine-tuned | {metrics.get('finetuned_perplexity', float('nan')):.4f} |
+
+## Promotion gate
+{_gate_section(tags)}
 
 ## ONNX variants
 | variant | accepted | gate | perplexity | size |

@@ -25,6 +25,7 @@ class StageSpec:
     outs: tuple[str, ...] = ()
     uncached_outs: tuple[str, ...] = ()   # side-effect records (e.g. registry), not DVC-cached
     code: tuple[str, ...] = ()            # source files/folders (repo-relative) whose change makes the stage stale
+    editable_outs: bool = False   # outputs are user data: edited in place, they are the new data (cache kept)
 
     @property
     def module(self) -> str:
@@ -40,7 +41,7 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/model.py", "tuneops/models.py", "tuneops/chat.py", "tuneops/families.py")),
     StageSpec("ingest", "materialize the scenario's dataset (data.scenario) with a fixed-seed train/eval split",
               params=("ingest", "data"), outs=("train_data", "eval_data", "ingest_manifest"),
-              code=("tasks/ingest.py", "tuneops/data")),
+              code=("tasks/ingest.py", "tuneops/data"), editable_outs=True),
     StageSpec("validate", "data gate: record checks + Great Expectations suite (stops bad data before compute)",
               params=("validate", "data", "model.max_seq_len"),
               deps=("base_model_dir", "train_data", "eval_data"),
@@ -77,7 +78,8 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/registry.py", "tuneops/report.py",
                     "tuneops/serving.py", "tuneops/tracking.py", "tuneops/remote.py",
                     "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
-                    "tuneops/chat_engine.py")),
+                    "tuneops/chat_engine.py", "tuneops/faults.py", "tuneops/gate.py", "tuneops/secrets.py",
+                    "tuneops/lm.py")),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)

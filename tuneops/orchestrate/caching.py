@@ -10,10 +10,11 @@ Prefect's cache returns a task's return value, not its files. So, like ``dvc.loc
 stage run records its key and the md5s of the outputs it left on disk
 (``<state_dir>/stage-cache/<project>/<stage>.json``); a cached result is used only when
 the key is the recorded one and the outputs on disk are still those files. Otherwise the
-stage runs (``refresh_cache``): a cache hit never hands on missing or stale files. The
-exception are the stages without inputs (``model``, ``ingest``): their outputs edited in
-place (an edited dataset split) are kept as the new data, not re-created (``dvc repro``
-would re-create them; ``tuneops data add`` is the DVC-consistent way to change data).
+stage runs (``refresh_cache``): a cache hit never hands on missing, half-written or stale
+files (a base model folder left without its weights is rebuilt). The exception is ingest's
+dataset splits (``editable_outs``): edited in place, they are kept as the new data, not
+re-created (``dvc repro`` would re-create them; ``tuneops data add`` is the DVC-consistent
+way to change data).
 
 Retries are for transient failures only: bad data, bad params or a plan that does not
 fit fail at once.
@@ -22,10 +23,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from tuneops import stages
+from tuneops import faults, stages
 from tuneops.config import Config
 from tuneops.io import md5_file
 
@@ -102,26 +104,36 @@ def _stamp_path(cfg: Config, name: str) -> Path:
 
 
 def cache_valid(cfg: Config, name: str) -> bool:
-    """True when the stage's last run had this key and its outputs on disk are unchanged."""
+    """True when the stage's last run had this key and its outputs on disk are the ones it
+    recorded (all present, same md5s): a half-written or deleted output is never a hit."""
     path = _stamp_path(cfg, name)
     if not path.is_file():
         return False
-    stamp = json.loads(path.read_text())
+    try:
+        stamp = json.loads(path.read_text())
+    except ValueError:
+        return False
     outs = outputs_md5(cfg, name)
     if None in outs.values() or stamp.get("key") != stage_key(cfg, name):
         return False
-    # A stage without inputs (model, ingest) keeps outputs edited in place: an edited dataset split
-    # is the data change the watcher reports, and the stages after it see it through their deps.
-    return not stages.get(name).deps or stamp.get("outs") == outs
+    # The dataset splits of ingest (editable_outs) edited in place are the data change the watcher
+    # reports: kept, and the stages after it see it through their deps. Every other output must
+    # be exactly what the stage wrote.
+    return stages.get(name).editable_outs or stamp.get("outs") == outs
 
 
 def record(cfg: Config, name: str) -> None:
     """After a stage ran (or was a valid hit): its key and the outputs it left."""
     path = _stamp_path(cfg, name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps({"key": stage_key(cfg, name), "outs": outputs_md5(cfg, name)}, indent=1))
     tmp.replace(path)
+
+
+def forget(cfg: Config, name: str) -> None:
+    """Before a stage runs: its old record no longer describes what is on disk."""
+    _stamp_path(cfg, name).unlink(missing_ok=True)
 
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
@@ -147,10 +159,16 @@ def task_options(cfg: Config, name: str) -> dict[str, Any]:
     }
 
 
-def run_stage(stage_task: Any, cfg: Config, name: str) -> Any:
-    """Run a stage's task with this run's options, then record its key and outputs."""
-    result = stage_task.with_options(**task_options(cfg, name))(cfg)
+def run_stage(stage_task: Any, cfg: Config, name: str, **kwargs: Any) -> Any:
+    """Run a stage's task with this run's options, then record its key and outputs. The record
+    is dropped before a stage that will run, so a run killed inside it leaves no record."""
+    faults.point(f"before:{name}")
+    options = task_options(cfg, name)
+    if options["refresh_cache"]:
+        forget(cfg, name)
+    result = stage_task.with_options(**options)(cfg, **kwargs)
     record(cfg, name)
+    faults.point(f"after:{name}")
     return result
 
 

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 import hashlib
 import os
-import re
 import tempfile
 import threading
 from pathlib import Path
@@ -36,8 +35,7 @@ from tuneops.config import Config
 from tuneops.data.chatterbot import eval_count
 from tuneops.service import jobs as J
 from tuneops.service.db import Store, default_url, iter_chunks, new_id, now, page
-
-SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+from tuneops.service.requests import MAX_JSON_BYTES, BadRequest, JobCreate, job_request, parse_json_object
 _gate_lock = threading.Lock()     # the data gate (Great Expectations) runs one upload at a time
 
 
@@ -91,32 +89,55 @@ def listing(items: list[Any], has_more: bool) -> dict[str, Any]:
 
 # -- upload limit -----------------------------------------------------------------------------------
 
-class UploadLimit:
-    """Refuse ``POST /v1/files`` bodies over the limit (413) from Content-Length, and stop
-    reading a body (chunked or lying) as soon as it passes the limit."""
+class RequestGate:
+    """Before any body is read: the bearer token of every ``/v1`` request is checked (401
+    without reading the body, so an unauthenticated client cannot make the API buffer
+    anything), then the body is capped: ``POST /v1/files`` at the upload limit, every other
+    body at ``MAX_JSON_BYTES`` (413 from Content-Length, and a chunked or lying body is
+    stopped as soon as it passes the cap)."""
 
     SLACK = 64 * 1024            # multipart boundaries and the purpose field
 
-    def __init__(self, app: Any, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: Any, limit: int, store: Store):
+        self.app, self.limit, self.store = app, limit, store
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST" or scope["path"].rstrip("/") != "/v1/files":
+        if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             return await self.app(scope, receive, send)
-        length = dict(scope["headers"]).get(b"content-length")
-        if length and length.isdigit() and int(length) > self.limit + self.SLACK:
-            return await JSONResponse(too_large(self.limit).body, 413)(scope, receive, send)
+        import anyio
+
+        headers = dict(scope["headers"])
+        auth = headers.get(b"authorization", b"").decode("latin-1")
+        error = _auth_error(auth)
+        if error is None and await anyio.to_thread.run_sync(self.store.owner_of, auth[7:].strip()) is None:
+            error = APIError(401, "Incorrect API key provided", None, "invalid_api_key")
+        if error is not None:
+            return await JSONResponse(error.body, 401)(scope, receive, send)
+        upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
+        cap = self.limit + self.SLACK if upload else MAX_JSON_BYTES
+        refuse = too_large(self.limit) if upload else APIError(
+            413, f"request body too large: at most {MAX_JSON_BYTES // 1024} KiB", None, "request_too_large")
+        length = headers.get(b"content-length")
+        if length and (not length.isdigit() or int(length) > cap):
+            return await JSONResponse(refuse.body, 413)(scope, receive, send)
         seen = 0
 
         async def limited() -> Any:
             nonlocal seen
             message = await receive()
             seen += len(message.get("body", b""))
-            if seen > self.limit + self.SLACK:
-                raise too_large(self.limit)
+            if seen > cap:
+                raise refuse
             return message
 
         await self.app(scope, limited, send)
+
+
+def _auth_error(auth: str) -> APIError | None:
+    if not auth.lower().startswith("bearer ") or not auth[7:].strip():
+        return APIError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>' "
+                             "(tokens: `tuneops api token create NAME`)", None, "missing_api_key")
+    return None
 
 
 def too_large(limit: int) -> APIError:
@@ -146,7 +167,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
 
     app = FastAPI(title="tuneops fine-tuning jobs API", version="1", lifespan=lifespan)
     app.state.store, app.state.cfg = store, cfg
-    app.add_middleware(UploadLimit, limit=limit)
+    app.add_middleware(RequestGate, limit=limit, store=store)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
@@ -162,9 +183,9 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
 
     def owner(request: Request) -> str:
         auth = request.headers.get("authorization", "")
-        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
-            raise APIError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>' "
-                                "(tokens: `tuneops api token create NAME`)", None, "missing_api_key")
+        error = _auth_error(auth)
+        if error is not None:
+            raise error
         name = store.owner_of(auth[7:].strip())
         if name is None:
             raise APIError(401, "Incorrect API key provided", None, "invalid_api_key")
@@ -231,8 +252,14 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
 
     # -- jobs ----------------------------------------------------------------------------------
     @app.post("/v1/fine_tuning/jobs")
-    def create_job(body: dict[str, Any], who: str = Depends(owner)) -> dict[str, Any]:
-        return job_obj(_create_job(cfg, store, who, body))
+    async def create_job(request: Request, who: str = Depends(owner)) -> dict[str, Any]:
+        import anyio
+
+        try:
+            req = job_request(parse_json_object(await request.body()))
+        except BadRequest as exc:
+            raise APIError(400, str(exc), exc.param, exc.code) from None
+        return job_obj(await anyio.to_thread.run_sync(_create_job, cfg, store, who, req))
 
     @app.get("/v1/fine_tuning/jobs")
     def list_jobs(after: str | None = None, limit: int = 20, who: str = Depends(owner)) -> dict[str, Any]:
@@ -307,8 +334,8 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str |
             result = validate_dataset({"train": path}, LazyTokenizer(lambda: resolve_tokenizer(cfg)),
                                       Settings.from_config(cfg, fmt="chat"))
         except Exception as exc:  # noqa: BLE001 - a hostile file is a 400, never a 500
-            raise APIError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: {exc}",
-                           "file", "invalid_file") from None
+            raise APIError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: "
+                                f"{J.public_message(cfg, exc)}", "file", "invalid_file") from None
     if result.success:
         total = result.counts()["total"]
         return int(total["accepted"]), (f"{total['rejected']} of {total['read']} records will be left out by the data "
@@ -320,24 +347,19 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str |
                         f"{shown}{more}", "file", "invalid_file", extra={"problems": problems[:200]})
 
 
-def _create_job(cfg: Config, store: Store, who: str, body: dict[str, Any]) -> dict[str, Any]:
-    """Check a job request completely (model, files, sizes, hyperparameters), then record it,
-    prepare its working directory and submit it."""
-    known = {"model", "training_file", "validation_file", "hyperparameters", "method", "suffix", "seed", "metadata",
-             "integrations"}
-    unknown = sorted(set(body) - known)
-    if unknown:
-        raise APIError(400, f"unknown parameter(s) {unknown}", unknown[0], "unknown_parameter")
-    model = body.get("model")
+def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str, Any]:
+    """Check a job request completely (model, files, sizes, hyperparameters), then prepare its
+    working directory, record it and submit it. A refused request leaves nothing behind."""
+    model = req.model
     if model not in cfg.service.allowed_models:
         raise APIError(400, f"model {model!r} cannot be fine-tuned here; allowed base models: "
                             f"{list(cfg.service.allowed_models)} (service.allowed_models)", "model", "model_not_available")
-    if body.get("integrations"):
+    if req.integrations:
         raise APIError(400, "integrations are not supported (runs are tracked in this service's MLflow)",
                        "integrations", "unsupported")
     files = {}
     for key in ("training_file", "validation_file"):
-        fid = body.get(key)
+        fid = getattr(req, key)
         if fid is None and key == "validation_file":
             continue
         f = store.get_file(who, fid) if isinstance(fid, str) else None
@@ -347,25 +369,13 @@ def _create_job(cfg: Config, store: Store, who: str, body: dict[str, Any]) -> di
             raise APIError(400, f"{key}: file {fid} has purpose {f['purpose']!r}, expected 'fine-tune'", key,
                            "invalid_file")
         files[key] = f
-    hp, method = body.get("hyperparameters") or {}, body.get("method")
-    if method is not None:
-        if not isinstance(method, dict) or method.get("type", "supervised") != "supervised":
-            raise APIError(400, f"method.type: only 'supervised' fine-tuning is offered (got "
-                                f"{method.get('type') if isinstance(method, dict) else method!r})", "method.type",
-                           "unsupported_method")
-        hp = {**hp, **((method.get("supervised") or {}).get("hyperparameters") or {})}
-    suffix = body.get("suffix")
-    if suffix is not None and (not isinstance(suffix, str) or not SUFFIX.match(suffix)):
-        raise APIError(400, "suffix: 1-40 characters of A-Z a-z 0-9 _ -", "suffix", "invalid_suffix")
-    seed = body.get("seed", cfg.train.seed)
-    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**31:
-        raise APIError(400, f"seed: expected an integer in [0, 2^31) (got {seed!r})", "seed", "invalid_seed")
-    meta = body.get("metadata")
-    if meta is not None and (not isinstance(meta, dict) or len(meta) > 16
-                             or any(not isinstance(k, str) or not isinstance(v, str) or len(k) > 64 or len(v) > 512
-                                    for k, v in meta.items())):
-        raise APIError(400, "metadata: at most 16 string pairs (keys <= 64, values <= 512 characters)", "metadata",
-                       "invalid_metadata")
+    if req.method is not None and req.method.type != "supervised":
+        raise APIError(400, f"method.type: only 'supervised' fine-tuning is offered (got {req.method.type!r})",
+                       "method.type", "unsupported_method")
+    hp = req.all_hyperparameters()
+    suffix = req.suffix
+    seed = cfg.train.seed if req.seed is None else req.seed
+    meta = req.metadata
     rows = files["training_file"]["records"]
     held_out = 0 if "validation_file" in files else eval_count(rows, cfg.ingest.eval_fraction)
     min_rows = cfg.validate.min_rows
@@ -389,9 +399,14 @@ def _create_job(cfg: Config, store: Store, who: str, body: dict[str, Any]) -> di
            "fine_tuned_model": name, "total_steps": steps, "result_files": []}
     try:
         J.prepare_workdir(cfg, job, files["training_file"], files.get("validation_file"), overrides)
-    except Exception as exc:  # noqa: BLE001 - nothing recorded, nothing submitted
-        raise APIError(400, f"the job's params do not validate: {exc}", None, "invalid_request") from None
-    store.add_job(**job)
+    except Exception as exc:  # noqa: BLE001 - nothing recorded, nothing submitted, no folder left
+        raise APIError(400, f"the job's params do not validate: {J.public_message(cfg, exc)}", None,
+                       "invalid_request") from None
+    try:
+        store.add_job(**job)
+    except Exception:
+        J.remove_workdir(cfg, jid)
+        raise
     store.add_event(jid, "created", f"Created fine-tuning job: {jid}", job["created_at"])
     store.add_event(jid, "validated", f"Files validated ({rows} training records"
                     + (f", validation file {job['validation_file']}" if job["validation_file"] else "")

@@ -7,6 +7,7 @@ process can stop and start at any time without losing a job.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ events = Table(
     Column("data", JSON),
 )
 
+TOKEN_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")   # API token names (full match: no trailing newline)
+
 TERMINAL = ("succeeded", "failed", "cancelled")
 
 
@@ -118,6 +121,8 @@ class Store:
 
     # -- tokens -------------------------------------------------------------------------------
     def create_token(self, name: str) -> str:
+        if not isinstance(name, str) or not TOKEN_NAME.fullmatch(name):
+            raise ValueError("a token name is 1-64 characters of A-Z a-z 0-9 _ -")
         token = "tuneops-" + secrets.token_urlsafe(32)
         with self.engine.begin() as c:
             try:

@@ -153,29 +153,47 @@ def file_path(cfg: Config, file_id: str) -> Path:
 def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any], eval_file: dict[str, Any] | None,
                     overrides: list[str]) -> Path:
     """The job's working directory: its own params.yaml (the service's params + the job's
-    settings; relative paths land in this folder) and a copy of its data."""
+    settings, secrets redacted; relative paths land in this folder) and a copy of its data.
+    Built in a private folder and moved into place only when its params validate: a refused
+    job leaves no folder."""
+    from tuneops.io import private_tmp
+    from tuneops.secrets import redact
+
     d = job_dir(cfg, job["id"])
-    (d / "data").mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(file_path(cfg, train_file["id"]), d / "data" / "train.jsonl")
-    user: dict[str, Any] = {"path": "data/train.jsonl", "md5": train_file["md5"], "eval_path": None, "eval_md5": None}
-    if eval_file:
-        shutil.copyfile(file_path(cfg, eval_file["id"]), d / "data" / "validation.jsonl")
-        user.update(eval_path="data/validation.jsonl", eval_md5=eval_file["md5"])
-    raw = apply_overrides(cfg.raw, list(cfg.service.job_overrides) + overrides + [
-        f"model.source={job['model']}", f"train.seed={job['seed']}", "orchestrate.cache=false",
-        "train.keep_checkpoints=true", "data.scenario=user", "data.format=chat"])
-    raw["data"]["user"] = user
-    raw["paths"]["state_dir"] = str(cfg.state_dir)                # shared caches and the MLflow registry
-    raw["tracking"].update(tracking_uri=tracking.tracking_uri(cfg), experiment=cfg.service.experiment)
-    raw["register"]["model_name"] = job["fine_tuned_model"]
-    raw["register"]["tags"] = {**raw["register"].get("tags", {}), "tuneops.job.id": job["id"],
-                               "tuneops.job.owner": job["owner"], "tuneops.job.training_file": train_file["id"],
-                               **({"tuneops.job.validation_file": eval_file["id"]} if eval_file else {})}
-    tmp = d / "params.yaml.tmp"
-    tmp.write_text(yaml.safe_dump(raw, sort_keys=False))
-    tmp.replace(d / "params.yaml")
-    load_config(d / "params.yaml")               # the job's params must validate before compute is spent
-    _dvc_project(cfg, d)
+    work = private_tmp(d)
+    try:
+        (work / "data").mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(file_path(cfg, train_file["id"]), work / "data" / "train.jsonl")
+        user: dict[str, Any] = {"path": "data/train.jsonl", "md5": train_file["md5"], "eval_path": None,
+                                "eval_md5": None}
+        if eval_file:
+            shutil.copyfile(file_path(cfg, eval_file["id"]), work / "data" / "validation.jsonl")
+            user.update(eval_path="data/validation.jsonl", eval_md5=eval_file["md5"])
+        raw = apply_overrides(cfg.raw, list(cfg.service.job_overrides) + overrides + [
+            f"model.source={job['model']}", f"train.seed={job['seed']}", "orchestrate.cache=false",
+            "train.keep_checkpoints=true", "data.scenario=user", "data.format=chat"])
+        raw["data"]["user"] = user
+        raw["paths"]["state_dir"] = str(cfg.state_dir)                # shared caches and the MLflow registry
+        raw["tracking"].update(tracking_uri=tracking.tracking_uri(cfg), experiment=cfg.service.experiment)
+        raw["register"]["model_name"] = job["fine_tuned_model"]
+        raw["register"]["tags"] = {**raw["register"].get("tags", {}), "tuneops.job.id": job["id"],
+                                   "tuneops.job.owner": job["owner"], "tuneops.job.training_file": train_file["id"],
+                                   **({"tuneops.job.validation_file": eval_file["id"]} if eval_file else {})}
+        # a job runs the pipeline only: it needs no server database URLs, and its folder is the
+        # user's to read (checkpoints, results), so no secret is copied into it
+        raw["service"]["database_url"] = None
+        raw["orchestrate"]["prefect_database_url"] = None
+        (work / "params.yaml").write_text(yaml.safe_dump(redact(raw), sort_keys=False))
+        load_config(work / "params.yaml", root=d)   # the job's params must validate before compute is spent
+        work.rename(d)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    try:
+        _dvc_project(cfg, d)
+    except BaseException:
+        shutil.rmtree(d, ignore_errors=True)
+        raise
     return d
 
 
@@ -187,6 +205,18 @@ def _dvc_project(cfg: Config, d: Path) -> None:
 
     if not dvc_record.is_project(d):
         dvc_record.init_project(d, remote=remote.default_remote(cfg.root) or str(cfg.state_dir / "dvc-remote"))
+
+
+def remove_workdir(cfg: Config, job_id: str) -> None:
+    shutil.rmtree(job_dir(cfg, job_id), ignore_errors=True)
+
+
+def public_message(cfg: Config, exc: BaseException) -> str:
+    """An error's message as a user of the API may see it: no server paths."""
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    for root in sorted({str(storage(cfg)), str(cfg.root), str(cfg.state_dir), str(REPO)}, key=len, reverse=True):
+        text = text.replace(root, "<server>")
+    return text[:500]
 
 
 def submit(cfg: Config, store: Store, job: dict[str, Any]) -> str | None:

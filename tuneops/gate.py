@@ -1,0 +1,110 @@
+"""The promotion gate, on like-for-like numbers.
+
+``decide`` is the rule: a fine-tuned model becomes ``champion`` only when it beats the base
+model, passes the ONNX fp32 gate and is not worse than the current champion; otherwise
+``challenger``. It compares numbers that were measured the same way on the same rows:
+
+- fine-tuned vs base: evaluate's two scores (one run, one eval split, one tokenizer);
+- challenger vs champion: both re-scored now (``rescore``), on the current eval split,
+  each registered/exported fp32 ONNX model with its *own* tokenizer (a champion with
+  another base model or tokenizer is scored with its own), by the same ONNX Runtime
+  scorer. A champion's old tag value, measured on an older split, is never compared.
+
+The numbers and how they were measured are tags on the version (``gate.*``) and a section
+of its model card.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+SCORER = "ONNX Runtime fp32, each model with its own tokenizer, on the current eval split"
+
+
+def decide(ft_ppl: float, base_ppl: float, onnx_ok: bool, champion_ppl: float | None,
+           min_improvement_pct: float, metric: str = "perplexity", higher_is_better: bool = False,
+           challenger_ppl: float | None = None) -> tuple[str, str]:
+    """The promotion gate: (alias, reason). ``metric`` is lower-is-better (perplexity) unless
+    ``higher_is_better`` (accuracy, entity F1); the required improvement over the champion is
+    relative in the metric's direction. ``challenger_ppl`` is the fine-tuned model's score on the
+    same scale as ``champion_ppl`` (default ``ft_ppl``)."""
+    ft, base, champ = ft_ppl, base_ppl, champion_ppl
+    chal = ft if challenger_ppl is None else challenger_ppl
+    if (ft <= base) if higher_is_better else (ft >= base):
+        return "challenger", f"fine-tuned {metric} {ft:.3f} does not beat base {base:.3f}"
+    if not onnx_ok:
+        return "challenger", "ONNX fp32 export failed the parity gate"
+    if champ is not None and ((chal < champ * (1 + min_improvement_pct / 100)) if higher_is_better
+                              else (chal > champ * (1 - min_improvement_pct / 100))):
+        return "challenger", (f"fine-tuned {metric} {chal:.3f} is worse than the champion's "
+                              f"{champ:.3f} on the same eval rows (required improvement {min_improvement_pct}%)")
+    against = "no champion yet" if champ is None else f"champion {champ:.3f} (same eval rows: {chal:.3f})"
+    return "champion", f"{metric} {ft:.3f} beats base {base:.3f} and {against}"
+
+
+def eval_rows(cfg: Any) -> list[dict[str, Any]]:
+    """The current eval split: the rows evaluate scores."""
+    from tuneops.io import read_jsonl
+
+    return read_jsonl(cfg.path("clean_eval_data"))[: cfg.evaluate.max_samples]
+
+
+def eval_features(cfg: Any, tokenizer: Any) -> list[dict[str, list[int]]]:
+    """The current eval split, encoded with ``tokenizer``."""
+    from tuneops.lm import encode
+
+    return encode(eval_rows(cfg), tokenizer, cfg.model.max_seq_len)
+
+
+def score_onnx(cfg: Any, onnx_path: Path, tokenizer_dir: Path) -> dict[str, float]:
+    """Perplexity of an fp32 ONNX causal LM on the current eval split, with its own tokenizer."""
+    from tuneops.lm import perplexity
+    from tuneops.models import load_tokenizer
+    from tuneops.onnx_lm import OnnxCausalLM
+
+    tok = load_tokenizer(Path(tokenizer_dir))
+    features = eval_features(cfg, tok)
+    return perplexity(OnnxCausalLM(Path(onnx_path)), features, cfg.evaluate.batch_size, tok.pad_token_id)
+
+
+def registered_fp32(name: str, version: str, dest: Path) -> tuple[Path, Path]:
+    """(fp32 model.onnx, tokenizer folder) of a registered version, downloaded into ``dest``."""
+    import mlflow.pyfunc
+
+    arts = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=str(dest)).unwrap_python_model().artifacts
+    onnx = Path(arts.get("onnx_fp32", "")) / "model.onnx"
+    tok = Path(arts.get("tokenizer", ""))
+    if "onnx_fp32" not in arts or not onnx.is_file() or not (tok / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(f"{name} v{version}: no fp32 ONNX model and tokenizer among its artifacts")
+    return onnx, tok
+
+
+def rescore(cfg: Any, name: str, champion: Any, challenger_onnx: Path,
+            challenger_tok: Path) -> dict[str, Any]:
+    """Champion and challenger scored now, the same way, on the same rows. Returns the
+    ``gate.*`` tags; ``champion`` is None when there is none."""
+    import tempfile
+
+    from tuneops.io import md5_file
+
+    tags: dict[str, Any] = {"gate.scorer": SCORER, "gate.eval_data.md5": md5_file(cfg.path("clean_eval_data")),
+                            "gate.samples": str(len(eval_rows(cfg)))}
+    chal = score_onnx(cfg, challenger_onnx, challenger_tok)
+    tags["gate.challenger.perplexity"] = f"{chal['perplexity']:.6f}"
+    tags["gate.challenger.tokens"] = str(chal["tokens"])
+    if champion is None:
+        return tags
+    tags["gate.champion.version"] = str(champion.version)
+    tags["gate.champion.base_model.hash"] = str(champion.tags.get("base_model.hash", ""))
+    with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=f"gate-{os.getpid()}-") as tmp:
+        try:
+            onnx, tok = registered_fp32(name, champion.version, Path(tmp))
+        except FileNotFoundError as exc:      # e.g. a head model: nothing to score the same way
+            tags["gate.champion.error"] = str(exc)[:500]
+            return tags
+        champ = score_onnx(cfg, onnx, tok)
+    tags["gate.champion.perplexity"] = f"{champ['perplexity']:.6f}"
+    tags["gate.champion.tokens"] = str(champ["tokens"])
+    return tags
+
