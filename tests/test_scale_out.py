@@ -205,9 +205,21 @@ def _train_until_checkpoint(root: Path, sets: list[str], ckdir: Path, after: int
             time.sleep(0.1)
         pytest.fail(f"no checkpoint after step {after} (exit {proc.poll()}):\n{log.read_text()[-4000:]}")
     finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
+        # the whole tree, as when the machine dies: torchrun starts each rank in its own session,
+        # so killing the process group alone leaves the ranks running
+        import psutil
+
+        try:
+            tree = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            tree = []
+        for p in [proc, *tree]:
+            try:
+                p.send_signal(signal.SIGKILL)
+            except (psutil.NoSuchProcess, ProcessLookupError):
+                pass
         proc.wait()
+        psutil.wait_procs(tree, timeout=30)
     return -1
 
 
