@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 
 import pytest
@@ -18,7 +17,7 @@ import yaml
 from tuneops import stages
 from tuneops.cli import main as cli
 
-from .conftest import REPO, make_project
+from .conftest import git_dvc_project
 
 # ~3 min (three registered versions); champion vs a worse model is also in tests/test_stages.py
 pytestmark = pytest.mark.slow
@@ -35,11 +34,9 @@ def _sh(cmd: list[str], cwd) -> None:
 def registry_project():
     from tuneops.config import load_config
 
-    root = make_project("registry", ("optimize.targets=[]", "train.max_steps=4", "evaluate.generations=0",
-                                     "evaluate.max_samples=8", "optimize.ppl_samples=4", "optimize.parity_samples=1"))
-    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    _sh(["git", "init", "-q"], root)
-    _sh(["dvc", "init", "-q"], root)
+    root = git_dvc_project("registry", ("optimize.targets=[]", "train.max_steps=4", "evaluate.generations=0",
+                                        "evaluate.max_samples=8", "optimize.ppl_samples=4",
+                                        "optimize.parity_samples=1"))
     params = root / "params.yaml"
     cfg = load_config(params)
     results = {}
