@@ -31,12 +31,33 @@ from .chat_engine import Busy, ChatEngine, Generation, Scheduler
 
 
 class ApiError(HTTPException):
-    """An error in the OpenAI shape (rendered by the app's HTTPException handler from ``body``)."""
+    """An error in the OpenAI shape ``{"error": {"message", "type", "param", "code"}}`` (rendered by
+    the handlers of ``install_error_handlers`` from ``body``); ``extra`` adds fields to the error."""
 
     def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", headers: dict[str, str] | None = None):
+                 type: str = "invalid_request_error", headers: dict[str, str] | None = None,
+                 extra: dict[str, Any] | None = None):
         super().__init__(status_code=status, detail=message, headers=headers)
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code}}
+        self.body = {"error": {"message": message, "type": type, "param": param, "code": code, **(extra or {})}}
+
+
+def install_error_handlers(app: Any) -> None:
+    """Every HTTP error and every request-validation error of ``app`` answers in OpenAI's shape
+    (a validation error is a 400 naming the first bad field as ``param``)."""
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
+        body = getattr(exc, "body", None) or {"error": {"message": str(exc.detail), "type": "invalid_request_error",
+                                                        "param": None, "code": None}}
+        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
+        return JSONResponse(ApiError(400, f"{where}: {err['msg']}", where or None, "invalid_request").body, 400)
 
 
 def model_not_found(model: Any) -> ApiError:

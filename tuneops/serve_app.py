@@ -14,13 +14,10 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException
 
 from .chat_engine import ModelPool, Scheduler, resolve
 from .config import Config
-from .endpoint import ApiError, add_routes, model_not_found
+from .endpoint import ApiError, add_routes, install_error_handlers, model_not_found
 
 
 def default_model(cfg: Config) -> str:
@@ -66,17 +63,7 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     app = FastAPI(title="tuneops serve", version="1")
     app.state.model, app.state.scheduler = loaded, Scheduler(cfg.serve.max_concurrent, cfg.serve.max_queue)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        body = getattr(exc, "body", None) or {"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                                                        "param": None, "code": None}}
-        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
-        return JSONResponse(ApiError(400, f"{where}: {err['msg']}", where or None, "invalid_request").body, 400)
+    install_error_handlers(app)
 
     def get_model(owner: str, model_id: str) -> Any:
         if model_id not in ids:

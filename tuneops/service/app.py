@@ -27,11 +27,10 @@ from pathlib import Path
 from typing import Any, AsyncIterator
 
 from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from tuneops.config import Config
+from tuneops.endpoint import ApiError, install_error_handlers
 from tuneops.data.chatterbot import eval_count
 from tuneops.service import jobs as J
 from tuneops.service.db import Store, default_url, iter_chunks, new_id, now, page
@@ -39,17 +38,8 @@ from tuneops.service.requests import MAX_JSON_BYTES, BadRequest, JobCreate, job_
 _gate_lock = threading.Lock()     # the data gate (Great Expectations) runs one upload at a time
 
 
-class APIError(HTTPException):
-    """An error in the OpenAI shape: {"error": {"message", "type", "param", "code"}}."""
-
-    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None,
-                 type: str = "invalid_request_error", extra: dict[str, Any] | None = None):
-        super().__init__(status_code=status, detail=message)
-        self.body = {"error": {"message": message, "type": type, "param": param, "code": code, **(extra or {})}}
-
-
-def not_found(kind: str, ident: str) -> APIError:
-    return APIError(404, f"No {kind} found with id {ident!r}", None, "not_found")
+def not_found(kind: str, ident: str) -> ApiError:
+    return ApiError(404, f"No {kind} found with id {ident!r}", None, "not_found")
 
 
 def database_url(cfg: Config) -> str:
@@ -110,12 +100,12 @@ class RequestGate:
         auth = headers.get(b"authorization", b"").decode("latin-1")
         error = _auth_error(auth)
         if error is None and await anyio.to_thread.run_sync(self.store.owner_of, auth[7:].strip()) is None:
-            error = APIError(401, "Incorrect API key provided", None, "invalid_api_key")
+            error = ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
         if error is not None:
             return await JSONResponse(error.body, 401)(scope, receive, send)
         upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
         cap = self.limit + self.SLACK if upload else MAX_JSON_BYTES
-        refuse = too_large(self.limit) if upload else APIError(
+        refuse = too_large(self.limit) if upload else ApiError(
             413, f"request body too large: at most {MAX_JSON_BYTES // 1024} KiB", None, "request_too_large")
         length = headers.get(b"content-length")
         if length and (not length.isdigit() or int(length) > cap):
@@ -133,15 +123,15 @@ class RequestGate:
         await self.app(scope, limited, send)
 
 
-def _auth_error(auth: str) -> APIError | None:
+def _auth_error(auth: str) -> ApiError | None:
     if not auth.lower().startswith("bearer ") or not auth[7:].strip():
-        return APIError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>' "
+        return ApiError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>' "
                              "(tokens: `tuneops api token create NAME`)", None, "missing_api_key")
     return None
 
 
-def too_large(limit: int) -> APIError:
-    return APIError(413, f"file too large: this service accepts uploads of at most {limit / 2**20:g} MB "
+def too_large(limit: int) -> ApiError:
+    return ApiError(413, f"file too large: this service accepts uploads of at most {limit / 2**20:g} MB "
                          f"(service.max_upload_mb)", "file", "file_too_large")
 
 
@@ -169,17 +159,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
     app.state.store, app.state.cfg = store, cfg
     app.add_middleware(RequestGate, limit=limit, store=store)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, exc: HTTPException) -> JSONResponse:
-        body = getattr(exc, "body", None) or {"error": {"message": str(exc.detail), "type": "invalid_request_error",
-                                                        "param": None, "code": None}}
-        return JSONResponse(body, exc.status_code, headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(RequestValidationError)
-    async def _bad_request(_: Request, exc: RequestValidationError) -> JSONResponse:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"] if p not in ("body", "query", "path"))
-        return JSONResponse(APIError(400, f"{where}: {err['msg']}", where or None, "invalid_request").body, 400)
+    install_error_handlers(app)
 
     def owner(request: Request) -> str:
         auth = request.headers.get("authorization", "")
@@ -188,7 +168,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
             raise error
         name = store.owner_of(auth[7:].strip())
         if name is None:
-            raise APIError(401, "Incorrect API key provided", None, "invalid_api_key")
+            raise ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
         return name
 
     @app.get("/health")
@@ -200,7 +180,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
     @app.post("/v1/files")
     def upload(file: UploadFile = File(...), purpose: str = Form(...), who: str = Depends(owner)) -> dict[str, Any]:
         if purpose != "fine-tune":
-            raise APIError(400, f"purpose {purpose!r} is not supported; this service accepts 'fine-tune'", "purpose",
+            raise ApiError(400, f"purpose {purpose!r} is not supported; this service accepts 'fine-tune'", "purpose",
                            "invalid_purpose")
         fid = new_id("file")
         dest = J.file_path(cfg, fid)
@@ -258,7 +238,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         try:
             req = job_request(parse_json_object(await request.body()))
         except BadRequest as exc:
-            raise APIError(400, str(exc), exc.param, exc.code) from None
+            raise ApiError(400, str(exc), exc.param, exc.code) from None
         return job_obj(await anyio.to_thread.run_sync(_create_job, cfg, store, who, req))
 
     @app.get("/v1/fine_tuning/jobs")
@@ -292,7 +272,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
     def cancel_job(job_id: str, who: str = Depends(owner)) -> dict[str, Any]:
         job = own_job(job_id, who)
         if job["status"] in ("succeeded", "failed", "cancelled"):
-            raise APIError(400, f"fine-tuning job {job_id} has already {job['status']}; only queued or running "
+            raise ApiError(400, f"fine-tuning job {job_id} has already {job['status']}; only queued or running "
                                 f"jobs can be cancelled", None, "job_not_cancellable")
         return job_obj(J.cancel(cfg, store, job))
 
@@ -314,7 +294,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         for m in models_of(who):
             if m["id"] == model_id:
                 return m
-        raise APIError(404, f"The model {model_id!r} does not exist or you do not have access to it", "model",
+        raise ApiError(404, f"The model {model_id!r} does not exist or you do not have access to it", "model",
                        "model_not_found")
 
     from tuneops.service import inference       # chat with the caller's own fine-tuned models (issue 16)
@@ -334,7 +314,7 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str |
             result = validate_dataset({"train": path}, LazyTokenizer(lambda: resolve_tokenizer(cfg)),
                                       Settings.from_config(cfg, fmt="chat"))
         except Exception as exc:  # noqa: BLE001 - a hostile file is a 400, never a 500
-            raise APIError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: "
+            raise ApiError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: "
                                 f"{J.public_message(cfg, exc)}", "file", "invalid_file") from None
     if result.success:
         total = result.counts()["total"]
@@ -343,7 +323,7 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str |
     problems = [{"line": p.line, "field": p.field, "rule": p.rule, "message": p.message} for p in result.problems]
     shown = "\n".join(str(dataclasses.replace(p, path=filename)) for p in result.problems[:20])
     more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    raise APIError(400, f"{filename} failed validation ({len(problems)} problems; format chat, see data/README.md):\n"
+    raise ApiError(400, f"{filename} failed validation ({len(problems)} problems; format chat, see data/README.md):\n"
                         f"{shown}{more}", "file", "invalid_file", extra={"problems": problems[:200]})
 
 
@@ -352,10 +332,10 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
     working directory, record it and submit it. A refused request leaves nothing behind."""
     model = req.model
     if model not in cfg.service.allowed_models:
-        raise APIError(400, f"model {model!r} cannot be fine-tuned here; allowed base models: "
+        raise ApiError(400, f"model {model!r} cannot be fine-tuned here; allowed base models: "
                             f"{list(cfg.service.allowed_models)} (service.allowed_models)", "model", "model_not_available")
     if req.integrations:
-        raise APIError(400, "integrations are not supported (runs are tracked in this service's MLflow)",
+        raise ApiError(400, "integrations are not supported (runs are tracked in this service's MLflow)",
                        "integrations", "unsupported")
     files = {}
     for key in ("training_file", "validation_file"):
@@ -364,13 +344,13 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
             continue
         f = store.get_file(who, fid) if isinstance(fid, str) else None
         if f is None:
-            raise APIError(400, f"{key}: no file with id {fid!r}", key, "invalid_file")
+            raise ApiError(400, f"{key}: no file with id {fid!r}", key, "invalid_file")
         if f["purpose"] != "fine-tune":
-            raise APIError(400, f"{key}: file {fid} has purpose {f['purpose']!r}, expected 'fine-tune'", key,
+            raise ApiError(400, f"{key}: file {fid} has purpose {f['purpose']!r}, expected 'fine-tune'", key,
                            "invalid_file")
         files[key] = f
     if req.method is not None and req.method.type != "supervised":
-        raise APIError(400, f"method.type: only 'supervised' fine-tuning is offered (got {req.method.type!r})",
+        raise ApiError(400, f"method.type: only 'supervised' fine-tuning is offered (got {req.method.type!r})",
                        "method.type", "unsupported_method")
     hp = req.all_hyperparameters()
     suffix = req.suffix
@@ -381,7 +361,7 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
     min_rows = cfg.validate.min_rows
     if rows - held_out < min_rows or (held_out and held_out < min_rows):
         need = min_rows if held_out == 0 else max(min_rows + 1, -(-min_rows // cfg.ingest.eval_fraction))
-        raise APIError(400, f"training_file: {rows} records; with no validation_file, {held_out} of them "
+        raise ApiError(400, f"training_file: {rows} records; with no validation_file, {held_out} of them "
                             f"(ingest.eval_fraction {cfg.ingest.eval_fraction:g}) are held out for evaluation, and each "
                             f"split needs validate.min_rows={min_rows}: upload at least {int(need)} records or a "
                             f"validation_file" if held_out else
@@ -390,7 +370,7 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
     try:
         resolved, overrides, steps = J.resolve_hyperparameters(cfg, hp, rows - held_out)
     except J.JobError as exc:
-        raise APIError(400, str(exc), exc.param, "invalid_hyperparameters") from None
+        raise ApiError(400, str(exc), exc.param, "invalid_hyperparameters") from None
     jid = new_id("ftjob")
     name = "-".join(x for x in ("ft", model, who, suffix, jid[-8:]) if x)
     job = {"id": jid, "owner": who, "model": model, "training_file": files["training_file"]["id"],
@@ -400,7 +380,7 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
     try:
         J.prepare_workdir(cfg, job, files["training_file"], files.get("validation_file"), overrides)
     except Exception as exc:  # noqa: BLE001 - nothing recorded, nothing submitted, no folder left
-        raise APIError(400, f"the job's params do not validate: {J.public_message(cfg, exc)}", None,
+        raise ApiError(400, f"the job's params do not validate: {J.public_message(cfg, exc)}", None,
                        "invalid_request") from None
     try:
         store.add_job(**job)
