@@ -72,6 +72,7 @@ def registered_fp32(name: str, version: str, dest: Path) -> tuple[Path, Path]:
     """(fp32 model.onnx, tokenizer folder) of a registered version, downloaded into ``dest``."""
     import mlflow.pyfunc
 
+    Path(dest).mkdir(parents=True, exist_ok=True)    # MLflow downloads only into an existing folder
     arts = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=str(dest)).unwrap_python_model().artifacts
     onnx = Path(arts.get("onnx_fp32", "")) / "model.onnx"
     tok = Path(arts.get("tokenizer", ""))
