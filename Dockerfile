@@ -30,6 +30,6 @@ COPY data /app/data
 # no git in the image: DVC runs without SCM (the remote comes from .dvc/config or TUNEOPS_DVC_REMOTE)
 RUN dvc config --local core.no_scm true
 
-EXPOSE 8000 4200
+EXPOSE 8080 8000 4200
 ENTRYPOINT ["/app/docker/entrypoint.sh"]
 CMD ["tuneops", "--help"]

@@ -10,7 +10,7 @@ KV cache + ORT transformer fusions), ORT INT8 and ORT INT4 (the optimize stage's
 with params.yaml's settings: weight-only MatMulNBits, int8 embedding rows), and onnxruntime-genai INT4 (Microsoft's
 model builder from the same local folder) when ``--genai``.
 
-    python bench/bench_onnx.py --model /work/main/models/base --data artifacts/data/eval.jsonl
+    python bench/bench_onnx.py --model models/base --data artifacts/data/eval.jsonl
 
 Writes ``bench/results/onnx-cpu.md`` (+ ``.json``).
 """

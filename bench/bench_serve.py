@@ -1,6 +1,6 @@
 """Load benchmark of `tuneops serve` (and, for comparison, `mlflow models serve`).
 
-    flock /work/heavy.lock python bench/bench_serve.py [MODEL] [--mlflow-model models:/NAME@champion]
+    python bench/bench_serve.py [MODEL] [--mlflow-model models:/NAME@champion]
         [--concurrency 1 4 16] [--requests 32] [--max-tokens 32] [--out bench/results/serve-cpu]
 
 MODEL: what `tuneops serve` takes (default: models:/<register.model_name>@champion). For each
