@@ -25,7 +25,7 @@ export TORCH_EXTENSIONS_DIR := $(STATE)/torch-extensions
 
 # torch first, from the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
 # deepspeed is source-only and must build against that torch (no build isolation).
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip 'setuptools>=77,<81' wheel
 	$(BIN)/pip install --quiet torch==2.13.0
