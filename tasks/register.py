@@ -19,7 +19,8 @@ model card (its description in the registry) and the HTML run report (tuneops/re
 both saved in ``paths.register_dir`` and logged to the run.
 
 Classification / NER heads (``task_head`` in the eval metrics): the gate compares evaluate's
-``primary_metric`` (accuracy / entity F1, higher is better) against base and champion; no
+``primary_metric`` (accuracy / entity F1, higher is better) against base and champion (the
+champion re-scored now on the current eval split with its own tokenizer: ``gate.rescore_head``); no
 ONNX variant exists yet (optimize records why), so the PyTorch model (adapter merged, with its
 tokenizer and label maps) is registered as a pyfunc (``tuneops.serving.HeadModel``).
 """
@@ -33,7 +34,7 @@ from tuneops import faults, registry, report, tracking
 from tuneops.config import Config
 from tuneops import remote as data_remote
 from tuneops.errors import TuneopsError
-from tuneops.gate import decide, rescore
+from tuneops.gate import decide, rescore, rescore_head
 from tuneops.io import md5_file, read_json, write_json
 from tuneops.lineage import base_model_identity, dvc_lock_md5s, git_commit
 from tuneops.secrets import redact, redact_text
@@ -92,7 +93,7 @@ def _add_dvc_lock_tags(cfg: Config, tags: dict[str, str]) -> None:
     url = data_remote.default_remote(cfg.root)
     if url:
         data_remote.push(url, [cfg.path("train_data"), cfg.path("eval_data")])
-        tags["data.remote"] = url
+        tags["data.remote"] = redact_text(url)      # an s3/http remote URL may carry a password
 
 
 def _write_record(cfg: Config, name: str, version: Any, alias: str, reason: str, previous: Any,
@@ -328,21 +329,21 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
         )
     current = _current_champion(client, name)
     champion_value = None
-    eval_md5 = str(em.get("eval_data_md5", ""))
     if current is not None:
-        if current.tags.get("eval.data.md5") != eval_md5 or \
-                current.tags.get("base_model.hash") != tags.get("base_model.hash"):
-            alias = "challenger"
-            reason = (f"the champion (version {current.version}) was evaluated on another eval split or base "
-                      f"model, and head models are not re-scored yet: not comparable, so not promoted "
-                      f"(`tuneops models promote` after checking)")
-        elif current.tags.get("eval.primary_metric", "perplexity") != metric:
+        if current.tags.get("eval.primary_metric", "perplexity") != metric:
             alias = "challenger"
             reason = (f"the champion (version {current.version}) is measured by "
                       f"{current.tags.get('eval.primary_metric', 'perplexity')}, not {metric}: not comparable "
                       "(register other tasks under another register.model_name)")
-        else:
-            champion_value = float(current.tags[f"eval.finetuned_{metric}"])
+        else:     # like for like: the champion re-scored now on this eval split (its own tokenizer)
+            gate_tags = rescore_head(cfg, name, current, metric, em[f"finetuned_{metric}"], em["labels"])
+            tags.update(gate_tags)
+            if "gate.champion.error" in gate_tags:
+                alias = "challenger"
+                reason = (f"the champion (version {current.version}) cannot be scored on this eval split "
+                          f"({gate_tags['gate.champion.error']}): not comparable, so not promoted")
+            else:
+                champion_value = float(gate_tags[f"gate.champion.{metric}"])
     if current is None or champion_value is not None:
         alias, reason = decide(em[f"finetuned_{metric}"], em[f"base_{metric}"], True, champion_value,
                                cfg.register.min_improvement_pct, metric=metric, higher_is_better=higher)

@@ -184,6 +184,48 @@ def test_sentiment_registers_a_pytorch_model_that_predicts_labels(sentiment):
     assert len(preds) == 3 and set(preds) <= {"negative", "neutral", "positive"}
 
 
+def test_a_head_champion_is_rescored_on_the_current_eval_split(sentiment):
+    """The gate re-scores the champion head now, with its own tokenizer, by evaluate's scorer:
+    the champion here is the model evaluate just scored, so the numbers agree exactly."""
+    import mlflow
+
+    from tuneops.gate import rescore_head
+    from tuneops.io import md5_file
+
+    cfg, out = sentiment
+    e = out["evaluate"]
+    champion = mlflow.MlflowClient().get_model_version_by_alias(cfg.register.model_name, "champion")
+    tags = rescore_head(cfg, cfg.register.model_name, champion, "accuracy", e["finetuned_accuracy"], e["labels"])
+    assert "gate.champion.error" not in tags, tags
+    assert abs(float(tags["gate.champion.accuracy"]) - e["finetuned_accuracy"]) < 1e-6, (tags, e)
+    assert tags["gate.eval_data.md5"] == md5_file(cfg.path("clean_eval_data")) and tags["gate.samples"] == "48"
+    other = rescore_head(cfg, cfg.register.model_name, champion, "accuracy", 0.5, ["yes", "no"])
+    assert "predicts labels" in other["gate.champion.error"] and "gate.champion.accuracy" not in other
+
+
+def test_after_a_data_change_the_head_gate_compares_numbers_from_the_same_split(sentiment):
+    """Another eval split (and a new model): register re-scores the champion on it; both numbers
+    are on the new version, with the split's md5."""
+    import mlflow
+
+    from tuneops.io import md5_file
+
+    cfg, _ = sentiment
+    client = mlflow.MlflowClient()
+    old = client.get_model_version_by_alias(cfg.register.model_name, "champion")
+    cfg2 = _cfg(cfg.root, "ingest.eval_fraction=0.3", "train.max_steps=12")
+    out = _run(cfg2, "ingest", "validate", "select", "train", "evaluate", "optimize", "register")
+    new = client.get_model_version(cfg2.register.model_name, out["register"]["version"])
+    t = new.tags
+    assert new.version != old.version
+    assert t["gate.eval_data.md5"] == md5_file(cfg2.path("clean_eval_data")) != old.tags["eval.data.md5"]
+    assert t["gate.champion.version"] == str(old.version) and float(t["gate.champion.accuracy"]) >= 0
+    assert float(t["gate.challenger.accuracy"]) == pytest.approx(out["evaluate"]["finetuned_accuracy"], abs=1e-6)
+    champion_better = float(t["gate.champion.accuracy"]) >= float(t["gate.challenger.accuracy"])
+    assert (out["register"]["alias"] == "challenger") == champion_better or \
+        float(out["evaluate"]["finetuned_accuracy"]) <= float(out["evaluate"]["base_accuracy"]), (t, out["register"])
+
+
 # -- MiniLM NER on a small synthetic BIO dataset -------------------------------------------------------
 
 PEOPLE = ["Anna Kowalska", "Brian", "Chen Wei", "Daniela Rossi", "Emeka", "Fatima Zahra", "Gustav", "Hiro Tanaka"]

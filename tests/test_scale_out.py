@@ -36,12 +36,16 @@ def test_multi_node_plan_writes_launch_params_and_names_the_node_command():
     from tuneops.training.launch import launch
 
     root = make_project("multinode-params")
-    cfg = load_config(root / "params.yaml", ["train.max_steps=3"])
+    secret = "hunter2-launch-secret"
+    cfg = load_config(root / "params.yaml", ["train.max_steps=3",
+                                             f"service.database_url=postgresql+psycopg://u:{secret}@db/jobs"])
     with pytest.raises(TuneopsError) as exc:
         launch(cfg, _plan(), root / "out")
     params = cfg.path("checkpoint_dir") / "launch-params.json"
     assert params.is_file()
     assert load_config(params, root=root).train.max_steps == 3        # the resolved params, overrides applied
+    assert secret not in params.read_text()                           # the ranks never see the jobs-API password
+    assert params.stat().st_mode & 0o077 == 0
     msg = str(exc.value)
     assert "\n" not in msg and str(params) in msg
     for part in ("torchrun", "--nnodes 2", "--nproc-per-node 1", "--rdzv-backend c10d", "--rdzv-endpoint",

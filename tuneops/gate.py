@@ -10,6 +10,10 @@ model, passes the ONNX fp32 gate and is not worse than the current champion; oth
   another base model or tokenizer is scored with its own), by the same ONNX Runtime
   scorer. A champion's old tag value, measured on an older split, is never compared.
 
+Classification / NER heads: the champion's registered PyTorch head is re-scored the same way
+(``rescore_head``) by the scorer evaluate uses, on the current eval split, with its own
+tokenizer; a champion with another label set is not comparable.
+
 The numbers and how they were measured are tags on the version (``gate.*``) and a section
 of its model card.
 """
@@ -20,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 SCORER = "ONNX Runtime fp32, each model with its own tokenizer, on the current eval split"
+HEAD_SCORER = "PyTorch, each head model with its own tokenizer and label set, on the current eval split"
 
 
 def decide(ft_ppl: float, base_ppl: float, onnx_ok: bool, champion_ppl: float | None,
@@ -109,3 +114,43 @@ def rescore(cfg: Any, name: str, champion: Any, challenger_onnx: Path,
     tags["gate.champion.tokens"] = str(champ["tokens"])
     return tags
 
+
+
+def rescore_head(cfg: Any, name: str, champion: Any, metric: str, challenger_value: float,
+                 labels: list[str]) -> dict[str, Any]:
+    """A classification / NER champion scored now on the current eval split, by the scorer
+    evaluate uses for heads (``heads.score``), with the champion's own tokenizer and label set:
+    the challenger's number (evaluate's, on the same rows) is comparable with it. Returns the
+    ``gate.*`` tags; ``gate.champion.error`` when the champion cannot be scored on these rows
+    (another label set, no head model among its artifacts)."""
+    import tempfile
+
+    import mlflow.pyfunc
+
+    from tuneops.io import md5_file
+    from tuneops.training import heads
+
+    tags: dict[str, Any] = {"gate.scorer": HEAD_SCORER, "gate.eval_data.md5": md5_file(cfg.path("clean_eval_data")),
+                            "gate.samples": str(len(eval_rows(cfg))), "gate.metric": metric,
+                            f"gate.challenger.{metric}": f"{challenger_value:.6f}",
+                            "gate.champion.version": str(champion.version),
+                            "gate.champion.base_model.hash": str(champion.tags.get("base_model.hash", ""))}
+    with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=f"gate-{os.getpid()}-") as tmp:
+        Path(tmp).mkdir(parents=True, exist_ok=True)
+        model = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}", dst_path=tmp).unwrap_python_model()
+        if not hasattr(model, "model") or not hasattr(model, "labels"):
+            tags["gate.champion.error"] = f"{name} v{champion.version} is not a head model"
+            return tags
+        if list(model.labels) != list(labels):
+            tags["gate.champion.error"] = (f"{name} v{champion.version} predicts labels {list(model.labels)}, "
+                                           f"this model {list(labels)}")
+            return tags
+        plan = {"task_head": model.head, "labels": list(model.labels), "method": champion.tags.get("method")}
+        try:
+            features = heads.encode(eval_rows(cfg), model.tokenizer, model.max_len, plan)
+        except ValueError as exc:
+            tags["gate.champion.error"] = str(exc)[:500]
+            return tags
+        scores, _ = heads.score(model.model, features, plan, cfg.evaluate.batch_size, model.tokenizer.pad_token_id)
+    tags[f"gate.champion.{metric}"] = f"{scores[metric]:.6f}"
+    return tags

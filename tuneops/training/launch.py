@@ -44,12 +44,21 @@ def command(plan: dict[str, Any], params_file: Path, root: Path, train_dir: Path
 
 def write_params(cfg: Config) -> Path:
     """The resolved params (overrides applied) that every rank loads: ``launch-params.json``
-    in ``paths.checkpoint_dir`` (on the shared filesystem for a multi-node run)."""
+    in ``paths.checkpoint_dir`` (on the shared filesystem for a multi-node run). Secrets the
+    ranks do not need (the Prefect and jobs-API database URLs, tokens, passwords) are masked;
+    ``tracking`` is kept whole, since rank 0 logs to that MLflow store. Owner-only (0600)."""
+    from tuneops.secrets import redact
+
     launch_dir = cfg.path("checkpoint_dir")
     launch_dir.mkdir(parents=True, exist_ok=True)
     params_file = launch_dir / "launch-params.json"
     tmp = params_file.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(cfg.raw, default=str))
+    raw = redact(cfg.raw)
+    if "tracking" in cfg.raw:
+        raw["tracking"] = cfg.raw["tracking"]
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(raw, default=str))
     os.replace(tmp, params_file)
     return params_file
 
