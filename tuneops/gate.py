@@ -86,23 +86,32 @@ def registered_fp32(name: str, version: str, dest: Path) -> tuple[Path, Path]:
     return onnx, tok
 
 
+def _split_tags(cfg: Any, scorer: str, samples: int) -> dict[str, Any]:
+    """How and on which rows both models were scored: the scorer, the eval split's md5, the row count."""
+    from tuneops.io import md5_file
+
+    return {"gate.scorer": scorer, "gate.eval_data.md5": md5_file(cfg.path("clean_eval_data")),
+            "gate.samples": str(samples)}
+
+
+def _champion_tags(champion: Any) -> dict[str, str]:
+    return {"gate.champion.version": str(champion.version),
+            "gate.champion.base_model.hash": str(champion.tags.get("base_model.hash", ""))}
+
+
 def rescore(cfg: Any, name: str, champion: Any, challenger_onnx: Path,
             challenger_tok: Path) -> dict[str, Any]:
     """Champion and challenger scored now, the same way, on the same rows. Returns the
     ``gate.*`` tags; ``champion`` is None when there is none."""
     import tempfile
 
-    from tuneops.io import md5_file
-
-    tags: dict[str, Any] = {"gate.scorer": SCORER, "gate.eval_data.md5": md5_file(cfg.path("clean_eval_data")),
-                            "gate.samples": str(len(eval_rows(cfg)))}
+    tags = _split_tags(cfg, SCORER, len(eval_rows(cfg)))
     chal = score_onnx(cfg, challenger_onnx, challenger_tok)
     tags["gate.challenger.perplexity"] = f"{chal['perplexity']:.6f}"
     tags["gate.challenger.tokens"] = str(chal["tokens"])
     if champion is None:
         return tags
-    tags["gate.champion.version"] = str(champion.version)
-    tags["gate.champion.base_model.hash"] = str(champion.tags.get("base_model.hash", ""))
+    tags.update(_champion_tags(champion))
     with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=f"gate-{os.getpid()}-") as tmp:
         try:
             onnx, tok = registered_fp32(name, champion.version, Path(tmp))
@@ -113,7 +122,6 @@ def rescore(cfg: Any, name: str, champion: Any, challenger_onnx: Path,
     tags["gate.champion.perplexity"] = f"{champ['perplexity']:.6f}"
     tags["gate.champion.tokens"] = str(champ["tokens"])
     return tags
-
 
 
 def rescore_head(cfg: Any, name: str, champion: Any, metric: str, challenger_value: float,
@@ -127,16 +135,12 @@ def rescore_head(cfg: Any, name: str, champion: Any, metric: str, challenger_val
 
     import mlflow.pyfunc
 
-    from tuneops.io import md5_file
     from tuneops.training import heads
 
-    tags: dict[str, Any] = {"gate.scorer": HEAD_SCORER, "gate.eval_data.md5": md5_file(cfg.path("clean_eval_data")),
-                            "gate.samples": str(len(eval_rows(cfg))), "gate.metric": metric,
-                            f"gate.challenger.{metric}": f"{challenger_value:.6f}",
-                            "gate.champion.version": str(champion.version),
-                            "gate.champion.base_model.hash": str(champion.tags.get("base_model.hash", ""))}
+    rows = eval_rows(cfg)
+    tags: dict[str, Any] = {**_split_tags(cfg, HEAD_SCORER, len(rows)), "gate.metric": metric,
+                            f"gate.challenger.{metric}": f"{challenger_value:.6f}", **_champion_tags(champion)}
     with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix=f"gate-{os.getpid()}-") as tmp:
-        Path(tmp).mkdir(parents=True, exist_ok=True)
         model = mlflow.pyfunc.load_model(f"models:/{name}/{champion.version}", dst_path=tmp).unwrap_python_model()
         if not hasattr(model, "model") or not hasattr(model, "labels"):
             tags["gate.champion.error"] = f"{name} v{champion.version} is not a head model"
@@ -147,7 +151,7 @@ def rescore_head(cfg: Any, name: str, champion: Any, metric: str, challenger_val
             return tags
         plan = {"task_head": model.head, "labels": list(model.labels), "method": champion.tags.get("method")}
         try:
-            features = heads.encode(eval_rows(cfg), model.tokenizer, model.max_len, plan)
+            features = heads.encode(rows, model.tokenizer, model.max_len, plan)
         except ValueError as exc:
             tags["gate.champion.error"] = str(exc)[:500]
             return tags

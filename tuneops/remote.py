@@ -17,6 +17,7 @@ from typing import Any
 
 from .errors import InvalidInput
 from .io import md5_file
+from .secrets import MASK
 
 
 def default_remote(root: Path) -> str | None:
@@ -83,7 +84,7 @@ def checkout(cfg: Any, ref: str) -> dict[str, Any]:
     version = registry.show(cfg, ref)
     tags = version["tags"]
     url = tags.get("data.remote") or default_remote(cfg.root)
-    if "***" in str(url):     # register masks a password in the URL: use this project's remote (with its credentials)
+    if MASK in str(url):     # register masks a password in the URL: use this project's remote (with its credentials)
         url = default_remote(cfg.root)
     if not url:
         raise InvalidInput(f"{ref}: the version records no data remote and this project has none "
