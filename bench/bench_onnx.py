@@ -1,18 +1,20 @@
-"""ONNX Runtime vs PyTorch on CPU, one run, side by side (issue 6).
+"""ONNX Runtime vs PyTorch on CPU on the pipeline's fine-tuned model, one run, side by side.
 
-Same prompt set for every engine; medians over prompts of first-token latency (prefill
-+ first token) and decode tokens/s (the next ``--new-tokens`` tokens, greedy, KV cache,
-stop tokens ignored so every engine decodes the same count); file sizes; perplexity on
-held-out chat rows (assistant tokens) and its change vs PyTorch fp32.
+Reads a finished optimize stage (``paths.optimize_dir`` of ``--params``, plus ``--set`` overrides):
+PyTorch fp32 is the merged fine-tuned model (base + the train stage's adapter); every dynamic-shape
+variant the stage built (accepted or not) is an ORT engine, from the stage's files; with
+``--genai`` onnxruntime-genai's model builder builds INT4 and INT8 from the same merged model
+(fused ``GroupQueryAttention`` + rotary). Same prompts (the first user turn of held-out rows,
+through the model's own chat template) and the same perplexity rows as the stage's gate
+(``optimize.ppl_samples``) for every engine; medians over prompts of first-token latency and
+decode tokens/s (``--new-tokens`` greedy tokens with the KV cache, stop tokens ignored); engines
+interleaved per prompt so load changes hit all alike. The stage's per-layer sensitivity report
+(calibrated ``int4``) is copied into the results.
 
-Engines: PyTorch fp32 (HF model, DynamicCache loop), ORT fp32 (our torch.onnx export with
-KV cache + ORT transformer fusions), ORT INT8 and ORT INT4 (the optimize stage's recipes
-with params.yaml's settings: weight-only MatMulNBits, int8 embedding rows), and onnxruntime-genai INT4 (Microsoft's
-model builder from the same local folder) when ``--genai``.
+    python bench/bench_onnx.py --genai                                    # the default project
+    python bench/bench_onnx.py --set model.source=gemma3-270m --genai    # after such a run
 
-    python bench/bench_onnx.py --model models/base --data artifacts/data/eval.jsonl
-
-Writes ``bench/results/onnx-cpu.md`` (+ ``.json``).
+Writes ``bench/results/onnx-cpu.md`` (+ ``.json``; ``--out`` to choose).
 """
 from __future__ import annotations
 
@@ -31,16 +33,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
-def prompts_and_ppl_set(data: Path, tokenizer, n_prompts: int, n_ppl: int, max_len: int):
-    from tuneops.chat import render
-    from tuneops.io import read_jsonl
+def prompts_and_ppl_set(rows, tokenizer, n_prompts: int, n_ppl: int, max_len: int):
+    from tuneops.chat import prompt_ids
     from tuneops.lm import encode
 
-    rows = read_jsonl(data)
-    prompts = []
-    for r in rows[:n_prompts]:
-        text = render(r["messages"][:1], add_generation_prompt=True, bos="")
-        prompts.append([tokenizer.bos_token_id] + tokenizer(text, add_special_tokens=False)["input_ids"])
+    prompts = [prompt_ids(tokenizer, r["messages"][:1]) for r in rows[:n_prompts]]
     return prompts, encode(rows[:n_ppl], tokenizer, max_len)
 
 
@@ -123,79 +120,76 @@ def genai_perplexity(model, features) -> float:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default=str(ROOT / "models" / "base"), help="HF causal-LM folder (fp32)")
-    ap.add_argument("--data", default=str(ROOT / "artifacts" / "data" / "eval.jsonl"), help="chat JSONL")
-    ap.add_argument("--work", default=str(ROOT / ".tuneops" / "bench-onnx"), help="exports go here")
+    ap.add_argument("--params", default=str(ROOT / "params.yaml"))
+    ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE (as tuneops --set)")
+    ap.add_argument("--work", default=str(ROOT / ".tuneops" / "bench-onnx"), help="merged model, genai builds")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--ppl-samples", type=int, default=16)
-    ap.add_argument("--max-len", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--genai", action="store_true", help="also onnxruntime-genai INT4 (model builder)")
-    ap.add_argument("--reuse", action="store_true", help="reuse exports already in --work (else rebuild them)")
+    ap.add_argument("--genai", action="store_true", help="also onnxruntime-genai INT4 and INT8 (model builder)")
+    ap.add_argument("--reuse", action="store_true", help="reuse the merged model / genai builds in --work")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx-cpu.md"))
     args = ap.parse_args()
 
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tasks.optimize import export_causal_lm, optimize_graph, quantize_nbits
-    from tuneops.io import dir_size
+    from tuneops import finetuned
+    from tuneops.config import load_config
+    from tuneops.io import dir_size, read_json, read_jsonl
     from tuneops.lm import perplexity, torch_forward
+    from tuneops.models import load_tokenizer
     from tuneops.onnx_lm import OnnxCausalLM
 
+    cfg = load_config(args.params, args.overrides)
+    o = cfg.optimize
     torch.set_num_threads(args.threads)
     work = Path(args.work)
-    tok = AutoTokenizer.from_pretrained(args.model)
-    prompts, ppl_set = prompts_and_ppl_set(Path(args.data), tok, args.prompts, args.ppl_samples, args.max_len)
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32).eval()
+    base, stage = cfg.path("base_model_dir"), cfg.path("optimize_dir")
+    metrics = read_json(stage / "metrics.json")
+    tok = load_tokenizer(base)
+    rows = read_jsonl(cfg.path("clean_eval_data"))
+    prompts, ppl_set = prompts_and_ppl_set(rows, tok, args.prompts, o.ppl_samples, cfg.model.max_seq_len)
+    model = finetuned.load(base, cfg.path("train_dir"), merge=True).eval()
 
-    build: dict[str, float] = {}
-    paths = {"ORT fp32": work / "fp32" / "model.onnx", "ORT INT8": work / "int8" / "model.onnx",
-             "ORT INT4": work / "int4" / "model.onnx"}
-    if not (args.reuse and paths["ORT fp32"].is_file()):
-        t = time.perf_counter()
-        raw = export_causal_lm(model, work / "export" / "model.onnx", 20)
-        build["export_s"] = time.perf_counter() - t
-        t = time.perf_counter()
-        fused = optimize_graph(raw, paths["ORT fp32"], model)
-        build["graph_optimization_s"] = time.perf_counter() - t
-        print("fused", fused["fused_ops"], flush=True)
-    # the stage's recipes with the params.yaml defaults (optimize.block_size, nbits_accuracy_level)
-    from tuneops.config import load_config
-
-    o = load_config(ROOT / "params.yaml").optimize
-    for name, bits in (("ORT INT8", 8), ("ORT INT4", 4)):
-        if not (args.reuse and paths[name].is_file()):
-            t = time.perf_counter()
-            quantize_nbits(paths["ORT fp32"], paths[name], bits, o.block_size, o.nbits_accuracy_level)
-            build[f"{name.split()[-1].lower()}_s"] = time.perf_counter() - t
-    genai_dir = work / "genai-int4"
-    if args.genai and not (args.reuse and (genai_dir / "genai_config.json").is_file()):
-        from tuneops.genai import build as genai_build
-
-        t = time.perf_counter()
-        genai_build(Path(args.model), genai_dir, "int4", work / "genai-cache")
-        build["genai_int4_s"] = time.perf_counter() - t
-
+    build: dict[str, float] = {k: v for k, v in metrics.get("timings", {}).items()}
     engines = {"PyTorch fp32": torch_engine(model)}
-    sizes = {"PyTorch fp32": sum(p.stat().st_size for p in Path(args.model).glob("*.safetensors"))}
-    ppls = {"PyTorch fp32": perplexity(torch_forward(model), ppl_set, 2, tok.pad_token_id)["perplexity"]}
-    for name, path in paths.items():
-        lm = OnnxCausalLM(path, threads=args.threads)
-        engines[name] = ort_engine(lm)
-        sizes[name] = dir_size(path.parent)
-        ppls[name] = perplexity(lm, ppl_set, 2, tok.pad_token_id)["perplexity"]
-        print(name, "ppl", ppls[name], flush=True)
+    sizes = {"PyTorch fp32": sum(p.numel() * p.element_size() for p in model.state_dict().values())}
+    ppls = {"PyTorch fp32": perplexity(torch_forward(model), ppl_set, o.batch_size, tok.pad_token_id)["perplexity"]}
+    gates = {}
+    for name, v in metrics["variants"].items():
+        if v.get("fixed_shape"):
+            continue
+        label = f"ORT {name}"
+        lm = OnnxCausalLM(stage / v["path"], threads=args.threads)
+        engines[label] = ort_engine(lm)
+        sizes[label] = dir_size((stage / v["path"]).parent)
+        ppls[label] = perplexity(lm, ppl_set, o.batch_size, tok.pad_token_id)["perplexity"]
+        gates[label] = "accepted" if v["accepted"] else "rejected"
+        print(label, "ppl", ppls[label], flush=True)
     if args.genai:
         import onnxruntime_genai as og
 
-        cfg = og.Config(str(genai_dir))
-        cfg.clear_providers()
-        gm = og.Model(cfg)
-        engines["ORT-GenAI INT4"] = genai_engine(gm)
-        sizes["ORT-GenAI INT4"] = sum(p.stat().st_size for p in genai_dir.glob("model.onnx*"))
-        ppls["ORT-GenAI INT4"] = genai_perplexity(gm, ppl_set)
+        from tuneops.genai import build as genai_build
+
+        merged = work / "merged"
+        if not (args.reuse and (merged / "config.json").is_file()):
+            model.save_pretrained(str(merged))
+            tok.save_pretrained(str(merged))
+        for precision in ("int4", "int8"):
+            out = work / f"genai-{precision}"
+            if not (args.reuse and (out / "genai_config.json").is_file()):
+                t = time.perf_counter()
+                genai_build(merged, out, precision, work / "genai-cache")
+                build[f"genai_{precision}_s"] = time.perf_counter() - t
+            gcfg = og.Config(str(out))
+            gcfg.clear_providers()
+            gm = og.Model(gcfg)
+            label = f"ORT-GenAI {precision.upper()}"
+            engines[label] = genai_engine(gm)
+            sizes[label] = sum(p.stat().st_size for p in out.glob("model.onnx*"))
+            ppls[label] = genai_perplexity(gm, ppl_set)
+            gates[label] = "not gated (bench only)"
+            print(label, "ppl", ppls[label], flush=True)
 
     # warm-up, then engines interleaved per prompt so load changes hit all of them alike
     for first, nxt in engines.values():
@@ -206,37 +200,52 @@ def main() -> int:
             ttft, tps = time_decode(first, nxt, prompt, args.new_tokens)
             results[name]["ttft"].append(ttft)
             results[name]["tps"].append(tps)
-    base = "PyTorch fp32"
+    ref = "PyTorch fp32"
     med = {n: {"ttft_ms": 1000 * statistics.median(r["ttft"]), "tok_s": statistics.median(r["tps"])}
            for n, r in results.items()}
-    rows = []
+    rows_out = []
     for n in engines:
-        rows.append({"engine": n, "decode_tok_s": med[n]["tok_s"], "speedup": med[n]["tok_s"] / med[base]["tok_s"],
-                     "first_token_ms": med[n]["ttft_ms"], "size_mb": sizes[n] / 2**20,
-                     "size_ratio": sizes[n] / sizes[base], "perplexity": ppls[n],
-                     "ppl_change_pct": 100 * (ppls[n] / ppls[base] - 1)})
-    goal = [r["engine"] for r in rows if r["engine"] != base and r["speedup"] >= 2.5
-            and r["ppl_change_pct"] <= 3 and r["size_ratio"] <= 0.3]
+        rows_out.append({"engine": n, "decode_tok_s": med[n]["tok_s"], "speedup": med[n]["tok_s"] / med[ref]["tok_s"],
+                         "first_token_ms": med[n]["ttft_ms"], "size_mb": sizes[n] / 2**20,
+                         "size_ratio": sizes[n] / sizes[ref], "perplexity": ppls[n],
+                         "ppl_change_pct": 100 * (ppls[n] / ppls[ref] - 1), "gate": gates.get(n, "")})
+    goal = [r["engine"] for r in rows_out if r["engine"] != ref and r["speedup"] >= 8
+            and r["ppl_change_pct"] <= 3 and r["size_ratio"] <= 0.2]
     env = {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "threads": args.threads,
-           "model": args.model, "prompts": len(prompts), "new_tokens": args.new_tokens,
+           "model": cfg.model.source, "prompts": len(prompts), "new_tokens": args.new_tokens,
            "ppl_samples": len(ppl_set), "median_prompt_tokens": statistics.median(len(p) for p in prompts)}
     lines = ["# ONNX Runtime vs PyTorch on CPU (bench/bench_onnx.py)", "",
-             f"Model `{args.model}`; {env['prompts']} prompts (median {env['median_prompt_tokens']} tokens), "
-             f"{args.new_tokens} greedy tokens each, {args.threads} threads on {env['cores']} shared cores; "
-             f"perplexity on {env['ppl_samples']} held-out chat rows. One run, medians over prompts.", "",
-             "| engine | decode tok/s | × PyTorch | first token ms | size MB | size × | perplexity | ppl change |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in rows:
+             f"Fine-tuned `{cfg.model.source}` (merged adapter); {env['prompts']} prompts (median "
+             f"{env['median_prompt_tokens']} tokens), {args.new_tokens} greedy tokens each, {args.threads} threads "
+             f"on {env['cores']} cores; perplexity on the gate's {env['ppl_samples']} held-out chat rows. One run, "
+             "engines interleaved per prompt, medians over prompts.", "",
+             "| engine | decode tok/s | × PyTorch | first token ms | size MB | size × | perplexity | ppl change | gate |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in rows_out:
         lines.append(f"| {r['engine']} | {r['decode_tok_s']:.1f} | {r['speedup']:.2f} | {r['first_token_ms']:.0f} | "
-                     f"{r['size_mb']:.0f} | {r['size_ratio']:.2f} | {r['perplexity']:.3f} | {r['ppl_change_pct']:+.2f}% |")
-    lines += ["", f"Goal (≥ 2.5× PyTorch decode tok/s, perplexity +≤3%, size ≤ 0.3×): "
-              f"{', '.join(goal) if goal else 'not met by any variant'}.", "",
+                     f"{r['size_mb']:.0f} | {r['size_ratio']:.2f} | {r['perplexity']:.3f} | "
+                     f"{r['ppl_change_pct']:+.2f}% | {r['gate']} |")
+    lines += ["", f"Goal (≥ 8× PyTorch fp32 decode tok/s, perplexity ≤ +3%, size ≤ 0.2×): "
+              f"{', '.join(goal) if goal else 'not met by any engine'}.", "",
               f"Build times (s): {json.dumps({k: round(v, 1) for k, v in build.items()})}", ""]
+    int4 = metrics["variants"].get("int4", {})
+    if int4.get("sensitivity"):
+        lines += ["## Per-layer sensitivity (calibrated int4, optimize stage)", "",
+                  f"Each unit alone in 4-bit (GPTQ), the rest fp32, PyTorch perplexity change on the gate's rows. "
+                  f"Kept in 8-bit: {', '.join(int4.get('units_8bit') or []) or 'none'}. PyTorch perplexity: "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in int4.get("calibration_perplexity", {}).items()) + ".", "",
+                  "| unit | params | ppl change alone in 4-bit | bits |", "|---|---:|---:|---:|"]
+        for unit, r in int4["sensitivity"].items():
+            change = r["ppl_change_pct_alone_4bit"]
+            lines.append(f"| {unit} | {r['params']:,} | {'n/a' if change is None else f'{change:+.2f}%'} | {r['bits']} |")
+        lines.append("")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows, "build": build,
-                                                    "raw": results}, indent=2))
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows_out, "build": build, "raw": results,
+                                                    "int4": {k: int4.get(k) for k in ("sensitivity", "units_8bit",
+                                                                                         "calibration_perplexity")}},
+                                                   indent=2))
     print("\n".join(lines))
     return 0
 

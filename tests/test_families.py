@@ -208,7 +208,8 @@ def test_qlora_trains_after_an_eval_pass(family, tokenizers, tmp_path):
 def test_onnx_export_passes_the_parity_gate(family, tokenizers, tmp_path):
     """KV-cache export of the family (fused Phi-3 projections, Mistral / Gemma sliding windows
     shorter than the checked sequences): logits match PyTorch, cache decoding matches full sequence."""
-    from tasks.optimize import export_causal_lm, incremental_diff, max_logits_diff
+    from tuneops.export.exporter import export_causal_lm
+    from tuneops.export.gate import incremental_diff, max_logits_diff
     from tuneops import families
     from tuneops.chat import tokenize
     from tuneops.lm import torch_forward

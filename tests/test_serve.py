@@ -225,7 +225,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
     import torch
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    from tasks.optimize import export_classifier
+    from tuneops.export.exporter import export_classifier
     from tuneops.models import load_tokenizer
     from tuneops.serve_app import create_app
 

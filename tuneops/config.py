@@ -202,9 +202,20 @@ class EvaluateParams(_Section):
     max_new_tokens: int = Field(gt=0)
 
 
+class Int4Params(_Section):
+    """The calibrated 4-bit variant (tuneops/export/calibrated.py)."""
+    percdamp: float = Field(gt=0, lt=1)            # GPTQ: Hessian dampening, share of its mean diagonal
+    sensitivity: bool                              # per-layer report (and mixed precision from it)
+    min_contribution_pct: float = Field(ge=0)      # a layer goes 8-bit only if alone in 4-bit it costs this much
+    max_8bit_share: float = Field(ge=0, le=1)      # at most this share of the weights in 8-bit (the size goal)
+
+
 class OptimizeParams(_Section):
     opset: int = Field(ge=17, le=23)
     targets: list[str] = Field(default_factory=list)   # [] = the fp32 export only
+    extra_variants: list[str] = Field(default_factory=list)  # built besides the targets' variants (names checked
+                                                             # against tuneops/export/variants.py by the stage)
+    int4: Int4Params
     default_order: list[str] = Field(min_length=1)
     parity_atol: float = Field(gt=0)
     parity_samples: int = Field(gt=0)

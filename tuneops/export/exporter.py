@@ -1,0 +1,135 @@
+"""Exporters: a merged PyTorch model -> ONNX graphs (``torch.onnx.export``, dynamo, external data).
+
+- ``export_causal_lm``: ``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``,
+  the KV-cache decoder every dynamic-shape variant starts from (exported once per stage run and
+  reused by every variant).
+- ``export_logits``: ``(input_ids, attention_mask) -> logits``, dynamic or one fixed shape (the
+  fixed-shape targets' static QDQ, classifiers).
+- ``export_classifier``: a sequence-classification model with its head, tokenizer and labels.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tuneops.io import write_json
+
+
+class LogitsOnly(torch.nn.Module):
+    """``(input_ids, attention_mask) -> logits`` without KV cache (fixed-shape targets,
+    classifiers)."""
+
+    def __init__(self, model: Any, causal: bool = True):
+        super().__init__()
+        self.inner, self.causal = model, causal
+
+    def forward(self, input_ids: Any, attention_mask: Any) -> Any:
+        if self.causal:
+            return self.inner(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
+        return self.inner(input_ids=input_ids, attention_mask=attention_mask).logits
+
+
+class WithPast(torch.nn.Module):
+    """``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``.
+
+    The flat past tensors fill a plain ``DynamicCache`` (one full layer per decoder layer,
+    no sliding-window truncation: sliding-window layers of the families that have them
+    (``Family.sliding_window`` in ``tuneops/families.py``: Mistral, Gemma 2/3) get their window from
+    the mask, and RoPE of every variant (``Family.rope``) is computed from ``position_ids``),
+    so the exported graph grows the cache by concatenation and works for any past length,
+    0 (prefill) included.
+    """
+
+    def __init__(self, model: Any):
+        super().__init__()
+        self.inner = model
+        self.layers = model.config.num_hidden_layers
+
+    def forward(self, input_ids: Any, attention_mask: Any, position_ids: Any, *past: Any) -> Any:
+        from transformers.cache_utils import DynamicCache
+
+        cache = DynamicCache()
+        for i in range(self.layers):
+            cache.update(past[2 * i], past[2 * i + 1], i)
+        out = self.inner(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                         cache=cache, use_cache=True)
+        present = []
+        for layer in out.cache.layers:
+            present += [layer.keys, layer.values]
+        return (out.logits, *present)
+
+
+def past_names(layers: int) -> list[str]:
+    return [f"past_key_values.{i}.{kv}" for i in range(layers) for kv in ("key", "value")]
+
+
+def export_causal_lm(model: Any, path: Path, opset: int) -> Path:
+    """Export with a KV cache: dynamic batch, sequence, past and total lengths."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    cfg = model.config
+    layers, heads = cfg.num_hidden_layers, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    batch_size, past_len, seq_len = 2, 3, 4  # example sizes > 1: no 0/1 specialisation
+    ids = torch.randint(4, 1000, (batch_size, seq_len))
+    past = [torch.zeros(batch_size, heads, past_len, head_dim) for _ in range(2 * layers)]
+    mask = torch.ones(batch_size, past_len + seq_len, dtype=torch.long)
+    pos = torch.arange(past_len, past_len + seq_len).unsqueeze(0).expand(batch_size, -1)
+    batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+    past_seq, total = torch.export.Dim("past_sequence"), torch.export.Dim("total_sequence")
+    names = past_names(layers)
+    torch.onnx.export(
+        WithPast(model).eval(), (ids, mask, pos, *past), str(path), dynamo=True, opset_version=opset,
+        input_names=["input_ids", "attention_mask", "position_ids", *names],
+        output_names=["logits", *[n.replace("past_key_values", "present") for n in names]],
+        dynamic_shapes={"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: total},
+                        "position_ids": {0: batch, 1: seq},
+                        "past": tuple({0: batch, 2: past_seq} for _ in range(2 * layers))},
+        external_data=True, verbose=False)
+    return path
+
+
+def export_logits(model: Any, path: Path, opset: int, fixed_shape: tuple[int, int] | None = None,
+                  causal: bool = True) -> Path:
+    """``(input_ids, attention_mask) -> logits``: dynamic batch/sequence, or one static shape."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    b, s = fixed_shape or (2, 8)
+    ids = torch.randint(4, 1000, (b, s))
+    dims = None
+    if fixed_shape is None:
+        batch, seq = torch.export.Dim("batch"), torch.export.Dim("sequence")
+        dims = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: seq}}
+    torch.onnx.export(LogitsOnly(model, causal).eval(), (ids, torch.ones_like(ids)), str(path), dynamo=True,
+                      opset_version=opset, input_names=["input_ids", "attention_mask"], output_names=["logits"],
+                      dynamic_shapes=dims, external_data=True, verbose=False)
+    return path
+
+
+def export_classifier(model_dir: Path, out_dir: Path, opset: int, atol: float,
+                      texts: list[str] | None = None) -> dict[str, Any]:
+    """Export a sequence-classification model with its head (``input_ids``,
+    ``attention_mask`` -> ``logits [batch, labels]``), dynamic batch/sequence; copy the
+    tokenizer and the label names (``labels.json``) beside it; check parity with PyTorch
+    on a padded batch. Returns the parity record (``accepted`` when <= ``atol``)."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from tuneops.onnx_lm import OnnxClassifier
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
+    path = export_logits(model, out_dir / "model.onnx", opset, causal=False)
+    labels = [model.config.id2label[i] for i in range(model.config.num_labels)]
+    write_json(out_dir / "labels.json", labels)
+    tokenizer.save_pretrained(str(out_dir))
+    texts = texts or ["a short one", "a somewhat longer sentence to classify, with padding on the other"]
+    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    with torch.inference_mode():
+        ref = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits.numpy()
+    got = OnnxClassifier(path, labels)(enc["input_ids"].numpy(), enc["attention_mask"].numpy())
+    diff = float(np.abs(got - ref).max())
+    record = {"path": str(path), "labels": labels, "max_abs_logits_diff": diff, "accepted": diff <= atol,
+              "same_argmax": bool((got.argmax(-1) == ref.argmax(-1)).all())}
+    write_json(out_dir / "metrics.json", record)
+    return record

@@ -1,0 +1,198 @@
+"""Graph passes over exported ONNX models: ONNX Runtime's transformer fusions, untying the
+transposed (tied) LM head so quantizers see it, and the embedding table stored once (int8 rows,
+or read from the LM head's quantized weights when they are tied)."""
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+
+
+def optimize_graph(src: Path, dst: Path, model: Any) -> dict[str, Any]:
+    """ONNX Runtime's transformer optimizer (fusions: SimplifiedLayerNormalization /
+    SkipSimplifiedLayerNormalization, Gelu, ...; ``model_type='gpt2'``, the decoder family),
+    then the graph is saved for the quantizers. Returns the fused-op counts."""
+    import onnx
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    original = onnx.load(str(src), load_external_data=False).graph.node
+    before = {n.op_type for n in original}
+    cfg = model.config
+    opt = optimize_model(str(src), model_type="gpt2", num_heads=cfg.num_attention_heads,
+                         hidden_size=cfg.hidden_size, opt_level=1, only_onnxruntime=False)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    opt.save_model_to_file(str(dst), use_external_data_format=True)
+    counts: dict[str, int] = {}
+    for node in opt.model.graph.node:
+        if node.op_type not in before:
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return {"fused_ops": counts, "nodes_before": len(original), "nodes_after": len(opt.model.graph.node)}
+
+
+
+
+def untie_transposed_weights(model: Any) -> Any:
+    """Fold ``Transpose(initializer) -> MatMul`` into a transposed initializer.
+
+    With tied embeddings the exporter computes the LM head as
+    ``MatMul(h, Transpose(embedding))``; quantizers only quantize MatMuls whose weight is
+    an initializer, so the largest matrix (vocab x hidden) would stay fp32.
+    """
+    from onnx import numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in model.graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    for node in list(model.graph.node):
+        if (node.op_type == "Transpose" and node.input[0] in inits
+                and all(c.op_type == "MatMul" for c in consumers.get(node.output[0], []))):
+            perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
+            weight = numpy_helper.to_array(inits[node.input[0]])
+            model.graph.initializer.append(
+                numpy_helper.from_array(np.ascontiguousarray(weight.transpose(perm)), node.output[0]))
+            model.graph.node.remove(node)
+    return model
+
+
+def quantize_embedding_rows(model: Any) -> Any:
+    """Store each large ``Gather`` table (the token embedding) as int8 rows with one fp32
+    scale per row (symmetric). The lookup gathers the int8 rows and their scales first and
+    dequantizes only those (``Gather -> Cast -> Mul``, standard ops): dequantizing the whole
+    table in front of the Gather would rewrite vocab x hidden floats on every call."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    for node in list(model.graph.node):
+        if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
+        name = node.input[0]
+        table = numpy_helper.to_array(inits[name]).astype(np.float32)
+        if table.ndim != 2 or table.shape[0] < 1024 or axis != 0:  # the token embedding only
+            continue
+        scale = np.maximum(np.abs(table).max(axis=1), 1e-12) / 127.0
+        q = np.clip(np.rint(table / scale[:, None]), -127, 127).astype(np.int8)
+        model.graph.initializer.remove(inits[name])
+        model.graph.initializer.extend([numpy_helper.from_array(q, f"{name}_int8"),
+                                        numpy_helper.from_array(scale.astype(np.float32)[:, None], f"{name}_scale")])
+        ids, out, p = node.input[1], node.output[0], f"{name}_rows"
+        index = list(model.graph.node).index(node)
+        model.graph.node.remove(node)
+        for k, n in enumerate([
+                helper.make_node("Gather", [f"{name}_int8", ids], [f"{p}_q"], name=f"{p}_gather", axis=0),
+                helper.make_node("Gather", [f"{name}_scale", ids], [f"{p}_scale"], name=f"{p}_gather_scale", axis=0),
+                helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=TensorProto.FLOAT),
+                helper.make_node("Mul", [f"{p}_f", f"{p}_scale"], [out], name=f"{p}_dequantize")]):
+            model.graph.node.insert(index + k, n)
+    return model
+
+
+def share_tied_embedding(model: Any, tied: bool = False) -> int:
+    """Tied embeddings: let the token-embedding ``Gather`` read the LM head's 8/4-bit
+    ``MatMulNBits`` weights (``[vocab, hidden/block, block]`` uint8, 4-bit packed two per
+    byte; zero point 128 / 8, one scale per block) instead of a second copy of the table:
+    gather the rows and their scales, unpack, then ``(q - zero) * scale`` (standard ops). Only when the head's weights
+    dequantize to the table (a tied model); returns the number of tables shared."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    heads = []
+    for n in model.graph.node:
+        if n.op_type == "MatMulNBits" and len(n.input) == 3:  # no zero points: symmetric
+            a = {x.name: helper.get_attribute_value(x) for x in n.attribute}
+            if a.get("bits") in (4, 8) and n.input[1] in inits and n.input[2] in inits:
+                heads.append((n, a))
+    shared = 0
+    for node in list(model.graph.node):
+        if node.op_type != "Gather" or node.input[0] not in inits:
+            continue
+        table = inits[node.input[0]]
+        if len(table.dims) != 2 or table.dims[0] < 1024:
+            continue
+        vocab, hidden = table.dims
+        for head, a in heads:
+            if a["N"] != vocab or a["K"] != hidden:
+                continue
+            block, bits = a["block_size"], a["bits"]
+            zero = float(2 ** (bits - 1))
+            q = numpy_helper.to_array(inits[head.input[1]])[:64].reshape(64, -1)
+            if bits == 4:  # two values per byte, low nibble first
+                q = np.stack([q & 15, q >> 4], axis=-1).reshape(64, -1)
+            q = q[:, :hidden].astype(np.float32)
+            scales = numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, -1)[:64]
+            rows = (q - zero).reshape(64, -1, block) * scales[:, :, None]
+            ref = numpy_helper.to_array(table)[:64].astype(np.float32)
+            # round to nearest: each code within one step of the table; GPTQ (``tied``: the model
+            # says the head is the embedding) moves codes further, by design
+            steps = 8.0 if tied else 1.01
+            if not np.allclose(rows.reshape(64, hidden), ref, atol=float(scales.max()) * steps + 1e-6):
+                continue
+            p = f"{node.input[0]}_shared"
+            model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{p}_shape"))
+            model.graph.initializer.append(numpy_helper.from_array(
+                np.array([vocab, hidden // block, 1], np.int64), f"{p}_scale_shape"))
+            model.graph.initializer.append(numpy_helper.from_array(np.array(zero, np.float32), f"{p}_zero"))
+            index = list(model.graph.node).index(node)
+            model.graph.node.remove(node)
+            ids = node.input[1]
+            unpack = []
+            if bits == 4:
+                model.graph.initializer.extend([
+                    numpy_helper.from_array(np.array(15, np.uint8), f"{p}_mask"),
+                    numpy_helper.from_array(np.array(4, np.uint8), f"{p}_four"),
+                    numpy_helper.from_array(np.array([-1], np.int64), f"{p}_last"),
+                    numpy_helper.from_array(np.array([0, 0, hidden // block, block], np.int64), f"{p}_blocks")])
+                unpack = [
+                    helper.make_node("Gather", [head.input[1], ids], [f"{p}_packed"], name=f"{p}_gather", axis=0),
+                    helper.make_node("BitwiseAnd", [f"{p}_packed", f"{p}_mask"], [f"{p}_lo"], name=f"{p}_lo"),
+                    helper.make_node("BitShift", [f"{p}_packed", f"{p}_four"], [f"{p}_hi"], name=f"{p}_hi",
+                                     direction="RIGHT"),
+                    helper.make_node("Unsqueeze", [f"{p}_lo", f"{p}_last"], [f"{p}_lo1"], name=f"{p}_lo1"),
+                    helper.make_node("Unsqueeze", [f"{p}_hi", f"{p}_last"], [f"{p}_hi1"], name=f"{p}_hi1"),
+                    helper.make_node("Concat", [f"{p}_lo1", f"{p}_hi1"], [f"{p}_pairs"], name=f"{p}_pairs", axis=-1),
+                    helper.make_node("Reshape", [f"{p}_pairs", f"{p}_blocks"], [f"{p}_q"], name=f"{p}_unpack")]
+            else:
+                unpack = [helper.make_node("Gather", [head.input[1], ids], [f"{p}_q"], name=f"{p}_gather", axis=0)]
+            for k, n in enumerate(unpack + [
+                    helper.make_node("Reshape", [head.input[2], f"{p}_scale_shape"], [f"{p}_s3"], name=f"{p}_s3"),
+                    helper.make_node("Gather", [f"{p}_s3", ids], [f"{p}_s"], name=f"{p}_gather_scale", axis=0),
+                    helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=TensorProto.FLOAT),
+                    helper.make_node("Sub", [f"{p}_f", f"{p}_zero"], [f"{p}_c"], name=f"{p}_center"),
+                    helper.make_node("Mul", [f"{p}_c", f"{p}_s"], [f"{p}_d"], name=f"{p}_dequantize"),
+                    helper.make_node("Reshape", [f"{p}_d", f"{p}_shape"], [node.output[0]], name=f"{p}_rows")]):
+                model.graph.node.insert(index + k, n)
+            model.graph.initializer.remove(table)
+            shared += 1
+            break
+    return shared
+
+
+def fresh(dst: Path) -> None:
+    """Remove an earlier model at ``dst``: ONNX appends external data to an existing file."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    for f in (dst, dst.with_name(dst.name + ".data")):
+        f.unlink(missing_ok=True)
+
+
+
+
+@contextlib.contextmanager
+def untied_copy(src: Path, dst: Path) -> Iterator[Path]:
+    """A temporary copy of ``src`` next to ``dst`` with the tied/transposed weights untied (what
+    ORT's quantizers need), removed once the quantized ``dst`` is written."""
+    import onnx
+
+    tmp = dst.parent / "untied.onnx"
+    fresh(dst)
+    fresh(tmp)
+    onnx.save(untie_transposed_weights(onnx.load(str(src))), str(tmp), save_as_external_data=True,
+              location="untied.onnx.data")
+    yield tmp
+    tmp.unlink()
+    (dst.parent / "untied.onnx.data").unlink(missing_ok=True)
+
+

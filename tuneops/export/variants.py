@@ -1,0 +1,96 @@
+"""The ONNX variants the optimize stage can build: one registry, one entry per variant.
+
+A target profile (``tuneops/targets/<name>.yaml``) names the variants it needs; params may add more
+(``optimize.extra_variants``). Each variant builds from the one fp32 export of the stage run (or
+the fixed-shape export, for fixed-shape targets) and passes the same gate
+(``optimize.max_ppl_change_pct`` / ``min_top1_agreement``, keyed by the variant's name).
+
+A new variant is one ``Variant(...)`` in ``VARIANTS``: its build function, whether it is scored at
+the fixed shape, and, when it needs the PyTorch model (calibration), a ``prepare`` step that runs
+while the merged model is still loaded (the stage frees it before any variant is built).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from . import calibrated, quantizers
+
+
+@dataclass
+class Context:
+    """What a variant's build reads: the exports, the params, calibration data, prepared results."""
+    fp32: Path                               # graph-optimized fp32 export with KV cache
+    fixed: Path | None                       # fixed-shape logits export (targets with a fixed shape)
+    shape: tuple[int, int]                   # that fixed shape (batch, sequence)
+    params: Any                              # OptimizeParams
+    calibration: Callable[[], list[dict[str, list[int]]]]   # training sequences (tokenized lazily)
+    pad_id: int
+    prepared: dict[str, Any] = field(default_factory=dict)  # variant name -> its prepare() result
+    info: dict[str, Any] = field(default_factory=dict)      # variant name -> facts for metrics.json
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str
+    help: str
+    build: Callable[[Context, Path], Path]
+    fixed_shape: bool = False                # scored on the fixed-shape export's sequences
+    prepare: Callable[[Any, Context, Callable[[], float]], Any] | None = None  # (model, ctx, torch ppl)
+
+
+def _nbits(bits: int) -> Callable[[Context, Path], Path]:
+    def build(ctx: Context, dst: Path) -> Path:
+        o = ctx.params
+        return quantizers.quantize_nbits(ctx.fp32, dst, bits, o.block_size, o.nbits_accuracy_level)
+    return build
+
+
+def _hqq4(ctx: Context, dst: Path) -> Path:
+    return quantizers.quantize_hqq4(ctx.fp32, dst, ctx.params.block_size, ctx.params.nbits_accuracy_level)
+
+
+def _int8_dynamic(ctx: Context, dst: Path) -> Path:
+    return quantizers.quantize_int8_dynamic(ctx.fp32, dst)
+
+
+def _qdq(ctx: Context, dst: Path) -> Path:
+    o = ctx.params
+    if ctx.fixed is None:
+        raise ValueError("qdq needs a target profile with a fixed shape (fpga, npu)")
+    calibration = quantizers.Calibration(ctx.calibration()[: o.calibration_samples], ctx.shape, ctx.pad_id)
+    ctx.info["qdq"] = {"calibration_samples": len(calibration.batches) * ctx.shape[0]}
+    return quantizers.quantize_qdq(ctx.fixed, dst, calibration, quantizers.qdq_ops(o.qdq_op_types))
+
+
+def _prepare_int4(model: Any, ctx: Context, torch_ppl: Callable[[], float]) -> calibrated.Plan:
+    o, c = ctx.params, ctx.params.int4
+    sequences = [f["input_ids"] for f in ctx.calibration()[: o.calibration_samples]]
+    return calibrated.calibrate(model, sequences, torch_ppl, o.block_size, c.percdamp, c.min_contribution_pct,
+                                c.max_8bit_share, sensitivity=c.sensitivity)
+
+
+def _int4(ctx: Context, dst: Path) -> Path:
+    plan = ctx.prepared["int4"]
+    facts = calibrated.write(ctx.fp32, dst, plan, ctx.params.nbits_accuracy_level)
+    ctx.info["int4"] = {**plan.report(), **facts, "calibration_samples": ctx.params.calibration_samples}
+    return dst
+
+
+VARIANTS: dict[str, Variant] = {v.name: v for v in (
+    Variant("int8", "weight-only 8-bit MatMulNBits (round to nearest, symmetric, block scales)", _nbits(8)),
+    Variant("int4", "calibrated 4-bit: GPTQ on training sequences, per-layer sensitivity, 8-bit where it pays",
+            _int4, prepare=_prepare_int4),
+    Variant("int4_rtn", "4-bit MatMulNBits, round to nearest (no calibration)", _nbits(4)),
+    Variant("int4_hqq", "4-bit MatMulNBits, HQQ (optimised scale + zero point per block; no calibration)", _hqq4),
+    Variant("int8_dynamic", "quantize_dynamic: int8 weights and int8 activations per call", _int8_dynamic),
+    Variant("qdq", "static INT8 QDQ (MinMax calibration on training sequences) at the target's fixed shape",
+            _qdq, fixed_shape=True),
+)}
+
+
+def get(name: str) -> Variant:
+    if name not in VARIANTS:
+        raise ValueError(f"unknown ONNX variant {name!r}; known: {['fp32', *VARIANTS]} (tuneops/export/variants.py)")
+    return VARIANTS[name]
