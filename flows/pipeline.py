@@ -8,6 +8,8 @@ The whole run holds the project lock (``tuneops.orchestrate.lock``): a second ru
 same project waits or refuses (``orchestrate.lock``).
 In a DVC project each stage's ``dvc.lock`` entry is committed after it ran
 (``tuneops.dvc_record``), so ``dvc status`` is clean after the flow.
+Each stage's wall time and peak RSS (``tuneops.resources``) are in its summary line and in the
+result's ``resources`` entry, after the stages' own results.
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from typing import Any
 
 from prefect import flow, runtime, task
 
-from tuneops import dvc_record, env, log, stages
+from tuneops import dvc_record, env, log, resources, stages
 from tuneops.config import load_config
 from tuneops.orchestrate import caching
 from tuneops.orchestrate.lock import project_lock
@@ -40,14 +42,18 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
     names = stages.STAGE_NAMES[stages.STAGE_NAMES.index(start):] if start else stages.STAGE_NAMES
     record = _records_dvc(cfg, params_file, overrides)
     results: dict[str, Any] = {}
+    usage: dict[str, resources.Usage] = {}
+    t0 = time.perf_counter()
     with project_lock(cfg, f"tuneops run (Prefect flow run {runtime.flow_run.id})"):
         for name in names:
-            t0 = time.perf_counter()
             # register gets this flow run's own train/evaluate/optimize results (never another run's files)
             kwargs = {"upstream": {k: results[k] for k in BOUND if k in results}} if name == "register" else {}
-            results[name] = caching.run_stage(TASKS[name], cfg, name, **kwargs)
-            took = time.perf_counter() - t0
-            print(log.stage_summary(name, results[name], took) + (_record(cfg, name) if record else ""))
+            with resources.measure() as usage[name]:
+                results[name] = caching.run_stage(TASKS[name], cfg, name, **kwargs)
+            print(log.stage_summary(name, results[name], usage[name].wall_s, usage[name].peak_rss_bytes)
+                  + (_record(cfg, name) if record else ""))
+    # after the stages: keys before it are stage names (the CLI and callers iterate over them)
+    results["resources"] = resources.summary(usage, time.perf_counter() - t0)
     return results
 
 

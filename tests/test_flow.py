@@ -1,7 +1,7 @@
 """The whole pipeline as one Prefect flow (ephemeral API), on the tiny model."""
 from __future__ import annotations
 
-from tuneops import stages
+from tuneops import log, stages
 from tuneops.io import read_json
 
 
@@ -12,7 +12,13 @@ def test_prefect_flow_runs_every_stage_and_registers_a_champion(flow_run):
     root, state, _ = flow_run
     assert state.is_completed(), state
     result = state.result()
-    assert tuple(result) == stages.STAGE_NAMES
+    assert tuple(result) == (*stages.STAGE_NAMES, "resources")     # the stages in order, then their usage
+    usage = result["resources"]
+    assert tuple(usage) == (*stages.STAGE_NAMES, "total")
+    assert all(u["wall_s"] >= 0 for u in usage.values()) and usage["total"]["wall_s"] >= usage["train"]["wall_s"]
+    peaks = [u["peak_rss_bytes"] for name, u in usage.items() if name != "total" and u["peak_rss_bytes"]]
+    assert usage["total"]["peak_rss_bytes"] == max(peaks, default=None)
+    print("\n" + log.resources_table(usage))
     assert result["evaluate"]["finetuned_perplexity"] < result["evaluate"]["base_perplexity"]
     assert result["optimize"]["variants"]["fp32"]["max_abs_logits_diff"] <= 1e-3
     assert result["register"]["alias"] == "champion"

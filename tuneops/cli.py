@@ -141,17 +141,15 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 # -- handlers: one per command (COMMANDS below maps each command to its handler) ------------
 
 def _stage(cfg: Any, args: argparse.Namespace) -> int:
-    """``tuneops <stage>``: run one stage (what dvc.yaml runs); a summary line, or --json."""
-    import time
-
-    from . import log
+    """``tuneops <stage>``: run one stage (what dvc.yaml runs); a summary line (with its wall time
+    and peak RSS), or --json."""
+    from . import log, resources
 
     from .orchestrate.lock import project_lock
 
-    t0 = time.perf_counter()
-    with project_lock(cfg):                       # one writer per project
+    with resources.measure() as usage, project_lock(cfg):      # one writer per project
         result = stages.get(args.command).load()(cfg)
-    return _result(args, result, log.stage_summary(args.command, result, time.perf_counter() - t0))
+    return _result(args, result, log.stage_summary(args.command, result, usage.wall_s, usage.peak_rss_bytes))
 
 
 def _result(args: argparse.Namespace, result: Any, summary: str) -> int:
@@ -194,9 +192,10 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
     with project_lock(cfg):                       # before Prefect starts; the flow re-enters it
         result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
                           start=args.start)
-    lines = [log.stage_summary(name, r) for name, r in result.items()]
-    return _result(args, result, "\n".join([*lines, f"tuneops run: {len(result)} stages in "
-                                                     f"{time.perf_counter() - t0:.1f} s"]))
+    ran = [name for name in result if name in stages.STAGE_NAMES]      # not the "resources" entry
+    lines = [log.stage_summary(name, result[name]) for name in ran]
+    took = f"tuneops run: {len(ran)} stages in {time.perf_counter() - t0:.1f} s (Prefect start-up included)"
+    return _result(args, result, "\n".join([*lines, "", log.resources_table(result["resources"]), took]))
 
 
 def _params(cfg: Any, args: argparse.Namespace) -> int:

@@ -1,5 +1,6 @@
 """What the user sees: the log level (``-q`` / ``-v``), third-party warnings kept out of the
-default view, progress lines for long steps, and the one-line summary each stage ends with.
+default view, progress lines for long steps, the one-line summary each stage ends with and
+``tuneops run``'s closing table of wall time and peak RSS per stage.
 
 ``-q``: warnings and errors only; default: tuneops' progress and summaries (INFO), other
 libraries at WARNING with their Python warnings hidden; ``-v``: everything (DEBUG), warnings
@@ -75,11 +76,30 @@ FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
 }
 
 
-def stage_summary(name: str, result: dict[str, Any], seconds: float | None = None) -> str:
-    """One line: ``train: 21.8 s  method lora, steps 8, loss 12.48 -> 12.35, tokens/s 540``."""
+def gib(n_bytes: int | None) -> str:
+    """``1.2 GiB`` (binary, like the planner's predicted peak), ``-`` when not measured."""
+    return "-" if n_bytes is None else f"{n_bytes / 2**30:.1f} GiB"
+
+
+def stage_summary(name: str, result: dict[str, Any], seconds: float | None = None,
+                  peak_rss_bytes: int | None = None) -> str:
+    """One line: ``train: 21.8 s, peak RSS 1.2 GiB  method lora, steps 8, loss 12.48 -> 12.35, tokens/s 540``."""
     figures = [f"{label} {_fmt(result[key])}" for label, key in FIGURES.get(name, ()) if result.get(key) is not None]
     if name == "optimize" and isinstance(result.get("variants"), dict):
         figures.append("variants " + " ".join(f"{v}{'' if r.get('accepted') else '(rejected)'}"
                                               for v, r in result["variants"].items()))
-    head = f"{name}: {seconds:.1f} s " if seconds is not None else f"{name}:"
+    measured = [f"{seconds:.1f} s"] if seconds is not None else []
+    if peak_rss_bytes is not None:
+        measured.append(f"peak RSS {gib(peak_rss_bytes)}")
+    head = f"{name}: {', '.join(measured)} " if measured else f"{name}:"
     return (head + (f" {', '.join(figures).replace(', -> ', ' -> ')}" if figures else "")).rstrip()
+
+
+def resources_table(resources: dict[str, dict[str, Any]]) -> str:
+    """``tuneops run``'s closing table from the flow's ``resources`` (``tuneops.resources.summary``):
+    stage | wall time | peak RSS, one row per stage, then the whole run (``total``)."""
+    order = [name for name in resources if name != "total"] + (["total"] if "total" in resources else [])
+    rows = [("stage", "wall time", "peak RSS")] + [
+        (name, f"{resources[name]['wall_s']:.1f} s", gib(resources[name].get("peak_rss_bytes"))) for name in order]
+    widths = [max(len(row[i]) for row in rows) for i in range(3)]
+    return "\n".join(f"{a:<{widths[0]}}  {b:>{widths[1]}}  {c:>{widths[2]}}" for a, b, c in rows)
