@@ -13,7 +13,7 @@ from tuneops import finetuned, log
 from tuneops.chat import prompt_and_reference
 from tuneops.config import Config
 from tuneops.io import fresh_dir, md5_file, read_jsonl, write_json, write_jsonl
-from tuneops.lm import encode, generate, perplexity, torch_forward
+from tuneops.lm import encode, generate, torch_perplexity
 from tuneops.models import load_causal_lm, load_tokenizer
 
 
@@ -76,7 +76,7 @@ def run(cfg: Config) -> dict[str, Any]:
     for name, model in (("base", load_causal_lm(base_dir)), ("finetuned", finetuned.load(base_dir, train_dir))):
         log.log.info(f"evaluate: {name} model, {len(features)} conversations, {len(prompts)} generations ...")
         model.eval()
-        scores[name] = perplexity(torch_forward(model), features, e.batch_size, pad)
+        scores[name] = torch_perplexity(model, features, e.batch_size, pad)
         replies[name] = [generate(model, tokenizer, msgs, e.max_new_tokens) for msgs, _ in prompts]
         del model
 

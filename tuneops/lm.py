@@ -42,6 +42,38 @@ def perplexity(forward: Callable[[Any, Any], Any], features: list[dict[str, list
     return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
 
 
+def torch_perplexity(model: Any, features: list[dict[str, list[int]]], batch_size: int,
+                     pad_id: int) -> dict[str, float]:
+    """``perplexity`` of a PyTorch causal LM, computing the LM head only where it is scored.
+
+    Batches are formed from length-sorted sequences (less padding), and the model is asked only
+    for the logits at positions that predict an assistant token (``logits_to_keep``, the union over
+    the batch): with a large vocabulary (Gemma: 262k) the full ``[batch, seq, vocab]`` logits
+    would be most of the compute and a GB of memory per batch. Same sum, same count as
+    ``perplexity(torch_forward(model), ...)``."""
+    import torch
+    import torch.nn.functional as F
+
+    order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
+    collate = Collator(pad_id)
+    total, count = 0.0, 0
+    for i in range(0, len(order), batch_size):
+        batch = collate([features[j] for j in order[i:i + batch_size]])
+        target = torch.as_tensor(batch["labels"])[:, 1:]
+        keep = torch.nonzero((target != IGNORE_INDEX).any(0)).flatten()
+        if not len(keep):
+            continue
+        with torch.inference_mode():
+            logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
+                           logits_to_keep=keep).logits.float()
+        picked = target[:, keep]
+        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1),
+                                       ignore_index=IGNORE_INDEX, reduction="sum"))
+        count += int((picked != IGNORE_INDEX).sum())
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
 def torch_forward(model: Any) -> Callable[[Any, Any], Any]:
     import torch
 
