@@ -26,7 +26,7 @@ from tuneops.config import Config
 from tuneops.export import exporter, gate, passes
 from tuneops.export.variants import Context, get
 from tuneops.io import dir_size, fresh_dir, read_jsonl, write_json
-from tuneops.lm import encode, perplexity, torch_forward
+from tuneops.lm import encode, perplexity, torch_forward, torch_perplexity
 from tuneops.models import load_tokenizer
 from tuneops.onnx_lm import OnnxCausalLM
 
@@ -122,7 +122,7 @@ def run(cfg: Config) -> dict[str, Any]:
             t = time.perf_counter()
             with log.step(f"optimize: {name}: calibrate on the PyTorch model"):
                 ctx.prepared[name] = variant.prepare(
-                    model, ctx, lambda: perplexity(reference, ppl_set, o.batch_size, pad)["perplexity"])
+                    model, ctx, lambda: torch_perplexity(model, ppl_set, o.batch_size, pad)["perplexity"])
             timings[f"{name}_prepare_s"] = time.perf_counter() - t
     del model, reference                           # variants build from the ONNX export alone
 
