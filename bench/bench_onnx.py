@@ -153,7 +153,8 @@ def main() -> int:
 
     build: dict[str, float] = {k: v for k, v in metrics.get("timings", {}).items()}
     engines = {"PyTorch fp32": torch_engine(model)}
-    sizes = {"PyTorch fp32": sum(p.numel() * p.element_size() for p in model.state_dict().values())}
+    unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.state_dict().values()}   # tied: once
+    sizes = {"PyTorch fp32": sum(unique.values())}
     ppls = {"PyTorch fp32": perplexity(torch_forward(model), ppl_set, o.batch_size, tok.pad_token_id)["perplexity"]}
     gates = {}
     for name, v in metrics["variants"].items():
