@@ -156,7 +156,7 @@ def test_a_stage_ends_with_a_summary_json_on_request_and_quiet_hides_progress(pr
 
     proc = _run(["tuneops", "validate"], project)
     _check("tuneops validate", proc)
-    assert re.fullmatch(r"validate: \d+\.\d s  train rows \d+, eval rows \d+, rejected \d+\n", proc.stdout), proc.stdout
+    assert re.fullmatch(r"validate: \d+\.\d s, peak RSS (\d+\.\d GiB|-)  train rows \d+, eval rows \d+, rejected \d+\n", proc.stdout), proc.stdout
     assert "validate: record checks" in proc.stderr                     # progress of a long step
     assert "Warning" not in proc.stderr, proc.stderr                    # third-party warnings out of view
     as_json = _run(["tuneops", "validate", "--json"], project)
