@@ -48,7 +48,7 @@ def torch_perplexity(model: Any, features: list[dict[str, list[int]]], batch_siz
 
     Batches are formed from length-sorted sequences (less padding), and the model is asked only
     for the logits at positions that predict an assistant token (``logits_to_keep``, the union over
-    the batch): with a large vocabulary (Gemma: 262k) the full ``[batch, seq, vocab]`` logits
+    the batch): with a large vocabulary (262k tokens) the full ``[batch, seq, vocab]`` logits
     would be most of the compute and a GB of memory per batch. Same sum, same count as
     ``perplexity(torch_forward(model), ...)``."""
     import torch
