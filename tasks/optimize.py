@@ -16,6 +16,7 @@ Classification / NER head models are not exported (yet): ``metrics.json`` record
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -78,12 +79,9 @@ def run(cfg: Config) -> dict[str, Any]:
     tokenizer = load_tokenizer(base_dir)
     features = encode(read_jsonl(cfg.path("clean_eval_data")), tokenizer, cfg.model.max_seq_len)
     ppl_set, pad = features[: o.ppl_samples], tokenizer.pad_token_id
-    train: list[dict[str, list[int]]] = []
-
-    def calibration() -> list[dict[str, list[int]]]:
-        if not train:
-            train.extend(encode(read_jsonl(cfg.path("clean_train_data")), tokenizer, cfg.model.max_seq_len))
-        return train
+    # training sequences, tokenized on first use (only calibrated variants read them)
+    calibration = functools.cache(
+        lambda: encode(read_jsonl(cfg.path("clean_train_data")), tokenizer, cfg.model.max_seq_len))
 
     model = finetuned.load(base_dir, cfg.path("train_dir"), merge=True).eval()
     export_facts = families.for_config(model.config).export_facts(model.config)

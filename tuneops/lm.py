@@ -19,16 +19,27 @@ def batches(features: list[dict[str, list[int]]], batch_size: int, pad_id: int) 
         yield collate(features[i:i + batch_size])
 
 
-def nll(logits: Any, labels: Any) -> tuple[float, int]:
-    """Summed next-token cross-entropy over labelled (assistant) tokens, and their count."""
-    import torch
+def _summed_cross_entropy(logits: Any, target: Any) -> tuple[float, int]:
+    """Summed cross-entropy of ``logits [b, n, vocab]`` against the aligned ``target [b, n]``
+    (``IGNORE_INDEX`` skipped), and the count of scored tokens."""
     import torch.nn.functional as F
 
-    logits = torch.as_tensor(logits, dtype=torch.float32)[:, :-1]
-    target = torch.as_tensor(labels)[:, 1:]
     loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
     return float(loss), int((target != IGNORE_INDEX).sum())
+
+
+def _loss_and_perplexity(total: float, count: int) -> dict[str, float]:
+    loss = total / max(count, 1)
+    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+
+
+def nll(logits: Any, labels: Any) -> tuple[float, int]:
+    """Summed next-token cross-entropy over labelled (assistant) tokens, and their count."""
+    import torch
+
+    return _summed_cross_entropy(torch.as_tensor(logits, dtype=torch.float32)[:, :-1],
+                                 torch.as_tensor(labels)[:, 1:])
 
 
 def perplexity(forward: Callable[[Any, Any], Any], features: list[dict[str, list[int]]], batch_size: int,
@@ -38,8 +49,7 @@ def perplexity(forward: Callable[[Any, Any], Any], features: list[dict[str, list
     for batch in batches(features, batch_size, pad_id):
         s, n = nll(forward(batch["input_ids"], batch["attention_mask"]), batch["labels"])
         total, count = total + s, count + n
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+    return _loss_and_perplexity(total, count)
 
 
 def torch_perplexity(model: Any, features: list[dict[str, list[int]]], batch_size: int,
@@ -52,7 +62,6 @@ def torch_perplexity(model: Any, features: list[dict[str, list[int]]], batch_siz
     would be most of the compute and a GB of memory per batch. Same sum, same count as
     ``perplexity(torch_forward(model), ...)``."""
     import torch
-    import torch.nn.functional as F
 
     order = sorted(range(len(features)), key=lambda i: len(features[i]["input_ids"]))
     collate = Collator(pad_id)
@@ -66,12 +75,9 @@ def torch_perplexity(model: Any, features: list[dict[str, list[int]]], batch_siz
         with torch.inference_mode():
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False,
                            logits_to_keep=keep).logits.float()
-        picked = target[:, keep]
-        total += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), picked.reshape(-1),
-                                       ignore_index=IGNORE_INDEX, reduction="sum"))
-        count += int((picked != IGNORE_INDEX).sum())
-    loss = total / max(count, 1)
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50.0)), "tokens": count}
+        s, n = _summed_cross_entropy(logits, target[:, keep])
+        total, count = total + s, count + n
+    return _loss_and_perplexity(total, count)
 
 
 def torch_forward(model: Any) -> Callable[[Any, Any], Any]:

@@ -181,8 +181,6 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
               sensitivity: bool = True) -> Plan:
     """Hessians, GPTQ per linear, the per-unit sensitivity report and the mixed-precision plan.
     ``score()`` is the PyTorch model's perplexity on the gate's rows (called with swapped weights)."""
-    import torch
-
     units = linear_units(model)
     linears = {n: m for members in units.values() for n, m in members
                if m.in_features % block_size == 0}
