@@ -20,7 +20,7 @@ from typing import Any
 
 from prefect import flow, runtime, task
 
-from tuneops import dvc_record, env, log, resources, stages
+from tuneops import dvc_record, env, log, preflight, resources, stages
 from tuneops.config import load_config
 from tuneops.orchestrate import caching
 from tuneops.orchestrate.lock import project_lock
@@ -40,6 +40,7 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
     env.configure(cfg.state_dir)
     os.environ["TUNEOPS_PREFECT_FLOW_RUN_ID"] = str(runtime.flow_run.id)
     names = stages.STAGE_NAMES[stages.STAGE_NAMES.index(start):] if start else stages.STAGE_NAMES
+    preflight.check(cfg, names, overrides or [])    # late stages' params, before the first stage runs
     record = _records_dvc(cfg, params_file, overrides)
     results: dict[str, Any] = {}
     usage: dict[str, resources.Usage] = {}

@@ -26,6 +26,7 @@ from tuneops import families, finetuned, log, targets
 from tuneops.config import Config
 from tuneops.export import exporter, gate, passes
 from tuneops.export.variants import Context, get
+from tuneops.export.variants import wanted as variants_wanted
 from tuneops.io import dir_size, fresh_dir, read_jsonl, write_json
 from tuneops.lm import encode, perplexity, torch_forward, torch_perplexity
 from tuneops.models import load_tokenizer
@@ -44,17 +45,6 @@ def _coverage(path: Path, profiles: dict[str, dict[str, Any]], context: int) -> 
     return reports
 
 
-def _wanted(o: Any, profiles: dict[str, dict[str, Any]]) -> list[str]:
-    wanted = list(dict.fromkeys(["fp32"] + [v for t in o.targets for v in profiles[t]["variants"]]
-                                + list(o.extra_variants)))
-    for name in wanted[1:]:
-        get(name)           # an unknown name is a clear error before any compute
-    missing = [v for v in wanted[1:] if not (v in o.max_ppl_change_pct and v in o.min_top1_agreement)]
-    if missing:
-        raise ValueError(f"optimize.max_ppl_change_pct / min_top1_agreement have no threshold for {missing}")
-    return wanted
-
-
 def run(cfg: Config) -> dict[str, Any]:
     from tuneops.io import read_json
     from tuneops.training.heads import is_head
@@ -69,7 +59,7 @@ def run(cfg: Config) -> dict[str, Any]:
         return {"optimize_dir": str(out), **metrics}
     o = cfg.optimize
     profiles = {t: targets.load(t) for t in o.targets}
-    wanted = _wanted(o, profiles)
+    wanted = variants_wanted(o, profiles)     # the CLI / flow checked it before the first stage too
     fixed_shapes = {tuple(p["fixed_shape"].values()) for p in profiles.values()
                     if p.get("fixed_shape") and any(get(v).fixed_shape for v in p["variants"])}
     if len(fixed_shapes) > 1:

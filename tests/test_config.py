@@ -70,6 +70,30 @@ def test_cli_invalid_params_fail_before_any_work():
     assert not (root / "artifacts").exists() and not (root / ".tuneops").exists()
 
 
+def test_late_stage_params_fail_before_the_first_stage():
+    """An unknown ONNX variant (optimize) stops `run` and the first DVC stage (`model`) before any
+    work, naming the params file, the key's line and the key; `--set` is named as the source."""
+    from tuneops.preflight import key_line
+
+    root = make_project("bad-variant")
+    params = root / "params.yaml"
+    params.write_text(params.read_text().replace("  extra_variants: []", "  extra_variants: [int3]"))
+    line = key_line(params, "optimize.extra_variants")
+    assert line and params.read_text().splitlines()[line - 1].lstrip().startswith("extra_variants:")
+    for args, prefix in ((["run"], f"params.yaml:{line}: optimize.extra_variants: "),
+                         (["model"], f"params.yaml:{line}: optimize.extra_variants: "),
+                         (["--set", "optimize.extra_variants=[int3]", "train"], "--set optimize.extra_variants: ")):
+        proc = _tuneops(*args, cwd=root)
+        assert proc.returncode == 2, proc.stderr
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and prefix in lines[0] and "unknown ONNX variant 'int3'" in lines[0], lines
+    params.write_text(params.read_text().replace("extra_variants: [int3]", "extra_variants: [int4_rtn]")
+                      .replace("    int4_rtn:", "    int4_rtx:"))
+    proc = _tuneops("run", cwd=root)
+    assert proc.returncode == 2 and "optimize.max_ppl_change_pct" in proc.stderr, proc.stderr
+    assert not (root / "artifacts").exists() and not (root / "models").exists()
+
+
 def test_help_lists_every_stage():
     from tuneops.stages import STAGE_NAMES
 

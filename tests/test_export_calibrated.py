@@ -98,16 +98,18 @@ def test_mixed_precision_keeps_the_harmful_layer_in_8bit_within_the_budget():
 def test_unknown_variant_and_missing_gate_threshold_are_clear_errors():
     from types import SimpleNamespace
 
-    from tasks.optimize import _wanted
-    from tuneops.export.variants import VARIANTS, get
+    from tuneops.export.variants import VARIANTS, get, wanted
 
     with pytest.raises(ValueError, match="unknown ONNX variant 'int3'.*int4_hqq"):
         get("int3")
     o = SimpleNamespace(targets=["cpu"], extra_variants=["int4_hqq"], max_ppl_change_pct={"int8": 3, "int4": 3},
                         min_top1_agreement={"int8": 0.9, "int4": 0.8, "int4_hqq": 0.8})
     profiles = {"cpu": {"variants": ["int8", "int4"]}}
-    with pytest.raises(ValueError, match=r"no threshold for \['int4_hqq'\]"):
-        _wanted(o, profiles)
+    with pytest.raises(ValueError, match=r"optimize.max_ppl_change_pct: no threshold for variant\(s\) \['int4_hqq'\]"):
+        wanted(o, profiles)
     o.max_ppl_change_pct["int4_hqq"] = 10
-    assert _wanted(o, profiles) == ["fp32", "int8", "int4", "int4_hqq"]
+    assert wanted(o, profiles) == ["fp32", "int8", "int4", "int4_hqq"]
+    o.extra_variants.append("int3")
+    with pytest.raises(ValueError, match=r"optimize.extra_variants: unknown ONNX variant 'int3'"):
+        wanted(o, profiles)
     assert "int8_dynamic" in VARIANTS and "int8_dynamic" not in profiles["cpu"]["variants"]

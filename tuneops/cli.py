@@ -143,10 +143,14 @@ def _orchestration_parsers(sub: Any, common: argparse.ArgumentParser) -> None:
 def _stage(cfg: Any, args: argparse.Namespace) -> int:
     """``tuneops <stage>``: run one stage (what dvc.yaml runs); a summary line (with its wall time
     and peak RSS), or --json."""
-    from . import log, resources
+    from . import log, preflight, resources
 
     from .orchestrate.lock import project_lock
 
+    # this stage's params and the later stages' (what `dvc repro` runs next), before any compute
+    names = stages.STAGE_NAMES
+    preflight.check(cfg, names[names.index(args.command):] if args.command in names else [args.command],
+                    list(getattr(args, "overrides", []) or []))
     with resources.measure() as usage, project_lock(cfg):      # one writer per project
         result = stages.get(args.command).load()(cfg)
     return _result(args, result, log.stage_summary(args.command, result, usage.wall_s, usage.peak_rss_bytes))
@@ -188,6 +192,11 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
 
     from .orchestrate.lock import project_lock
 
+    from . import preflight
+
+    overrides = list(getattr(args, "overrides", []) or [])
+    names = stages.STAGE_NAMES
+    preflight.check(cfg, names[names.index(args.start):] if args.start else names, overrides)  # before Prefect
     t0 = time.perf_counter()
     with project_lock(cfg):                       # before Prefect starts; the flow re-enters it
         result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),

@@ -94,3 +94,34 @@ def get(name: str) -> Variant:
     if name not in VARIANTS:
         raise ValueError(f"unknown ONNX variant {name!r}; known: {['fp32', *VARIANTS]} (tuneops/export/variants.py)")
     return VARIANTS[name]
+
+
+class VariantParamError(ValueError):
+    """A variant named by params that the registry or the gate cannot serve; ``key`` is the params
+    key at fault (``optimize.extra_variants``, ``optimize.max_ppl_change_pct``, ...)."""
+
+    def __init__(self, key: str, message: str):
+        super().__init__(f"{key}: {message}")
+        self.key, self.message = key, message
+
+
+def wanted(params: Any, profiles: dict[str, dict[str, Any]]) -> list[str]:
+    """The variants one optimize run builds, in order: fp32, each target profile's, then
+    ``optimize.extra_variants``. Raises ``VariantParamError`` naming the params key when a name is not
+    in ``VARIANTS`` or has no gate threshold: cheap (no model, no graph), so the CLI and the flow
+    check it before the first stage (``tuneops.preflight``) and the stage again before its export."""
+    names = list(dict.fromkeys(["fp32"] + [v for t in params.targets for v in profiles[t]["variants"]]
+                               + list(params.extra_variants)))
+    for name in names[1:]:
+        if name not in VARIANTS:
+            where = ("optimize.extra_variants" if name in params.extra_variants else
+                     f"target profile {next(t for t in params.targets if name in profiles[t]['variants'])!r} "
+                     "(tuneops/targets)")
+            raise VariantParamError(where, f"unknown ONNX variant {name!r}; known: {['fp32', *VARIANTS]} "
+                                           "(tuneops/export/variants.py)")
+    for key in ("max_ppl_change_pct", "min_top1_agreement"):
+        missing = [v for v in names[1:] if v not in getattr(params, key)]
+        if missing:
+            raise VariantParamError(f"optimize.{key}", f"no threshold for variant(s) {missing}: add "
+                                                      f"{', '.join(f'{v}: <value>' for v in missing)}")
+    return names
