@@ -43,7 +43,7 @@ TINY = (
 )
 # The stage-by-stage project (tests/test_stages.py, test_optimize_onnx.py, test_report.py) builds every
 # target's variants; the other tiny pipelines (flow, dvc, orchestration, ...) export fp32 only.
-ALL_TARGETS = ("optimize.targets=[cpu,fpga,npu]",)
+ALL_TARGETS = ("optimize.targets=[cpu,fpga,npu]", "optimize.extra_variants=[int4]")  # int4: opt-in
 
 
 def wait_for(predicate, timeout: float, what: str, logs=(), interval: float = 2.0):

@@ -46,7 +46,7 @@ def test_kv_cache_export_decodes_incrementally_like_full_sequence(optimized, tin
 def test_every_variant_built_gated_and_covered_per_target(optimized, tiny_cfg):
     out = tiny_cfg.path("optimize_dir")
     variants = optimized["variants"]
-    # the targets' variants (cpu: int8, int4; fpga/npu: qdq); int8_dynamic is opt-in (extra_variants)
+    # the targets' variants (cpu: int8; fpga/npu: qdq) and the opt-in calibrated int4 (extra_variants)
     assert set(variants) == {"fp32", "int8", "int4", "qdq"}
     for name, v in variants.items():
         assert (out / v["path"]).is_file() and isinstance(v["accepted"], bool) and np.isfinite(v["perplexity"])

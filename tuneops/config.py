@@ -189,6 +189,7 @@ class TrainParams(_Section):
     seed: int
     threads: int = Field(ge=0)
     packing: bool = False
+    group_by_length: bool = True
     save_steps: int = Field(default=0, ge=0)
     save_total_limit: int = Field(default=2, ge=1)
     resume: bool = True

@@ -182,7 +182,9 @@ def _dequantized_from_gguf(gguf: Path) -> Any:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    # the loaded model's config, not AutoConfig over the GGUF again (each GGUF read parses the whole
+    # vocabulary in Python: ~20% of the model stage on SmolLM2)
+    cfg = AutoConfig.for_model(**loaded.config.to_dict())
     if hasattr(cfg, "quantization_config"):
         del cfg.quantization_config
     cfg.dtype = torch.float32

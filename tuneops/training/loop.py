@@ -190,6 +190,8 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=plan["micro_batch_size"], gradient_accumulation_steps=plan["grad_accum"],
+        # similar lengths per batch: less padding, same examples per step (packing has none to save)
+        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
         activation_checkpointing=bool(plan.get("gradient_checkpointing")) and methods.spec(plan["method"]).trainer_checkpointing,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit, save_only_model=False, report_to="none",
