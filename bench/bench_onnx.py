@@ -9,7 +9,8 @@ through the model's own chat template) and the same perplexity rows as the stage
 (``optimize.ppl_samples``) for every engine; medians over prompts of first-token latency and
 decode tokens/s (``--new-tokens`` greedy tokens with the KV cache, stop tokens ignored); engines
 interleaved per prompt so load changes hit all alike. The stage's per-layer sensitivity report
-(calibrated ``int4``) is copied into the results.
+(calibrated ``int4``, opt-in: run the stage with ``--set 'optimize.extra_variants=[int4]'``) is
+copied into the results.
 
     python bench/bench_onnx.py --genai                                    # the default project
     python bench/bench_onnx.py --set model.source=gemma3-270m --genai    # after such a run

@@ -32,7 +32,7 @@ COVERED_ELSEWHERE = {
     "tuneops api worker": "a Prefect worker: test_service.py",
     "tuneops classify": "needs a classifier export: test_optimize_onnx.py",
     "tuneops generate --model models:/ft-": "a jobs-API model: test_service.py",
-    "tuneops generate \"How are you?\" --variant int4": "needs the cpu target's variants: test_optimize_onnx.py",
+    "tuneops generate \"How are you?\" --variant int8": "needs the cpu target's variants: test_optimize_onnx.py",
 }
 # Exit codes the README states for an example (default 0).
 EXPECTED = {
