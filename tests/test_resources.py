@@ -95,3 +95,12 @@ def test_stage_summary_shows_the_peak_rss():
             == "train: 21.8 s, peak RSS 1.3 GiB  method lora, steps 8, loss 12.48 -> 12.35")
     assert log.stage_summary("train", result, 21.84) == "train: 21.8 s  method lora, steps 8, loss 12.48 -> 12.35"
     assert log.stage_summary("model", {}, peak_rss_bytes=2**30) == "model: peak RSS 1.0 GiB"
+
+
+def test_train_summary_prefers_the_smoothed_loss():
+    from tuneops.training.loop import _loss_ends
+
+    ends = _loss_ends([{"loss": x} for x in (4.0, 2.0, 3.0, 5.0, 1.0, 2.0, 2.5, 1.5, 0.5, 1.0, 2.0, 3.0)])
+    assert ends == {"loss_start": 3.0, "loss_end": 2.0, "loss_mean_of_steps": 3}
+    result = {"method": "lora", "steps": 12, "first_loss": 4.0, "final_loss": 2.0, **ends}
+    assert log.stage_summary("train", result) == "train: method lora, steps 12, loss 3 -> 2"

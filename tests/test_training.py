@@ -241,3 +241,34 @@ def test_truncated_checkpoint_is_skipped(tmp_path):
         fh.truncate(10)
     last, skipped = checkpoints.latest_complete(tmp_path)
     assert last.name == "checkpoint-2" and [p.name for p in skipped] == ["checkpoint-4"]
+
+
+def test_length_batches_cover_every_example_once_with_little_padding_in_random_order():
+    """train.group_by_length's sampler: each example once per pass, batches of similar length
+    (padding share far below random batches'), batch order shuffled (not longest first, which would
+    sort the loss curve by length), and the same order again from the same torch seed (resume)."""
+    import random
+
+    import torch
+
+    from tuneops.training.loop import LengthBatches
+
+    rng = random.Random(0)
+    lengths = [rng.choice([rng.randint(10, 60), rng.randint(60, 250)]) for _ in range(805)]
+    sampler = LengthBatches(lengths, batch=8)
+    torch.manual_seed(42)
+    order = list(sampler)
+    torch.manual_seed(42)
+    assert list(sampler) == order and sorted(order) == list(range(805))
+    batches = [order[i:i + 8] for i in range(0, len(order), 8)]
+
+    def real_share(bs: list[list[int]]) -> float:
+        return sum(lengths[i] for b in bs for i in b) / sum(max(lengths[i] for i in b) * len(b) for b in bs)
+
+    shuffled = list(range(805))
+    rng.shuffle(shuffled)
+    assert real_share(batches) > 0.8 > 0.6 > real_share([shuffled[i:i + 8] for i in range(0, 805, 8)])
+    longest = [max(lengths[i] for i in b) for b in batches]
+    first_half, second_half = longest[: len(longest) // 2], longest[len(longest) // 2:]
+    assert abs(sum(first_half) / len(first_half) - sum(second_half) / len(second_half)) < 30
+    assert longest != sorted(longest, reverse=True) and longest != sorted(longest)

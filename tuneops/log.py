@@ -61,13 +61,14 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# Key figures of each stage's result (label, result key); absent keys are left out.
+# Key figures of each stage's result (label, result key or "key|fallback"); absent keys are left out.
 FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
     "model": (("source", "source"),),
     "ingest": (("scenario", "scenario"), ("train rows", "train_rows"), ("eval rows", "eval_rows")),
     "validate": (("train rows", "train_rows"), ("eval rows", "eval_rows"), ("rejected", "rejected_rows")),
     "select": (("method", "method"), ("fits", "fits")),
-    "train": (("method", "method"), ("steps", "steps"), ("loss", "first_loss"), ("->", "final_loss"),
+    # loss: the mean of the first / last few steps (a batch's loss varies with its examples)
+    "train": (("method", "method"), ("steps", "steps"), ("loss", "loss_start|first_loss"), ("->", "loss_end|final_loss"),
               ("tokens/s", "tokens_per_s")),
     "evaluate": (("base ppl", "base_perplexity"), ("fine-tuned ppl", "finetuned_perplexity"),
                  ("base acc", "base_accuracy"), ("fine-tuned acc", "finetuned_accuracy")),
@@ -84,7 +85,11 @@ def gib(n_bytes: int | None) -> str:
 def stage_summary(name: str, result: dict[str, Any], seconds: float | None = None,
                   peak_rss_bytes: int | None = None) -> str:
     """One line: ``train: 21.8 s, peak RSS 1.2 GiB  method lora, steps 8, loss 12.48 -> 12.35, tokens/s 540``."""
-    figures = [f"{label} {_fmt(result[key])}" for label, key in FIGURES.get(name, ()) if result.get(key) is not None]
+    figures = []
+    for label, keys in FIGURES.get(name, ()):           # "a|b": the first key the result has
+        key = next((k for k in keys.split("|") if result.get(k) is not None), None)
+        if key is not None:
+            figures.append(f"{label} {_fmt(result[key])}")
     if name == "optimize" and isinstance(result.get("variants"), dict):
         figures.append("variants " + " ".join(f"{v}{'' if r.get('accepted') else '(rejected)'}"
                                               for v, r in result["variants"].items()))

@@ -67,7 +67,8 @@ def ds_config(plan: dict[str, Any], max_grad_norm: float) -> dict[str, Any]:
 
 def _init_distributed(plan: dict[str, Any], world_size: int) -> None:
     """Accelerate's state for this rank: gloo on CPU, nccl on CUDA; with DeepSpeed, the recipe
-    that makes the Trainer see the launcher's world (shared/notes/stack-on-cpu.md)."""
+    that makes the Trainer see the launcher's world: ``ACCELERATE_USE_DEEPSPEED`` set while the
+    state is created, DeepSpeed's shared-memory comm op off on CPU (its JIT build takes 87 s)."""
     if world_size == 1 and not uses_deepspeed(plan):
         return
     import torch
@@ -111,6 +112,60 @@ class _CountingCollator(Collator):
         return batch
 
 
+class LengthBatches:
+    """Batches of similar length in random order: a sampler over ``lengths`` that shuffles the
+    examples, sorts each window of ``window`` batches by length, cuts it into batches of
+    ``batch`` and shuffles the batches (Trainer's ``group_by_length`` sampler keeps them longest
+    first, which sorts the loss curve by length). Same examples per step as random batches, far
+    less padding (chat rows: 55% real tokens in random batches of 8, 96% grouped). Its seed is
+    drawn from torch's global generator per pass, as ``RandomSampler``'s is, so a resumed run
+    (Trainer restores that generator) replays the same order."""
+
+    def __init__(self, lengths: list[int], batch: int, window: int = 50):
+        self.lengths, self.batch, self.window = lengths, batch, window
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def __iter__(self) -> Any:
+        import torch
+
+        g = torch.Generator().manual_seed(int(torch.empty((), dtype=torch.int64).random_().item()))
+        order = torch.randperm(len(self.lengths), generator=g).tolist()
+        span = self.batch * self.window
+        batches = []
+        for start in range(0, len(order), span):
+            chunk = sorted(order[start:start + span], key=lambda i: self.lengths[i])
+            batches += [chunk[i:i + self.batch] for i in range(0, len(chunk), self.batch)]
+        for k in torch.randperm(len(batches), generator=g).tolist():
+            yield from batches[k]
+
+
+def _loss_ends(history: list[dict[str, Any]]) -> dict[str, Any]:
+    losses = [h["loss"] for h in history]
+    if not losses:
+        return {}
+    k = max(1, min(5, len(losses) // 4))
+    return {"loss_start": sum(losses[:k]) / k, "loss_end": sum(losses[-k:]) / k, "loss_mean_of_steps": k}
+
+
+def _trainer(group_by_length: bool) -> Any:
+    """``Trainer``, or one whose training sampler is ``LengthBatches`` over micro batches: each
+    micro batch is of similar length (the padding saved), the micro batches an optimizer step
+    accumulates come from different length groups (its loss stays a mix of lengths)."""
+    from transformers import Trainer
+
+    if not group_by_length:
+        return Trainer
+
+    class LengthGroupedTrainer(Trainer):
+        def _get_train_sampler(self, train_dataset: Any = None) -> Any:
+            data = train_dataset if train_dataset is not None else self.train_dataset
+            return LengthBatches([len(f["input_ids"]) for f in data],
+                                 self.args.per_device_train_batch_size)
+    return LengthGroupedTrainer
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -142,7 +197,7 @@ def _mlflow_callback(collator: Any, world_size: int) -> Any:
 def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     """Train on this rank; rank 0 writes the outputs and returns the metrics."""
     import torch
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     t = cfg.train
     rank, local_rank, world_size = world()
@@ -190,8 +245,6 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed,
         per_device_train_batch_size=plan["micro_batch_size"], gradient_accumulation_steps=plan["grad_accum"],
-        # similar lengths per batch: less padding, same examples per step (packing has none to save)
-        train_sampling_strategy="group_by_length" if t.group_by_length and not t.packing else "random",
         activation_checkpointing=bool(plan.get("gradient_checkpointing")) and methods.spec(plan["method"]).trainer_checkpointing,
         save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 500,
         save_total_limit=t.save_total_limit, save_only_model=False, report_to="none",
@@ -233,8 +286,9 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                 **{f"peft.{k}": v for k, v in (plan.get("peft") or {}).items()}})
         callbacks.append(_mlflow_callback(collator, world_size))
     try:
-        trainer = Trainer(model=model, args=args, train_dataset=features, data_collator=collator,
-                          callbacks=callbacks)
+        # similar lengths per batch: less padding, same examples per step (packing has none to save)
+        trainer = _trainer(t.group_by_length and not t.packing)(
+            model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks)
         if methods.spec(plan["method"]).nf4_base:
             methods.disable_cpu_bf16_repack(trainer.model)
         t0 = time.perf_counter()
@@ -266,6 +320,9 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                 "train_loss": result.training_loss,
                 "first_loss": history[0]["loss"] if history else None,
                 "final_loss": history[-1]["loss"] if history else None,
+                # the mean of the first / last k steps' losses (k = 5, fewer on short runs): one
+                # batch's loss moves with its examples (more so in length-grouped batches)
+                **_loss_ends(history),
                 "tokens": int(tokens.item()), "tokens_per_s": int(tokens.item()) / runtime, "runtime_s": runtime,
                 "trainable_params": trainable, "total_params": total, "world_size": world_size,
                 "zero_stage": plan["zero_stage"], "packing": t.packing,

@@ -61,7 +61,7 @@ def _load_4bit(base_dir: Path, plan: dict[str, Any]) -> Any:
 
 def disable_cpu_bf16_repack(model: Any) -> int:
     """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at the first no-grad forward and then
-    uses a kernel without autograd: LoRA stops learning silently (shared/notes/stack-on-cpu.md).
+    uses a kernel without autograd: LoRA stops learning silently (seen with bitsandbytes 0.50).
     Turn that path off on every Linear4bit; returns how many."""
     try:
         import bitsandbytes as bnb
