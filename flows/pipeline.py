@@ -40,7 +40,7 @@ def finetune(params_file: str = "params.yaml", overrides: list[str] | None = Non
     env.configure(cfg.state_dir)
     os.environ["TUNEOPS_PREFECT_FLOW_RUN_ID"] = str(runtime.flow_run.id)
     names = stages.STAGE_NAMES[stages.STAGE_NAMES.index(start):] if start else stages.STAGE_NAMES
-    preflight.check(cfg, names, overrides or [])    # late stages' params, before the first stage runs
+    preflight.check(cfg, start, overrides or [])    # late stages' params, before the first stage runs
     record = _records_dvc(cfg, params_file, overrides)
     results: dict[str, Any] = {}
     usage: dict[str, resources.Usage] = {}

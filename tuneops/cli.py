@@ -148,9 +148,7 @@ def _stage(cfg: Any, args: argparse.Namespace) -> int:
     from .orchestrate.lock import project_lock
 
     # this stage's params and the later stages' (what `dvc repro` runs next), before any compute
-    names = stages.STAGE_NAMES
-    preflight.check(cfg, names[names.index(args.command):] if args.command in names else [args.command],
-                    list(getattr(args, "overrides", []) or []))
+    preflight.check(cfg, args.command, list(getattr(args, "overrides", []) or []))
     with resources.measure() as usage, project_lock(cfg):      # one writer per project
         result = stages.get(args.command).load()(cfg)
     return _result(args, result, log.stage_summary(args.command, result, usage.wall_s, usage.peak_rss_bytes))
@@ -188,18 +186,15 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
 
     from flows.pipeline import finetune
 
-    from . import log
+    from . import log, preflight
 
     from .orchestrate.lock import project_lock
 
-    from . import preflight
-
     overrides = list(getattr(args, "overrides", []) or [])
-    names = stages.STAGE_NAMES
-    preflight.check(cfg, names[names.index(args.start):] if args.start else names, overrides)  # before Prefect
+    preflight.check(cfg, args.start, overrides)   # before Prefect starts (the flow checks again: deployments)
     t0 = time.perf_counter()
     with project_lock(cfg):                       # before Prefect starts; the flow re-enters it
-        result = finetune(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or []),
+        result = finetune(params_file=cfg.source, overrides=overrides,
                           start=args.start)
     ran = [name for name in result if name in stages.STAGE_NAMES]      # not the "resources" entry
     lines = [log.stage_summary(name, result[name]) for name in ran]

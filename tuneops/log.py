@@ -61,14 +61,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-# Key figures of each stage's result (label, result key or "key|fallback"); absent keys are left out.
-FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
+# Key figures of each stage's result (label, result key or (key, fallback key, ...)); absent keys are left out.
+FIGURES: dict[str, tuple[tuple[str, str | tuple[str, ...]], ...]] = {
     "model": (("source", "source"),),
     "ingest": (("scenario", "scenario"), ("train rows", "train_rows"), ("eval rows", "eval_rows")),
     "validate": (("train rows", "train_rows"), ("eval rows", "eval_rows"), ("rejected", "rejected_rows")),
     "select": (("method", "method"), ("fits", "fits")),
     # loss: the mean of the first / last few steps (a batch's loss varies with its examples)
-    "train": (("method", "method"), ("steps", "steps"), ("loss", "loss_start|first_loss"), ("->", "loss_end|final_loss"),
+    "train": (("method", "method"), ("steps", "steps"), ("loss", ("loss_start", "first_loss")),
+              ("->", ("loss_end", "final_loss")),
               ("tokens/s", "tokens_per_s")),
     "evaluate": (("base ppl", "base_perplexity"), ("fine-tuned ppl", "finetuned_perplexity"),
                  ("base acc", "base_accuracy"), ("fine-tuned acc", "finetuned_accuracy")),
@@ -86,8 +87,8 @@ def stage_summary(name: str, result: dict[str, Any], seconds: float | None = Non
                   peak_rss_bytes: int | None = None) -> str:
     """One line: ``train: 21.8 s, peak RSS 1.2 GiB  method lora, steps 8, loss 12.48 -> 12.35, tokens/s 540``."""
     figures = []
-    for label, keys in FIGURES.get(name, ()):           # "a|b": the first key the result has
-        key = next((k for k in keys.split("|") if result.get(k) is not None), None)
+    for label, keys in FIGURES.get(name, ()):           # the first of the keys the result has
+        key = next((k for k in ((keys,) if isinstance(keys, str) else keys) if result.get(k) is not None), None)
         if key is not None:
             figures.append(f"{label} {_fmt(result[key])}")
     if name == "optimize" and isinstance(result.get("variants"), dict):

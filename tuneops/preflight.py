@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError
+from . import stages
+from .config import Config, ConfigError, _parse_override
 
 
 def key_line(params_file: str | Path, dotted: str) -> int | None:
@@ -37,7 +38,7 @@ def key_line(params_file: str | Path, dotted: str) -> int | None:
 
 def where(cfg: Config, dotted: str, overrides: list[str] | tuple[str, ...] = ()) -> str:
     """``params.yaml:LINE: KEY`` or ``--set KEY`` for an overridden key."""
-    if any(o.split("=", 1)[0].strip() == dotted for o in overrides):
+    if any(".".join(_parse_override(o)[0]) == dotted for o in overrides):
         return f"--set {dotted}"
     line = key_line(cfg.source, dotted)
     return f"{cfg.source}{f':{line}' if line else ''}: {dotted}"
@@ -51,16 +52,16 @@ def _optimize(cfg: Config, overrides: list[str] | tuple[str, ...]) -> None:
     try:
         wanted(o, {t: targets.load(t) for t in o.targets})
     except VariantParamError as exc:
-        key = exc.key if exc.key.startswith("optimize.") else "optimize.targets"
-        raise ConfigError(f"{where(cfg, key, overrides)}: {exc.message}") from None
+        raise ConfigError(f"{where(cfg, exc.key, overrides)}: {exc.message}") from None
 
 
 CHECKS = {"optimize": _optimize}
 
 
-def check(cfg: Config, stage_names: list[str] | tuple[str, ...],
-          overrides: list[str] | tuple[str, ...] = ()) -> None:
-    """Run the params checks of the stages in ``stage_names``; raise ``ConfigError`` on the first problem."""
-    for name in stage_names:
+def check(cfg: Config, start: str | None = None, overrides: list[str] | tuple[str, ...] = ()) -> None:
+    """Run the params checks of the stages from ``start`` (all when None) to the last; raise
+    ``ConfigError`` on the first problem."""
+    names = stages.STAGE_NAMES
+    for name in names[names.index(start):] if start else names:
         if name in CHECKS:
             CHECKS[name](cfg, overrides)

@@ -113,12 +113,14 @@ def wanted(params: Any, profiles: dict[str, dict[str, Any]]) -> list[str]:
     names = list(dict.fromkeys(["fp32"] + [v for t in params.targets for v in profiles[t]["variants"]]
                                + list(params.extra_variants)))
     for name in names[1:]:
-        if name not in VARIANTS:
-            where = ("optimize.extra_variants" if name in params.extra_variants else
-                     f"target profile {next(t for t in params.targets if name in profiles[t]['variants'])!r} "
-                     "(tuneops/targets)")
-            raise VariantParamError(where, f"unknown ONNX variant {name!r}; known: {['fp32', *VARIANTS]} "
-                                           "(tuneops/export/variants.py)")
+        try:
+            get(name)
+        except ValueError as exc:
+            if name in params.extra_variants:
+                raise VariantParamError("optimize.extra_variants", str(exc)) from None
+            profile = next(t for t in params.targets if name in profiles[t]["variants"])
+            raise VariantParamError("optimize.targets", f"target profile {profile!r} (tuneops/targets/"
+                                                        f"{profile}.yaml): {exc}") from None
     for key in ("max_ppl_change_pct", "min_top1_agreement"):
         missing = [v for v in names[1:] if v not in getattr(params, key)]
         if missing:
