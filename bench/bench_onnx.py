@@ -2,9 +2,10 @@
 
 Reads a finished optimize stage (``paths.optimize_dir`` of ``--params``, plus ``--set`` overrides):
 PyTorch fp32 is the merged fine-tuned model (base + the train stage's adapter); every dynamic-shape
-variant the stage built (accepted or not) is an ORT engine, from the stage's files; with
-``--genai`` onnxruntime-genai's model builder builds INT4 and INT8 from the same merged model
-(fused ``GroupQueryAttention`` + rotary). Same prompts (the first user turn of held-out rows,
+variant the stage built (accepted or not) is an ORT engine, from the stage's files, built by the
+export package (``tuneops/export``) and gated by the stage: onnxruntime-genai's own INT4 and INT8
+are the stage variants ``genai_int4`` / ``genai_int8`` (fused ``GroupQueryAttention`` + rotary,
+like the stage's fp32 graph with ``optimize.exporter: builder``). Same prompts (the first user turn of held-out rows,
 through the model's own chat template) and the same perplexity rows as the stage's gate
 (``optimize.ppl_samples``) for every engine; medians over prompts of first-token latency and
 decode tokens/s (``--new-tokens`` greedy tokens with the KV cache, stop tokens ignored); engines
@@ -12,8 +13,9 @@ interleaved per prompt so load changes hit all alike. The stage's per-layer sens
 (calibrated ``int4``, opt-in: run the stage with ``--set 'optimize.extra_variants=[int4]'``) is
 copied into the results.
 
-    python bench/bench_onnx.py --genai                                    # the default project
-    python bench/bench_onnx.py --set model.source=gemma3-270m --genai    # after such a run
+    tuneops run --set 'optimize.extra_variants=[genai_int4,genai_int8]'      # the stage builds and gates them
+    python bench/bench_onnx.py                                                # then the benchmark reads them
+    python bench/bench_onnx.py --set model.source=gemma3-270m                # after such a run on Gemma
 
 Writes ``bench/results/onnx-cpu.md`` (+ ``.json``; ``--out`` to choose).
 """
@@ -84,51 +86,13 @@ def ort_engine(lm):
     return first, nxt
 
 
-def genai_engine(model):
-    import onnxruntime_genai as og
-
-    def first(prompt):
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + 1024, do_sample=False)
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt)
-        gen.generate_next_token()
-        return gen, int(gen.get_next_tokens()[0])
-
-    def nxt(gen, token):
-        gen.generate_next_token()
-        return gen, int(gen.get_next_tokens()[0])
-    return first, nxt
-
-
-def genai_perplexity(model, features) -> float:
-    """Perplexity from onnxruntime-genai's full-prompt logits (one sequence at a time)."""
-    import onnxruntime_genai as og
-
-    from tuneops.lm import nll
-
-    total, count = 0.0, 0
-    for f in features:
-        params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(f["input_ids"]) + 1024)
-        gen = og.Generator(model, params)
-        gen.append_tokens(f["input_ids"])
-        logits = gen.get_output("logits")
-        s, n = nll(logits, np.array([f["labels"]]))
-        total, count = total + s, count + n
-    return float(np.exp(total / max(count, 1)))
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE (as tuneops --set)")
-    ap.add_argument("--work", default=str(ROOT / ".tuneops" / "bench-onnx"), help="merged model, genai builds")
     ap.add_argument("--prompts", type=int, default=8)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--genai", action="store_true", help="also onnxruntime-genai INT4 and INT8 (model builder)")
-    ap.add_argument("--reuse", action="store_true", help="reuse the merged model / genai builds in --work")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "onnx-cpu.md"))
     args = ap.parse_args()
 
@@ -136,7 +100,8 @@ def main() -> int:
 
     from tuneops import finetuned
     from tuneops.config import load_config
-    from tuneops.io import dir_size, read_json, read_jsonl
+    from tuneops.export.exporter import graph_size
+    from tuneops.io import read_json, read_jsonl
     from tuneops.lm import perplexity, torch_forward
     from tuneops.models import load_tokenizer
     from tuneops.onnx_lm import OnnxCausalLM
@@ -144,7 +109,6 @@ def main() -> int:
     cfg = load_config(args.params, args.overrides)
     o = cfg.optimize
     torch.set_num_threads(args.threads)
-    work = Path(args.work)
     base, stage = cfg.path("base_model_dir"), cfg.path("optimize_dir")
     metrics = read_json(stage / "metrics.json")
     tok = load_tokenizer(base)
@@ -164,35 +128,10 @@ def main() -> int:
         label = f"ORT {name}"
         lm = OnnxCausalLM(stage / v["path"], threads=args.threads)
         engines[label] = ort_engine(lm)
-        sizes[label] = dir_size((stage / v["path"]).parent)
+        sizes[label] = graph_size(stage / v["path"])
         ppls[label] = perplexity(lm, ppl_set, o.batch_size, tok.pad_token_id)["perplexity"]
         gates[label] = "accepted" if v["accepted"] else "rejected"
         print(label, "ppl", ppls[label], flush=True)
-    if args.genai:
-        import onnxruntime_genai as og
-
-        from tuneops.genai import build as genai_build
-
-        merged = work / "merged"
-        if not (args.reuse and (merged / "config.json").is_file()):
-            model.save_pretrained(str(merged))
-            tok.save_pretrained(str(merged))
-        for precision in ("int4", "int8"):
-            out = work / f"genai-{precision}"
-            if not (args.reuse and (out / "genai_config.json").is_file()):
-                t = time.perf_counter()
-                genai_build(merged, out, precision, work / "genai-cache")
-                build[f"genai_{precision}_s"] = time.perf_counter() - t
-            gcfg = og.Config(str(out))
-            gcfg.clear_providers()
-            gm = og.Model(gcfg)
-            label = f"ORT-GenAI {precision.upper()}"
-            engines[label] = genai_engine(gm)
-            sizes[label] = sum(p.stat().st_size for p in out.glob("model.onnx*"))
-            ppls[label] = genai_perplexity(gm, ppl_set)
-            gates[label] = "not gated (bench only)"
-            print(label, "ppl", ppls[label], flush=True)
-
     # warm-up, then engines interleaved per prompt so load changes hit all of them alike
     for first, nxt in engines.values():
         time_decode(first, nxt, prompts[0], 4)

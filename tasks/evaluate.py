@@ -13,7 +13,7 @@ from tuneops import finetuned, log
 from tuneops.chat import prompt_and_reference
 from tuneops.config import Config
 from tuneops.io import fresh_dir, md5_file, read_jsonl, write_json, write_jsonl
-from tuneops.lm import encode, generate, torch_perplexity
+from tuneops.lm import encode, generate_batch, torch_perplexity
 from tuneops.models import load_causal_lm, load_tokenizer
 
 
@@ -77,7 +77,7 @@ def run(cfg: Config) -> dict[str, Any]:
         log.log.info(f"evaluate: {name} model, {len(features)} conversations, {len(prompts)} generations ...")
         model.eval()
         scores[name] = torch_perplexity(model, features, e.batch_size, pad)
-        replies[name] = [generate(model, tokenizer, msgs, e.max_new_tokens) for msgs, _ in prompts]
+        replies[name] = generate_batch(model, tokenizer, [msgs for msgs, _ in prompts], e.max_new_tokens)
         del model
 
     base, ft = scores["base"], scores["finetuned"]

@@ -1,7 +1,9 @@
-"""Stage `optimize`: merge the adapter, export an ONNX causal LM with a KV cache once, check ONNX
-Runtime parity with PyTorch (full sequence and incremental decoding), optimise the graph, build
-the variants the target profiles (and ``optimize.extra_variants``) ask for from that one export,
-gate each variant and write a coverage report per variant and target.
+"""Stage `optimize`: merge the adapter, build the fp32 ONNX causal LM with a KV cache once
+(``optimize.exporter``: onnxruntime-genai's model builder, fused attention, seconds; or
+``torch.onnx`` + ONNX Runtime's fusions, minutes), check ONNX Runtime parity with PyTorch (full
+sequence and incremental decoding), build the variants the target profiles (and
+``optimize.extra_variants``) ask for from that one graph (or, for ``genai_*``, from the merged
+folder), gate each variant and write a coverage report per variant and target.
 
 The work is in ``tuneops/export`` (exporter, graph passes, quantizers, the calibrated 4-bit recipe,
 the variant registry, the gates); this stage wires it over paths and params.
@@ -27,7 +29,7 @@ from tuneops.config import Config
 from tuneops.export import exporter, gate, passes
 from tuneops.export.variants import Context, get
 from tuneops.export.variants import wanted as variants_wanted
-from tuneops.io import dir_size, fresh_dir, read_jsonl, write_json
+from tuneops.io import fresh_dir, read_jsonl, write_json
 from tuneops.lm import encode, perplexity, torch_forward, torch_perplexity
 from tuneops.models import load_tokenizer
 from tuneops.onnx_lm import OnnxCausalLM
@@ -74,22 +76,35 @@ def run(cfg: Config) -> dict[str, Any]:
         lambda: encode(read_jsonl(cfg.path("clean_train_data")), tokenizer, cfg.model.max_seq_len))
 
     model = finetuned.load(base_dir, cfg.path("train_dir"), merge=True).eval()
-    export_facts = families.for_config(model.config).export_facts(model.config)
+    family = families.for_config(model.config)
+    export_facts = family.export_facts(model.config)
+    how = exporter.choose(o.exporter, family, [get(n) for n in wanted[1:]])
     reference = torch_forward(model)
     torch_score = gate.score(reference, ppl_set, o.batch_size, pad)
     timings: dict[str, float] = {}
+    merged = None
+    if how == "builder" or any(get(n).builder for n in wanted[1:]):
+        t = time.perf_counter()          # the builder reads a Hugging Face folder
+        merged = exporter.save_merged(model, tokenizer, out / "merged")
+        timings["merged_folder_s"] = time.perf_counter() - t
     t = time.perf_counter()
     fp32 = out / "fp32" / "model.onnx"
-    with log.step("optimize: ONNX export with KV cache"):
-        raw = exporter.export_causal_lm(model, out / "export" / "model.onnx" if o.graph_optimization else fp32,
-                                        o.opset)
-    timings["export_s"] = time.perf_counter() - t
     graph: dict[str, Any] = {"optimizer": None}
-    if o.graph_optimization:
-        t = time.perf_counter()
-        graph = {"optimizer": "onnxruntime.transformers (gpt2 fusions)", **passes.optimize_graph(raw, fp32, model)}
-        shutil.rmtree(raw.parent, ignore_errors=True)
-        timings["graph_optimization_s"] = time.perf_counter() - t
+    if how == "builder":
+        with log.step("optimize: fp32 ONNX graph with KV cache (onnxruntime-genai's builder: fused attention)"):
+            exporter.export_builder(merged, fp32)
+        timings["export_s"] = time.perf_counter() - t
+        graph = {"optimizer": "onnxruntime-genai model builder", "fused_ops": exporter.fused_ops(fp32)}
+    else:
+        with log.step("optimize: ONNX export with KV cache (torch.onnx)"):
+            raw = exporter.export_causal_lm(model, out / "export" / "model.onnx" if o.graph_optimization else fp32,
+                                            o.opset)
+        timings["export_s"] = time.perf_counter() - t
+        if o.graph_optimization:
+            t = time.perf_counter()
+            graph = {"optimizer": "onnxruntime.transformers (gpt2 fusions)", **passes.optimize_graph(raw, fp32, model)}
+            shutil.rmtree(raw.parent, ignore_errors=True)
+            timings["graph_optimization_s"] = time.perf_counter() - t
     lm = OnnxCausalLM(fp32)
     parity = gate.max_logits_diff(reference, lm, features[: o.parity_samples])
     incremental = gate.incremental_diff(lm, features[: o.parity_samples], o.kv_parity_tokens)
@@ -103,7 +118,7 @@ def run(cfg: Config) -> dict[str, Any]:
         # PyTorch on the same cut sequences
         fixed_set = [{k: v[: shape[1]] for k, v in f.items()} for f in ppl_set]
         torch_fixed = gate.score(reference, fixed_set, o.batch_size, pad)
-    ctx = Context(fp32=fp32, fixed=fixed, shape=shape, params=o, calibration=calibration, pad_id=pad)
+    ctx = Context(fp32=fp32, fixed=fixed, shape=shape, params=o, calibration=calibration, pad_id=pad, merged=merged)
     for name in wanted[1:]:                        # torch-side steps (calibration) while the model is loaded
         variant = get(name)
         if variant.prepare is not None:
@@ -115,9 +130,9 @@ def run(cfg: Config) -> dict[str, Any]:
     del model, reference                           # variants build from the ONNX export alone
 
     variants: dict[str, dict[str, Any]] = {}
-    fp32_size = dir_size(fp32.parent)
+    fp32_size = exporter.graph_size(fp32)
     variants["fp32"] = {
-        "path": str(fp32.relative_to(out)), "size_bytes": fp32_size, "perplexity": fp32_ppl,
+        "path": str(fp32.relative_to(out)), "exporter": how, "size_bytes": fp32_size, "perplexity": fp32_ppl,
         "max_abs_logits_diff": parity, "incremental_max_abs_diff": incremental,
         "accepted": parity <= o.parity_atol and incremental <= o.parity_atol,
         "gate": f"max abs logits diff <= {o.parity_atol} (full sequence vs PyTorch, and KV-cache decoding vs full)"}
@@ -128,8 +143,10 @@ def run(cfg: Config) -> dict[str, Any]:
         t = time.perf_counter()
         variant.build(ctx, dst)
         timings[f"{name}_s"] = time.perf_counter() - t
+        if how == "builder" and not variant.builder and not variant.fixed_shape:
+            exporter.copy_sidecar(fp32, dst)       # genai_config.json + tokenizer: onnxruntime_genai runs it too
         got = gate.score(OnnxCausalLM(dst), fixed_set if variant.fixed_shape else ppl_set, o.batch_size, pad)
-        size = dir_size(dst.parent)
+        size = exporter.graph_size(dst)
         variants[name] = {"path": str(dst.relative_to(out)), "size_bytes": size, "size_ratio": size / fp32_size,
                           **gate.gate_quantized(name, got, torch_fixed if variant.fixed_shape else torch_score,
                                                 o.max_ppl_change_pct, o.min_top1_agreement), **ctx.info.get(name, {})}
@@ -137,8 +154,9 @@ def run(cfg: Config) -> dict[str, Any]:
             variants[name].update(fixed_shape=list(shape), torch_perplexity_at_fixed_shape=torch_fixed["perplexity"])
     for name, v in variants.items():
         v["coverage"] = _coverage(out / v["path"], profiles, o.coverage_context)
-    if fixed is not None:
-        shutil.rmtree(fixed.parent)
+    for scratch in (fixed.parent if fixed is not None else None, merged):
+        if scratch is not None:
+            shutil.rmtree(scratch)
     metrics = {"torch_perplexity": torch_score["perplexity"], "ppl_samples": len(ppl_set),
                "parity_samples": o.parity_samples, "export": export_facts, "targets": list(o.targets),
                "graph_optimization": graph, "timings": timings, "variants": variants,

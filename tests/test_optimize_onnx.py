@@ -79,6 +79,85 @@ def test_every_variant_built_gated_and_covered_per_target(optimized, tiny_cfg):
     assert read_json(out / "metrics.json")["default_variant"] == default
 
 
+@pytest.fixture(scope="module")
+def built(stage, tiny_project):
+    """The same trained model through onnxruntime-genai's builder: fp32 graph with fused attention,
+    our int8 from it, and the builder's own int8 / int4 (a second optimize output folder)."""
+    from tasks import optimize
+    from tuneops.config import load_config
+
+    stage("train")
+    cfg = load_config(tiny_project / "params.yaml", ["optimize.exporter=builder", "optimize.targets=[cpu]",
+                                                      "optimize.extra_variants=[genai_int8,genai_int4]",
+                                                      "paths.optimize_dir=artifacts/optimize-builder"])
+    return cfg, optimize.run(cfg)
+
+
+def test_builder_graph_has_fused_attention_passes_parity_and_decodes_like_pytorch(built):
+    import torch
+
+    from tuneops import finetuned
+    from tuneops.onnx_lm import OnnxCausalLM
+
+    cfg, out = built
+    fp32 = out["variants"]["fp32"]
+    assert fp32["exporter"] == "builder" and fp32["accepted"]
+    assert fp32["max_abs_logits_diff"] <= cfg.optimize.parity_atol and fp32["incremental_max_abs_diff"] <= 1e-4
+    assert out["graph_optimization"]["fused_ops"]["GroupQueryAttention"] == 2      # one per layer
+    lm = OnnxCausalLM(cfg.path("optimize_dir") / fp32["path"])
+    assert not lm.has_positions and lm.kv_shape == (1, 32)   # positions from the mask; head size made concrete
+    model = finetuned.load(cfg.path("base_model_dir"), cfg.path("train_dir"), merge=True).eval()
+    prompt = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
+    with torch.inference_mode():
+        ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                             min_new_tokens=6, pad_token_id=0)[0, len(prompt):].tolist()
+    assert list(lm.stream(prompt, 6)) == ref
+    assert not (cfg.path("optimize_dir") / "merged").exists()      # the merged folder is scratch
+
+
+def test_variants_from_the_builder_graph_and_the_builders_own_are_gated(built):
+    import onnx
+
+    cfg, out = built
+    root, variants = cfg.path("optimize_dir"), out["variants"]
+    assert set(variants) == {"fp32", "int8", "genai_int8", "genai_int4"}
+    int8 = variants["int8"]         # our recipe on the builder's graph: the tied embedding reads the head's codes
+    assert abs(int8["perplexity_change_pct"]) < 3 and int8["size_ratio"] < 0.4
+    ops = {n.op_type for n in onnx.load(str(root / int8["path"]), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits"} <= ops
+    assert (root / "int8" / "genai_config.json").is_file()     # onnxruntime_genai.Model runs the folder too
+    for name in ("genai_int8", "genai_int4"):
+        v = variants[name]
+        assert isinstance(v["accepted"], bool) and np.isfinite(v["perplexity"]) and "top1_agreement" in v
+        assert v["builder_options"]["block_size"] == str(cfg.optimize.block_size)
+    assert variants["genai_int4"]["builder_options"]["algo_config"] == cfg.optimize.genai.int4_algo
+    assert variants["genai_int4"]["size_ratio"] < 0.5      # 4-bit blocks; the shared embedding reads the head
+    assert out["default_variant"] in {n for n, v in variants.items() if v["accepted"]}
+
+
+def test_exporter_choice_follows_the_family_and_the_variants():
+    from types import SimpleNamespace
+
+    from tuneops.export.exporter import choose
+    from tuneops.export.variants import VariantParamError, get, wanted
+    from tuneops.families import FAMILIES, GENERIC
+
+    llama = next(f for f in FAMILIES if f.name == "llama")
+    assert choose("auto", llama, [get("int8")]) == "builder"
+    assert choose("auto", llama, [get("int8"), get("int4")]) == "torch"     # GPTQ maps torch module names
+    assert choose("torch", llama, [get("int8")]) == "torch"
+    assert choose("auto", GENERIC, [get("int8")]) == "torch"
+    with pytest.raises(ValueError, match="optimize.exporter: builder: .* generic family"):
+        choose("builder", GENERIC, [])
+    with pytest.raises(ValueError, match=r"\['genai_int8'\] need onnxruntime-genai's model builder"):
+        choose("auto", GENERIC, [get("genai_int8")])
+    params = SimpleNamespace(targets=[], extra_variants=["int4"], exporter="builder",
+                             max_ppl_change_pct={"int4": 3}, min_top1_agreement={"int4": 0.8})
+    with pytest.raises(VariantParamError, match="optimize.exporter: builder: variant.*int4.* torch.onnx") as err:
+        wanted(params, {})
+    assert err.value.key == "optimize.exporter"
+
+
 def test_quantized_gate_rejects_perplexity_drift_both_ways_and_top1_flips():
     import numpy as np
 

@@ -211,12 +211,20 @@ class Int4Params(_Section):
     max_8bit_share: float = Field(ge=0, le=1)      # at most this share of the weights in 8-bit (the size goal)
 
 
+class GenaiParams(_Section):
+    """The ``genai_int4`` variant: onnxruntime-genai's builder options (tuneops/export/variants.py)."""
+    int4_algo: Literal["default", "rtn", "k_quant"]
+    int4_mixed_precision: str | None = None        # e.g. last_matmul:int8,mixed_layers:int8 (null = all 4-bit)
+
+
 class OptimizeParams(_Section):
+    exporter: Literal["auto", "torch", "builder"]
     opset: int = Field(ge=17, le=23)
     targets: list[str] = Field(default_factory=list)   # [] = the fp32 export only
     extra_variants: list[str] = Field(default_factory=list)  # built besides the targets' variants (names checked
                                                              # against tuneops/export/variants.py by the stage)
     int4: Int4Params
+    genai: GenaiParams
     default_order: list[str] = Field(min_length=1)
     parity_atol: float = Field(gt=0)
     parity_samples: int = Field(gt=0)

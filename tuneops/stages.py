@@ -63,13 +63,13 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/evaluate.py", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lm.py",
                     "tuneops/models.py", "tuneops/training/heads.py", "tuneops/training/methods.py",
                     "tuneops/families.py")),
-    StageSpec("optimize", "merge adapter, ONNX export with KV cache, ORT parity, quantized variants per "
-              "target profile (INT8/INT4/QDQ), gates, coverage reports",
+    StageSpec("optimize", "merge adapter, fp32 ONNX graph with KV cache (onnxruntime-genai builder or "
+              "torch.onnx), ORT parity, quantized variants per target profile (INT8/INT4/QDQ), gates, coverage reports",
               params=("optimize", "model.max_seq_len"),
               deps=("base_model_dir", "clean_train_data", "clean_eval_data", "train_dir"), outs=("optimize_dir",),
               code=("tasks/optimize.py", "tuneops/export", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lm.py",
                     "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/targets", "tuneops/training/heads.py",
-                    "tuneops/training/methods.py", "tuneops/families.py")),
+                    "tuneops/training/methods.py", "tuneops/families.py", "tuneops/genai.py")),
     StageSpec("register", "log and register the model in MLflow; champion only if it beats base and champion",
               params=("register", "tracking"),
               deps=("train_dir", "evaluate_dir", "optimize_dir", "plan", "validation_dir"),

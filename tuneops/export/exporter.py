@@ -1,5 +1,10 @@
-"""Exporters: a merged PyTorch model -> ONNX graphs (``torch.onnx.export``, dynamo, external data).
+"""Exporters: a merged PyTorch model -> ONNX graphs (``torch.onnx.export``, dynamo, external data;
+or onnxruntime-genai's model builder).
 
+- ``choose``: which exporter builds the fp32 KV-cache graph (``optimize.exporter``).
+- ``export_builder``: that graph from onnxruntime-genai's builder (``tuneops/genai.py``): fused
+  ``GroupQueryAttention`` with rotary embeddings, built from the weights of the merged model's
+  Hugging Face folder (``save_merged``) in seconds; no ``position_ids`` input.
 - ``export_causal_lm``: ``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``,
   the KV-cache decoder every dynamic-shape variant starts from (exported once per stage run and
   reused by every variant).
@@ -96,6 +101,64 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any) -> Pa
     program = torch.onnx.export(module, args, dynamo=True, optimize=False, verbose=False, **kwargs)
     _fold(program).save(str(path), external_data=True)
     return path
+
+
+def choose(setting: str, family: Any, variants: list[Any]) -> str:
+    """``builder`` or ``torch`` for ``optimize.exporter`` (auto | builder | torch): auto is the builder
+    when the family has it (``Family.genai_builder``) and no variant needs the torch graph."""
+    needs_torch = [v.name for v in variants if v.torch_graph]
+    builders = [v.name for v in variants if v.builder]
+    if builders and not family.genai_builder:
+        raise ValueError(f"optimize: variant(s) {builders} need onnxruntime-genai's model builder, which does not "
+                         f"build the {family.name} family (tuneops/families.py genai_builder)")
+    if setting == "builder":
+        if not family.genai_builder:
+            raise ValueError(f"optimize.exporter: builder: onnxruntime-genai's model builder does not build the "
+                             f"{family.name} family (tuneops/families.py genai_builder); use auto or torch")
+        return "builder"
+    if setting == "torch" or needs_torch or not family.genai_builder:
+        return "torch"
+    return "builder"
+
+
+def save_merged(model: Any, tokenizer: Any, folder: Path) -> Path:
+    """The merged model as a Hugging Face folder (what the builder reads)."""
+    model.save_pretrained(str(folder))
+    tokenizer.save_pretrained(str(folder))
+    return folder
+
+
+def export_builder(merged: Path, path: Path) -> Path:
+    """fp32 KV-cache decoder from onnxruntime-genai's builder; ``path`` is ``<folder>/model.onnx``."""
+    from tuneops import genai
+
+    return genai.build(merged, path.parent, "fp32")
+
+
+def fused_ops(path: Path) -> dict[str, int]:
+    """Counts of the fused (com.microsoft) ops in a graph."""
+    import onnx
+
+    counts: dict[str, int] = {}
+    for node in onnx.load(str(path), load_external_data=False).graph.node:
+        if node.domain == "com.microsoft":
+            counts[node.op_type] = counts.get(node.op_type, 0) + 1
+    return counts
+
+
+def graph_size(path: Path) -> int:
+    """Bytes of a graph and its external data (not the tokenizer or config files beside it)."""
+    return sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file() and f.name.startswith(path.name))
+
+
+def copy_sidecar(src: Path, dst: Path) -> None:
+    """The builder's files beside ``src`` (``genai_config.json``, tokenizer, chat template) copied
+    beside ``dst``: a variant quantized from the builder's graph runs under onnxruntime-genai too."""
+    import shutil
+
+    for f in src.parent.iterdir():
+        if f.is_file() and not f.name.startswith(src.name) and not f.name.startswith("coverage-"):
+            shutil.copy2(f, dst.parent / f.name)
 
 
 def past_names(layers: int) -> list[str]:

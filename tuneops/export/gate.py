@@ -49,10 +49,10 @@ def choose_default(variants: dict[str, dict[str, Any]], order: list[str]) -> str
 def score(forward: Any, features: list[dict[str, list[int]]], batch_size: int, pad_id: int) -> dict[str, Any]:
     """Perplexity over assistant tokens and the top-1 (argmax) prediction at each of them."""
     from tuneops.chat import IGNORE_INDEX
-    from tuneops.lm import batches, nll
+    from tuneops.lm import batches, by_length, nll
 
     total, count, top1 = 0.0, 0, []
-    for batch in batches(features, batch_size, pad_id):
+    for batch in batches(by_length(features), batch_size, pad_id):   # same order for every model scored
         logits = forward(batch["input_ids"], batch["attention_mask"])
         s, n = nll(logits, batch["labels"])
         total, count = total + s, count + n

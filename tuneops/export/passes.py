@@ -15,13 +15,21 @@ def optimize_graph(src: Path, dst: Path, model: Any) -> dict[str, Any]:
     SkipSimplifiedLayerNormalization, Gelu, ...; ``model_type='gpt2'``, the decoder family),
     then the graph is saved for the quantizers. Returns the fused-op counts."""
     import onnx
+    from onnxruntime.transformers.fusion_options import FusionOptions
     from onnxruntime.transformers.optimizer import optimize_model
 
+    options = FusionOptions("gpt2")
+    # the fusions that match a torch.onnx decoder graph; the others (attention, rotary, embedding
+    # layer norm, ...) never matched here and were half of the pass's time (py-spy, SmolLM2-135M)
+    for name in ("enable_attention", "enable_rotary_embeddings", "enable_embed_layer_norm",
+                 "enable_qordered_matmul", "enable_bias_gelu"):
+        setattr(options, name, False)
     original = onnx.load(str(src), load_external_data=False).graph.node
     before = {n.op_type for n in original}
     cfg = model.config
     opt = optimize_model(str(src), model_type="gpt2", num_heads=cfg.num_attention_heads,
-                         hidden_size=cfg.hidden_size, opt_level=1, only_onnxruntime=False)
+                         hidden_size=cfg.hidden_size, opt_level=1, only_onnxruntime=False,
+                         optimization_options=options)
     dst.parent.mkdir(parents=True, exist_ok=True)
     opt.save_model_to_file(str(dst), use_external_data_format=True)
     counts: dict[str, int] = {}
@@ -34,11 +42,13 @@ def optimize_graph(src: Path, dst: Path, model: Any) -> dict[str, Any]:
 
 
 def untie_transposed_weights(model: Any) -> Any:
-    """Fold ``Transpose(initializer) -> MatMul`` into a transposed initializer.
+    """Fold ``Transpose(initializer) -> MatMul | Gather`` into a transposed initializer.
 
-    With tied embeddings the exporter computes the LM head as
-    ``MatMul(h, Transpose(embedding))``; quantizers only quantize MatMuls whose weight is
-    an initializer, so the largest matrix (vocab x hidden) would stay fp32.
+    With tied embeddings ``torch.onnx`` computes the LM head as ``MatMul(h, Transpose(embedding))``;
+    quantizers only quantize MatMuls whose weight is an initializer, so the largest matrix
+    (vocab x hidden) would stay fp32. onnxruntime-genai's builder ties the other way round
+    (``Gather(Transpose(lm_head), ids)``): the head's fp32 weights would stay beside its quantized
+    copy; as its own table, the embedding then shares the quantized head (``share_tied_embedding``).
     """
     from onnx import numpy_helper
 
@@ -49,7 +59,7 @@ def untie_transposed_weights(model: Any) -> Any:
             consumers.setdefault(name, []).append(node)
     for node in list(model.graph.node):
         if (node.op_type == "Transpose" and node.input[0] in inits
-                and all(c.op_type == "MatMul" for c in consumers.get(node.output[0], []))):
+                and all(c.op_type in ("MatMul", "Gather") for c in consumers.get(node.output[0], []))):
             perm = next((list(a.ints) for a in node.attribute if a.name == "perm"), None)
             weight = numpy_helper.to_array(inits[node.input[0]])
             model.graph.initializer.append(

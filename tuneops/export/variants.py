@@ -6,7 +6,9 @@ the fixed-shape export, for fixed-shape targets) and passes the same gate
 (``optimize.max_ppl_change_pct`` / ``min_top1_agreement``, keyed by the variant's name).
 
 A new variant is one ``Variant(...)`` in ``VARIANTS``: its build function, whether it is scored at
-the fixed shape, and, when it needs the PyTorch model (calibration), a ``prepare`` step that runs
+the fixed shape, whether it needs the ``torch.onnx`` graph (``torch_graph``: it maps PyTorch module
+names to graph nodes) or builds from the merged model's folder with onnxruntime-genai's builder
+(``builder``), and, when it needs the PyTorch model (calibration), a ``prepare`` step that runs
 while the merged model is still loaded (the stage frees it before any variant is built).
 """
 from __future__ import annotations
@@ -21,12 +23,13 @@ from . import calibrated, quantizers
 @dataclass
 class Context:
     """What a variant's build reads: the exports, the params, calibration data, prepared results."""
-    fp32: Path                               # graph-optimized fp32 export with KV cache
+    fp32: Path                               # fp32 graph with KV cache (torch.onnx + fusions, or the builder's)
     fixed: Path | None                       # fixed-shape logits export (targets with a fixed shape)
     shape: tuple[int, int]                   # that fixed shape (batch, sequence)
     params: Any                              # OptimizeParams
     calibration: Callable[[], list[dict[str, list[int]]]]   # training sequences (tokenized lazily)
     pad_id: int
+    merged: Path | None = None               # the merged model as a Hugging Face folder (builder variants)
     prepared: dict[str, Any] = field(default_factory=dict)  # variant name -> its prepare() result
     info: dict[str, Any] = field(default_factory=dict)      # variant name -> facts for metrics.json
 
@@ -37,6 +40,8 @@ class Variant:
     help: str
     build: Callable[[Context, Path], Path]
     fixed_shape: bool = False                # scored on the fixed-shape export's sequences
+    torch_graph: bool = False                # needs the torch.onnx graph (optimize.exporter: auto picks it)
+    builder: bool = False                    # built by onnxruntime-genai's builder from ``Context.merged``
     prepare: Callable[[Any, Context, Callable[[], float]], Any] | None = None  # (model, ctx, torch ppl)
 
 
@@ -64,6 +69,27 @@ def _qdq(ctx: Context, dst: Path) -> Path:
     return quantizers.quantize_qdq(ctx.fixed, dst, calibration, quantizers.qdq_ops(o.qdq_op_types))
 
 
+def _genai(precision: str) -> Callable[[Context, Path], Path]:
+    def build(ctx: Context, dst: Path) -> Path:
+        from tuneops import genai
+
+        if ctx.merged is None:
+            raise ValueError(f"genai_{precision}: the merged model folder was not written")
+        g = ctx.params.genai
+        options = {"accuracy_level": str(ctx.params.nbits_accuracy_level), "block_size": str(ctx.params.block_size)}
+        if precision == "int4":
+            import json
+
+            if json.loads((ctx.merged / "config.json").read_text()).get("tie_word_embeddings"):
+                options["shared_embeddings"] = "true"    # the embedding reads the 4-bit head (GatherBlockQuantized)
+            options.update(algo_config=g.int4_algo, **({"matmul_mixed_precision": g.int4_mixed_precision}
+                                                       if g.int4_mixed_precision else {}))
+        genai.build(ctx.merged, dst.parent, precision, extra_options=options)
+        ctx.info[f"genai_{precision}"] = {"builder_options": options}
+        return dst
+    return build
+
+
 def _prepare_int4(model: Any, ctx: Context, torch_ppl: Callable[[], float]) -> calibrated.Plan:
     o, c = ctx.params, ctx.params.int4
     sequences = [f["input_ids"] for f in ctx.calibration()[: o.calibration_samples]]
@@ -81,12 +107,16 @@ def _int4(ctx: Context, dst: Path) -> Path:
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("int8", "weight-only 8-bit MatMulNBits (round to nearest, symmetric, block scales)", _nbits(8)),
     Variant("int4", "calibrated 4-bit: GPTQ on training sequences, per-layer sensitivity, 8-bit where it pays",
-            _int4, prepare=_prepare_int4),
+            _int4, prepare=_prepare_int4, torch_graph=True),
     Variant("int4_rtn", "4-bit MatMulNBits, round to nearest (no calibration)", _nbits(4)),
     Variant("int4_hqq", "4-bit MatMulNBits, HQQ (optimised scale + zero point per block; no calibration)", _hqq4),
     Variant("int8_dynamic", "quantize_dynamic: int8 weights and int8 activations per call", _int8_dynamic),
     Variant("qdq", "static INT8 QDQ (MinMax calibration on training sequences) at the target's fixed shape",
             _qdq, fixed_shape=True),
+    Variant("genai_int8", "onnxruntime-genai's builder, INT8 (its MatMulNBits recipe; embedding kept fp32)",
+            _genai("int8"), builder=True),
+    Variant("genai_int4", "onnxruntime-genai's builder, INT4 (optimize.genai: k-quant, mixed precision)",
+            _genai("int4"), builder=True),
 )}
 
 
@@ -121,6 +151,10 @@ def wanted(params: Any, profiles: dict[str, dict[str, Any]]) -> list[str]:
             profile = next(t for t in params.targets if name in profiles[t]["variants"])
             raise VariantParamError("optimize.targets", f"target profile {profile!r} (tuneops/targets/"
                                                         f"{profile}.yaml): {exc}") from None
+    torch_only = [v for v in names[1:] if get(v).torch_graph]
+    if getattr(params, "exporter", "auto") == "builder" and torch_only:
+        raise VariantParamError("optimize.exporter", f"builder: variant(s) {torch_only} need the torch.onnx graph "
+                                                     f"(use auto, which picks torch for them, or torch)")
     for key in ("max_ppl_change_pct", "min_top1_agreement"):
         missing = [v for v in names[1:] if v not in getattr(params, key)]
         if missing:
