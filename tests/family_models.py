@@ -66,21 +66,22 @@ def build_tokenizer(case: FamilyCase, vocab_size: int = 384) -> Any:
     return fast
 
 
-def build_model(case_key: str, tokenizer: Any, seed: int = 0) -> Any:
-    """A 2-layer random model of the family (GQA: 4 query heads, 2 KV heads)."""
+def build_model(case_key: str, tokenizer: Any, seed: int = 0, head_dim: int = 8) -> Any:
+    """A 2-layer random model of the family (GQA: 4 query heads, 2 KV heads of ``head_dim``;
+    fused GroupQueryAttention needs a multiple of 16)."""
     import torch
     import transformers as tf
 
     case = CASES[case_key]
     ids = {k: tokenizer.convert_tokens_to_ids(v) if v else None
            for k, v in (("bos", case.bos), ("eos", case.eos), ("pad", case.pad or case.eos))}
-    common = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    common = dict(vocab_size=len(tokenizer), hidden_size=4 * head_dim, intermediate_size=8 * head_dim, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
                   bos_token_id=ids["bos"], eos_token_id=ids["eos"], pad_token_id=ids["pad"],
                   initializer_range=0.2)   # logits of a usable scale: LoRA can fit a reply in a few steps
     torch.manual_seed(seed)
     if case_key == "llama3":
-        cfg = tf.LlamaConfig(**common, head_dim=8, tie_word_embeddings=True)
+        cfg = tf.LlamaConfig(**common, head_dim=head_dim, tie_word_embeddings=True)
         model = tf.LlamaForCausalLM(cfg)
     elif case_key == "qwen2":
         cfg = tf.Qwen2Config(**common, tie_word_embeddings=True)
@@ -89,10 +90,10 @@ def build_model(case_key: str, tokenizer: Any, seed: int = 0) -> Any:
         cfg = tf.Phi3Config(**common, tie_word_embeddings=False)
         model = tf.Phi3ForCausalLM(cfg)
     elif case_key == "mistral":
-        cfg = tf.MistralConfig(**common, head_dim=8, sliding_window=8, tie_word_embeddings=False)
+        cfg = tf.MistralConfig(**common, head_dim=head_dim, sliding_window=8, tie_word_embeddings=False)
         model = tf.MistralForCausalLM(cfg)
     else:
-        cfg = tf.Gemma3TextConfig(**common, head_dim=8, sliding_window=8, tie_word_embeddings=True)
+        cfg = tf.Gemma3TextConfig(**common, head_dim=head_dim, sliding_window=8, tie_word_embeddings=True)
         model = tf.Gemma3ForCausalLM(cfg)
     model = model.to(torch.float32)
     model.generation_config.eos_token_id = [tokenizer.convert_tokens_to_ids(t) for t in case.gen_eos]

@@ -82,13 +82,14 @@ def test_every_variant_built_gated_and_covered_per_target(optimized, tiny_cfg):
 @pytest.fixture(scope="module")
 def built(stage, tiny_project):
     """The same trained model through onnxruntime-genai's builder: fp32 graph with fused attention,
-    our int8 from it, and the builder's own int8 / int4 (a second optimize output folder)."""
+    our int8 from it, and the builder's own int8 (a second optimize output folder; genai_int4 is the
+    same build path with other options: test_genai_int4_passes_its_params_to_the_builder)."""
     from tasks import optimize
     from tuneops.config import load_config
 
     stage("train")
     cfg = load_config(tiny_project / "params.yaml", ["optimize.exporter=builder", "optimize.targets=[cpu]",
-                                                      "optimize.extra_variants=[genai_int8,genai_int4]",
+                                                      "optimize.extra_variants=[genai_int8]",
                                                       "paths.optimize_dir=artifacts/optimize-builder"])
     return cfg, optimize.run(cfg)
 
@@ -120,19 +121,37 @@ def test_variants_from_the_builder_graph_and_the_builders_own_are_gated(built):
 
     cfg, out = built
     root, variants = cfg.path("optimize_dir"), out["variants"]
-    assert set(variants) == {"fp32", "int8", "genai_int8", "genai_int4"}
+    assert set(variants) == {"fp32", "int8", "genai_int8"}
     int8 = variants["int8"]         # our recipe on the builder's graph: the tied embedding reads the head's codes
     assert abs(int8["perplexity_change_pct"]) < 3 and int8["size_ratio"] < 0.4
     ops = {n.op_type for n in onnx.load(str(root / int8["path"]), load_external_data=False).graph.node}
     assert {"GroupQueryAttention", "MatMulNBits"} <= ops
     assert (root / "int8" / "genai_config.json").is_file()     # onnxruntime_genai.Model runs the folder too
-    for name in ("genai_int8", "genai_int4"):
-        v = variants[name]
-        assert isinstance(v["accepted"], bool) and np.isfinite(v["perplexity"]) and "top1_agreement" in v
-        assert v["builder_options"]["block_size"] == str(cfg.optimize.block_size)
-    assert variants["genai_int4"]["builder_options"]["algo_config"] == cfg.optimize.genai.int4_algo
-    assert variants["genai_int4"]["size_ratio"] < 0.5      # 4-bit blocks; the shared embedding reads the head
+    v = variants["genai_int8"]
+    assert isinstance(v["accepted"], bool) and np.isfinite(v["perplexity"]) and "top1_agreement" in v
+    assert v["builder_options"]["block_size"] == str(cfg.optimize.block_size)
+    assert (root / "genai_int8" / "genai_config.json").is_file()
     assert out["default_variant"] in {n for n, v in variants.items() if v["accepted"]}
+
+
+def test_genai_int4_passes_its_params_to_the_builder(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from tuneops import genai
+    from tuneops.export.variants import Context, get
+
+    calls = []
+    monkeypatch.setattr(genai, "build", lambda src, out, precision, **kw: calls.append((src, out, precision, kw)))
+    (tmp_path / "config.json").write_text(json.dumps({"tie_word_embeddings": True}))
+    params = SimpleNamespace(nbits_accuracy_level=4, block_size=32,
+                             genai=SimpleNamespace(int4_algo="k_quant", int4_mixed_precision="last_matmul:int8"))
+    ctx = Context(fp32=tmp_path, fixed=None, shape=(1, 1), params=params, calibration=list, pad_id=0, merged=tmp_path)
+    get("genai_int4").build(ctx, tmp_path / "genai_int4" / "model.onnx")
+    (src, out, precision, kw), = calls
+    assert (src, out.name, precision) == (tmp_path, "genai_int4", "int4")
+    assert kw["extra_options"] == {"accuracy_level": "4", "block_size": "32", "algo_config": "k_quant",
+                                   "matmul_mixed_precision": "last_matmul:int8", "shared_embeddings": "true"}
+    assert ctx.info["genai_int4"]["builder_options"] == kw["extra_options"]
 
 
 def test_exporter_choice_follows_the_family_and_the_variants():
