@@ -161,8 +161,10 @@ def test_exporter_choice_follows_the_family_and_the_variants():
     from tuneops.export.variants import VariantParamError, get, wanted
     from tuneops.families import FAMILIES, GENERIC
 
-    llama = next(f for f in FAMILIES if f.name == "llama")
+    llama, gemma3 = (next(f for f in FAMILIES if f.name == n) for n in ("llama", "gemma3"))
     assert choose("auto", llama, [get("int8")]) == "builder"
+    assert choose("auto", gemma3, [get("int8")]) == "torch"          # opt-in: the builder on request only
+    assert choose("builder", gemma3, [get("int8"), get("genai_int8")]) == "builder"
     assert choose("auto", llama, [get("int8"), get("int4")]) == "torch"     # GPTQ maps torch module names
     assert choose("torch", llama, [get("int8")]) == "torch"
     assert choose("auto", GENERIC, [get("int8")]) == "torch"

@@ -3,7 +3,7 @@ with fused attention (``GroupQueryAttention`` with rotary embeddings, ``SkipSimp
 built from the weights without tracing (seconds, where ``torch.onnx`` takes minutes).
 
 The optimize stage uses it as its fp32 exporter (``optimize.exporter``, for the families whose
-``Family.genai_builder`` is set) and for the ``genai_*`` variants (the builder's own INT8 / INT4).
+``Family.genai_builder`` allows it) and for the ``genai_*`` variants (the builder's own INT8 / INT4).
 The graphs have the pipeline's input and output names (``input_ids``, ``attention_mask``,
 ``past_key_values.{i}.key|value`` -> ``logits``, ``present.{i}.key|value``); there is no
 ``position_ids``: the attention takes positions from the mask (right padding, which is what
@@ -32,13 +32,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 DEFAULTS = {"windowed_kv_cache": "false"}
-
-
-def supports(config: Any) -> bool:
-    """Whether the builder builds this model (the family spec says: ``Family.genai_builder``)."""
-    from .families import for_config
-
-    return for_config(config).genai_builder
 
 
 def _flatten_gemma3_rope(config: Any) -> None:

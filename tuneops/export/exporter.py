@@ -105,20 +105,21 @@ def _export(module: Any, args: tuple[Any, ...], path: Path, **kwargs: Any) -> Pa
 
 def choose(setting: str, family: Any, variants: list[Any]) -> str:
     """``builder`` or ``torch`` for ``optimize.exporter`` (auto | builder | torch): auto is the builder
-    when the family has it (``Family.genai_builder``) and no variant needs the torch graph."""
-    needs_torch = [v.name for v in variants if v.torch_graph]
+    when the family's spec makes it the default (``Family.genai_builder == "auto"``) and no variant
+    needs the torch graph; builder is allowed wherever the builder builds the family (auto, opt-in)."""
+    builds = family.genai_builder in ("auto", "opt-in")
     builders = [v.name for v in variants if v.builder]
-    if builders and not family.genai_builder:
+    if builders and not builds:
         raise ValueError(f"optimize: variant(s) {builders} need onnxruntime-genai's model builder, which does not "
                          f"build the {family.name} family (tuneops/families.py genai_builder)")
     if setting == "builder":
-        if not family.genai_builder:
+        if not builds:
             raise ValueError(f"optimize.exporter: builder: onnxruntime-genai's model builder does not build the "
                              f"{family.name} family (tuneops/families.py genai_builder); use auto or torch")
         return "builder"
-    if setting == "torch" or needs_torch or not family.genai_builder:
-        return "torch"
-    return "builder"
+    if setting == "auto" and family.genai_builder == "auto" and not any(v.torch_graph for v in variants):
+        return "builder"
+    return "torch"
 
 
 def save_merged(model: Any, tokenizer: Any, folder: Path) -> Path:
