@@ -78,12 +78,13 @@ def run(cfg: Config) -> dict[str, Any]:
     model = finetuned.load(base_dir, cfg.path("train_dir"), merge=True).eval()
     family = families.for_config(model.config)
     export_facts = family.export_facts(model.config)
-    how = exporter.choose(o.exporter, family, [get(n) for n in wanted[1:]])
+    specs = [get(n) for n in wanted[1:]]
+    how = exporter.choose(o.exporter, family, specs)
     reference = torch_forward(model)
     torch_score = gate.score(reference, ppl_set, o.batch_size, pad)
     timings: dict[str, float] = {}
     merged = None
-    if how == "builder" or any(get(n).builder for n in wanted[1:]):
+    if how == "builder" or any(v.builder for v in specs):
         t = time.perf_counter()          # the builder reads a Hugging Face folder
         merged = exporter.save_merged(model, tokenizer, out / "merged")
         timings["merged_folder_s"] = time.perf_counter() - t

@@ -20,6 +20,21 @@ def optimized(stage, tiny_cfg):
     return stage("optimize")
 
 
+def assert_greedy_like_pytorch(cfg, lm, tokens: int = 6) -> None:
+    """Independent check: greedy decoding with the ONNX KV cache == PyTorch greedy ``generate`` of
+    the merged fine-tuned model."""
+    import torch
+
+    from tuneops import finetuned
+
+    model = finetuned.load(cfg.path("base_model_dir"), cfg.path("train_dir"), merge=True).eval()
+    prompt = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
+    with torch.inference_mode():
+        ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False,
+                             min_new_tokens=tokens, pad_token_id=0)[0, len(prompt):].tolist()
+    assert list(lm.stream(prompt, tokens)) == ref
+
+
 def test_kv_cache_export_decodes_incrementally_like_full_sequence(optimized, tiny_cfg):
     from tuneops.onnx_lm import OnnxCausalLM
 
@@ -28,17 +43,7 @@ def test_kv_cache_export_decodes_incrementally_like_full_sequence(optimized, tin
     assert fp32["incremental_max_abs_diff"] <= 1e-4
     lm = OnnxCausalLM(tiny_cfg.path("optimize_dir") / fp32["path"])
     assert lm.has_cache and len(lm.past_names) == 2 * 2  # 2 layers x (key, value)
-    # independent check: greedy decoding with the KV cache == PyTorch greedy generate
-    import torch
-
-    from tuneops import finetuned
-
-    model = finetuned.load(tiny_cfg.path("base_model_dir"), tiny_cfg.path("train_dir"), merge=True).eval()
-    prompt = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
-    with torch.inference_mode():
-        ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                             min_new_tokens=6, pad_token_id=0)[0, len(prompt):].tolist()
-    assert list(lm.stream(prompt, 6)) == ref
+    assert_greedy_like_pytorch(tiny_cfg, lm)
     # the graph optimizer fused the RMSNorms
     assert optimized["graph_optimization"]["fused_ops"].get("SimplifiedLayerNormalization", 0) > 0
 
@@ -95,9 +100,6 @@ def built(stage, tiny_project):
 
 
 def test_builder_graph_has_fused_attention_passes_parity_and_decodes_like_pytorch(built):
-    import torch
-
-    from tuneops import finetuned
     from tuneops.onnx_lm import OnnxCausalLM
 
     cfg, out = built
@@ -107,12 +109,7 @@ def test_builder_graph_has_fused_attention_passes_parity_and_decodes_like_pytorc
     assert out["graph_optimization"]["fused_ops"]["GroupQueryAttention"] == 2      # one per layer
     lm = OnnxCausalLM(cfg.path("optimize_dir") / fp32["path"])
     assert not lm.has_positions and lm.kv_shape == (1, 32)   # positions from the mask; head size made concrete
-    model = finetuned.load(cfg.path("base_model_dir"), cfg.path("train_dir"), merge=True).eval()
-    prompt = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
-    with torch.inference_mode():
-        ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
-                             min_new_tokens=6, pad_token_id=0)[0, len(prompt):].tolist()
-    assert list(lm.stream(prompt, 6)) == ref
+    assert_greedy_like_pytorch(cfg, lm)
     assert not (cfg.path("optimize_dir") / "merged").exists()      # the merged folder is scratch
 
 

@@ -93,31 +93,12 @@ def torch_forward(model: Any) -> Callable[[Any, Any], Any]:
     return forward
 
 
-def generate_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
-    """Greedy reply to a conversation in the model's chat format, as token ids; generation stops
-    at the template's end-of-turn marker or an EOS of the tokenizer / ``generation_config``
-    (the stop token is the last id when it was reached)."""
-    import torch
-
-    ids = torch.tensor([prompt_ids(tokenizer, messages)])
-    stop = stop_ids(tokenizer, getattr(model, "generation_config", None))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop, pad_token_id=pad)
-    return out[0, ids.shape[1]:].tolist()
-
-
-def generate(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> str:
-    """Greedy reply text (special tokens, the stop token among them, removed)."""
-    return tokenizer.decode(generate_ids(model, tokenizer, messages, max_new_tokens), skip_special_tokens=True).strip()
-
-
-def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
-                   max_new_tokens: int) -> list[str]:
-    """Greedy replies to several conversations in one ``generate`` call (left-padded batch, KV
-    cache): one decoding loop instead of one per conversation. Same stop rule as ``generate``;
-    a finished reply waits (padded) for the others."""
+def generate_ids_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
+                       max_new_tokens: int) -> list[list[int]]:
+    """Greedy replies to conversations in the model's chat format, as token ids, in one ``generate``
+    call (left-padded batch, KV cache); a reply stops at the template's end-of-turn marker or an EOS
+    of the tokenizer / ``generation_config`` (the stop token is the last id when it was reached; a
+    finished reply waits, padded, for the others, and the padding is cut off)."""
     import torch
 
     if not conversations:
@@ -131,8 +112,21 @@ def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
                              do_sample=False, eos_token_id=stop, pad_token_id=pad)
-    replies = []
-    for row in out[:, width:].tolist():
-        end = next((i + 1 for i, t in enumerate(row) if t in stop), len(row))
-        replies.append(tokenizer.decode(row[:end], skip_special_tokens=True).strip())
-    return replies
+    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out[:, width:].tolist()]
+
+
+def generate_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
+    """Greedy reply to one conversation, as token ids (``generate_ids_batch`` of one)."""
+    return generate_ids_batch(model, tokenizer, [messages], max_new_tokens)[0]
+
+
+def generate(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> str:
+    """Greedy reply text (special tokens, the stop token among them, removed)."""
+    return generate_batch(model, tokenizer, [messages], max_new_tokens)[0]
+
+
+def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
+                   max_new_tokens: int) -> list[str]:
+    """Greedy reply texts to several conversations in one decoding loop (``generate_ids_batch``)."""
+    return [tokenizer.decode(ids, skip_special_tokens=True).strip()
+            for ids in generate_ids_batch(model, tokenizer, conversations, max_new_tokens)]
