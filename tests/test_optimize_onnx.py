@@ -87,14 +87,15 @@ def test_every_variant_built_gated_and_covered_per_target(optimized, tiny_cfg):
 @pytest.fixture(scope="module")
 def built(stage, tiny_project):
     """The same trained model through onnxruntime-genai's builder: fp32 graph with fused attention,
-    our int8 from it, and the builder's own int8 (a second optimize output folder; genai_int4 is the
-    same build path with other options: test_genai_int4_passes_its_params_to_the_builder)."""
+    our int8 and calibrated int4 from it, and the builder's own int8 (a second optimize output
+    folder; genai_int4 is the same build path with other options:
+    test_genai_int4_passes_its_params_to_the_builder)."""
     from tasks import optimize
     from tuneops.config import load_config
 
     stage("train")
     cfg = load_config(tiny_project / "params.yaml", ["optimize.exporter=builder", "optimize.targets=[cpu]",
-                                                      "optimize.extra_variants=[genai_int8]",
+                                                      "optimize.extra_variants=[genai_int8,int4]",
                                                       "paths.optimize_dir=artifacts/optimize-builder"])
     return cfg, optimize.run(cfg)
 
@@ -118,12 +119,20 @@ def test_variants_from_the_builder_graph_and_the_builders_own_are_gated(built):
 
     cfg, out = built
     root, variants = cfg.path("optimize_dir"), out["variants"]
-    assert set(variants) == {"fp32", "int8", "genai_int8"}
+    assert set(variants) == {"fp32", "int8", "genai_int8", "int4"}
     int8 = variants["int8"]         # our recipe on the builder's graph: the tied embedding reads the head's codes
     assert abs(int8["perplexity_change_pct"]) < 3 and int8["size_ratio"] < 0.4
     ops = {n.op_type for n in onnx.load(str(root / int8["path"]), load_external_data=False).graph.node}
     assert {"GroupQueryAttention", "MatMulNBits"} <= ops
     assert (root / "int8" / "genai_config.json").is_file()     # onnxruntime_genai.Model runs the folder too
+    int4 = variants["int4"]         # GPTQ's codes for every builder MatMul, the fused qkv_proj included
+    # per layer qkv (fused), o, gate, up, down; and the head
+    assert int4["matmuls"]["unmatched"] == 0 and int4["matmuls"]["4"] + int4["matmuls"]["8"] == 2 * 5 + 1
+    assert int4["embedding"].startswith("shared")
+    # the graph computes the plan: ORT's perplexity is PyTorch's with the same dequantized weights
+    assert int4["perplexity"] == pytest.approx(int4["calibration_perplexity"]["plan_pytorch"], rel=0.02)
+    ops = {n.op_type for n in onnx.load(str(root / int4["path"]), load_external_data=False).graph.node}
+    assert {"GroupQueryAttention", "MatMulNBits"} <= ops and "MatMul" not in ops
     v = variants["genai_int8"]
     assert isinstance(v["accepted"], bool) and np.isfinite(v["perplexity"]) and "top1_agreement" in v
     assert v["builder_options"]["block_size"] == str(cfg.optimize.block_size)
@@ -151,27 +160,31 @@ def test_genai_int4_passes_its_params_to_the_builder(tmp_path, monkeypatch):
     assert ctx.info["genai_int4"]["builder_options"] == kw["extra_options"]
 
 
-def test_exporter_choice_follows_the_family_and_the_variants():
+def test_exporter_choice_follows_the_family_and_the_variants(monkeypatch):
     from types import SimpleNamespace
 
     from tuneops.export.exporter import choose
-    from tuneops.export.variants import VariantParamError, get, wanted
+    from tuneops.export.variants import VARIANTS, Variant, VariantParamError, get, wanted
     from tuneops.families import FAMILIES, GENERIC
+
+    needs_torch = Variant("needs_torch", "maps torch.onnx node names", lambda ctx, dst: dst, torch_graph=True)
+    monkeypatch.setitem(VARIANTS, needs_torch.name, needs_torch)
 
     llama, gemma3 = (next(f for f in FAMILIES if f.name == n) for n in ("llama", "gemma3"))
     assert choose("auto", llama, [get("int8")]) == "builder"
     assert choose("auto", gemma3, [get("int8")]) == "torch"          # opt-in: the builder on request only
     assert choose("builder", gemma3, [get("int8"), get("genai_int8")]) == "builder"
-    assert choose("auto", llama, [get("int8"), get("int4")]) == "torch"     # GPTQ maps torch module names
+    assert choose("auto", llama, [get("int8"), get("int4")]) == "builder"   # GPTQ's plan knows the fused qkv too
+    assert choose("auto", llama, [get("int8"), needs_torch]) == "torch"
     assert choose("torch", llama, [get("int8")]) == "torch"
     assert choose("auto", GENERIC, [get("int8")]) == "torch"
     with pytest.raises(ValueError, match="optimize.exporter: builder: .* generic family"):
         choose("builder", GENERIC, [])
     with pytest.raises(ValueError, match=r"\['genai_int8'\] need onnxruntime-genai's model builder"):
         choose("auto", GENERIC, [get("genai_int8")])
-    params = SimpleNamespace(targets=[], extra_variants=["int4"], exporter="builder",
-                             max_ppl_change_pct={"int4": 3}, min_top1_agreement={"int4": 0.8})
-    with pytest.raises(VariantParamError, match="optimize.exporter: builder: variant.*int4.* torch.onnx") as err:
+    params = SimpleNamespace(targets=[], extra_variants=["needs_torch"], exporter="builder",
+                             max_ppl_change_pct={"needs_torch": 3}, min_top1_agreement={"needs_torch": 0.8})
+    with pytest.raises(VariantParamError, match="optimize.exporter: builder: variant.*needs_torch.* torch.onnx") as err:
         wanted(params, {})
     assert err.value.key == "optimize.exporter"
 

@@ -208,7 +208,7 @@ class Int4Params(_Section):
     percdamp: float = Field(gt=0, lt=1)            # GPTQ: Hessian dampening, share of its mean diagonal
     sensitivity: bool                              # per-layer report (and mixed precision from it)
     min_contribution_pct: float = Field(ge=0)      # a layer goes 8-bit only if alone in 4-bit it costs this much
-    max_8bit_share: float = Field(ge=0, le=1)      # at most this share of the weights in 8-bit (the size goal)
+    max_size_ratio: float = Field(gt=0, le=1)      # 8-bit units while the plan's weights stay within this x fp32
 
 
 class GenaiParams(_Section):

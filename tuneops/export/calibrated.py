@@ -12,8 +12,12 @@ searched over a few clipping ratios (importance-weighted error, ``diag(H)``).
 Units of the sensitivity report: each decoder block (its linears together) and the LM head (with a
 tied embedding, the embedding too: one table). A unit's contribution is the perplexity change when
 only that unit is 4-bit. Units are kept at 8 bits, most harmful per parameter first, while their
-contribution is at least ``min_contribution_pct`` and the 8-bit share of the weights stays within
-``max_8bit_share`` (the size goal).
+contribution is at least ``min_contribution_pct`` and the plan's stored weights (codes and scales)
+stay within ``max_size_ratio`` of their fp32 bytes (the size goal).
+
+The plan knows each linear's weight by a fingerprint of its exported ``MatMul`` weight, and the
+fused weight of linears that read one input (onnxruntime-genai's builder packs q/k/v into one
+``qkv_proj``), so it applies to the ``torch.onnx`` graph and to the builder's alike.
 
 Pipeline: ``calibrate(model, ...)`` while the PyTorch model is loaded (one forward pass per
 calibration sequence collects every Hessian at once; then GPTQ per linear, the report, the plan),
@@ -128,15 +132,21 @@ def linear_units(model: Any) -> dict[str, list[tuple[str, torch.nn.Linear]]]:
     return units
 
 
-def hessians(model: Any, sequences: list[list[int]], linears: dict[str, torch.nn.Linear]) -> dict[str, torch.Tensor]:
-    """``X^T X / tokens`` of every linear's input over ``sequences`` (one forward each, unpadded)."""
+def hessians(model: Any, sequences: list[list[int]], linears: dict[str, torch.nn.Linear],
+             shared_inputs: list[list[str]] | None = None) -> dict[str, torch.Tensor]:
+    """``X^T X / tokens`` of every linear's input over ``sequences`` (one forward each, unpadded).
+    ``shared_inputs``, when given, receives the groups of linears (in call order) that read the
+    very same input tensor (q/k/v, gate/up): exporters may fuse such a group into one ``MatMul``."""
     import torch
 
     H = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
     count = {"tokens": 0}
+    readers: dict[int, tuple[torch.Tensor, list[str]]] = {}   # the tensor is held: its id stays its own
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
+            if count["tokens"] == 0:                     # the first sequence: who reads which tensor
+                readers.setdefault(id(inputs[0]), (inputs[0], []))[1].append(name)
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
             H[name].addmm_(x.T, x)
         return fn
@@ -150,6 +160,8 @@ def hessians(model: Any, sequences: list[list[int]], linears: dict[str, torch.nn
     finally:
         for h in handles:
             h.remove()
+    if shared_inputs is not None:
+        shared_inputs.extend(g for _, g in readers.values() if len(g) > 1)
     return {n: h / max(count["tokens"], 1) for n, h in H.items()}
 
 
@@ -158,6 +170,17 @@ def fingerprint(matmul_weight: np.ndarray) -> str:
     transposed (``[in, out]``); its shape and first rows, byte for byte."""
     head = np.ascontiguousarray(matmul_weight[:8], dtype=np.float32)
     return f"{matmul_weight.shape}:{hashlib.blake2b(head.tobytes(), digest_size=16).hexdigest()}"
+
+
+def fused_fingerprint(weights: list[Any]) -> str:
+    """The fingerprint of the ``MatMul`` an exporter builds for linears sharing one input
+    (onnxruntime-genai's builder: ``qkv_proj``): their transposed weights side by side."""
+    return fingerprint(np.concatenate([w.detach().T.numpy() for w in weights], axis=1))
+
+
+def unit_bytes(params: int, bits: int, block_size: int) -> float:
+    """Stored size of ``params`` weights as ``MatMulNBits``: the codes plus one fp32 scale per block."""
+    return params * (bits / 8 + 4 / block_size)
 
 
 @dataclass
@@ -171,20 +194,23 @@ class Plan:
 
     def report(self) -> dict[str, Any]:
         eight = [u for u, r in self.units.items() if r["bits"] == 8]
+        stored = sum(unit_bytes(r["params"], r["bits"], self.block_size) for r in self.units.values())
+        fp32 = 4 * sum(r["params"] for r in self.units.values()) or 1
         return {"algorithm": "GPTQ (block scales with clip search) + per-unit mixed precision",
-                "block_size": self.block_size, "units_8bit": eight, "calibration_perplexity": self.perplexity,
+                "block_size": self.block_size, "units_8bit": eight, "weights_size_ratio": stored / fp32, "calibration_perplexity": self.perplexity,
                 "sensitivity": self.units}
 
 
 def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float], block_size: int,
-              percdamp: float, min_contribution_pct: float, max_8bit_share: float,
+              percdamp: float, min_contribution_pct: float, max_size_ratio: float,
               sensitivity: bool = True) -> Plan:
     """Hessians, GPTQ per linear, the per-unit sensitivity report and the mixed-precision plan.
     ``score()`` is the PyTorch model's perplexity on the gate's rows (called with swapped weights)."""
     units = linear_units(model)
     linears = {n: m for members in units.values() for n, m in members
                if m.in_features % block_size == 0}
-    H = hessians(model, sequences, linears)
+    groups: list[list[str]] = []
+    H = hessians(model, sequences, linears, groups)
     q4 = {n: gptq(m.weight, H.pop(n), 4, block_size, percdamp) for n, m in linears.items()}
     params = {u: sum(m.weight.numel() for n, m in members if n in linears) for u, members in units.items()}
     total = sum(params.values()) or 1
@@ -210,11 +236,13 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
         ranked = sorted((u for u, r in plan.units.items() if r["ppl_change_pct_alone_4bit"] is not None
                          and r["ppl_change_pct_alone_4bit"] >= min_contribution_pct),
                         key=lambda u: plan.units[u]["ppl_change_pct_alone_4bit"] / max(params[u], 1), reverse=True)
-        budget = max_8bit_share * total
+        # bytes left under the size goal once everything is 4-bit; each 8-bit unit costs the difference
+        budget = max_size_ratio * 4 * total - unit_bytes(total, 4, block_size)
         for unit in ranked:
-            if params[unit] <= budget:
+            extra = unit_bytes(params[unit], 8, block_size) - unit_bytes(params[unit], 4, block_size)
+            if extra <= budget:
                 plan.units[unit]["bits"] = 8
-                budget -= params[unit]
+                budget -= extra
         plan.perplexity["all_4bit"] = swapped(list(linears))
     for unit, members in units.items():
         bits = plan.units[unit]["bits"]
@@ -223,6 +251,11 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
                 continue
             q, s = q4[n] if bits == 4 else round_to_nearest(m.weight, 8, block_size)
             plan.weights[fingerprint(m.weight.detach().T.numpy())] = (bits, q, s)
+    for group in groups:                 # a fused MatMul: the members' rows stacked (one unit, one width)
+        entries = [plan.weights[fingerprint(linears[n].weight.detach().T.numpy())] for n in group]
+        if len({e[0] for e in entries}) == 1:
+            plan.weights[fused_fingerprint([linears[n].weight for n in group])] = (
+                entries[0][0], np.concatenate([e[1] for e in entries]), np.concatenate([e[2] for e in entries]))
     names4 = [n for u, members in units.items() if plan.units[u]["bits"] == 4 for n, _ in members if n in linears]
     plan.perplexity["plan_pytorch"] = swapped(names4)
     return plan

@@ -94,7 +94,7 @@ def _prepare_int4(model: Any, ctx: Context, torch_ppl: Callable[[], float]) -> c
     o, c = ctx.params, ctx.params.int4
     sequences = [f["input_ids"] for f in ctx.calibration()[: o.calibration_samples]]
     return calibrated.calibrate(model, sequences, torch_ppl, o.block_size, c.percdamp, c.min_contribution_pct,
-                                c.max_8bit_share, sensitivity=c.sensitivity)
+                                c.max_size_ratio, sensitivity=c.sensitivity)
 
 
 def _int4(ctx: Context, dst: Path) -> Path:
@@ -107,7 +107,7 @@ def _int4(ctx: Context, dst: Path) -> Path:
 VARIANTS: dict[str, Variant] = {v.name: v for v in (
     Variant("int8", "weight-only 8-bit MatMulNBits (round to nearest, symmetric, block scales)", _nbits(8)),
     Variant("int4", "calibrated 4-bit: GPTQ on training sequences, per-layer sensitivity, 8-bit where it pays",
-            _int4, prepare=_prepare_int4, torch_graph=True),
+            _int4, prepare=_prepare_int4),
     Variant("int4_rtn", "4-bit MatMulNBits, round to nearest (no calibration)", _nbits(4)),
     Variant("int4_hqq", "4-bit MatMulNBits, HQQ (optimised scale + zero point per block; no calibration)", _hqq4),
     Variant("int8_dynamic", "quantize_dynamic: int8 weights and int8 activations per call", _int8_dynamic),
