@@ -20,7 +20,7 @@ export PREFECT_HOME := $(STATE)/prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export TORCH_EXTENSIONS_DIR := $(STATE)/torch-extensions
 
-.PHONY: setup system-deps run test test-all repro clean
+.PHONY: setup system-deps run test test-unit test-all repro clean
 .DEFAULT_GOAL := run
 
 # torch first, from the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
@@ -62,6 +62,9 @@ run: setup  ## the main job: the full pipeline on the defaults, via the Prefect 
 
 test: setup  ## the test suite (fast default suite + the end-to-end tiny-model pipeline)
 	$(BIN)/python -m pytest
+
+test-unit: setup  ## the unit tier: no pipeline, server or subprocess tests (a couple of minutes)
+	$(BIN)/python -m pytest -m "not slow and not pipeline"
 
 test-all: setup  ## also the slow tests (real Gemma 270M)
 	$(BIN)/python -m pytest -m "slow or not slow"

@@ -45,6 +45,23 @@ TINY = (
 # target's variants; the other tiny pipelines (flow, dvc, orchestration, ...) export fp32 only.
 ALL_TARGETS = ("optimize.targets=[cpu,fpga,npu]", "optimize.extra_variants=[int4]")  # int4: opt-in
 
+# The unit tier (`make test-unit`, a couple of minutes) is every test marked neither slow nor
+# pipeline. Pipeline tests are found here, not by hand: those whose fixtures build a project and run
+# stages on it (the closure of their fixtures names one of these), and the modules whose tests
+# drive the CLI, a Prefect server, DVC, DeepSpeed launchers or the jobs API in subprocesses.
+PIPELINE_FIXTURES = {"tiny_project", "tiny_cfg", "stage", "tokenizer", "flow_run", "orchestra", "svc",
+                     "project", "reg_project", "registry_project", "sentiment", "ner", "minilm_dir", "rows"}
+PIPELINE_MODULES = {"test_dvc", "test_faults", "test_flow", "test_orchestration", "test_platforms",
+                    "test_readme_commands", "test_robustness", "test_scale_out", "test_service",
+                    "test_training", "test_image", "test_serve_mlflow_env"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if PIPELINE_FIXTURES & set(getattr(item, "fixturenames", ())) or \
+                item.module.__name__.rsplit(".", 1)[-1] in PIPELINE_MODULES:
+            item.add_marker(pytest.mark.pipeline)
+
 
 def wait_for(predicate, timeout: float, what: str, logs=(), interval: float = 2.0):
     """Poll ``predicate`` until it returns something truthy (returned); on timeout fail with the
