@@ -46,9 +46,9 @@ TINY = (
 ALL_TARGETS = ("optimize.targets=[cpu,fpga,npu]", "optimize.extra_variants=[int4]")  # int4: opt-in
 
 # The unit tier (`make test-unit`, a couple of minutes) is every test marked neither slow nor
-# pipeline. Pipeline tests are found here, not by hand: those whose fixtures build a project and run
-# stages on it (the closure of their fixtures names one of these), and the modules whose tests
-# drive the CLI, a Prefect server, DVC, DeepSpeed launchers or the jobs API in subprocesses.
+# pipeline. Marked pipeline here: every test whose fixture closure names one of the fixtures that
+# build a project and run stages on it, and every test of the modules (listed by hand) that drive
+# the CLI, a Prefect server, DVC, DeepSpeed launchers or the jobs API in subprocesses.
 PIPELINE_FIXTURES = {"tiny_project", "tiny_cfg", "stage", "tokenizer", "flow_run", "orchestra", "svc",
                      "project", "reg_project", "registry_project", "sentiment", "ner", "minilm_dir", "rows"}
 PIPELINE_MODULES = {"test_dvc", "test_faults", "test_flow", "test_orchestration", "test_platforms",

@@ -197,8 +197,8 @@ class Plan:
         stored = sum(unit_bytes(r["params"], r["bits"], self.block_size) for r in self.units.values())
         fp32 = 4 * sum(r["params"] for r in self.units.values()) or 1
         return {"algorithm": "GPTQ (block scales with clip search) + per-unit mixed precision",
-                "block_size": self.block_size, "units_8bit": eight, "weights_size_ratio": stored / fp32, "calibration_perplexity": self.perplexity,
-                "sensitivity": self.units}
+                "block_size": self.block_size, "units_8bit": eight, "weights_size_ratio": stored / fp32,
+                "calibration_perplexity": self.perplexity, "sensitivity": self.units}
 
 
 def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float], block_size: int,
@@ -244,15 +244,16 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
                 plan.units[unit]["bits"] = 8
                 budget -= extra
         plan.perplexity["all_4bit"] = swapped(list(linears))
+    chosen: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
     for unit, members in units.items():
         bits = plan.units[unit]["bits"]
         for n, m in members:
             if n not in linears:
                 continue
             q, s = q4[n] if bits == 4 else round_to_nearest(m.weight, 8, block_size)
-            plan.weights[fingerprint(m.weight.detach().T.numpy())] = (bits, q, s)
+            chosen[n] = plan.weights[fingerprint(m.weight.detach().T.numpy())] = (bits, q, s)
     for group in groups:                 # a fused MatMul: the members' rows stacked (one unit, one width)
-        entries = [plan.weights[fingerprint(linears[n].weight.detach().T.numpy())] for n in group]
+        entries = [chosen[n] for n in group]
         if len({e[0] for e in entries}) == 1:
             plan.weights[fused_fingerprint([linears[n].weight for n in group])] = (
                 entries[0][0], np.concatenate([e[1] for e in entries]), np.concatenate([e[2] for e in entries]))
