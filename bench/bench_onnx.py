@@ -172,20 +172,32 @@ def main() -> int:
     int4 = metrics["variants"].get("int4", {})
     if int4.get("sensitivity"):
         lines += ["## Per-layer sensitivity (calibrated int4, optimize stage)", "",
-                  f"Each unit alone in 4-bit (GPTQ), the rest fp32, PyTorch perplexity change on the gate's rows. "
-                  f"Kept in 8-bit: {', '.join(int4.get('units_8bit') or []) or 'none'}. PyTorch perplexity: "
+                  f"Each unit alone in 4-bit (GPTQ), the rest fp32, on held-out rows ({int4.get('sensitivity_rows')}): "
+                  f"KL from the fp32 model per scored token, the perplexity change it implies (exp(KL) - 1: "
+                  f"what ranks the units), and the measured perplexity change. Kept in 8-bit: "
+                  f"{', '.join(int4.get('units_8bit') or []) or 'none'}; LM-head rows in 8-bit: "
+                  f"{int4.get('lm_head_rows_8bit', 0):,}; weights {int4.get('weights_size_ratio', 0):.3f}x their fp32 "
+                  f"bytes. PyTorch perplexity on those rows: "
                   + ", ".join(f"{k} {v:.3f}" for k, v in int4.get("calibration_perplexity", {}).items()) + ".", "",
-                  "| unit | params | ppl change alone in 4-bit | bits |", "|---|---:|---:|---:|"]
+                  "| unit | params | KL alone in 4-bit | implied ppl change | measured ppl change | bits (8-bit params) |",
+                  "|---|---:|---:|---:|---:|---:|"]
+
+        def pct(x: float | None) -> str:
+            return "n/a" if x is None else f"{x:+.2f}%"
         for unit, r in int4["sensitivity"].items():
-            change = r["ppl_change_pct_alone_4bit"]
-            lines.append(f"| {unit} | {r['params']:,} | {'n/a' if change is None else f'{change:+.2f}%'} | {r['bits']} |")
+            kl = r.get("kl_alone_4bit")
+            lines.append(f"| {unit} | {r['params']:,} | {'n/a' if kl is None else f'{kl:.4f}'} | "
+                         f"{pct(r.get('contribution_pct'))} | {pct(r['ppl_change_pct_alone_4bit'])} | "
+                         f"{r['bits']} ({r.get('params_8bit', 0):,}) |")
         lines.append("")
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
     out.with_suffix(".json").write_text(json.dumps({"env": env, "rows": rows_out, "build": build, "raw": results,
                                                     "int4": {k: int4.get(k) for k in ("sensitivity", "units_8bit",
-                                                                                         "calibration_perplexity")}},
+                                                                                         "calibration_perplexity",
+                                                                                         "lm_head_rows_8bit",
+                                                                                         "weights_size_ratio")}},
                                                    indent=2))
     print("\n".join(lines))
     return 0

@@ -30,7 +30,7 @@ from tuneops.export import exporter, gate, passes
 from tuneops.export.variants import Context, get
 from tuneops.export.variants import wanted as variants_wanted
 from tuneops.io import fresh_dir, read_jsonl, write_json
-from tuneops.lm import encode, perplexity, torch_forward, torch_perplexity
+from tuneops.lm import encode, perplexity, torch_distortion, torch_forward, torch_perplexity
 from tuneops.models import load_tokenizer
 from tuneops.onnx_lm import OnnxCausalLM
 
@@ -119,15 +119,24 @@ def run(cfg: Config) -> dict[str, Any]:
         # PyTorch on the same cut sequences
         fixed_set = [{k: v[: shape[1]] for k, v in f.items()} for f in ppl_set]
         torch_fixed = gate.score(reference, fixed_set, o.batch_size, pad)
-    ctx = Context(fp32=fp32, fixed=fixed, shape=shape, params=o, calibration=calibration, pad_id=pad, merged=merged)
+    ctx = Context(fp32=fp32, fixed=fixed, shape=shape, params=o, calibration=calibration, pad_id=pad, merged=merged,
+                  gate_score=lambda: torch_perplexity(model, ppl_set, o.batch_size, pad)["perplexity"])
+    # calibration decisions (which layers stay 8-bit) are scored on held-out rows the gate does not
+    # score, so the gate's verdict is not measured on the rows the plan was fitted to
+    tune_set, tune_rows = features[o.ppl_samples: 2 * o.ppl_samples], "eval rows after the gate's"
+    if not tune_set:
+        tune_set, tune_rows = ppl_set, "the gate's rows (the eval split has no others)"
+    scorer = None
     for name in wanted[1:]:                        # torch-side steps (calibration) while the model is loaded
         variant = get(name)
         if variant.prepare is not None:
             t = time.perf_counter()
             with log.step(f"optimize: {name}: calibrate on the PyTorch model"):
-                ctx.prepared[name] = variant.prepare(
-                    model, ctx, lambda: torch_perplexity(model, ppl_set, o.batch_size, pad)["perplexity"])
+                scorer = scorer or torch_distortion(model, tune_set, o.batch_size, pad)
+                ctx.prepared[name] = variant.prepare(model, ctx, scorer)
+            ctx.info.setdefault(name, {})["sensitivity_rows"] = f"{len(tune_set)} {tune_rows}"
             timings[f"{name}_prepare_s"] = time.perf_counter() - t
+    ctx.gate_score = None
     del model, reference                           # variants build from the ONNX export alone
 
     variants: dict[str, dict[str, Any]] = {}

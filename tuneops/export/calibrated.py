@@ -10,10 +10,19 @@ is minimised, not the weight error. Each block of ``block_size`` weights gets it
 searched over a few clipping ratios (importance-weighted error, ``diag(H)``).
 
 Units of the sensitivity report: each decoder block (its linears together) and the LM head (with a
-tied embedding, the embedding too: one table). A unit's contribution is the perplexity change when
-only that unit is 4-bit. Units are kept at 8 bits, most harmful per parameter first, while their
-contribution is at least ``min_contribution_pct`` and the plan's stored weights (codes and scales)
-stay within ``max_size_ratio`` of their fp32 bytes (the size goal).
+tied embedding, the embedding too: one table). A unit's contribution is what it costs when only that
+unit is 4-bit, measured on held-out rows: the divergence from the fp32 model's next-token
+distributions (``KL``, read as the perplexity change it implies, ``exp(KL) - 1``), which unlike a
+perplexity change on a few dozen rows is not noise of either sign. 8-bit candidates are taken most harmful per
+stored byte first while the plan's weights (codes and scales) stay within ``max_size_ratio`` of
+their fp32 bytes (the size goal): each block whose contribution is at least
+``min_contribution_pct``, and the LM head *row by row*. A large vocabulary is mostly tokens one
+domain never uses (Gemma 3: 262k rows, 62% of the weights): the head's measured contribution is
+shared among its rows by a second-order estimate (``head_row_scores``: each row's logit error
+weighted by the probability the model puts on that token), so the rows that matter go 8-bit and
+the rest stay 4-bit. The graph then computes the head as two ``MatMulNBits`` and puts the logits
+back in vocabulary order; a tied embedding reads both parts. 8-bit codes use a coarser block
+(``block_size_8bit``): their scales add 3% instead of 12.5% to each weight's byte.
 
 The plan knows each linear's weight by a fingerprint of its exported ``MatMul`` weight, and the
 fused weight of linears that read one input (onnxruntime-genai's builder packs q/k/v into one
@@ -26,6 +35,7 @@ then ``write(onnx_in, onnx_out, plan)`` over the fp32 export (the model is freed
 from __future__ import annotations
 
 import hashlib
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -133,15 +143,18 @@ def linear_units(model: Any) -> dict[str, list[tuple[str, torch.nn.Linear]]]:
 
 
 def hessians(model: Any, sequences: list[list[int]], linears: dict[str, torch.nn.Linear],
-             shared_inputs: list[list[str]] | None = None) -> dict[str, torch.Tensor]:
+             shared_inputs: list[list[str]] | None = None,
+             inputs: dict[str, list[torch.Tensor]] | None = None) -> dict[str, torch.Tensor]:
     """``X^T X / tokens`` of every linear's input over ``sequences`` (one forward each, unpadded).
     ``shared_inputs``, when given, receives the groups of linears (in call order) that read the
-    very same input tensor (q/k/v, gate/up): exporters may fuse such a group into one ``MatMul``."""
+    very same input tensor (q/k/v, gate/up): exporters may fuse such a group into one ``MatMul``.
+    ``inputs``, when given, ``{name: []}``: those linears' input rows are kept there too."""
     import torch
 
     H = {name: torch.zeros(m.in_features, m.in_features) for name, m in linears.items()}
     count = {"tokens": 0}
     readers: dict[int, tuple[torch.Tensor, list[str]]] = {}   # the tensor is held: its id stays its own
+    kept = inputs if inputs is not None else {}
 
     def hook(name: str) -> Callable[..., None]:
         def fn(_module: Any, inputs: tuple[torch.Tensor, ...], _output: Any) -> None:
@@ -149,6 +162,8 @@ def hessians(model: Any, sequences: list[list[int]], linears: dict[str, torch.nn
                 readers.setdefault(id(inputs[0]), (inputs[0], []))[1].append(name)
             x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).to(torch.float32)
             H[name].addmm_(x.T, x)
+            if name in kept:
+                kept[name].append(x.clone())
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in linears.items()]
@@ -183,83 +198,258 @@ def unit_bytes(params: int, bits: int, block_size: int) -> float:
     return params * (bits / 8 + 4 / block_size)
 
 
+def block_of(q: np.ndarray, scales: np.ndarray) -> int:
+    """The block size of codes ``q`` ``[N, K]`` with ``scales`` ``[N, K / block]``."""
+    return q.shape[1] // scales.shape[1]
+
+
+def wide_block(in_features: int, block_size: int, block_size_8bit: int) -> int:
+    """The 8-bit units' block: ``block_size_8bit`` (a coarser block: 8-bit codes barely need the
+    finer scales, and the bytes saved buy more 8-bit units), halved until it divides the input width."""
+    b = max(block_size_8bit, block_size)
+    while in_features % b and b > block_size:
+        b //= 2
+    return b
+
+
+def head_row_scores(weight: torch.Tensor, quantized: torch.Tensor, hidden: torch.Tensor,
+                    softcap: float | None = None, chunk: int = 128) -> np.ndarray:
+    """Per vocabulary row of the LM head: how much its 4-bit error costs, to second order.
+
+    The cross-entropy's Hessian in the logits is ``diag(p) - p p^T``; its diagonal weights row
+    ``v``'s logit error ``d_v = (W4_v - W_v) . h`` by the model's own probability ``p_v``:
+    ``score_v = sum_t p_v(t) d_v(t)^2`` over the head's calibration inputs ``h_t`` (rows of
+    ``hidden``). A row the model never puts mass on costs nothing, whatever its error: most of a
+    large vocabulary (Gemma 3: 262k tokens) is such rows for one domain's text."""
+    import torch
+
+    delta = (quantized - weight.detach()).to(torch.float32)
+    W = weight.detach().to(torch.float32)
+    score = torch.zeros(W.shape[0], dtype=torch.float64)
+    with torch.inference_mode():
+        for i in range(0, hidden.shape[0], chunk):
+            h = hidden[i:i + chunk]
+            logits = h @ W.T
+            if softcap:
+                logits = torch.tanh(logits / softcap) * softcap
+            p = torch.softmax(logits, dim=-1)
+            del logits
+            score += (p * (h @ delta.T) ** 2).sum(0, dtype=torch.float64)
+    return score.numpy()
+
+
+@dataclass
+class SplitRows:
+    """An LM head whose vocabulary rows are split by precision: ``rows8`` (sorted) in 8 bits, the
+    others (sorted) in 4; the graph computes both parts and puts the logits back in vocabulary order."""
+    rows8: np.ndarray
+    q8: np.ndarray
+    s8: np.ndarray
+    rows4: np.ndarray
+    q4: np.ndarray
+    s4: np.ndarray
+
+
 @dataclass
 class Plan:
-    """What ``write`` puts into the graph: per linear (by fingerprint) its bits, codes and scales."""
-    block_size: int
+    """What ``write`` puts into the graph: per linear (by fingerprint) its bits, codes and scales,
+    or its rows split by precision (``split``: the LM head)."""
+    block_size: int                       # the 4-bit codes' block (8-bit codes: see ``wide_block``)
     weights: dict[str, tuple[int, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    split: dict[str, SplitRows] = field(default_factory=dict)
     units: dict[str, dict[str, Any]] = field(default_factory=dict)   # the sensitivity report
     perplexity: dict[str, float] = field(default_factory=dict)        # fp32, all 4-bit, the plan
     tied: bool = False
+    other_bytes: float = 0.0              # what the graph stores besides the plan's linears (see ``other_bytes``,
+                                          # plus the graph's own bytes: ``reserved_bytes``)
+    model_bytes: float = 0.0              # the fp32 model's parameter bytes
 
     def report(self) -> dict[str, Any]:
         eight = [u for u, r in self.units.items() if r["bits"] == 8]
-        stored = sum(unit_bytes(r["params"], r["bits"], self.block_size) for r in self.units.values())
+        stored = sum(r["bytes"] for r in self.units.values())
         fp32 = 4 * sum(r["params"] for r in self.units.values()) or 1
-        return {"algorithm": "GPTQ (block scales with clip search) + per-unit mixed precision",
+        head = self.units.get("lm_head", {})
+        order = 4 * sum(len(sp.rows8) + len(sp.rows4) for sp in self.split.values())
+        return {"algorithm": "GPTQ (block scales with clip search) + mixed precision per block and per LM-head row",
                 "block_size": self.block_size, "units_8bit": eight, "weights_size_ratio": stored / fp32,
-                "calibration_perplexity": self.perplexity, "sensitivity": self.units}
+                "model_size_ratio": (stored + self.other_bytes + order) / (self.model_bytes or fp32),
+                "lm_head_rows_8bit": head.get("rows_8bit", 0), "calibration_perplexity": self.perplexity,
+                "sensitivity": self.units}
 
 
 def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float], block_size: int,
               percdamp: float, min_contribution_pct: float, max_size_ratio: float,
-              sensitivity: bool = True) -> Plan:
+              sensitivity: bool = True, head_rows: bool = True, head_positions: int = 1024,
+              block_size_8bit: int | None = None, gate_score: Callable[[], float] | None = None,
+              reserved_bytes: float = 0.0) -> Plan:
     """Hessians, GPTQ per linear, the per-unit sensitivity report and the mixed-precision plan.
-    ``score()`` is the PyTorch model's perplexity on the gate's rows (called with swapped weights)."""
+    ``score()`` measures the PyTorch model as it is now (called with swapped weights) on held-out
+    rows: ``{"perplexity", "kl"}`` (``lm.torch_distortion``; units are ranked by the KL), or a bare
+    perplexity (units ranked by its change). ``gate_score()``, when given, is the perplexity on the
+    gate's rows: the plan's weights are scored there too (``plan_pytorch_gate_rows``: what the
+    quantized graph must reproduce). ``reserved_bytes`` (the graph's nodes and small tensors) count
+    against the size goal with the weights outside the plan.
+
+    8-bit candidates, taken most harmful per byte first while the size goal allows: each decoder
+    block whose contribution is at least ``min_contribution_pct``, and (``head_rows``) the LM head
+    row by row, its measured contribution shared among its rows by ``head_row_scores`` (on up to
+    ``head_positions`` of the calibration tokens). 8-bit codes use ``wide_block(block_size_8bit)``."""
+    import torch
+
     units = linear_units(model)
     linears = {n: m for members in units.values() for n, m in members
                if m.in_features % block_size == 0}
+    head = next((n for n, _ in units.get("lm_head", []) if n in linears), None)
     groups: list[list[str]] = []
-    H = hessians(model, sequences, linears, groups)
+    kept: dict[str, list[torch.Tensor]] = {head: []} if head and sensitivity and head_rows else {}
+    H = hessians(model, sequences, linears, groups, kept)
     q4 = {n: gptq(m.weight, H.pop(n), 4, block_size, percdamp) for n, m in linears.items()}
     params = {u: sum(m.weight.numel() for n, m in members if n in linears) for u, members in units.items()}
     total = sum(params.values()) or 1
-    plan = Plan(block_size=block_size, tied=bool(getattr(model.config, "tie_word_embeddings", False)))
+    plan = Plan(block_size=block_size, tied=bool(getattr(model.config, "tie_word_embeddings", False)),
+                other_bytes=other_bytes(model, linears) + reserved_bytes, model_bytes=4.0 * sum(p.numel() for p in model.parameters()))
+    rows8: dict[str, np.ndarray] = {}            # linear -> its 8-bit rows (all of them: the whole linear)
+    block8 = {n: wide_block(m.in_features, block_size, block_size_8bit or block_size) for n, m in linears.items()}
 
-    def swapped(names: list[str]) -> float:
+    def cost8(n: str, rows: int | None = None) -> float:
+        """Bytes that ``rows`` (default: all) output rows of linear ``n`` add in 8-bit instead of 4."""
+        m = linears[n]
+        size = m.in_features * (m.out_features if rows is None else rows)
+        return unit_bytes(size, 8, block8[n]) - unit_bytes(size, 4, block_size)
+
+    def rtn8(n: str) -> tuple[np.ndarray, np.ndarray]:
+        return round_to_nearest(linears[n].weight, 8, block8[n])
+
+    def weight(n: str) -> torch.Tensor:
+        """The plan's dequantized weight of linear ``n`` (4-bit, 8-bit, or rows of both)."""
+        w4 = dequantize(*q4[n], 4, block_size)
+        rows = rows8.get(n)
+        if rows is None or len(rows) == 0:
+            return w4
+        w8 = dequantize(*rtn8(n), 8, block8[n])
+        w4[torch.from_numpy(rows)] = w8[torch.from_numpy(rows)]
+        return w4
+
+    def measured(scorer: Callable[[], Any] = score) -> dict[str, Any]:
+        got = scorer()
+        return got if isinstance(got, dict) else {"perplexity": got, "kl": None}
+
+    def swapped(names: list[str], scorer: Callable[[], Any] = score) -> dict[str, Any]:
         saved = {n: linears[n].weight.data.clone() for n in names}
         try:
             for n in names:
-                linears[n].weight.data.copy_(dequantize(*q4[n], 4, block_size))
-            return score()
+                linears[n].weight.data.copy_(weight(n))
+            return measured(scorer)
         finally:
             for n in names:
                 linears[n].weight.data.copy_(saved[n])
 
-    fp32 = score()
+    fp32 = measured()["perplexity"]
     plan.perplexity["pytorch_fp32"] = fp32
     for unit, members in units.items():
         names = [n for n, _ in members if n in linears]
-        change = 100.0 * (swapped(names) / fp32 - 1.0) if (sensitivity and names) else None
-        plan.units[unit] = {"params": params[unit], "ppl_change_pct_alone_4bit": change, "bits": 4}
+        r = plan.units[unit] = {"params": params[unit], "ppl_change_pct_alone_4bit": None, "bits": 4,
+                                "params_8bit": 0}
+        if sensitivity and names:
+            got = swapped(names)
+            r["ppl_change_pct_alone_4bit"] = 100.0 * (got["perplexity"] / fp32 - 1.0)
+            if got["kl"] is not None:
+                r["kl_alone_4bit"] = got["kl"]
+            # what ranks the units: the expected perplexity change the divergence implies
+            # (exp(KL) - 1: the loss rise if the data were the model's own), else the measured change
+            r["contribution_pct"] = (100.0 * math.expm1(got["kl"]) if got["kl"] is not None
+                                     else r["ppl_change_pct_alone_4bit"])
     if sensitivity:
-        ranked = sorted((u for u, r in plan.units.items() if r["ppl_change_pct_alone_4bit"] is not None
-                         and r["ppl_change_pct_alone_4bit"] >= min_contribution_pct),
-                        key=lambda u: plan.units[u]["ppl_change_pct_alone_4bit"] / max(params[u], 1), reverse=True)
+        plan.perplexity["all_4bit"] = swapped(list(linears))["perplexity"]
+        row_bytes = 0.0
+        candidates: list[tuple[float, str, int]] = []        # (contribution per byte, unit, row or -1)
+        for unit, r in plan.units.items():
+            change = r.get("contribution_pct")
+            if change is None or change < min_contribution_pct:
+                continue
+            if unit == "lm_head" and kept.get(head):
+                m = linears[head]
+                scores = head_row_scores(m.weight, dequantize(*q4[head], 4, block_size),
+                                         _spread(torch.cat(kept.pop(head)), head_positions),
+                                         getattr(model.config, "final_logit_softcapping", None))
+                row_bytes = cost8(head, 1)
+                share = change * scores / max(scores.sum(), 1e-30) / row_bytes
+                candidates += [(float(share[v]), unit, int(v)) for v in np.flatnonzero(share > 0)]
+            else:
+                extra = sum(cost8(n) for n, _ in units[unit] if n in linears)
+                candidates.append((change / extra, unit, -1))
         # bytes left under the size goal once everything is 4-bit; each 8-bit unit costs the difference
-        budget = max_size_ratio * 4 * total - unit_bytes(total, 4, block_size)
-        for unit in ranked:
-            extra = unit_bytes(params[unit], 8, block_size) - unit_bytes(params[unit], 4, block_size)
-            if extra <= budget:
-                plan.units[unit]["bits"] = 8
-                budget -= extra
-        plan.perplexity["all_4bit"] = swapped(list(linears))
+        # (the size goal is the whole model's: the other weights and a split head's vocab-order table count)
+        budget = (max_size_ratio * plan.model_bytes - unit_bytes(total, 4, block_size) - plan.other_bytes
+                  - (4 * linears[head].out_features if row_bytes else 0))
+        chosen_rows: list[int] = []
+        for _, unit, row in sorted(candidates, reverse=True):
+            extra = row_bytes if row >= 0 else sum(cost8(n) for n, _ in units[unit] if n in linears)
+            if extra > budget:
+                continue
+            budget -= extra
+            if row >= 0:
+                chosen_rows.append(row)
+            else:
+                plan.units[unit].update(bits=8, params_8bit=params[unit])
+        if chosen_rows:
+            m = linears[head]
+            rows8[head] = np.array(sorted(chosen_rows), dtype=np.int64)
+            plan.units["lm_head"].update(rows_8bit=len(chosen_rows), params_8bit=len(chosen_rows) * m.in_features)
+            if len(chosen_rows) == m.out_features:
+                plan.units["lm_head"]["bits"] = 8
+    for unit, r in plan.units.items():
+        names = [n for n, _ in units[unit] if n in linears]
+        if r["bits"] == 8:
+            rows8.update({n: np.arange(linears[n].out_features) for n in names})
+        r["bytes"] = sum(unit_bytes(linears[n].weight.numel(), 4, block_size) + cost8(n, len(rows8.get(n, ())))
+                         for n in names)
     chosen: dict[str, tuple[int, np.ndarray, np.ndarray]] = {}
-    for unit, members in units.items():
-        bits = plan.units[unit]["bits"]
+    for members in units.values():
         for n, m in members:
             if n not in linears:
                 continue
-            q, s = q4[n] if bits == 4 else round_to_nearest(m.weight, 8, block_size)
-            chosen[n] = plan.weights[fingerprint(m.weight.detach().T.numpy())] = (bits, q, s)
+            key = fingerprint(m.weight.detach().T.numpy())
+            rows = rows8.get(n, np.zeros(0, dtype=np.int64))
+            if 0 < len(rows) < m.out_features:        # rows of both widths (the LM head)
+                q8, s8 = rtn8(n)
+                rest = np.setdiff1d(np.arange(m.out_features), rows)
+                plan.split[key] = SplitRows(rows, q8[rows], s8[rows], rest, q4[n][0][rest], q4[n][1][rest])
+                continue
+            q, s = rtn8(n) if len(rows) else q4[n]
+            chosen[n] = plan.weights[key] = (8 if len(rows) else 4, q, s)
     for group in groups:                 # a fused MatMul: the members' rows stacked (one unit, one width)
-        entries = [chosen[n] for n in group]
-        if len({e[0] for e in entries}) == 1:
+        entries = [chosen.get(n) for n in group]
+        if all(entries) and len({e[0] for e in entries}) == 1:
             plan.weights[fused_fingerprint([linears[n].weight for n in group])] = (
                 entries[0][0], np.concatenate([e[1] for e in entries]), np.concatenate([e[2] for e in entries]))
-    names4 = [n for u, members in units.items() if plan.units[u]["bits"] == 4 for n, _ in members if n in linears]
-    plan.perplexity["plan_pytorch"] = swapped(names4)
+    plan.perplexity["plan_pytorch"] = swapped(list(linears))["perplexity"]   # every linear as the graph has it
+    if gate_score is not None:
+        plan.perplexity["plan_pytorch_gate_rows"] = swapped(list(linears), gate_score)["perplexity"]
     return plan
+
+
+def other_bytes(model: Any, linears: dict[str, Any]) -> float:
+    """Bytes the quantized graph stores for the parameters outside ``linears``: an untied token
+    embedding as int8 rows with one fp32 scale each (``passes.quantize_embedding_rows``), the rest
+    (norms, biases) fp32. A tied embedding is the LM head's table: it is not counted twice."""
+    inside = {id(m.weight) for m in linears.values()}
+    embedding = model.get_input_embeddings().weight
+    size = 0.0
+    for p in model.parameters():
+        if id(p) in inside:
+            continue
+        size += p.numel() + 4 * p.shape[0] if p is embedding else 4 * p.numel()
+    return size
+
+
+def _spread(x: torch.Tensor, n: int) -> torch.Tensor:
+    """At most ``n`` rows of ``x``, evenly spaced (every calibration sequence is represented)."""
+    import torch
+
+    if x.shape[0] <= n:
+        return x
+    return x[torch.linspace(0, x.shape[0] - 1, n).long()]
 
 
 # -- the graph side ----------------------------------------------------------------------------
@@ -273,9 +463,27 @@ def pack(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
     return np.ascontiguousarray(q.reshape(n, k // block_size, block_size * bits // 8), dtype=np.uint8)
 
 
+def _nbits_node(model: Any, x: str, name: str, bits: int, q: np.ndarray, scales: np.ndarray, block_size: int,
+                out: str, accuracy_level: int | None) -> Any:
+    """A ``MatMulNBits`` of ``x`` with codes ``q`` ``[N, K]`` (its initializers added to ``model``)."""
+    from onnx import helper, numpy_helper
+
+    n, k = q.shape
+    packed = numpy_helper.from_array(pack(q, bits, block_size), f"{name}_Q{bits}")
+    scale = numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_Q{bits}_scales")
+    model.graph.initializer.extend([packed, scale])
+    attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    return helper.make_node("MatMulNBits", [x, packed.name, scale.name], [out], name=f"{name}_MatMulNBits{bits}",
+                            domain="com.microsoft", **attrs)
+
+
 def apply(model: Any, plan: Plan, accuracy_level: int | None) -> dict[str, int]:
     """Rewrite each ``MatMul`` whose weight the plan knows as ``MatMulNBits`` with the plan's codes
-    (in place); MatMuls the plan does not know stay as they are. Returns counts per bit width."""
+    (in place); MatMuls the plan does not know stay as they are. A split LM head becomes two
+    ``MatMulNBits`` (8-bit rows, 4-bit rows), ``Concat`` and a ``Gather`` back to vocabulary order.
+    Returns counts per bit width (a split head counts once as ``split``)."""
     from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
@@ -283,31 +491,41 @@ def apply(model: Any, plan: Plan, accuracy_level: int | None) -> dict[str, int]:
     for node in model.graph.node:
         for name in node.input:
             users[name] = users.get(name, 0) + 1
-    counts = {"4": 0, "8": 0, "unmatched": 0}
-    nodes = list(model.graph.node)
-    for index, node in enumerate(nodes):
+    counts = {"4": 0, "8": 0, "split": 0, "unmatched": 0}
+    nodes: list[Any] = []
+    for node in model.graph.node:
         if node.op_type != "MatMul" or node.input[1] not in inits:
+            nodes.append(node)
             continue
         B = numpy_helper.to_array(inits[node.input[1]])
-        entry = plan.weights.get(fingerprint(B)) if B.ndim == 2 else None
-        if entry is None:
+        key = fingerprint(B) if B.ndim == 2 else None
+        entry, split = plan.weights.get(key), plan.split.get(key)
+        name, x = node.input[1], node.input[0]
+        if entry is not None:
+            bits, q, scales = entry
+            nodes.append(_nbits_node(model, x, name, bits, q, scales, block_of(q, scales), node.output[0],
+                                     accuracy_level))
+            counts[str(bits)] += 1
+        elif split is not None:
+            order = np.empty(len(split.rows8) + len(split.rows4), dtype=np.int32)
+            order[np.concatenate([split.rows8, split.rows4])] = np.arange(len(order))  # vocab id -> its column
+            model.graph.initializer.append(numpy_helper.from_array(order, f"{name}_order"))
+            nodes += [_nbits_node(model, x, f"{name}_rows8", 8, split.q8, split.s8, block_of(split.q8, split.s8),
+                                  f"{name}_logits8", accuracy_level),
+                      _nbits_node(model, x, f"{name}_rows4", 4, split.q4, split.s4, block_of(split.q4, split.s4),
+                                  f"{name}_logits4", accuracy_level),
+                      helper.make_node("Concat", [f"{name}_logits8", f"{name}_logits4"], [f"{name}_logits84"],
+                                       name=f"{name}_concat", axis=-1),
+                      helper.make_node("Gather", [f"{name}_logits84", f"{name}_order"], list(node.output),
+                                       name=f"{name}_vocab_order", axis=-1)]
+            counts["split"] += 1
+        else:
             counts["unmatched"] += 1
+            nodes.append(node)
             continue
-        bits, q, scales = entry
-        k, n = B.shape
-        name = node.input[1]
-        packed = numpy_helper.from_array(pack(q, bits, plan.block_size), f"{name}_Q{bits}")
-        scale = numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_scales")
-        model.graph.initializer.extend([packed, scale])
-        attrs = {"K": k, "N": n, "bits": bits, "block_size": plan.block_size}
-        if accuracy_level:
-            attrs["accuracy_level"] = accuracy_level
-        nodes[index] = helper.make_node("MatMulNBits", [node.input[0], packed.name, scale.name], list(node.output),
-                                        name=f"{node.name}_Q{bits}", domain="com.microsoft", **attrs)
         users[name] -= 1
         if users[name] == 0:
             model.graph.initializer.remove(inits.pop(name))
-        counts[str(bits)] += 1
     model.graph.ClearField("node")
     model.graph.node.extend(nodes)
     if not any(o.domain == "com.microsoft" for o in model.opset_import):
@@ -317,17 +535,19 @@ def apply(model: Any, plan: Plan, accuracy_level: int | None) -> dict[str, int]:
 
 def write(src: Path, dst: Path, plan: Plan, accuracy_level: int | None) -> dict[str, Any]:
     """The fp32 export at ``src`` with the plan's weights, the embedding table stored once (the tied
-    LM head's codes, else int8 rows), saved at ``dst``."""
+    LM head's codes, split or not, else int8 rows), saved at ``dst``."""
     import onnx
 
-    from .passes import fresh, quantize_embedding_rows, share_tied_embedding, untie_transposed_weights
+    from .passes import fresh, quantize_embedding_rows, share_split_embedding, share_tied_embedding
+    from .passes import untie_transposed_weights
 
     model = untie_transposed_weights(onnx.load(str(src)))
     counts = apply(model, plan, accuracy_level)
-    shared = share_tied_embedding(model, tied=plan.tied) if plan.tied else 0
+    shared = 0
+    if plan.tied:
+        shared = share_split_embedding(model) if counts["split"] else share_tied_embedding(model, tied=True)
     if not shared:
         quantize_embedding_rows(model)
     fresh(dst)
     onnx.save(model, str(dst), save_as_external_data=True, location=dst.name + ".data")
     return {"matmuls": counts, "embedding": "shared with the LM head's codes" if shared else "int8 rows"}
-

@@ -101,13 +101,71 @@ def quantize_embedding_rows(model: Any) -> Any:
     return model
 
 
+def _dequantized_rows(model: Any, q: str, scales: str, bits: int, block: int, rows: int, hidden: int,
+                      ids: str, out: str, p: str) -> list[Any]:
+    """Nodes that gather rows ``ids`` of ``MatMulNBits`` weights (``q`` ``[rows, hidden/block,
+    block*bits/8]`` uint8, 4-bit packed two per byte, the low nibble first; zero point 2**(bits-1);
+    one fp32 scale per block) and dequantize only those: ``(q - zero) * scale`` (standard ops)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    model.graph.initializer.extend([
+        numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{p}_shape"),
+        numpy_helper.from_array(np.array([rows, hidden // block, 1], np.int64), f"{p}_scale_shape"),
+        numpy_helper.from_array(np.array(float(2 ** (bits - 1)), np.float32), f"{p}_zero")])
+    if bits == 4:
+        model.graph.initializer.extend([
+            numpy_helper.from_array(np.array(15, np.uint8), f"{p}_mask"),
+            numpy_helper.from_array(np.array(4, np.uint8), f"{p}_four"),
+            numpy_helper.from_array(np.array([-1], np.int64), f"{p}_last"),
+            numpy_helper.from_array(np.array([0, 0, hidden // block, block], np.int64), f"{p}_blocks")])
+        unpack = [
+            helper.make_node("Gather", [q, ids], [f"{p}_packed"], name=f"{p}_gather", axis=0),
+            helper.make_node("BitwiseAnd", [f"{p}_packed", f"{p}_mask"], [f"{p}_lo"], name=f"{p}_lo"),
+            helper.make_node("BitShift", [f"{p}_packed", f"{p}_four"], [f"{p}_hi"], name=f"{p}_hi",
+                             direction="RIGHT"),
+            helper.make_node("Unsqueeze", [f"{p}_lo", f"{p}_last"], [f"{p}_lo1"], name=f"{p}_lo1"),
+            helper.make_node("Unsqueeze", [f"{p}_hi", f"{p}_last"], [f"{p}_hi1"], name=f"{p}_hi1"),
+            helper.make_node("Concat", [f"{p}_lo1", f"{p}_hi1"], [f"{p}_pairs"], name=f"{p}_pairs", axis=-1),
+            helper.make_node("Reshape", [f"{p}_pairs", f"{p}_blocks"], [f"{p}_q"], name=f"{p}_unpack")]
+    else:
+        unpack = [helper.make_node("Gather", [q, ids], [f"{p}_q"], name=f"{p}_gather", axis=0)]
+    return unpack + [
+        helper.make_node("Reshape", [scales, f"{p}_scale_shape"], [f"{p}_s3"], name=f"{p}_s3"),
+        helper.make_node("Gather", [f"{p}_s3", ids], [f"{p}_s"], name=f"{p}_gather_scale", axis=0),
+        helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=TensorProto.FLOAT),
+        helper.make_node("Sub", [f"{p}_f", f"{p}_zero"], [f"{p}_c"], name=f"{p}_center"),
+        helper.make_node("Mul", [f"{p}_c", f"{p}_s"], [f"{p}_d"], name=f"{p}_dequantize"),
+        helper.make_node("Reshape", [f"{p}_d", f"{p}_shape"], [out], name=f"{p}_rows")]
+
+
+def _rows_match(inits: dict[str, Any], q: str, scales: str, bits: int, block: int, hidden: int,
+                ref: np.ndarray, steps: float) -> bool:
+    """Do the first rows of these ``MatMulNBits`` weights dequantize to ``ref`` (within ``steps``
+    quantization steps)?"""
+    from onnx import numpy_helper
+
+    n = len(ref)
+    codes = numpy_helper.to_array(inits[q])[:n].reshape(n, -1)
+    if bits == 4:  # two values per byte, low nibble first
+        codes = np.stack([codes & 15, codes >> 4], axis=-1).reshape(n, -1)
+    codes = codes[:, :hidden].astype(np.float32)
+    s = numpy_helper.to_array(inits[scales]).reshape(-1, hidden // block)[:n]
+    rows = ((codes - 2 ** (bits - 1)).reshape(n, -1, block) * s[:, :, None]).reshape(n, hidden)
+    return bool(np.allclose(rows, ref.astype(np.float32), atol=float(s.max()) * steps + 1e-6))
+
+
+def _embedding_gathers(model: Any, inits: dict[str, Any]) -> list[Any]:
+    """The ``Gather`` nodes reading a large 2-D initializer (the token embedding)."""
+    return [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in inits
+            and len(inits[n.input[0]].dims) == 2 and inits[n.input[0]].dims[0] >= 1024]
+
+
 def share_tied_embedding(model: Any, tied: bool = False) -> int:
     """Tied embeddings: let the token-embedding ``Gather`` read the LM head's 8/4-bit
-    ``MatMulNBits`` weights (``[vocab, hidden/block, block]`` uint8, 4-bit packed two per
-    byte; zero point 128 / 8, one scale per block) instead of a second copy of the table:
-    gather the rows and their scales, unpack, then ``(q - zero) * scale`` (standard ops). Only when the head's weights
-    dequantize to the table (a tied model); returns the number of tables shared."""
-    from onnx import TensorProto, helper, numpy_helper
+    ``MatMulNBits`` weights instead of a second copy of the table (``_dequantized_rows``). Only
+    when the head's weights dequantize to the table (a tied model); returns the number of tables
+    shared."""
+    from onnx import helper, numpy_helper
 
     inits = {i.name: i for i in model.graph.initializer}
     heads = []
@@ -117,67 +175,83 @@ def share_tied_embedding(model: Any, tied: bool = False) -> int:
             if a.get("bits") in (4, 8) and n.input[1] in inits and n.input[2] in inits:
                 heads.append((n, a))
     shared = 0
-    for node in list(model.graph.node):
-        if node.op_type != "Gather" or node.input[0] not in inits:
-            continue
+    for node in _embedding_gathers(model, inits):
         table = inits[node.input[0]]
-        if len(table.dims) != 2 or table.dims[0] < 1024:
-            continue
         vocab, hidden = table.dims
+        ref = numpy_helper.to_array(table)[:64]
         for head, a in heads:
             if a["N"] != vocab or a["K"] != hidden:
                 continue
-            block, bits = a["block_size"], a["bits"]
-            zero = float(2 ** (bits - 1))
-            q = numpy_helper.to_array(inits[head.input[1]])[:64].reshape(64, -1)
-            if bits == 4:  # two values per byte, low nibble first
-                q = np.stack([q & 15, q >> 4], axis=-1).reshape(64, -1)
-            q = q[:, :hidden].astype(np.float32)
-            scales = numpy_helper.to_array(inits[head.input[2]]).reshape(vocab, -1)[:64]
-            rows = (q - zero).reshape(64, -1, block) * scales[:, :, None]
-            ref = numpy_helper.to_array(table)[:64].astype(np.float32)
             # round to nearest: each code within one step of the table; GPTQ (``tied``: the model
             # says the head is the embedding) moves codes further, by design
-            steps = 8.0 if tied else 1.01
-            if not np.allclose(rows.reshape(64, hidden), ref, atol=float(scales.max()) * steps + 1e-6):
+            if not _rows_match(inits, head.input[1], head.input[2], a["bits"], a["block_size"], hidden,
+                               ref, 8.0 if tied else 1.01):
                 continue
-            p = f"{node.input[0]}_shared"
-            model.graph.initializer.append(numpy_helper.from_array(np.array([0, 0, hidden], np.int64), f"{p}_shape"))
-            model.graph.initializer.append(numpy_helper.from_array(
-                np.array([vocab, hidden // block, 1], np.int64), f"{p}_scale_shape"))
-            model.graph.initializer.append(numpy_helper.from_array(np.array(zero, np.float32), f"{p}_zero"))
             index = list(model.graph.node).index(node)
             model.graph.node.remove(node)
-            ids = node.input[1]
-            unpack = []
-            if bits == 4:
-                model.graph.initializer.extend([
-                    numpy_helper.from_array(np.array(15, np.uint8), f"{p}_mask"),
-                    numpy_helper.from_array(np.array(4, np.uint8), f"{p}_four"),
-                    numpy_helper.from_array(np.array([-1], np.int64), f"{p}_last"),
-                    numpy_helper.from_array(np.array([0, 0, hidden // block, block], np.int64), f"{p}_blocks")])
-                unpack = [
-                    helper.make_node("Gather", [head.input[1], ids], [f"{p}_packed"], name=f"{p}_gather", axis=0),
-                    helper.make_node("BitwiseAnd", [f"{p}_packed", f"{p}_mask"], [f"{p}_lo"], name=f"{p}_lo"),
-                    helper.make_node("BitShift", [f"{p}_packed", f"{p}_four"], [f"{p}_hi"], name=f"{p}_hi",
-                                     direction="RIGHT"),
-                    helper.make_node("Unsqueeze", [f"{p}_lo", f"{p}_last"], [f"{p}_lo1"], name=f"{p}_lo1"),
-                    helper.make_node("Unsqueeze", [f"{p}_hi", f"{p}_last"], [f"{p}_hi1"], name=f"{p}_hi1"),
-                    helper.make_node("Concat", [f"{p}_lo1", f"{p}_hi1"], [f"{p}_pairs"], name=f"{p}_pairs", axis=-1),
-                    helper.make_node("Reshape", [f"{p}_pairs", f"{p}_blocks"], [f"{p}_q"], name=f"{p}_unpack")]
-            else:
-                unpack = [helper.make_node("Gather", [head.input[1], ids], [f"{p}_q"], name=f"{p}_gather", axis=0)]
-            for k, n in enumerate(unpack + [
-                    helper.make_node("Reshape", [head.input[2], f"{p}_scale_shape"], [f"{p}_s3"], name=f"{p}_s3"),
-                    helper.make_node("Gather", [f"{p}_s3", ids], [f"{p}_s"], name=f"{p}_gather_scale", axis=0),
-                    helper.make_node("Cast", [f"{p}_q"], [f"{p}_f"], name=f"{p}_cast", to=TensorProto.FLOAT),
-                    helper.make_node("Sub", [f"{p}_f", f"{p}_zero"], [f"{p}_c"], name=f"{p}_center"),
-                    helper.make_node("Mul", [f"{p}_c", f"{p}_s"], [f"{p}_d"], name=f"{p}_dequantize"),
-                    helper.make_node("Reshape", [f"{p}_d", f"{p}_shape"], [node.output[0]], name=f"{p}_rows")]):
+            for k, n in enumerate(_dequantized_rows(model, head.input[1], head.input[2], a["bits"], a["block_size"],
+                                                    vocab, hidden, node.input[1], node.output[0],
+                                                    f"{node.input[0]}_shared")):
                 model.graph.node.insert(index + k, n)
             model.graph.initializer.remove(table)
             shared += 1
             break
+    return shared
+
+
+def share_split_embedding(model: Any) -> int:
+    """Tied embeddings with an LM head split by rows (``calibrated.apply``: 8-bit rows, 4-bit
+    rows, ``Concat``, ``Gather`` back to vocabulary order): the token-embedding ``Gather`` reads
+    both parts' codes. The vocab-order table gives each token its column ``c``; the 8-bit part
+    holds columns ``< n8``, the 4-bit part the others (row ``c - n8``); both are gathered (clamped
+    into range) and ``Where`` picks. Returns the number of tables shared."""
+    from onnx import helper, numpy_helper
+
+    inits = {i.name: i for i in model.graph.initializer}
+    producers = {o: n for n in model.graph.node for o in n.output}
+    shared = 0
+    for order_node in [n for n in model.graph.node if n.op_type == "Gather" and n.input[1] in inits
+                       and producers.get(n.input[0]) is not None and producers[n.input[0]].op_type == "Concat"]:
+        parts = [producers.get(x) for x in producers[order_node.input[0]].input]
+        if len(parts) != 2 or any(p is None or p.op_type != "MatMulNBits" for p in parts):
+            continue
+        (m8, a8), (m4, a4) = [(p, {x.name: helper.get_attribute_value(x) for x in p.attribute}) for p in parts]
+        order = numpy_helper.to_array(inits[order_node.input[1]])
+        n8, hidden, block8, block4 = a8["N"], a8["K"], a8["block_size"], a4["block_size"]
+        for node in _embedding_gathers(model, inits):
+            table = inits[node.input[0]]
+            if list(table.dims) != [len(order), hidden]:
+                continue
+            ref = numpy_helper.to_array(table)
+            by_column = np.argsort(order)                    # the tokens of each part, in its row order
+            first8, first4 = by_column[:min(64, n8)], by_column[n8:n8 + 64]
+            if not (_rows_match(inits, m8.input[1], m8.input[2], 8, block8, hidden, ref[first8], 8.0)
+                    and _rows_match(inits, m4.input[1], m4.input[2], 4, block4, hidden, ref[first4], 8.0)):
+                continue
+            p, ids = f"{node.input[0]}_split", node.input[1]
+            model.graph.initializer.extend([
+                numpy_helper.from_array(np.array(n8, order.dtype), f"{p}_n8"),      # the order table's type
+                numpy_helper.from_array(np.array(n8 - 1, order.dtype), f"{p}_last8"),
+                numpy_helper.from_array(np.array(0, order.dtype), f"{p}_zero_id"),
+                numpy_helper.from_array(np.array([-1], np.int64), f"{p}_axis")])
+            nodes = [
+                helper.make_node("Gather", [order_node.input[1], ids], [f"{p}_col"], name=f"{p}_col", axis=0),
+                helper.make_node("Less", [f"{p}_col", f"{p}_n8"], [f"{p}_is8"], name=f"{p}_is8"),
+                helper.make_node("Min", [f"{p}_col", f"{p}_last8"], [f"{p}_id8"], name=f"{p}_id8"),
+                helper.make_node("Sub", [f"{p}_col", f"{p}_n8"], [f"{p}_col4"], name=f"{p}_col4"),
+                helper.make_node("Max", [f"{p}_col4", f"{p}_zero_id"], [f"{p}_id4"], name=f"{p}_id4"),
+                *_dequantized_rows(model, m8.input[1], m8.input[2], 8, block8, n8, hidden, f"{p}_id8", f"{p}_e8",
+                                   f"{p}8"),
+                *_dequantized_rows(model, m4.input[1], m4.input[2], 4, block4, a4["N"], hidden, f"{p}_id4",
+                                   f"{p}_e4", f"{p}4"),
+                helper.make_node("Unsqueeze", [f"{p}_is8", f"{p}_axis"], [f"{p}_pick"], name=f"{p}_pick"),
+                helper.make_node("Where", [f"{p}_pick", f"{p}_e8", f"{p}_e4"], [node.output[0]], name=f"{p}_where")]
+            index = list(model.graph.node).index(node)
+            model.graph.node.remove(node)
+            for k, n in enumerate(nodes):
+                model.graph.node.insert(index + k, n)
+            model.graph.initializer.remove(table)
+            shared += 1
     return shared
 
 

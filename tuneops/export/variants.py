@@ -30,6 +30,7 @@ class Context:
     calibration: Callable[[], list[dict[str, list[int]]]]   # training sequences (tokenized lazily)
     pad_id: int
     merged: Path | None = None               # the merged model as a Hugging Face folder (builder variants)
+    gate_score: Callable[[], float] | None = None   # PyTorch perplexity on the gate's rows (while loaded)
     prepared: dict[str, Any] = field(default_factory=dict)  # variant name -> its prepare() result
     info: dict[str, Any] = field(default_factory=dict)      # variant name -> facts for metrics.json
 
@@ -42,7 +43,9 @@ class Variant:
     fixed_shape: bool = False                # scored on the fixed-shape export's sequences
     torch_graph: bool = False                # needs the torch.onnx graph (optimize.exporter: auto picks it)
     builder: bool = False                    # built by onnxruntime-genai's builder from ``Context.merged``
-    prepare: Callable[[Any, Context, Callable[[], float]], Any] | None = None  # (model, ctx, torch ppl)
+    # (model, ctx, scorer): scorer() -> {"perplexity", "kl"} of the PyTorch model as it is now on
+    # held-out rows (lm.torch_distortion)
+    prepare: Callable[[Any, Context, Callable[[], dict[str, float]]], Any] | None = None
 
 
 def _nbits(bits: int) -> Callable[[Context, Path], Path]:
@@ -90,17 +93,23 @@ def _genai(precision: str) -> Callable[[Context, Path], Path]:
     return build
 
 
-def _prepare_int4(model: Any, ctx: Context, torch_ppl: Callable[[], float]) -> calibrated.Plan:
+def _prepare_int4(model: Any, ctx: Context, scorer: Callable[[], dict[str, float]]) -> calibrated.Plan:
     o, c = ctx.params, ctx.params.int4
     sequences = [f["input_ids"] for f in ctx.calibration()[: o.calibration_samples]]
-    return calibrated.calibrate(model, sequences, torch_ppl, o.block_size, c.percdamp, c.min_contribution_pct,
-                                c.max_size_ratio, sensitivity=c.sensitivity)
+    return calibrated.calibrate(model, sequences, scorer, o.block_size, c.percdamp, c.min_contribution_pct,
+                                c.max_size_ratio, sensitivity=c.sensitivity, head_rows=c.head_rows,
+                                head_positions=c.head_positions, block_size_8bit=c.block_size_8bit,
+                                gate_score=ctx.gate_score,
+                                # the rewritten graph's nodes: about the fp32 graph's own bytes (x2: the
+                                # split head's and shared embedding's nodes, initializer names)
+                                reserved_bytes=2 * ctx.fp32.stat().st_size)
 
 
 def _int4(ctx: Context, dst: Path) -> Path:
     plan = ctx.prepared["int4"]
     facts = calibrated.write(ctx.fp32, dst, plan, ctx.params.nbits_accuracy_level)
-    ctx.info["int4"] = {**plan.report(), **facts, "calibration_samples": ctx.params.calibration_samples}
+    ctx.info["int4"] = {**ctx.info.get("int4", {}), **plan.report(), **facts,
+                        "calibration_samples": ctx.params.calibration_samples}
     return dst
 
 
