@@ -149,6 +149,9 @@ def test_split_lm_head_graph_computes_the_plans_weights(tmp_path):
     assert sorted(np.concatenate([split.rows8, split.rows4]).tolist()) == list(range(1536))
     assert calibrated.block_of(split.q8, split.s8) == 128 and calibrated.block_of(split.q4, split.s4) == 32
     fp32 = exporter.export_causal_lm(model, tmp_path / "fp32" / "model.onnx", 20)
+    # what quantization leaves alone: the graph's own bytes and the norms, not the linears' weights
+    overhead = exporter.overhead_bytes(fp32)
+    assert fp32.stat().st_size < overhead <= exporter.graph_size(fp32) - 4 * total
     facts = calibrated.write(fp32, tmp_path / "int4" / "model.onnx", plan, accuracy_level=0)
     assert facts["matmuls"]["split"] == 1 and facts["matmuls"]["unmatched"] == 0
     assert facts["embedding"].startswith("shared")

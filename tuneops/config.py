@@ -208,7 +208,7 @@ class Int4Params(_Section):
     percdamp: float = Field(gt=0, lt=1)            # GPTQ: Hessian dampening, share of its mean diagonal
     sensitivity: bool                              # per-layer report (and mixed precision from it)
     min_contribution_pct: float = Field(ge=0)      # a layer goes 8-bit only if alone in 4-bit it costs this much
-    max_size_ratio: float = Field(gt=0, le=1)      # 8-bit units while the plan's weights stay within this x fp32
+    max_size_ratio: float = Field(gt=0, le=1)      # 8-bit units while the stored model stays within this x fp32
     head_rows: bool                                # LM-head rows are 8-bit candidates one by one (else the whole head)
     head_positions: int = Field(gt=0)              # calibration tokens that score the head's rows
     block_size_8bit: int = Field(ge=16)            # the 8-bit units' block (halved until it divides the width)

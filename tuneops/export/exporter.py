@@ -152,6 +152,35 @@ def graph_size(path: Path) -> int:
     return sum(f.stat().st_size for f in path.parent.iterdir() if f.is_file() and f.name.startswith(path.name))
 
 
+def overhead_bytes(path: Path) -> int:
+    """Bytes of a graph that a weight quantizer does not shrink: the graph itself (nodes, small
+    inline tensors) and every initializer that is not a ``MatMul`` weight (or its transposed tied
+    source) nor a token-embedding table: norms, and onnxruntime-genai's rotary cos/sin caches
+    (for Gemma 3 270M's 32k context, 64 MiB)."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    weights = {n.input[1] for n in model.graph.node if n.op_type == "MatMul" and len(n.input) > 1}
+    consumers: dict[str, list[str]] = {}
+    for n in model.graph.node:
+        for x in n.input:
+            consumers.setdefault(x, []).append(n.op_type)
+    for n in model.graph.node:
+        if n.op_type == "Transpose" and set(consumers.get(n.output[0], [])) <= {"MatMul", "Gather"}:
+            weights.add(n.input[0])
+    for n in model.graph.node:
+        if n.op_type == "Gather":
+            weights.add(n.input[0])           # an embedding table (small Gathers are index constants)
+    total = path.stat().st_size
+    for init in model.graph.initializer:
+        if init.name in weights:
+            continue
+        ext = {e.key: e.value for e in init.external_data}
+        if "length" in ext:
+            total += int(ext["length"])
+    return total
+
+
 def copy_sidecar(src: Path, dst: Path) -> None:
     """The builder's files beside ``src`` (``genai_config.json``, tokenizer, chat template) copied
     beside ``dst``: a variant quantized from the builder's graph runs under onnxruntime-genai too."""

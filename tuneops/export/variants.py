@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from . import calibrated, quantizers
+from . import calibrated, exporter, quantizers
 
 
 @dataclass
@@ -100,9 +100,9 @@ def _prepare_int4(model: Any, ctx: Context, scorer: Callable[[], dict[str, float
                                 c.max_size_ratio, sensitivity=c.sensitivity, head_rows=c.head_rows,
                                 head_positions=c.head_positions, block_size_8bit=c.block_size_8bit,
                                 gate_score=ctx.gate_score,
-                                # the rewritten graph's nodes: about the fp32 graph's own bytes (x2: the
-                                # split head's and shared embedding's nodes, initializer names)
-                                reserved_bytes=2 * ctx.fp32.stat().st_size)
+                                # what quantization leaves as it is (the graph, norms, rotary caches),
+                                # + the graph's own bytes again: the split head's and embedding's nodes
+                                reserved_bytes=exporter.overhead_bytes(ctx.fp32) + ctx.fp32.stat().st_size)
 
 
 def _int4(ctx: Context, dst: Path) -> Path:
