@@ -57,7 +57,8 @@ def test_rewritten_graph_computes_the_plans_weights(phi3, tmp_path):
     fp32 = exporter.export_causal_lm(model, tmp_path / "fp32" / "model.onnx", 20)
     facts = calibrated.write(fp32, tmp_path / "int4" / "model.onnx", plan, accuracy_level=0)
     layers = model.config.num_hidden_layers
-    assert facts["matmuls"] == {"4": 4 * layers + 1, "8": 0, "split": 0, "unmatched": 0}   # qkv, o, gate_up, down + head
+    # qkv, o, gate_up, down + head
+    assert facts["matmuls"] == {"4": 4 * layers + 1, "8": 0, "split": 0, "unmatched": 0}
     with torch.no_grad():                           # the same weights in PyTorch
         for members in calibrated.linear_units(model).values():
             for _, m in members:

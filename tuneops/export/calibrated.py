@@ -287,8 +287,9 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
     rows: ``{"perplexity", "kl"}`` (``lm.torch_distortion``; units are ranked by the KL), or a bare
     perplexity (units ranked by its change). ``gate_score()``, when given, is the perplexity on the
     gate's rows: the plan's weights are scored there too (``plan_pytorch_gate_rows``: what the
-    quantized graph must reproduce). ``reserved_bytes`` (the graph's nodes and small tensors) count
-    against the size goal with the weights outside the plan.
+    quantized graph must reproduce). ``reserved_bytes`` (what quantization leaves as it is: the
+    graph, norms, rotary caches; ``exporter.overhead_bytes``) count against the size goal with the
+    weights outside the plan.
 
     8-bit candidates, taken most harmful per byte first while the size goal allows: each decoder
     block whose contribution is at least ``min_contribution_pct``, and (``head_rows``) the LM head
@@ -307,7 +308,8 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
     params = {u: sum(m.weight.numel() for n, m in members if n in linears) for u, members in units.items()}
     total = sum(params.values()) or 1
     plan = Plan(block_size=block_size, tied=bool(getattr(model.config, "tie_word_embeddings", False)),
-                other_bytes=other_bytes(model, linears) + reserved_bytes, model_bytes=4.0 * sum(p.numel() for p in model.parameters()))
+                other_bytes=other_bytes(model, linears) + reserved_bytes,
+                model_bytes=4.0 * sum(p.numel() for p in model.parameters()))
     rows8: dict[str, np.ndarray] = {}            # linear -> its 8-bit rows (all of them: the whole linear)
     block8 = {n: wide_block(m.in_features, block_size, block_size_8bit or block_size) for n, m in linears.items()}
 
