@@ -319,16 +319,23 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
         size = m.in_features * (m.out_features if rows is None else rows)
         return unit_bytes(size, 8, block8[n]) - unit_bytes(size, 4, block_size)
 
+    codes8: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+
     def rtn8(n: str) -> tuple[np.ndarray, np.ndarray]:
-        return round_to_nearest(linears[n].weight, 8, block8[n])
+        """Linear ``n``'s 8-bit codes, rounded once (the plan's checks and its entries reuse them)."""
+        if n not in codes8:
+            codes8[n] = round_to_nearest(linears[n].weight, 8, block8[n])
+        return codes8[n]
 
     def weight(n: str) -> torch.Tensor:
         """The plan's dequantized weight of linear ``n`` (4-bit, 8-bit, or rows of both)."""
-        w4 = dequantize(*q4[n], 4, block_size)
         rows = rows8.get(n)
         if rows is None or len(rows) == 0:
-            return w4
+            return dequantize(*q4[n], 4, block_size)
         w8 = dequantize(*rtn8(n), 8, block8[n])
+        if len(rows) == linears[n].out_features:
+            return w8
+        w4 = dequantize(*q4[n], 4, block_size)
         w4[torch.from_numpy(rows)] = w8[torch.from_numpy(rows)]
         return w4
 
@@ -364,7 +371,7 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
     if sensitivity:
         plan.perplexity["all_4bit"] = swapped(list(linears))["perplexity"]
         row_bytes = 0.0
-        candidates: list[tuple[float, str, int]] = []        # (contribution per byte, unit, row or -1)
+        candidates: list[tuple[float, str, int, float]] = []  # (contribution per byte, unit, row or -1, bytes)
         for unit, r in plan.units.items():
             change = r.get("contribution_pct")
             if change is None or change < min_contribution_pct:
@@ -376,17 +383,16 @@ def calibrate(model: Any, sequences: list[list[int]], score: Callable[[], float]
                                          getattr(model.config, "final_logit_softcapping", None))
                 row_bytes = cost8(head, 1)
                 share = change * scores / max(scores.sum(), 1e-30) / row_bytes
-                candidates += [(float(share[v]), unit, int(v)) for v in np.flatnonzero(share > 0)]
+                candidates += [(float(share[v]), unit, int(v), row_bytes) for v in np.flatnonzero(share > 0)]
             else:
                 extra = sum(cost8(n) for n, _ in units[unit] if n in linears)
-                candidates.append((change / extra, unit, -1))
+                candidates.append((change / extra, unit, -1, extra))
         # bytes left under the size goal once everything is 4-bit; each 8-bit unit costs the difference
         # (the size goal is the whole model's: the other weights and a split head's vocab-order table count)
         budget = (max_size_ratio * plan.model_bytes - unit_bytes(total, 4, block_size) - plan.other_bytes
                   - (4 * linears[head].out_features if row_bytes else 0))
         chosen_rows: list[int] = []
-        for _, unit, row in sorted(candidates, reverse=True):
-            extra = row_bytes if row >= 0 else sum(cost8(n) for n, _ in units[unit] if n in linears)
+        for _, unit, row, extra in sorted(candidates, reverse=True):
             if extra > budget:
                 continue
             budget -= extra
