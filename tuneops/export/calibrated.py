@@ -14,8 +14,8 @@ tied embedding, the embedding too: one table). A unit's contribution is what it 
 unit is 4-bit, measured on held-out rows: the divergence from the fp32 model's next-token
 distributions (``KL``, read as the perplexity change it implies, ``exp(KL) - 1``), which unlike a
 perplexity change on a few dozen rows is not noise of either sign. 8-bit candidates are taken most harmful per
-stored byte first while the plan's weights (codes and scales) stay within ``max_size_ratio`` of
-their fp32 bytes (the size goal): each block whose contribution is at least
+stored byte first while the stored model (codes and scales, the weights outside the plan, the
+graph) stays within ``max_size_ratio`` of the fp32 model's bytes (the size goal): each block whose contribution is at least
 ``min_contribution_pct``, and the LM head *row by row*. A large vocabulary is mostly tokens one
 domain never uses (Gemma 3: 262k rows, 62% of the weights): the head's measured contribution is
 shared among its rows by a second-order estimate (``head_row_scores``: each row's logit error
