@@ -232,6 +232,10 @@ def test_onnx_export_passes_the_parity_gate(family, exporter, tokenizers, tmp_pa
         path = export_causal_lm(model, tmp_path / "model.onnx", opset=20)
     else:
         path = export_builder(save_merged(model, tok, tmp_path / "hf"), tmp_path / "onnx" / "model.onnx")
+        # its 512-row rotary caches computed from 32 + 16 rows (passes.factor_rotary_caches), and the
+        # 128-token sequences below cross the 32-row block
+        meta = OnnxCausalLM(path).session.get_modelmeta().custom_metadata_map
+        assert meta["tuneops.rotary_block"] == "32"
     lm = OnnxCausalLM(path)
     assert max_logits_diff(torch_forward(model), lm, features) <= 1e-4
     assert incremental_diff(lm, features, 6) <= 1e-4

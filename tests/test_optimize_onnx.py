@@ -386,3 +386,83 @@ def test_generate_runs_a_registered_variant(stage, tiny_cfg, tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.strip() == reply.strip() and not list(tmp_path.iterdir())
+
+
+def _gqa_graph(folder, positions: int, heads: int = 2, kv: int = 1, head: int = 16, scale: float = 1.0):
+    """One ``GroupQueryAttention`` with rotary whose cos/sin caches hold ``positions`` rows computed
+    in fp32 as the builder does (``scale``: a longrope/YaRN attention factor), saved with external
+    data like the builder's, beside an unrelated initializer."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    half = head // 2
+    inv_freq = (1.0 / 10000 ** (np.arange(half, dtype=np.float32) * 2 / head)).astype(np.float32)
+    angles = np.arange(positions, dtype=np.float32)[:, None] * inv_freq[None]
+    inits = [numpy_helper.from_array((np.cos(angles) * scale).astype(np.float32), "cos_cache"),
+             numpy_helper.from_array((np.sin(angles) * scale).astype(np.float32), "sin_cache"),
+             numpy_helper.from_array(np.arange(1024, dtype=np.float32), "unrelated")]
+    nodes = [helper.make_node("GroupQueryAttention", ["q", "k", "v", "past_key", "past_value", "seqlens_k", "total",
+                                                      "cos_cache", "sin_cache"], ["out", "present_key", "present_value"],
+                              domain="com.microsoft", num_heads=heads, kv_num_heads=kv, do_rotary=1),
+             helper.make_node("ReduceSum", ["unrelated"], ["checksum"], keepdims=0)]
+    f = TensorProto.FLOAT
+    graph = helper.make_graph(nodes, "gqa", [
+        helper.make_tensor_value_info("q", f, [1, "s", heads * head]),
+        helper.make_tensor_value_info("k", f, [1, "s", kv * head]),
+        helper.make_tensor_value_info("v", f, [1, "s", kv * head]),
+        helper.make_tensor_value_info("past_key", f, [1, kv, "p", head]),
+        helper.make_tensor_value_info("past_value", f, [1, kv, "p", head]),
+        helper.make_tensor_value_info("seqlens_k", TensorProto.INT32, [1]),
+        helper.make_tensor_value_info("total", TensorProto.INT32, [])],
+        [helper.make_tensor_value_info(n, f, None) for n in ("out", "present_key", "present_value", "checksum")], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)])
+    folder.mkdir(parents=True)
+    onnx.save(model, str(folder / "model.onnx"), save_as_external_data=True, location="model.onnx.data", size_threshold=0)
+    return folder / "model.onnx"
+
+
+@pytest.mark.parametrize("scale", [1.0, 1.25])
+def test_factored_rotary_caches_give_the_same_attention_at_every_position_from_a_fraction_of_the_bytes(tmp_path, scale):
+    """passes.factor_rotary_caches: 4096 cache rows become 64 + 64 (block 64); the attention's
+    output is the same before the block and within the caches' own fp32 rounding across and far
+    past it (decoding from a past of 0, 40, 300 and 4000 positions), the unrelated data is intact, the data file loses the
+    caches' bytes, and a position past the context is still refused."""
+    import onnx
+    import onnxruntime as ort
+
+    from tuneops.export.passes import ROTARY_BLOCK_KEY, factor_rotary_caches
+
+    path = _gqa_graph(tmp_path / "g", positions=4096, scale=scale)
+    data = path.parent / "model.onnx.data"
+    rng = np.random.default_rng(0)
+
+    def feeds(past, new=3):
+        return {"q": rng.standard_normal((1, new, 32)).astype(np.float32),
+                "k": rng.standard_normal((1, new, 16)).astype(np.float32),
+                "v": rng.standard_normal((1, new, 16)).astype(np.float32),
+                "past_key": rng.standard_normal((1, 1, past, 16)).astype(np.float32),
+                "past_value": rng.standard_normal((1, 1, past, 16)).astype(np.float32),
+                "seqlens_k": np.array([past + new - 1], np.int32), "total": np.array(past + new, np.int32)}
+
+    cases = [feeds(past) for past in (0, 40, 300, 4000)]
+    before = [ort.InferenceSession(str(path)).run(None, f) for f in cases]
+    size = data.stat().st_size
+    info = factor_rotary_caches(path)
+    assert info["pairs"] == 1 and info["block"] == 64
+    assert info["bytes_before"] == 2 * 4096 * 8 * 4 and info["bytes_after"] == 4 * 64 * 8 * 4
+    assert data.stat().st_size <= size - info["bytes_before"] + 4096    # gone from the file (page alignment)
+    model = onnx.load(str(path), load_external_data=False)
+    assert {i.name for i in model.graph.initializer}.isdisjoint({"cos_cache", "sin_cache"})
+    session = ort.InferenceSession(str(path))
+    assert session.get_modelmeta().custom_metadata_map[ROTARY_BLOCK_KEY] == "64"
+    for past, f, want in zip((0, 40, 300, 4000), cases, before):
+        got = session.run(None, f)
+        # below the block the rows are the builder's own; past it both carry the fp32 rounding of
+        # the angle p t_k (the builder computes it in fp32): 2.4e-4 at position 4096
+        tol = 1e-6 + (0 if past + 3 <= 64 else 3e-7 * (past + 3))
+        for i in (0, 1):                                  # the attention, the rotated keys
+            assert np.abs(got[i] - want[i]).max() <= tol * np.abs(want[i]).max(), (past, i)
+        assert np.array_equal(got[2], want[2]) and got[3] == want[3] == 1023 * 1024 / 2
+    with pytest.raises(Exception):                       # the context ends where the builder's caches did
+        session.run(None, feeds(4095, new=2))
+    assert factor_rotary_caches(path)["pairs"] == 0      # already factored: nothing left to do

@@ -1,6 +1,7 @@
 """Graph passes over exported ONNX models: ONNX Runtime's transformer fusions, untying the
-transposed (tied) LM head so quantizers see it, and the embedding table stored once (int8 rows,
-or read from the LM head's quantized weights when they are tied)."""
+transposed (tied) LM head so quantizers see it, the embedding table stored once (int8 rows,
+or read from the LM head's quantized weights when they are tied), and the rotary cos/sin caches
+of fused attention computed from two small factor tables (``factor_rotary_caches``)."""
 from __future__ import annotations
 
 import contextlib
@@ -37,8 +38,6 @@ def optimize_graph(src: Path, dst: Path, model: Any) -> dict[str, Any]:
         if node.op_type not in before:
             counts[node.op_type] = counts.get(node.op_type, 0) + 1
     return {"fused_ops": counts, "nodes_before": len(original), "nodes_after": len(opt.model.graph.node)}
-
-
 
 
 def untie_transposed_weights(model: Any) -> Any:
@@ -262,8 +261,6 @@ def fresh(dst: Path) -> None:
         f.unlink(missing_ok=True)
 
 
-
-
 @contextlib.contextmanager
 def untied_copy(src: Path, dst: Path) -> Iterator[Path]:
     """A temporary copy of ``src`` next to ``dst`` with the tied/transposed weights untied (what
@@ -280,3 +277,188 @@ def untied_copy(src: Path, dst: Path) -> Iterator[Path]:
     (dst.parent / "untied.onnx.data").unlink(missing_ok=True)
 
 
+
+
+# -- rotary caches ---------------------------------------------------------------------------------
+
+def _graphs(graph: Any) -> Iterator[Any]:
+    """A graph and its subgraphs (``If`` branches, loops), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for g in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(g)
+
+
+def _tensors(graph: Any) -> Iterator[Any]:
+    """Every tensor a graph stores: initializers and constant attributes, subgraphs included."""
+    for g in _graphs(graph):
+        yield from g.initializer
+        for node in g.node:
+            for attr in node.attribute:
+                if attr.HasField("t"):
+                    yield attr.t
+                yield from attr.tensors
+
+
+def _array(tensor: Any, folder: Path) -> np.ndarray:
+    """One initializer's values, read alone from its external data file (or its raw bytes)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if tensor.data_location != TensorProto.EXTERNAL:
+        return numpy_helper.to_array(tensor)
+    ext = {e.key: e.value for e in tensor.external_data}
+    dtype = helper.tensor_dtype_to_np_dtype(tensor.data_type)
+    with open(folder / ext["location"], "rb") as f:
+        f.seek(int(ext.get("offset", 0)))
+        raw = f.read(int(ext["length"]))
+    return np.frombuffer(raw, dtype=dtype).reshape(tuple(tensor.dims)).copy()
+
+
+def compact_external(model: Any, folder: Path, chunk: int = 1 << 24) -> None:
+    """Rewrite the external data files of ``model`` (saved in ``folder``) with only the bytes its
+    tensors still reference (streamed: no tensor is held in memory), and point the tensors at
+    their new offsets. The graph itself is saved by the caller."""
+    import os
+
+    from onnx import TensorProto
+
+    by_file: dict[str, list[Any]] = {}
+    for tensor in _tensors(model.graph):
+        if tensor.data_location == TensorProto.EXTERNAL:
+            ext = {e.key: e for e in tensor.external_data}
+            by_file.setdefault(ext["location"].value, []).append(ext)
+    for location, entries in by_file.items():
+        src, tmp = folder / location, folder / f"{location}.compact"
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            for ext in entries:
+                offset, length = int(ext["offset"].value) if "offset" in ext else 0, int(ext["length"].value)
+                fout.write(b"\0" * (-fout.tell() % 4096))     # ONNX's page alignment (mmap)
+                new_offset = fout.tell()
+                fin.seek(offset)
+                left = length
+                while left:
+                    block = fin.read(min(chunk, left))
+                    if not block:
+                        raise ValueError(f"{src}: external data ends before offset {offset} + {length}")
+                    fout.write(block)
+                    left -= len(block)
+                if "offset" in ext:
+                    ext["offset"].value = str(new_offset)
+                elif new_offset:
+                    raise ValueError(f"{src}: a tensor without an offset after the first")
+        os.replace(tmp, src)
+
+
+ROTARY_BLOCK_KEY = "tuneops.rotary_block"      # graph metadata: the factored caches' block (rows)
+
+
+def factor_rotary_caches(path: Path, atol: float = 1e-5) -> dict[str, Any]:
+    """Replace the cos/sin cache initializers of every ``GroupQueryAttention`` (with rotary) in the
+    graph at ``path`` by two small tables each, and compute the rows the call needs from them.
+
+    onnxruntime-genai's builder stores ``cos[p, k] = m cos(p t_k)`` and ``sin[p, k] = m sin(p t_k)``
+    for every position ``p`` of the model's context: for Gemma 3 270M (32k positions, head 256, a
+    local and a global RoPE base) that is 64 MiB of fp32, which no weight quantizer shrinks: a
+    quarter of a 0.2x int4 model. With ``p = i B + j`` (``B`` a power of two near the square root
+    of the context) the angle-sum identities give every row from the rows ``i B`` ("high") and
+    ``j`` ("low", divided by ``m``)::
+
+        cos[p] = cos_hi[i] cos_lo[j] - sin_hi[i] sin_lo[j]
+        sin[p] = sin_hi[i] cos_lo[j] + cos_hi[i] sin_lo[j]
+
+    At run time ``Range(total_sequence_length) -> Div/Mod B -> Gather -> Mul/Sub/Add`` builds the
+    ``[total, half]`` caches the attention reads (the same names, so the attention nodes are
+    untouched): for Gemma 3 270M 384 rows per table instead of 32,768 (0.75 MiB in all), and
+    positions past the context are still refused (the high tables end there, ``Gather`` fails).
+    Rows ``p < B`` are the builder's own values; the others agree with the builder's to the fp32
+    rounding of the angle both carry (the builder computes ``p t_k`` in fp32: at position 4096,
+    2.4e-4; a pair that differs by more than that is left as it is). Standard ops
+    only: ``onnxruntime_genai`` runs the graph as before.
+
+    Returns ``{"block", "bytes_before", "bytes_after", "max_abs_diff", "pairs"}``."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for x in node.input:
+            consumers.setdefault(x, []).append(node)
+    pairs: dict[tuple[str, str, str], int] = {}         # (cos, sin, total length) -> first consumer's index
+    for index, node in enumerate(graph.node):
+        if node.op_type == "GroupQueryAttention" and len(node.input) > 8 and node.input[7] in inits:
+            pairs.setdefault((node.input[7], node.input[8], node.input[6]), index)
+    info: dict[str, Any] = {"block": None, "bytes_before": 0, "bytes_after": 0, "max_abs_diff": 0.0, "pairs": 0}
+    plans = []
+    for (cos_name, sin_name, total), index in pairs.items():
+        if not all(c.op_type == "GroupQueryAttention" and c.input[6] == total
+                   for n in (cos_name, sin_name) for c in consumers[n]):
+            continue                                    # read by something else too: left as it is
+        cos, sin = _array(inits[cos_name], path.parent), _array(inits[sin_name], path.parent)
+        rows = cos.shape[0]
+        block = 1 << max(0, int(np.ceil(np.log2(np.sqrt(rows)))))
+        scale = float(cos[0, 0])
+        if cos.ndim != 2 or sin.shape != cos.shape or rows < 4 * block or scale == 0 or np.any(sin[0] != 0):
+            continue
+        hi_cos, hi_sin = cos[::block], sin[::block]
+        lo_cos, lo_sin = cos[:block] / cos.dtype.type(scale), sin[:block] / sin.dtype.type(scale)
+        p = np.arange(rows)
+        i, j = p // block, p % block
+        got_cos = hi_cos[i] * lo_cos[j] - hi_sin[i] * lo_sin[j]
+        got_sin = hi_sin[i] * lo_cos[j] + hi_cos[i] * lo_sin[j]
+        diff_rows = np.maximum(np.abs(got_cos - cos).max(1), np.abs(got_sin - sin).max(1))
+        # the builder's rows carry fp32 rounding of the angle p t_k (half an ulp: ~6e-8 p t_max), the
+        # factored ones the same at i B and j: they may differ by twice that, no more
+        rate = float(np.abs(np.arctan2(sin[1], cos[1])).max())
+        bound = abs(scale) * (atol + 4 * float(np.finfo(cos.dtype).eps) * rate * p)
+        if np.any(diff_rows > bound):
+            continue
+        diff = float(diff_rows.max())
+        plans.append((cos_name, sin_name, total, index, block, (hi_cos, hi_sin, lo_cos, lo_sin)))
+        info["max_abs_diff"] = max(info["max_abs_diff"], diff)
+        info["bytes_before"] += cos.nbytes + sin.nbytes
+        info["bytes_after"] += hi_cos.nbytes * 2 + lo_cos.nbytes * 2
+        info["block"] = block
+    if not plans:
+        return info
+    new_nodes: dict[int, list[Any]] = {}
+    for k, (cos_name, sin_name, total, index, block, tables) in enumerate(plans):
+        tag = f"tuneops_rotary_{k}"
+        names = [f"{tag}_{t}" for t in ("hi_cos", "hi_sin", "lo_cos", "lo_sin")]
+        for name in (cos_name, sin_name):
+            graph.initializer.remove(inits[name])
+        graph.initializer.extend(numpy_helper.from_array(np.ascontiguousarray(t), n) for t, n in zip(tables, names))
+        graph.initializer.extend([numpy_helper.from_array(np.array(0, np.int64), f"{tag}_zero"),
+                                  numpy_helper.from_array(np.array(1, np.int64), f"{tag}_one"),
+                                  numpy_helper.from_array(np.array(block, np.int64), f"{tag}_block"),
+                                  numpy_helper.from_array(np.array([], np.int64), f"{tag}_scalar")])
+        t = f"{tag}_"
+        new_nodes.setdefault(index, []).extend([
+            helper.make_node("Cast", [total], [t + "total64"], to=TensorProto.INT64, name=t + "cast"),
+            helper.make_node("Reshape", [t + "total64", t + "scalar"], [t + "total"], name=t + "reshape"),
+            helper.make_node("Range", [t + "zero", t + "total", t + "one"], [t + "p"], name=t + "range"),
+            helper.make_node("Div", [t + "p", t + "block"], [t + "i"], name=t + "div"),
+            helper.make_node("Mod", [t + "p", t + "block"], [t + "j"], name=t + "mod"),
+            *[helper.make_node("Gather", [n, t + idx], [n + "_rows"], axis=0, name=n + "_gather")
+              for n, idx in zip(names, ("i", "i", "j", "j"))],
+            helper.make_node("Mul", [names[0] + "_rows", names[2] + "_rows"], [t + "cc"], name=t + "cc"),
+            helper.make_node("Mul", [names[1] + "_rows", names[3] + "_rows"], [t + "ss"], name=t + "ss"),
+            helper.make_node("Mul", [names[1] + "_rows", names[2] + "_rows"], [t + "sc"], name=t + "sc"),
+            helper.make_node("Mul", [names[0] + "_rows", names[3] + "_rows"], [t + "cs"], name=t + "cs"),
+            helper.make_node("Sub", [t + "cc", t + "ss"], [cos_name], name=t + "cos"),
+            helper.make_node("Add", [t + "sc", t + "cs"], [sin_name], name=t + "sin"),
+        ])
+    nodes = list(graph.node)
+    del graph.node[:]
+    for index, node in enumerate(nodes):
+        graph.node.extend(new_nodes.get(index, []))
+        graph.node.append(node)
+    compact_external(model, path.parent)
+    helper.set_model_props(model, {**{p.key: p.value for p in model.metadata_props},
+                                   ROTARY_BLOCK_KEY: str(info["block"])})
+    onnx.save(model, str(path))
+    info["pairs"] = len(plans)
+    return info
