@@ -62,7 +62,7 @@ def test_translation_pairs_and_other_locales(stage):
 def test_scenario_and_format_must_agree(tmp_path):
     from .conftest import REPO
 
-    with pytest.raises(ConfigError, match=r"data: Value error, scenario 'topics' produces format 'classification'"):
+    with pytest.raises(ConfigError, match=r"data: scenario 'topics' produces format 'classification'"):
         load_config(REPO / "params.yaml", ["data.scenario=topics", "data.format=chat"])
     with pytest.raises(ConfigError, match=r"scenario 'user' needs an explicit format"):
         load_config(REPO / "params.yaml", ["data.scenario=user"])

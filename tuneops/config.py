@@ -484,7 +484,9 @@ def _format_error(source: str, err: ValidationError) -> str:
             msg = "required key is missing"
         got = e.get("input")
         shown = "" if e["type"] in ("missing", "extra_forbidden") or isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"{source}: {loc}: {msg}{shown}")
+        if e["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}{shown}" if loc else f"{source}: {msg}{shown}")
     return "\n".join(lines)
 
 
