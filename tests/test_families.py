@@ -213,6 +213,7 @@ def test_onnx_export_passes_the_parity_gate(family, exporter, tokenizers, tmp_pa
     matches the full sequence."""
     from tuneops.export.exporter import export_builder, export_causal_lm, save_merged
     from tuneops.export.gate import incremental_diff, max_logits_diff
+    from tuneops.export.passes import ROTARY_BLOCK_KEY
     from tuneops import families
     from tuneops.chat import tokenize
     from tuneops.lm import torch_forward
@@ -235,7 +236,7 @@ def test_onnx_export_passes_the_parity_gate(family, exporter, tokenizers, tmp_pa
         # its 512-row rotary caches computed from 32 + 16 rows (passes.factor_rotary_caches), and the
         # 128-token sequences below cross the 32-row block
         meta = OnnxCausalLM(path).session.get_modelmeta().custom_metadata_map
-        assert meta["tuneops.rotary_block"] == "32"
+        assert meta[ROTARY_BLOCK_KEY] == "32"
     lm = OnnxCausalLM(path)
     assert max_logits_diff(torch_forward(model), lm, features) <= 1e-4
     assert incremental_diff(lm, features, 6) <= 1e-4

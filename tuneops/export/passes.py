@@ -277,8 +277,6 @@ def untied_copy(src: Path, dst: Path) -> Iterator[Path]:
     (dst.parent / "untied.onnx.data").unlink(missing_ok=True)
 
 
-
-
 # -- rotary caches ---------------------------------------------------------------------------------
 
 def _graphs(graph: Any) -> Iterator[Any]:
