@@ -192,8 +192,7 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
     preflight.check(cfg, args.start, overrides)   # before Prefect starts (the flow checks again: deployments)
     t0 = time.perf_counter()
     with project_lock(cfg):                       # before Prefect starts; the flow re-enters it
-        result = stages.load_entry("finetune")(params_file=cfg.source, overrides=overrides,
-                          start=args.start)
+        result = stages.load_entry("finetune")(params_file=cfg.source, overrides=overrides, start=args.start)
     ran = [name for name in result if name in stages.STAGE_NAMES]      # not the "resources" entry
     lines = [log.stage_summary(name, result[name]) for name in ran]
     took = f"tuneops run: {len(ran)} stages in {time.perf_counter() - t0:.1f} s (Prefect start-up included)"
