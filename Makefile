@@ -20,7 +20,7 @@ export PREFECT_HOME := $(STATE)/prefect
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS := 60
 export TORCH_EXTENSIONS_DIR := $(STATE)/torch-extensions
 
-.PHONY: setup system-deps run test test-unit test-all repro clean
+.PHONY: setup system-deps test-deps run test test-unit test-all repro clean
 .DEFAULT_GOAL := run
 
 # torch first, from the local CPU wheel (an unpinned torch pulls a multi-GB CUDA build);
@@ -45,11 +45,15 @@ $(VENV)/.installed: pyproject.toml Makefile
 
 # Debian data packages for the bundled scenarios (WordNet 3.0, BSD fortunes): offline sources.
 DEB_DATA := wordnet-base fortunes-min
-# Debian tools for the tests: headless Chromium renders the HTML run report (tests/test_report.py).
+# Debian tools for the tests only (`make test*`, not `make run`): headless Chromium renders the
+# HTML run report (tests/test_report.py) and the `dvc plots` page (tests/test_dvc.py).
 DEB_TOOLS := chromium
 system-deps:
-	@dpkg -s $(DEB_DATA) $(DEB_TOOLS) >/dev/null 2>&1 || { apt-get update -qq && \
-	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA) $(DEB_TOOLS); }
+	@dpkg -s $(DEB_DATA) >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_DATA); }
+test-deps: setup
+	@dpkg -s $(DEB_TOOLS) >/dev/null 2>&1 || { apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $(DEB_TOOLS); }
 
 setup: $(VENV)/.installed system-deps .tuneops/dvc-plots.html
 
@@ -60,13 +64,13 @@ setup: $(VENV)/.installed system-deps .tuneops/dvc-plots.html
 run: setup  ## the main job: the full pipeline on the defaults, via the Prefect flow
 	tuneops run
 
-test: setup  ## the test suite (fast default suite + the end-to-end tiny-model pipeline)
+test: test-deps  ## the test suite (fast default suite + the end-to-end tiny-model pipeline)
 	$(BIN)/python -m pytest
 
-test-unit: setup  ## the unit tier: no pipeline, server or subprocess tests (a couple of minutes)
+test-unit: test-deps  ## the unit tier: no pipeline, server or subprocess tests (a couple of minutes)
 	$(BIN)/python -m pytest -m "not slow and not pipeline"
 
-test-all: setup  ## also the slow tests (real Gemma 270M)
+test-all: test-deps  ## also the slow tests (real Gemma 270M)
 	$(BIN)/python -m pytest -m "slow or not slow"
 
 repro: setup  ## the same stages under DVC

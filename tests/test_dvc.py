@@ -105,7 +105,7 @@ def test_dvc_plots_render_offline_in_headless_chromium(project):
     for title in ("Training loss", "Base vs fine-tuned", "ONNX variants"):
         assert title in page
     if CHROMIUM is None:
-        pytest.skip("Debian chromium not installed (make system-deps)")
+        pytest.skip("Debian chromium not installed (make test-deps)")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     dom, console = headless(out / "index.html", ARTIFACTS / "dvc-plots.png")
     assert not [line for line in console if "rror" in line or "Uncaught" in line], console

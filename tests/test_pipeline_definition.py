@@ -168,3 +168,93 @@ def test_dvc_metrics_and_plots_are_stage_outputs():
     for f in files:
         assert f.split("/")[0] in outs, f"{f} is not inside a stage output"
     assert [p["x"] for p in plots] == ["step", "value", "size_mb"]
+
+
+# -- stages read exactly what they declare ---------------------------------------------------
+
+CONFIG_ATTRS = {"path", "root", "raw", "source", "state_dir", "sections_hash", "section", "view"}  # not params
+
+
+def _cfg_reads(path) -> set[str]:
+    """Params a module reads through a name ``cfg``: ``cfg.a.b`` -> ``a.b``, ``cfg.section("a")`` -> ``a``."""
+    import ast
+
+    reads = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        chain, cur = [], node
+        while isinstance(cur, ast.Attribute):
+            chain.insert(0, cur.attr)
+            cur = cur.value
+        if not (isinstance(cur, ast.Name) and cur.id == "cfg" and chain):
+            continue
+        if chain[0] == "section" and isinstance(node, ast.Attribute):
+            continue                                    # the call below gives its argument
+        if chain[0] not in CONFIG_ATTRS:
+            reads.add(".".join(chain))
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "section" \
+                and isinstance(node.func.value, ast.Name) and node.func.value.id == "cfg":
+            reads.add(node.args[0].value)
+    return reads
+
+
+def test_declared_params_are_distinct_and_none_inside_another():
+    for spec in stages.STAGES:
+        assert len(set(spec.params)) == len(spec.params), spec.name
+        for key in spec.params:
+            inside = [d for d in spec.params if key != d and key.startswith(d + ".")]
+            assert not inside, f"{spec.name}: {key} is already declared by {inside}"
+            assert key.split(".")[0] != "paths", f"{spec.name}: paths are deps/outs, not params"
+
+
+def test_each_stage_module_reads_only_what_its_spec_declares():
+    """What a stage's own module reads through ``cfg`` is declared (the pipeline tests run every
+    stage on its view, which also catches the reads in the tuneops modules it calls)."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    for spec in stages.STAGES:
+        reads = _cfg_reads(_module_file(spec.module))
+        assert reads, f"{spec.name}: no params read found in {spec.module} (the scan is broken)"
+        for key in sorted(reads):
+            assert key.split(".")[0] in params, f"{spec.module} reads cfg.{key}: not a params section"
+            covered = any(key == d or key.startswith(d + ".") for d in spec.params)
+            partly = any(d.startswith(key + ".") for d in spec.params)
+            assert covered or partly, f"{spec.module} reads {key} but {spec.name} declares only {spec.params}"
+
+
+def test_a_stage_view_refuses_an_undeclared_read_and_names_the_declaration(tmp_path):
+    import pytest
+
+    from tuneops.config import ConfigView, UndeclaredParam, load_config
+
+    cfg = load_config(REPO / "params.yaml")
+    view = stages.StageSpec("demo", "", params=("register", "tracking", "model.max_seq_len")).view(cfg)
+    assert isinstance(view, ConfigView)
+    assert view.register.model_name == cfg.register.model_name and view.model.max_seq_len == cfg.model.max_seq_len
+    assert view.path("train_dir") == cfg.path("train_dir") and view.state_dir == cfg.state_dir
+    assert view.section("tracking") == cfg.section("tracking")
+    assert view.sections_hash() == cfg.sections_hash() and view.raw == cfg.raw     # provenance
+    with pytest.raises(UndeclaredParam, match=r"^demo reads evaluate\.max_new_tokens but declares only register, "
+                                              r"tracking, model\.max_seq_len \(tuneops/stages\.py\)$"):
+        view.evaluate.max_new_tokens
+    for read in (lambda: view.model.source, lambda: view.section("model"), lambda: view.model.model_dump(),
+                 lambda: getattr(view, "validate", None).min_rows, lambda: view.params.serve.port):
+        with pytest.raises(UndeclaredParam):
+            read()
+    with pytest.raises(AttributeError):
+        view.model.no_such_key
+
+
+def test_every_runner_hands_the_stage_its_view(monkeypatch):
+    """``StageSpec.load`` (what the CLI, the flow's tasks and the tests call) gives the stage its view."""
+    import importlib
+
+    from tuneops.config import ConfigView, load_config
+
+    cfg = load_config(REPO / "params.yaml")
+    seen = {}
+    module = importlib.import_module("tasks.select")
+    spec = stages.get("select")
+    assert spec.load() is spec.load()                   # one function per stage (the flow's task wraps it)
+    monkeypatch.setattr(module, "run", lambda c: seen.setdefault("cfg", c))
+    stages._viewed_run.__wrapped__(spec.name)(cfg)      # what load() builds, around the patched run
+    assert isinstance(seen["cfg"], ConfigView) and seen["cfg"].declared == spec.params

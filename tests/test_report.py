@@ -14,7 +14,7 @@ from .conftest import TEST_ROOT
 
 ARTIFACTS = TEST_ROOT / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (make system-deps)")
+needs_chromium = pytest.mark.skipif(CHROMIUM is None, reason="Debian chromium not installed (make test-deps)")
 
 
 def headless(page: Path, screenshot: Path) -> tuple[str, list[str]]:

@@ -122,8 +122,8 @@ def svc():
         service.stop_api()
         if worker is not None and worker.poll() is None:
             os.killpg(worker.pid, signal.SIGTERM)
-            try:
-                worker.wait(5)           # a Prefect worker takes ~30 s to stop gracefully: nothing to keep here
+            try:     # `tuneops api worker` stops its Prefect worker (and its flow runs) within a few seconds
+                worker.wait(15)
             except subprocess.TimeoutExpired:
                 os.killpg(worker.pid, signal.SIGKILL)
                 worker.wait(10)

@@ -184,8 +184,6 @@ def _data(cfg: Any, args: argparse.Namespace) -> int:
 def _run(cfg: Any, args: argparse.Namespace) -> int:
     import time
 
-    from flows.pipeline import finetune
-
     from . import log, preflight
 
     from .orchestrate.lock import project_lock
@@ -194,8 +192,7 @@ def _run(cfg: Any, args: argparse.Namespace) -> int:
     preflight.check(cfg, args.start, overrides)   # before Prefect starts (the flow checks again: deployments)
     t0 = time.perf_counter()
     with project_lock(cfg):                       # before Prefect starts; the flow re-enters it
-        result = finetune(params_file=cfg.source, overrides=overrides,
-                          start=args.start)
+        result = stages.load_entry("finetune")(params_file=cfg.source, overrides=overrides, start=args.start)
     ran = [name for name in result if name in stages.STAGE_NAMES]      # not the "resources" entry
     lines = [log.stage_summary(name, result[name]) for name in ran]
     took = f"tuneops run: {len(ran)} stages in {time.perf_counter() - t0:.1f} s (Prefect start-up included)"
@@ -253,26 +250,26 @@ def _deploy(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-def _exec_worker(cfg: Any, pool: str) -> int:
+def _run_worker(cfg: Any, pool: str) -> int:
+    """A Prefect process worker as this command's child: SIGTERM/SIGINT stop it and the flow runs it
+    started (tuneops.procs), so stopping the command leaves no worker polling the pool."""
     import os
 
+    from . import procs
     from .orchestrate.deploy import worker_command
 
     _prefect_api(cfg)
     os.environ["PREFECT_HOME"] = str(cfg.state_dir / "prefect")
-    cmd = worker_command(pool)
-    os.execvp(cmd[0], cmd)
-    return 0   # not reached
+    return procs.run(worker_command(pool))
 
 
 def _worker(cfg: Any, args: argparse.Namespace) -> int:
-    return _exec_worker(cfg, cfg.orchestrate.work_pool)
+    return _run_worker(cfg, cfg.orchestrate.work_pool)
 
 
 def _watch(cfg: Any, args: argparse.Namespace) -> int:
-    from flows.watch import watch
-
     _prefect_api(cfg)
+    watch = stages.load_entry("watch")
     print(json.dumps(watch(params_file=cfg.source, overrides=list(getattr(args, "overrides", []) or [])),
                      indent=2, default=str))
     return 0
@@ -342,9 +339,13 @@ def _serve(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def _export(cfg: Any, args: argparse.Namespace) -> int:
-    from .platforms import export
+    import importlib
 
-    print(json.dumps(export(cfg, args.platform), indent=2))
+    from .platforms import PLATFORMS, PlatformError
+
+    if args.platform not in PLATFORMS:
+        raise PlatformError(f"export: unknown platform {args.platform!r}; choose one of {', '.join(PLATFORMS)}")
+    print(json.dumps(importlib.import_module(f"tuneops.platforms.{args.platform}").export(cfg), indent=2))
     return 0
 
 
@@ -392,7 +393,7 @@ def _api_serve(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
-API_ACTIONS = {"serve": _api_serve, "worker": lambda cfg, args: _exec_worker(cfg, cfg.service.work_pool),
+API_ACTIONS = {"serve": _api_serve, "worker": lambda cfg, args: _run_worker(cfg, cfg.service.work_pool),
                "token": _api_token}
 
 
@@ -462,9 +463,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.command == "validate" and args.data_format and not args.data:
         parser.error("validate: --format goes with DATA (the stage validates data.format)")
-    from . import log
+    from . import log, procs
 
     log.setup(getattr(args, "verbose", 0) - getattr(args, "quiet", 0))
+    procs.exit_on_sigterm()      # SIGTERM unwinds like Ctrl-C: children stopped, exit hooks run
     try:
         if args.command == "plan":
             return _plan(args, rest)

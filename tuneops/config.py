@@ -1,8 +1,9 @@
 """Typed configuration: params.yaml (+ ``--set`` overrides) -> validated ``Config``.
 
-params.yaml is the single source of truth. Every stage receives a ``Config`` and
-reads only the sections it declares in its ``StageSpec`` (tuneops/stages.py), which
-is what dvc.yaml lists under ``params:``.
+params.yaml is the single source of truth. Every stage receives a ``ConfigView``: the
+``Config`` restricted to the sections and keys it declares in its ``StageSpec``
+(tuneops/stages.py), which is what dvc.yaml lists under ``params:``; reading anything
+else raises ``UndeclaredParam``.
 
 A bad value is reported as one line naming the file and the dotted key, e.g.
 ``params.yaml: train.learning_rate: Input should be greater than 0 (got -0.1)``,
@@ -413,6 +414,8 @@ class Config:
 
     # Sections, by the names used in params.yaml.
     def __getattr__(self, name: str) -> Any:
+        if name.startswith("__") or name == "params":    # not set yet (unpickling): never a section
+            raise AttributeError(name)
         if name in ("validate", "register"):  # pydantic reserves these names
             name += "_"
         return getattr(self.params, name)
@@ -440,6 +443,125 @@ class Config:
         data = self.raw if names is None else {n: self.raw[n] for n in names}
         blob = json.dumps(data, sort_keys=True, separators=(",", ":"), default=str)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def view(self, stage: str, declared: tuple[str, ...]) -> "ConfigView":
+        """This config as ``stage`` may read it: only the ``declared`` params (sections and dotted
+        keys, its ``StageSpec.params``) plus the shared plumbing (``SHARED``); see ``ConfigView``."""
+        return ConfigView(self, stage, declared)
+
+
+# -- per-stage views -----------------------------------------------------------------------------
+# Params every stage may read without declaring them: ``paths`` is how a stage's deps and outs are
+# named and resolved (``cfg.path(KEY)``, ``cfg.state_dir``); its deps/outs are declared in the
+# StageSpec's ``deps``/``outs``, not under ``params``.
+SHARED = ("paths",)
+
+
+class UndeclaredParam(LookupError):
+    """A stage read a params key its ``StageSpec.params`` (tuneops/stages.py) and dvc.yaml do not
+    declare: a bug in the stage or in its declaration (so a ``dvc repro`` would not rerun the stage
+    when that value changes). Not a ``TuneopsError``: it keeps its traceback; not an
+    ``AttributeError``: ``getattr(cfg, KEY, default)`` cannot hide it."""
+
+
+def _covered(key: str, declared: tuple[str, ...]) -> bool:
+    """``key`` (dotted) is declared, or lies inside a declared section / dotted key."""
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+def _partly(key: str, declared: tuple[str, ...]) -> bool:
+    """Some declared dotted key lies inside ``key`` (``model`` for ``model.max_seq_len``)."""
+    return any(d.startswith(key + ".") for d in declared)
+
+
+class _Restricted:
+    """A params section (a pydantic model) not declared whole: reading a declared key gives its real
+    value (typed, as in ``Config``), reading any other value raises ``UndeclaredParam`` naming it
+    (``evaluate.max_new_tokens``, not just ``evaluate``)."""
+
+    __slots__ = ("_obj", "_prefix", "_view")
+
+    def __init__(self, obj: BaseModel, prefix: str, view: "ConfigView"):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_prefix", prefix)
+        object.__setattr__(self, "_view", view)
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("__"):
+            raise AttributeError(name)
+        obj, prefix, view = self._obj, self._prefix, self._view
+        if name not in type(obj).model_fields:
+            if not hasattr(type(obj), name):      # a typo: what the section itself would say
+                return getattr(obj, name)
+            # a method or property of the section (model_dump, resolved_format): it reads the whole
+            # section, which is only partly declared
+            view._refuse(prefix.rstrip(".") or "the whole params", f" (via .{name})")
+        key = prefix + name if prefix else name.rstrip("_")    # validate_ / register_: pydantic's names
+        value = getattr(obj, name)
+        if _covered(key, view.declared + SHARED):
+            return value
+        if isinstance(value, BaseModel):      # partly declared, or not at all: the error names the key read
+            return _Restricted(value, key + ".", view)
+        view._refuse(key)
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        raise TypeError("params are read-only")
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return _Restricted, (self._obj, self._prefix, self._view)
+
+    def __repr__(self) -> str:
+        return f"<{self._prefix.rstrip('.') or 'params'} as {self._view.stage} may read it>"
+
+
+class ConfigView(Config):
+    """A ``Config`` restricted to the params one stage declares (``StageSpec.params``: sections such
+    as ``train`` and dotted keys such as ``model.max_seq_len``) plus ``SHARED`` (``paths``). Every
+    runner hands a stage its view (``StageSpec.load``: the CLI and so ``dvc repro``, the Prefect
+    flow and so the jobs API, the training ranks), so reading anything else fails at once, naming
+    the stage, the key and its declaration: the params dvc.yaml lists for a stage are what it reads.
+
+    Typed access works as on ``Config`` (``cfg.train.learning_rate``, ``cfg.model.max_seq_len``; a
+    partly declared section gives only its declared keys), as do ``path()``, ``state_dir``,
+    ``root`` and ``source``; ``section(NAME)`` needs NAME declared whole.
+
+    Provenance is not a read: ``raw`` (the whole params, e.g. logged as a registered version's
+    ``params.json`` and handed to the training ranks, which view it again) and ``sections_hash()``
+    (the params hash in lineage tags, run identity keys) record which params a result came from.
+    They never feed a value into the stage's computation."""
+
+    def __init__(self, cfg: Config, stage: str, declared: tuple[str, ...]):
+        base = cfg._base if isinstance(cfg, ConfigView) else cfg
+        if isinstance(cfg, ConfigView):            # a view of a view never reads more than the first
+            for key in declared:
+                if not _covered(key, cfg.declared + SHARED):
+                    cfg._refuse(key)
+        super().__init__(base.params, base.root, base.raw, base.source)
+        self._base, self.stage, self.declared = base, stage, tuple(declared)
+        self.params = _Restricted(base.params, "", self)    # type: ignore[assignment]
+
+    def _refuse(self, key: str, how: str = "") -> None:
+        raise UndeclaredParam(f"{self.stage} reads {key}{how} but declares only {', '.join(self.declared)} "
+                              f"(tuneops/stages.py)")
+
+    def __getattr__(self, name: str) -> Any:
+        if name.startswith("_") or name in ("stage", "declared"):
+            raise AttributeError(name)      # not set yet (unpickling): never a params section
+        return super().__getattr__(name)
+
+    def path(self, key: str) -> Path:
+        return self._base.path(key)
+
+    def section(self, name: str) -> dict[str, Any]:
+        if not _covered(name, self.declared + SHARED):
+            self._refuse(name, " (the whole section)" if _partly(name, self.declared) else "")
+        return super().section(name)
+
+    def view(self, stage: str, declared: tuple[str, ...]) -> "ConfigView":
+        return ConfigView(self, stage, declared)
+
+    def __repr__(self) -> str:
+        return f"<params {self.source} as {self.stage} reads them: {', '.join(self.declared)}>"
 
 
 def _parse_override(item: str) -> tuple[list[str], Any]:

@@ -3,7 +3,9 @@ the dvc.yaml agreement test all read.
 
 Each stage lives in ``tasks/<name>.py`` as a plain function ``run(cfg) -> dict`` over
 the paths and params sections declared here. ``deps``/``outs`` are keys of the
-``paths`` section of params.yaml; ``params`` are the sections the stage reads; ``code``
+``paths`` section of params.yaml; ``params`` are the sections and dotted keys the stage
+reads, all of them: the stage gets a view of the config with only those (and ``paths``),
+so any other read fails (``config.ConfigView``, ``StageSpec.load``); ``code``
 are the sources the stage runs (its ``tasks/`` module and the ``tuneops`` modules it
 imports, directly or not, other than the shared plumbing in ``PLUMBING``). ``dvc.yaml``
 lists them as deps and the Prefect stage cache hashes the same files, so both runners
@@ -11,8 +13,11 @@ see a stage as stale for the same data, params and code changes.
 """
 from __future__ import annotations
 
+import functools
 import importlib
+import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 
@@ -29,10 +34,17 @@ class StageSpec:
 
     @property
     def module(self) -> str:
-        return f"tasks.{self.name}"
+        return entry_point(self.name).partition(":")[0]
+
+    def view(self, cfg: Any) -> Any:
+        """``cfg`` as this stage may read it: its ``params`` and ``paths`` (``config.ConfigView``)."""
+        return cfg.view(self.name, self.params)
 
     def load(self) -> Callable[..., dict[str, Any]]:
-        return importlib.import_module(self.module).run
+        """The stage's ``run``, handed its view of the config whatever the caller passes: every
+        runner (the CLI and so ``dvc repro``, the Prefect flow and so the jobs API, the tests) gets
+        the stage through here, so an undeclared read fails in each of them."""
+        return _viewed_run(self.name)
 
 
 STAGES: tuple[StageSpec, ...] = (
@@ -53,7 +65,7 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/select.py", "tuneops/planner", "tuneops/training/heads.py", "tuneops/training/methods.py",
                     "tuneops/families.py")),
     StageSpec("train", "fine-tune (LoRA via peft + transformers Trainer), metrics to MLflow",
-              params=("train", "model.max_seq_len", "tracking"),
+              params=("train", "model", "select", "tracking", "register.model_name"),
               deps=("base_model_dir", "clean_train_data", "plan"), outs=("train_dir",),
               code=("tasks/train.py", "tuneops/training", "tuneops/chat.py", "tuneops/lm.py",
                     "tuneops/models.py", "tuneops/tracking.py", "tuneops/families.py", "tuneops/secrets.py")),
@@ -71,7 +83,7 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/targets", "tuneops/training/heads.py",
                     "tuneops/training/methods.py", "tuneops/families.py", "tuneops/genai.py")),
     StageSpec("register", "log and register the model in MLflow; champion only if it beats base and champion",
-              params=("register", "tracking"),
+              params=("register", "tracking", "evaluate", "model.max_seq_len"),
               deps=("train_dir", "evaluate_dir", "optimize_dir", "plan", "validation_dir"),
               uncached_outs=("register_dir",),
               code=("tasks/register.py", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lineage.py",
@@ -84,22 +96,79 @@ STAGES: tuple[StageSpec, ...] = (
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
-# Shared plumbing every stage imports (config, paths, errors, env, the stage list, the CLI):
+# Shared plumbing every stage imports (config, paths, errors, env, the stage list, the CLI, child processes):
 # not a code dep of any stage, so that a CLI or config change does not rerun the pipeline.
 PLUMBING = ("tuneops/__init__.py", "tuneops/config.py", "tuneops/io.py", "tuneops/errors.py", "tuneops/env.py",
-            "tuneops/stages.py", "tuneops/cli.py", "tuneops/log.py", "tasks/__init__.py")
+            "tuneops/stages.py", "tuneops/cli.py", "tuneops/log.py", "tuneops/procs.py", "tasks/__init__.py")
 # Files never hashed as code (bytecode caches; .dvcignore lists the same).
 CODE_IGNORE = ("__pycache__", ".pyc")
 
 
-def code_root(project: "Path | str | None" = None) -> "Path":
+def code_root(project: "Path | str | None" = None) -> Path:
     """Where the stage code deps resolve: the project folder when it holds the sources (a
-    checkout, a jobs-API working dir with its code copy), else this package's checkout."""
-    from pathlib import Path
-
+    checkout, a jobs-API working dir with its code copy), else ``source_root()``."""
     if project is not None and all((Path(project) / c).exists() for s in STAGES for c in s.code):
         return Path(project).resolve()
-    return Path(__file__).resolve().parents[1]
+    return source_root()
+
+
+# -- the one way up: what tuneops/ loads from the stage and flow code -----------------------------
+# tasks/ (the stages) and flows/ (the Prefect flows) use tuneops/, never the reverse, except through
+# this table: tuneops reaches them by name at run time (the CLI's stage commands and `run`/`watch`,
+# the Prefect deployments' entrypoints), never by an import statement. tests/test_imports.py checks
+# that no other tuneops module names tasks or flows, and that the import graph has no cycles.
+# They are not installed packages (pyproject.toml installs tuneops only): they are loaded from the
+# project's source folder (``source_root``).
+ENTRY_POINTS: dict[str, str] = {
+    **{spec.name: f"tasks.{spec.name}:run" for spec in STAGES},   # each stage: run(cfg) -> dict
+    "finetune": "flows.pipeline:finetune",      # `tuneops run`, the fine-tuning deployment, the jobs API
+    "watch": "flows.watch:watch",               # `tuneops watch`, the data-watch deployment
+}
+SOURCE_PACKAGES = ("tasks", "flows")
+
+
+def entry_point(name: str) -> str:
+    """``module:attribute`` of an entry point (``ENTRY_POINTS``)."""
+    return ENTRY_POINTS[name]
+
+
+def entry_file(name: str) -> str:
+    """The entry point as a Prefect deployment entrypoint: ``flows/pipeline.py:finetune``."""
+    module, _, attr = entry_point(name).partition(":")
+    return f"{module.replace('.', '/')}.py:{attr}"
+
+
+def source_root() -> Path:
+    """The folder that holds tasks/ and flows/: this package's checkout (an editable install, a
+    checkout on PYTHONPATH), else the working directory (the image's /app, where the CLI runs)."""
+    for root in (Path(__file__).resolve().parents[1], Path.cwd().resolve()):
+        if all((root / p / "__init__.py").is_file() for p in SOURCE_PACKAGES):
+            return root
+    from .errors import TuneopsError
+
+    raise TuneopsError(f"no tasks/ and flows/ beside {Path(__file__).resolve().parent} or in {Path.cwd()}: "
+                       "run tuneops from the project's checkout")
+
+
+def load_entry(name: str) -> Any:
+    """Import an entry point from the project's source folder (put on ``sys.path`` when it is not)."""
+    module, _, attr = entry_point(name).partition(":")
+    root = str(source_root())
+    if root not in sys.path and not any(Path(p or ".").resolve() == Path(root) for p in sys.path):
+        sys.path.insert(0, root)
+    return getattr(importlib.import_module(module), attr)
+
+
+@functools.cache
+def _viewed_run(name: str) -> Callable[..., dict[str, Any]]:
+    spec, run = get(name), load_entry(name)
+
+    @functools.wraps(run)
+    def viewed(cfg: Any, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return run(spec.view(cfg), *args, **kwargs)
+
+    viewed.__prefect_task_source__ = run   # type: ignore[attr-defined]  # Prefect's task key: the stage's code
+    return viewed
 
 # params sections that steer how the pipeline runs (server, schedules, retries, caching),
 # not what it computes: read by the Prefect flow and the CLI, not by a stage.

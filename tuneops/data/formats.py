@@ -300,3 +300,8 @@ def record_issues(fmt: str, obj: Any, opts: dict[str, Any] | None = None) -> lis
 
 def check_record(fmt: str, path: str, line: int, obj: Any, opts: dict[str, Any] | None = None) -> list[Problem]:
     return [Problem(path, line, f, rule, msg) for f, rule, msg in record_issues(fmt, obj, opts)]
+
+
+def check_chat(path: str, line: int, obj: Any) -> list[Problem]:
+    """Schema, roles and content of one chat record (OpenAI/Azure fine-tuning format)."""
+    return check_record("chat", path, line, obj)

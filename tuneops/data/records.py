@@ -15,8 +15,8 @@ The reader is built for hostile files, in bounded memory and time:
   Infinity, lone surrogates and out-of-range numbers are errors;
 * at most ``max_problems`` problems are listed per file, then one summary line.
 
-The per-format record checks live in ``formats.py``; ``check_chat`` here is kept for
-callers of the original chat-only gate.
+The per-format record checks live in ``formats.py`` (which imports this module, never the
+reverse), with ``check_chat`` for callers of the original chat-only gate.
 """
 from __future__ import annotations
 
@@ -333,10 +333,3 @@ def parse_jsonl(path: Path) -> tuple[list[tuple[int, Any]], list[Problem]]:
     rows = [(r.line, r.obj) for r in read.rows if not r.problems]
     problems = list(read.problems) + [q for r in read.rows for q in r.problems]
     return rows, problems
-
-
-def check_chat(path: str, line: int, obj: Any) -> list[Problem]:
-    """Schema, roles and content of one chat record (OpenAI/Azure fine-tuning format)."""
-    from .formats import check_record
-
-    return check_record("chat", path, line, obj)

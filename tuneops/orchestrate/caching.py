@@ -138,11 +138,12 @@ def forget(cfg: Config, name: str) -> None:
 
 def is_transient(task: Any, task_run: Any, state: Any) -> bool:
     """Prefect ``retry_condition_fn``: retry unless the failure is the user's input."""
+    from tuneops.config import UndeclaredParam
     from tuneops.errors import TuneopsError
 
     try:
         state.result()
-    except (TuneopsError, FileNotFoundError, ValueError):
+    except (TuneopsError, FileNotFoundError, ValueError, UndeclaredParam):   # the last: a bug, not transient
         return False
     except Exception:  # noqa: BLE001 - anything else may be transient (OOM kill, I/O, lock)
         return True

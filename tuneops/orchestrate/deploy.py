@@ -18,10 +18,9 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+from tuneops import stages
 from tuneops.config import Config
 from tuneops.orchestrate import watch
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def watch_deployment_name(cfg: Config) -> str:
@@ -97,11 +96,11 @@ def _image_deploy(cfg: Config, image: str, parameters: dict[str, Any], triggers:
     common = {"concurrency_limit": None, "parameters": parameters, "tags": ["tuneops", cfg.register.model_name],
               "job_variables": jobvars}
     out = []
-    for entry, name, cron, limit, trig in (("flows/pipeline.py:finetune", o.deployment, o.schedule_cron,
+    for entry, name, cron, limit, trig in ((stages.entry_file("finetune"), o.deployment, o.schedule_cron,
                                             o.concurrency_limit, triggers),
-                                           ("flows/watch.py:watch", watch_deployment_name(cfg), o.watch_cron, 1, [])):
+                                           (stages.entry_file("watch"), watch_deployment_name(cfg), o.watch_cron, 1, [])):
         d = RunnerDeployment.from_entrypoint(
-            entrypoint=str(REPO / entry), name=name, **{**common, "concurrency_limit": limit},
+            entrypoint=str(stages.source_root() / entry), name=name, **{**common, "concurrency_limit": limit},
             schedules=[Cron(cron, timezone=o.timezone)] if cron else [], triggers=trig)
         d.entrypoint, d._path = entry, APP          # where the code is in the image
         out.append(d)
@@ -132,14 +131,14 @@ def deploy(cfg: Config, params_file: str | Path, overrides: list[str] | tuple[st
                                                                                      "cron": o.watch_cron}}}
     pool_type = ensure_work_pool(o.work_pool)
     parameters = {"params_file": params_file, "overrides": overrides}
-    finetune = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:finetune")
+    finetune = flow.from_source(source=str(stages.source_root()), entrypoint=stages.entry_file("finetune"))
     finetune_id = finetune.deploy(
         name=o.deployment, work_pool_name=o.work_pool, build=False, push=False,
         schedules=[Cron(o.schedule_cron, timezone=o.timezone)] if o.schedule_cron else [],
         concurrency_limit=o.concurrency_limit, triggers=[data_trigger(cfg, params_file, overrides)],
         parameters=parameters, tags=["tuneops", cfg.register.model_name], print_next_steps=False,
     )
-    watcher = flow.from_source(source=str(REPO), entrypoint="flows/watch.py:watch")
+    watcher = flow.from_source(source=str(stages.source_root()), entrypoint=stages.entry_file("watch"))
     watch_id = watcher.deploy(
         name=watch_deployment_name(cfg), work_pool_name=o.work_pool, build=False, push=False,
         schedules=[Cron(o.watch_cron, timezone=o.timezone)] if o.watch_cron else [],

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -17,10 +16,13 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tuneops import tracking
+from tuneops import procs, tracking
 from tuneops.config import Config
 from tuneops.env import state_paths
 from tuneops.errors import TuneopsError
+
+
+STOP_GRACE_S = 20.0      # a server's time to shut down on SIGTERM before it is killed
 
 
 class ServerError(TuneopsError, RuntimeError):
@@ -93,37 +95,26 @@ def _spawn(cfg: Config, name: str, cmd: list[str], env: dict[str, str], url: str
     log = servers_dir(cfg) / f"{name}.log"
     t0 = time.perf_counter()
     with log.open("ab") as out:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(cfg.root),
-                                start_new_session=True)
+        proc = procs.start(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=str(cfg.root))
     record = {"name": name, "pid": proc.pid, "url": url, "health": health, "log": str(log), "cmd": cmd}
     deadline = time.monotonic() + cfg.orchestrate.startup_timeout_s
-    while not _healthy(health):
-        if proc.poll() is not None:
-            raise ServerError(f"{name} server exited with code {proc.returncode} before it was healthy; see {log}")
-        if time.monotonic() > deadline:
-            _terminate(proc.pid)
-            raise ServerError(f"{name} server not healthy at {health} after {cfg.orchestrate.startup_timeout_s:g} s "
-                              f"(orchestrate.startup_timeout_s); see {log}")
-        time.sleep(0.5)
+    # until it is healthy and recorded, a signal to this command (or an error) stops the server
+    with procs.Supervised(proc, grace_s=STOP_GRACE_S):
+        while not _healthy(health):
+            if proc.poll() is not None:
+                raise ServerError(f"{name} server exited with code {proc.returncode} before it was healthy; see {log}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"{name} server not healthy at {health} after "
+                                  f"{cfg.orchestrate.startup_timeout_s:g} s (orchestrate.startup_timeout_s); see {log}")
+            time.sleep(0.5)
     record["startup_s"] = round(time.perf_counter() - t0, 2)
     (servers_dir(cfg) / f"{name}.json").write_text(json.dumps(record, indent=2) + "\n")
     return record
 
 
-def _terminate(pid: int, timeout: float = 20.0) -> None:
+def _terminate(pid: int, timeout: float = STOP_GRACE_S) -> None:
     """Stop the process group this module started (the server and its children)."""
-    try:
-        os.killpg(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + timeout
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    if _alive(pid):
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    procs.stop(pid, grace_s=timeout)
 
 
 def start_prefect(cfg: Config, port: int | None = None) -> dict[str, Any]:

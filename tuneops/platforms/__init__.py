@@ -7,6 +7,9 @@
 - ``azureml``: an Azure ML CLI v2 ``command`` job (torchrun-style ``pytorch`` distribution) and,
   where the method allows, a managed ``finetuning`` job, validated with ``azure.ai.ml.load_job``.
 
+This package holds what the platform modules share; ``tuneops export PLATFORM`` (tuneops/cli.py)
+imports the platform's module (the platforms import this package, never the reverse).
+
 Settings: ``params.yaml`` ``platforms:``. A plan a platform cannot express is refused
 (``PlatformError``, exit 2) with what to change.
 """
@@ -36,11 +39,3 @@ def out_dir(cfg: Any, platform: str) -> Path:
     d = (cfg.root / cfg.platforms.out_dir / platform).resolve()
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def export(cfg: Any, platform: str) -> dict[str, Any]:
-    if platform not in PLATFORMS:
-        raise PlatformError(f"export: unknown platform {platform!r}; choose one of {', '.join(PLATFORMS)}")
-    import importlib
-
-    return importlib.import_module(f"tuneops.platforms.{platform}").export(cfg)

@@ -68,7 +68,9 @@ def ensure_deployment(cfg: Config) -> UUID:
 
     s = cfg.service
     ensure_work_pool(s.work_pool)
-    deployment_id = flow.from_source(source=str(REPO), entrypoint="flows/pipeline.py:finetune").deploy(
+    from tuneops.stages import entry_file, source_root
+
+    deployment_id = flow.from_source(source=str(source_root()), entrypoint=entry_file("finetune")).deploy(
         name=s.deployment, work_pool_name=s.work_pool, build=False, push=False, concurrency_limit=s.concurrency_limit,
         job_variables={"env": {"PREFECT_FLOWS_HEARTBEAT_FREQUENCY": str(s.heartbeat_s)}},
         tags=["tuneops-service"], print_next_steps=False)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,10 +76,12 @@ def launch(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]
             "README: Multi-node DeepSpeed)")
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // plan["nproc_per_node"])))
-    proc = subprocess.run(command(plan, params_file, cfg.root, train_dir), env=env, cwd=cfg.root)
-    if proc.returncode != 0:
+    from tuneops import procs
+
+    code = procs.run(command(plan, params_file, cfg.root, train_dir), env=env, cwd=cfg.root)  # signals reach the ranks
+    if code != 0:
         raise RuntimeError(f"train: {plan['nproc_per_node']} training processes (torchrun) failed with exit code "
-                           f"{proc.returncode}; see the log above")
+                           f"{code}; see the log above")
     return json.loads((train_dir / "metrics.json").read_text())
 
 
@@ -95,7 +96,9 @@ def main(argv: list[str]) -> int:
     # optional `--set KEY=VALUE` pairs: a scheduler that mounts the data at paths known only at run
     # time (Azure ML inputs) points the params there
     overrides = [argv[i + 1] for i in range(3, len(argv) - 1) if argv[i] == "--set"]
-    cfg = load_config(params_file, overrides, root=root)
+    from tuneops import stages
+
+    cfg = stages.get("train").view(load_config(params_file, overrides, root=root))   # what the stage may read
     configure(cfg.state_dir)
     plan = json.loads(cfg.path("plan").read_text())
     try:
