@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -29,15 +28,11 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from tuneops.io import free_port  # noqa: E402
+
 PROMPTS = ["Hello! How are you today?", "What is your favourite book?", "Tell me something about the sea.",
            "Do you like music?", "What did you do yesterday?", "Can you recommend a film?",
            "What is the weather like?", "Who are you?"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_up(url: str, proc: subprocess.Popen, timeout: float, log: Path) -> None:

@@ -62,7 +62,6 @@ import dataclasses
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -74,6 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from tuneops.io import free_port  # noqa: E402
 from tuneops.planner import Estimate, MemoryModelConstants, ModelSpec, Setup, estimate  # noqa: E402
 
 GIB = 2**30
@@ -416,12 +416,6 @@ def worker(case: Case, device: str, steps: int, out_dir: Path) -> None:
 
 # --- the driver ------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _env(case: Case, device: str) -> dict[str, str]:
     env = dict(os.environ)
     tmp = SCRATCH / "tmp"
@@ -464,7 +458,7 @@ def run_case(case: Case, device: str, steps: int, timeout: float, runs: Path | N
     script = str(Path(__file__).resolve())
     if case.uses_deepspeed:  # torchrun, from whichever interpreter runs this script
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(case.nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), script, *args]
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), script, *args]
     else:
         cmd = [sys.executable, script, *args]
     t = time.time()

@@ -33,7 +33,8 @@ def run_head(cfg: Config, info: dict[str, Any], out: Any) -> dict[str, Any]:
         model = finetuned.load_base(base_dir, info) if name == "base" else finetuned.load(base_dir, train_dir)
         scores[name], preds[name] = heads.score(model, features, plan, e.batch_size, tokenizer.pad_token_id)
         del model
-    metric, direction = heads.PRIMARY[plan["task_head"]]
+    head = heads.of(plan)
+    metric, direction = head.primary_metric, head.direction
     metrics = {
         "task_head": plan["task_head"], "samples": len(features), "labels": plan["labels"],
         "eval_data_md5": md5_file(cfg.path("clean_eval_data")),

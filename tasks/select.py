@@ -3,10 +3,10 @@ params' goals, the model's config (read without loading weights), the detected o
 declared hardware and the validated data. Writes ``plan.json`` with its reasons.
 
 The data's format (from the validate report) is the planner's scenario; its task head comes
-from the scenario table (classification -> sequence classification, ner -> token
-classification, the rest causal LM) unless ``select.task_head`` is ``causal_lm`` (every format
-as chat prompts). A head the model family lacks in transformers (Gemma 3 has no token
-classification) falls back to the causal LM, with the reason in the plan; an encoder has no
+from the head specs (``tuneops/training/heads.py``: classification -> sequence classification,
+ner -> token classification, the rest causal LM) unless ``select.task_head`` names one:
+``causal_lm`` trains every format as chat prompts; a label head must be the data format's. A
+head the model family lacks in transformers (Gemma 3 has no token classification) falls back to the causal LM, with the reason in the plan; an encoder has no
 causal LM (``PlanError``). A head plan carries the label names (``labels``) from the report.
 """
 from __future__ import annotations
@@ -15,24 +15,32 @@ from typing import Any
 
 from tuneops.config import Config
 from tuneops.io import read_json, write_json
-from tuneops.planner import Goals, Hardware, ModelSpec, PlanError, load_table, make_plan
+from tuneops.planner import Goals, Hardware, ModelSpec, PlanError, make_plan
+from tuneops.training import heads
 
 
 def choose_head(choice: str, fmt: str, model: ModelSpec) -> tuple[str, str]:
     """(task head, why) for ``select.task_head`` and the data format."""
-    if choice == "causal_lm":
-        return "causal_lm", f"select.task_head causal_lm: the {fmt} data trains as chat prompts"
-    head = load_table().scenarios[fmt].task_head
-    if head == "causal_lm":
-        return head, f"{fmt} data trains the causal LM"
-    from tuneops.training.heads import supports
-
-    if supports(model.model_type, head):
-        return head, f"{fmt} data trains a {head} head (select.task_head auto)"
+    if choice != "auto":
+        head = heads.get(choice)
+        if head.generative:
+            return head.name, f"select.task_head {head.name}: the {fmt} data trains as chat prompts"
+        if head.data_format != fmt:
+            raise PlanError(f"select.task_head {head.name}: the head trains on {head.data_format} data "
+                            f"(the data is {fmt}); use auto or {heads.CAUSAL_LM}")
+        if not head.supports(model.model_type):
+            raise PlanError(f"select.task_head {head.name}: {model.name} ({model.model_type}) has no "
+                            f"{head.name} head in transformers")
+        return head.name, f"{fmt} data trains a {head.name} head (select.task_head {head.name})"
+    head = heads.for_format(fmt)
+    if head.generative:
+        return head.name, f"{fmt} data trains the causal LM"
+    if head.supports(model.model_type):
+        return head.name, f"{fmt} data trains a {head.name} head (select.task_head auto)"
     if model.is_encoder:
-        raise PlanError(f"{model.name} ({model.model_type}) has no {head} head in transformers")
-    return "causal_lm", (f"{model.model_type} has no {head} head in transformers: the {fmt} data trains as "
-                         "chat prompts (causal LM)")
+        raise PlanError(f"{model.name} ({model.model_type}) has no {head.name} head in transformers")
+    return heads.CAUSAL_LM, (f"{model.model_type} has no {head.name} head in transformers: the {fmt} data trains as "
+                             "chat prompts (causal LM)")
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -51,7 +59,7 @@ def run(cfg: Config) -> dict[str, Any]:
         tokens=report.get("train_tokens"),
         task_head=head,
     ).to_dict()
-    if head != "causal_lm":
+    if not heads.get(head).generative:
         labels = report.get("labels")
         if not labels or len(labels) < 2:
             raise PlanError(f"{cfg.path('validation_dir') / 'report.json'}: labels: the {head} head needs at least "

@@ -19,8 +19,6 @@ from tuneops.config import Config
 from tuneops.io import fresh_dir, read_json
 from tuneops.training.methods import method_for
 
-SUPPORTED_METHODS = ("full", "lora", "dora", "qlora", "ia3", "prompt_tuning")
-
 
 def check_resume(cfg: Config, plan: dict[str, Any]) -> None:
     if not cfg.train.resume:

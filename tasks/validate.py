@@ -34,22 +34,15 @@ from tuneops.data.records import Problem
 from tuneops.errors import DataValidationError  # noqa: F401  (raised here; re-exported for callers)
 from tuneops.io import fresh_dir, md5_file, write_json, tmp_name
 from tuneops.models import load_tokenizer
-
-NATIVE_FIELDS = {"classification": ("text", "label"), "ner": ("tokens", "tags")}
-
+from tuneops.training import heads
 
 def head_labels(fmt: str, train: SplitResult, labels: list[Any] | None,
                 entity_types: list[str] | None) -> list[str] | None:
-    """The label names a task head predicts, in a fixed order: classification ``data.labels``
-    (else the sorted labels seen in train); NER ``O`` then ``B-``/``I-`` of each entity type
-    (``data.entity_types``, else the types seen in train, sorted). None for other formats."""
-    if fmt == "classification":
-        return [str(x) for x in labels] if labels else sorted({str(r.obj["label"]) for r in train.accepted})
-    if fmt == "ner":
-        kinds = list(entity_types) if entity_types else sorted(
-            {t[2:] for r in train.accepted for t in r.obj["tags"] if t != "O"})
-        return ["O"] + [f"{p}-{k}" for k in kinds for p in ("B", "I")]
-    return None
+    """The label names the format's task head predicts, in a fixed order (``Head.label_names``:
+    classification ``data.labels``, else the sorted labels seen in train; NER ``O`` then
+    ``B-``/``I-`` of each entity type). None for formats that train the causal LM."""
+    head = heads.for_format(fmt)
+    return None if head.generative else head.label_names([r.obj for r in train.accepted], labels, entity_types)
 
 
 def write_clean(split: SplitResult, fmt: str, dest: Path) -> Path:
@@ -59,15 +52,15 @@ def write_clean(split: SplitResult, fmt: str, dest: Path) -> Path:
     if fmt == "chat" and split.kind == "jsonl" and not split.rejected and len(split.accepted) == split.rows:
         shutil.copyfile(split.path, tmp)
     else:
-        spec = formats.get(fmt)
+        spec, head = formats.get(fmt), heads.for_format(fmt)
         with tmp.open("wb") as f:
             for row in split.accepted:
                 if fmt == "chat" and split.kind == "jsonl":
                     f.write(row.raw + b"\n")
                 else:
                     line: dict[str, Any] = {"messages": spec.to_chat(row.obj)}
-                    if fmt in NATIVE_FIELDS:      # the task heads train on the record itself
-                        line["record"] = {k: row.obj[k] for k in NATIVE_FIELDS[fmt]}
+                    if head.record_fields:      # the task heads train on the record itself
+                        line["record"] = {k: row.obj[k] for k in head.record_fields}
                     f.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
     os.replace(tmp, dest)
     return dest
@@ -132,7 +125,7 @@ def run(cfg: Config) -> dict[str, Any]:
         if result.success:
             write_clean(result.splits[name], settings.format, dest)
             report["splits"][name].update(clean_path=str(dest), clean_md5=md5_file(dest))
-    if result.success and settings.format in NATIVE_FIELDS:
+    if result.success and not heads.for_format(settings.format).generative:
         report["labels"] = head_labels(settings.format, result.splits["train"], cfg.data.labels,
                                        cfg.data.entity_types)
     report["data_docs"] = "data_docs/index.html"

@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from tuneops import stages
-from tuneops.io import read_jsonl
+from tuneops.io import free_port, read_jsonl
 
 from .conftest import REPO, TEST_ROOT, make_project
 from .conftest import wait_for as _wait
@@ -92,7 +92,7 @@ def orchestra():
         "optimize.ppl_samples=4", "optimize.parity_samples=1", "orchestrate.schedule_cron=* * * * *", "orchestrate.watch_cron=null",
         "orchestrate.task_retry_delay_s=1", "orchestrate.startup_timeout_s=180"))
     cfg = load_config(root / "params.yaml")
-    port = server.free_port()
+    port = free_port()
     saved = {k: os.environ.get(k) for k in ("PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS",)}
     os.environ["PREFECT_SERVER_SERVICES_SCHEDULER_LOOP_SECONDS"] = "5"   # schedule promptly in the test
     server.stop(cfg)
@@ -171,8 +171,6 @@ def test_server_cli_start_status_stop():
     """`tuneops server start|status|stop` runs a real Prefect server with its db in the state dir."""
     import subprocess
     import urllib.request
-
-    from tuneops.orchestrate.server import free_port
 
     root = make_project("server-cli")
     env = {k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"}

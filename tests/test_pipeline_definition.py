@@ -138,14 +138,17 @@ def _imports(module: str) -> set[str]:
 def test_code_deps_cover_every_module_a_stage_runs():
     """Each stage's code deps (dvc.yaml and the Prefect cache) cover every project module its
     tasks/ module imports, transitively, except the shared plumbing: a change to any of them
-    makes the stage stale in both runners."""
+    makes the stage stale in both runners. What the plumbing itself imports is not followed:
+    config checks names against the spec registries (methods, heads, sources, formats,
+    scenarios) for every stage; a stage that runs a registry imports it itself."""
     for spec in stages.STAGES:
         seen, todo = set(), [spec.module]
         while todo:
             module = todo.pop()
             if module not in seen:
                 seen.add(module)
-                todo += sorted(_imports(module) - seen)
+                if _module_file(module).relative_to(REPO).as_posix() not in stages.PLUMBING:
+                    todo += sorted(_imports(module) - seen)
         for module in sorted(seen):
             rel = _module_file(module).relative_to(REPO).as_posix()
             if rel in stages.PLUMBING or (rel.endswith("__init__.py") and module != spec.module):

@@ -9,13 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from tuneops.io import free_port
 
 from .conftest import make_project
 
@@ -120,12 +121,6 @@ def _adapter_keys(folder: Path) -> dict[str, tuple[int, ...]]:
         return {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("zero", [2, 3])
 def test_two_nodes_one_process_each(project, zero):
@@ -151,7 +146,7 @@ def test_two_nodes_one_process_each(project, zero):
 
     params = cfg.path("checkpoint_dir") / "launch-params.json"
     out = cfg.path("train_dir")
-    argv = command(plan, params, project, out, rdzv_endpoint=f"127.0.0.1:{_free_port()}", rdzv_id=tag)
+    argv = command(plan, params, project, out, rdzv_endpoint=f"127.0.0.1:{free_port()}", rdzv_id=tag)
     argv[3:3] = ["--local-addr", "127.0.0.1"]
     logs = [project / f"{tag}-node{i}.log" for i in range(2)]
     agents = [subprocess.Popen(argv, cwd=project, env=ENV, stdout=log.open("w"), stderr=subprocess.STDOUT,

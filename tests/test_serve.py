@@ -3,7 +3,6 @@ non-streamed and streamed, usage counted by the model's tokenizer, stop strings,
 OpenAI-shaped 400 / 401 / 404 / 429 errors, and the CLI serving an exported folder."""
 from __future__ import annotations
 
-import socket
 import subprocess
 import sys
 import threading
@@ -15,14 +14,9 @@ import openai
 import pytest
 
 from tests.conftest import wait_for
+from tuneops.io import free_port
 
 HELLO = [{"role": "user", "content": "Hello"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class InProcess:
@@ -31,7 +25,7 @@ class InProcess:
     def __init__(self, app):
         import uvicorn
 
-        self.app, self.port = app, _free_port()
+        self.app, self.port = app, free_port()
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
@@ -185,7 +179,7 @@ def test_queued_requests_all_complete(server, registered):
 
 def test_cli_serves_an_exported_folder(registered, tmp_path):
     """`tuneops serve FOLDER` as a user types it: the optimize output's default variant."""
-    port = _free_port()
+    port = free_port()
     opt = registered.path("optimize_dir")
     log = tmp_path / "serve.log"
     with log.open("w") as out:

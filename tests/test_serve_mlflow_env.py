@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,6 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, wait_for
+from tuneops.io import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -60,9 +60,7 @@ def test_registered_model_loads_and_serves_in_a_fresh_virtualenv(stage, tiny_cfg
         assert len(result["replies"]) == 1 and isinstance(result["replies"][0], str)
         assert result["inputs"] == ["messages"]
         assert not result["tuneops"].startswith(str(REPO / "tuneops"))      # the code travelled with the model
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         log = outside / "serve.log"
         with log.open("w") as out:
             proc = subprocess.Popen([str(py.parent / "mlflow"), "models", "serve", "-m", uri, "--env-manager",

@@ -24,6 +24,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from tuneops.io import free_port
+
 from .conftest import REPO, TEST_ROOT, make_project
 from .conftest import wait_for as _wait
 
@@ -100,11 +102,11 @@ def svc():
     server.stop(cfg)
     (cfg.state_dir / "prefect-server.db").unlink(missing_ok=True)
     shutil.rmtree(cfg.state_dir / "service", ignore_errors=True)      # the service db of an earlier session
-    rec = server.start_prefect(cfg, server.free_port())
+    rec = server.start_prefect(cfg, free_port())
     env = server.client_env(cfg, rec["url"])
     env.update({"PREFECT_WORKER_QUERY_SECONDS": "2", "PREFECT_WORKER_PREFETCH_SECONDS": "5",
                 "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)})
-    service = Service(root, cfg, env, server.free_port(), {})
+    service = Service(root, cfg, env, free_port(), {})
     worker = None
     try:
         for who in ("alice", "bob"):

@@ -136,7 +136,9 @@ class Classifier:
             return [{"label": r["label"], "score": r["score"]}
                     for r in self.onnx.predict(enc["input_ids"], enc["attention_mask"])]
         preds = self.pyfunc.predict(list(texts))
-        if "token" in self.task_head:         # NER: one BIO tag per whitespace-separated word
+        from .training.heads import get as head
+
+        if head(self.task_head).per_token:     # NER: one BIO tag per whitespace-separated word
             return [{"words": t.split(), "tags": list(p)} for t, p in zip(texts, preds)]
         return [{"label": str(p)} for p in preds]
 

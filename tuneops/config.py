@@ -22,15 +22,27 @@ import yaml
 from .errors import InvalidInput
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-METHODS = ("full", "lora", "qlora", "dora", "ia3", "prompt_tuning")
-
-
 class ConfigError(InvalidInput):
     """A params problem; ``str()`` is the one-line message shown to the user."""
 
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _known(value: Any, names: Any, where: str, item: bool = False) -> Any:
+    """``value`` if it is one of ``names`` (a spec registry's keys), else the error that lists them;
+    ``item``: one entry of a list (the message names it)."""
+    if value not in names:
+        known = ", ".join(map(str, names))
+        raise ValueError(f"{value!r} is not one of {known} ({where})" if item else f"must be one of {known} ({where})")
+    return value
+
+
+def _methods() -> tuple[str, ...]:
+    from .training.methods import METHODS
+
+    return tuple(METHODS)
 
 
 class PathsParams(_Section):
@@ -61,21 +73,25 @@ class TinyModelParams(_Section):
 
 
 class ModelParams(_Section):
-    source: Literal["gemma3-270m", "smollm2", "tiny", "minilm", "local"]
+    source: str                # a source spec (tuneops/models.py SOURCES)
     local_path: str | None = None
     max_seq_len: int = Field(gt=8, le=32768)
     tiny: TinyModelParams
 
+    @field_validator("source")
+    @classmethod
+    def _known_source(cls, v: str) -> str:
+        from .models import SOURCES
+
+        return _known(v, SOURCES, "tuneops/models.py")
+
     @model_validator(mode="after")
     def _local_needs_path(self) -> "ModelParams":
-        if self.source == "local" and not self.local_path:
-            raise ValueError("local_path is required when source is 'local'")
+        from .models import SOURCES
+
+        if SOURCES[self.source].needs_path and not self.local_path:
+            raise ValueError(f"local_path is required when source is {self.source!r}")
         return self
-
-
-FormatName = Literal["chat", "instruction", "text", "classification", "ner", "translation", "qa"]
-ScenarioName = Literal["chat", "qa", "translation", "definitions", "topics", "sentiment", "ner", "domain",
-                       "creative", "user"]
 
 
 class UserDataParams(_Section):
@@ -92,20 +108,34 @@ class UserDataParams(_Section):
 
 
 class DataParams(_Section):
-    scenario: ScenarioName
-    format: Literal["auto"] | FormatName
+    scenario: str              # a scenario spec (tuneops/data/scenarios.py REGISTRY)
+    format: str                # auto (the scenario's) or a format spec (tuneops/data/formats.py FORMAT_SPECS)
     policy: Literal["fail", "quarantine"]
     max_rejected_fraction: float = Field(ge=0, le=1)
     labels: list[str | int] | None = Field(default=None, min_length=2)
     entity_types: list[str] | None = Field(default=None, min_length=1)
     user: UserDataParams
 
+    @field_validator("scenario")
+    @classmethod
+    def _known_scenario(cls, v: str) -> str:
+        from .data.scenarios import REGISTRY
+
+        return _known(v, REGISTRY, "tuneops/data/scenarios.py")
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, v: str) -> str:
+        from .data.formats import FORMAT_SPECS
+
+        return _known(v, ("auto", *FORMAT_SPECS), "tuneops/data/formats.py")
+
     @model_validator(mode="after")
     def _scenario_and_format_agree(self) -> "DataParams":
-        from .data import SCENARIOS
+        from .data.scenarios import REGISTRY, USER
 
-        own = SCENARIOS[self.scenario]
-        if self.scenario == "user":
+        own = REGISTRY[self.scenario].format
+        if self.scenario == USER:
             if self.format == "auto":
                 raise ValueError("scenario 'user' needs an explicit format (tuneops data add sets it)")
             if not self.user.path or not self.user.md5:
@@ -117,9 +147,9 @@ class DataParams(_Section):
 
     @property
     def resolved_format(self) -> str:
-        from .data import SCENARIOS
+        from .data.scenarios import REGISTRY
 
-        return self.format if self.format != "auto" else SCENARIOS[self.scenario]
+        return self.format if self.format != "auto" else REGISTRY[self.scenario].format
 
 
 class IngestParams(_Section):
@@ -165,8 +195,8 @@ class HardwareParams(_Section):
 
 
 class SelectParams(_Section):
-    method: Literal["auto", "full", "lora", "qlora", "dora", "ia3", "prompt_tuning"]
-    allowed_methods: list[Literal["full", "lora", "qlora", "dora", "ia3", "prompt_tuning"]] = Field(min_length=1)
+    method: str                                        # auto or a method spec (tuneops/training/methods.py)
+    allowed_methods: list[str] = Field(min_length=1)   # method specs
     minimize: Literal["memory", "cost", "time"]
     quality: Literal["standard", "best"]
     global_batch_size: int = Field(gt=0)
@@ -176,7 +206,26 @@ class SelectParams(_Section):
     memory_headroom: float = Field(gt=0, le=1)
     zero_stage: Literal["auto", 0, 1, 2, 3] = "auto"
     offload: Literal["auto", "none", "optimizer", "optimizer+params"] = "auto"
-    task_head: Literal["auto", "causal_lm"] = "auto"
+    task_head: str = "auto"    # auto (the data format's head) or a head spec (tuneops/training/heads.py)
+
+    @field_validator("method")
+    @classmethod
+    def _known_method(cls, v: str) -> str:
+        return _known(v, ("auto", *_methods()), "tuneops/training/methods.py")
+
+    @field_validator("allowed_methods")
+    @classmethod
+    def _known_methods(cls, v: list[str]) -> list[str]:
+        for m in v:
+            _known(m, _methods(), "tuneops/training/methods.py", item=True)
+        return v
+
+    @field_validator("task_head")
+    @classmethod
+    def _known_head(cls, v: str) -> str:
+        from .training.heads import HEADS
+
+        return _known(v, ("auto", *HEADS), "tuneops/training/heads.py")
 
 
 class TrainParams(_Section):
@@ -303,7 +352,7 @@ class ServiceParams(_Section):
     database_url: str | None = None
     storage_dir: str = Field(min_length=1)
     max_upload_mb: float = Field(gt=0)
-    allowed_models: list[Literal["gemma3-270m", "smollm2", "tiny"]] = Field(min_length=1)
+    allowed_models: list[str] = Field(min_length=1)    # model sources the API offers (tuneops/models.py)
     work_pool: str = Field(min_length=1)
     deployment: str = Field(min_length=1)
     concurrency_limit: int = Field(ge=1)
@@ -313,6 +362,16 @@ class ServiceParams(_Section):
     max_steps: int = Field(gt=0)
     experiment: str = Field(min_length=1)
     job_overrides: list[str] = Field(default_factory=list)
+
+    @field_validator("allowed_models")
+    @classmethod
+    def _offered_sources(cls, v: list[str]) -> list[str]:
+        from .models import SOURCES
+
+        offered = [n for n, s in SOURCES.items() if s.self_contained]
+        for m in v:
+            _known(m, offered, "self-contained causal-LM sources in tuneops/models.py", item=True)
+        return v
 
     @model_validator(mode="after")
     def _dead_after_heartbeats(self) -> "ServiceParams":

@@ -81,7 +81,7 @@ def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
     plan = head_plan(info)
     if info["artifact"] == "model":
         if heads.is_head(plan):
-            return heads.auto_class(plan["task_head"]).from_pretrained(str(train_dir / "model"))
+            return heads.of(plan).auto().from_pretrained(str(train_dir / "model"))
         return load_causal_lm(train_dir / "model")
     from peft import PeftModel
 

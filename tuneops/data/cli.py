@@ -27,7 +27,7 @@ from . import FORMATS
 EXIT_OK, EXIT_INVALID_DATA, EXIT_ERROR = 0, 1, 2
 
 
-_TOKENIZERS: dict[tuple[str, int], Any] = {}
+_TOKENIZERS: dict[tuple[str, Any], Any] = {}
 
 
 def resolve_tokenizer(cfg: Config) -> Any:
@@ -35,7 +35,7 @@ def resolve_tokenizer(cfg: Config) -> Any:
     share one tokenizer) the cached Gemma tokenizer, converted once from the GGUF, or the
     cached SmolLM2 folder's.
     Loaded once per process and folder version."""
-    from ..models import gemma_tokenizer, load_tokenizer
+    from ..models import load_tokenizer, source
 
     base = cfg.path("base_model_dir")
     if (base / "tokenizer_config.json").is_file():
@@ -43,22 +43,14 @@ def resolve_tokenizer(cfg: Config) -> Any:
         if key not in _TOKENIZERS:
             _TOKENIZERS[key] = load_tokenizer(base)
         return _TOKENIZERS[key]
-    if cfg.model.source in ("gemma3-270m", "tiny"):
+    src = source(cfg.model.source)
+    if src.tokenizer is not None:      # from the cache: the Gemma tokenizer, or the converted SmolLM2 folder's (once)
         from ..env import state_paths
 
         cache = state_paths(cfg.state_dir)["cache"]
-        key = (str(cache), 0)
+        key = (str(cache), src.name)
         if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = gemma_tokenizer(cache)
-        return _TOKENIZERS[key]
-    if cfg.model.source == "smollm2":               # the converted SmolLM2 folder in the cache (once)
-        from ..env import state_paths
-        from ..models import _smollm2_folder
-
-        folder = _smollm2_folder(state_paths(cfg.state_dir)["cache"])
-        key = (str(folder), 0)
-        if key not in _TOKENIZERS:
-            _TOKENIZERS[key] = load_tokenizer(folder)
+            _TOKENIZERS[key] = src.tokenizer(cache)
         return _TOKENIZERS[key]
     raise ConfigError(f"no tokenizer at {base}: run `tuneops model` first (model.source is {cfg.model.source!r})")
 

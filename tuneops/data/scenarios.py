@@ -15,16 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from . import SCENARIOS, chatterbot, formats, sources
+from . import chatterbot, formats, sources
 
 Records = list[dict[str, Any]]
+
+
+USER = "user"      # a dataset added with `tuneops data add` (its format is data.format)
 
 
 @dataclass(frozen=True)
 class Scenario:
     name: str
-    format: str
-    build: Callable[[Any], tuple[Records, dict[str, Any]]]     # (ingest params) -> records, info
+    format: str | None                                         # None: user data, in data.format
+    build: Callable[[Any], tuple[Records, dict[str, Any]]] | None   # (ingest params) -> records, info
     stratify: str | None = None                                # cap ingest.max_per_label records per value
 
 
@@ -43,8 +46,8 @@ REGISTRY: dict[str, Scenario] = {s.name: s for s in (
     Scenario("ner", "ner", lambda p: sources.wordnet_ner(), stratify="entity_type"),
     Scenario("domain", "text", lambda p: sources.django_docstrings()),
     Scenario("creative", "instruction", lambda p: sources.fortunes_creative()),
+    Scenario(USER, None, None),         # split by ingest from data.user.path (read_user_file / split_user_file)
 )}
-assert set(REGISTRY) | {"user"} == set(SCENARIOS) and all(REGISTRY[n].format == SCENARIOS[n] for n in REGISTRY)
 
 
 def clean(rows: Records, fmt: str, max_chars: int) -> tuple[Records, dict[str, Any]]:

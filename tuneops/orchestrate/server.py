@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -27,12 +26,6 @@ STOP_GRACE_S = 20.0      # a server's time to shut down on SIGTERM before it is 
 
 class ServerError(TuneopsError, RuntimeError):
     """A server did not come up (message names the log file)."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 def _bin(name: str) -> str:

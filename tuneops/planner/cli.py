@@ -10,7 +10,8 @@ from .goals import METHODS, MINIMIZE, QUALITY, Goals
 from .hardware import Hardware
 from .model import ModelSpec
 from .rules import Plan, PlanError, explain, make_plan
-from .table import TASK_HEADS, load_table
+from ..training.heads import HEADS
+from .table import load_table
 
 _DEFAULT_HARDWARE = {"gpus": "auto", "gpu_memory_gb": "auto", "host_ram_gb": "auto", "nodes": 1}
 _DEFAULT_SEQ_LEN = 256
@@ -41,7 +42,7 @@ def _parser() -> _Parser:
     p.add_argument("--quality", choices=QUALITY)
     p.add_argument("--method", choices=METHODS, help="force a method")
     p.add_argument("--scenario", choices=list(load_table().scenarios), default="chat")
-    p.add_argument("--task-head", choices=TASK_HEADS,
+    p.add_argument("--task-head", choices=list(HEADS),
                    help="force the head (default: select.task_head; auto = the scenario's)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.add_argument("--explain", action="store_true", help="print the method table and rules")

@@ -86,6 +86,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .model import ModelSpec
+from ..training import heads
+from ..training.heads import CAUSAL_LM
 from ..training.methods import spec
 
 GIB = 2**30
@@ -138,7 +140,7 @@ class Setup:
     checkpointing: bool = False
     world_size: int = 1
     seq_len: int = 512
-    task_head: str = "causal_lm"
+    task_head: str = CAUSAL_LM
     lora_r: int = 8
     targets: tuple[str, ...] = ()
     on_gpu: bool = True
@@ -214,8 +216,8 @@ def activation_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) ->
         layers = model.layers * per_token_layer * tokens
     if m.dora and dims:
         layers += c.dora_weight_copies * 4 * max(i * o for i, o in dims)
-    outputs = {"causal_lm": tokens * model.vocab, "token_classification": tokens * model.num_labels,
-               "sequence_classification": setup.micro_batch * model.num_labels}[setup.task_head]
+    head = heads.get(setup.task_head)      # logits per token or per sequence, over the vocabulary or the labels
+    outputs = (tokens if head.per_token else setup.micro_batch) * (model.vocab if head.generative else model.num_labels)
     logits = c.logits_bytes * outputs
     return layers + logits, logits
 
@@ -238,7 +240,8 @@ def tied_embedding_grad_excess(model: ModelSpec, setup: Setup, c: MemoryModelCon
     gradient). They are full-size at every ZeRO stage: partitioning happens after autograd has
     produced the gradient. By then the activations are freed, so only the part of the transient
     that exceeds the activations adds to the peak."""
-    if spec(setup.method).trains != "all" or not model.tied_embeddings or model.is_encoder or setup.task_head != "causal_lm":
+    if spec(setup.method).trains != "all" or not model.tied_embeddings or model.is_encoder \
+            or not heads.get(setup.task_head).generative:
         return 0.0
     g = setup.compute_bytes * model.embedding_params
     counted = g / setup.world_size if setup.zero_stage >= 2 else g

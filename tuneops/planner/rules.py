@@ -16,7 +16,8 @@ from .hardware import Hardware
 from .memory import Estimate, MemoryModelConstants, Setup, estimate, trainable_params
 from .model import ModelSpec
 from ..training.methods import spec
-from .table import TASK_HEADS, ScenarioTable, load_table
+from ..training import heads
+from .table import ScenarioTable, load_table
 
 RULES: dict[str, str] = {
     "R1-candidates": "Candidates are select.allowed_methods, or only the forced select.method.",
@@ -160,10 +161,10 @@ def _check_inputs(model: ModelSpec, seq_len: int, scenario: str, tokens: int | N
         raise PlanError(f"tokens must be a positive integer (got {tokens!r})")
     if scenario not in table.scenarios:
         raise PlanError(f"unknown scenario {scenario!r} (known: {', '.join(table.scenarios)})")
-    if task_head is not None and task_head not in TASK_HEADS:
-        raise PlanError(f"unknown task head {task_head!r} (known: {', '.join(TASK_HEADS)})")
+    if task_head is not None and task_head not in heads.HEADS:
+        raise PlanError(f"unknown task head {task_head!r} (known: {', '.join(heads.HEADS)})")
     head = task_head or table.scenarios[scenario].task_head
-    if model.is_encoder and head == "causal_lm":
+    if model.is_encoder and heads.get(head).generative:
         raise PlanError(f"scenario {scenario!r} needs a causal LM; {model.name} is an encoder "
                         "(use classification or ner data"
                         + (", with select.task_head auto)" if head != table.scenarios[scenario].task_head else ")"))

@@ -1,4 +1,6 @@
-"""The scenario/method table (``scenario_table.yaml``) as typed data."""
+"""The scenario/method table as typed data: ``scenario_table.yaml`` (properties, strategies,
+scenarios) with the method rows from the method specs (``tuneops/training/methods.py``) and each
+scenario's task head from the head specs (``tuneops/training/heads.py``)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -7,8 +9,10 @@ from pathlib import Path
 
 import yaml
 
+from ..training import heads
+from ..training.methods import METHODS
+
 TABLE_PATH = Path(__file__).with_name("scenario_table.yaml")
-TASK_HEADS = ("causal_lm", "sequence_classification", "token_classification")
 
 
 @dataclass(frozen=True)
@@ -41,17 +45,23 @@ class ScenarioTable:
         return prop in self.methods[method].properties
 
 
-@lru_cache(maxsize=1)
 def load_table(path: Path = TABLE_PATH) -> ScenarioTable:
-    """Parse and check the table: every property used is declared, every task head is known."""
-    raw = yaml.safe_load(path.read_text())
+    """Parse and check the table: every property used is declared. Not cached across registry
+    changes: the method and head specs are read each time (the YAML file is parsed once)."""
+    raw = _raw(path)
     props = dict(raw["properties"])
-    methods = {n: MethodRow(n, r["kind"], r["guide"], tuple(r["properties"])) for n, r in raw["methods"].items()}
-    scenarios = {n: ScenarioRow(n, r["guide"], r["task_head"]) for n, r in raw["scenarios"].items()}
+    methods = {m.name: MethodRow(m.name, "method", m.guide, m.properties) for m in METHODS.values()}
+    for n, r in raw["methods"].items():
+        if n in methods:
+            raise ValueError(f"{path.name}: method {n}: a method's row is its spec (tuneops/training/methods.py)")
+        methods[n] = MethodRow(n, r["kind"], r["guide"], tuple(r["properties"]))
+    scenarios = {n: ScenarioRow(n, r["guide"], heads.for_format(n).name) for n, r in raw["scenarios"].items()}
     for m in methods.values():
         if m.kind not in ("method", "strategy") or set(m.properties) - set(props):
             raise ValueError(f"{path.name}: method {m.name}: bad kind or undeclared property")
-    for s in scenarios.values():
-        if s.task_head not in TASK_HEADS:
-            raise ValueError(f"{path.name}: scenario {s.name}: unknown task_head {s.task_head!r}")
     return ScenarioTable(raw["source"], props, methods, scenarios)
+
+
+@lru_cache(maxsize=4)
+def _raw(path: Path) -> dict:
+    return yaml.safe_load(path.read_text())

@@ -77,7 +77,9 @@ def finetuning_job(cfg: Any, plan: dict[str, Any]) -> tuple[dict[str, Any] | Non
     if plan["method"] != "lora" or (plan.get("peft") or {}).get("use_dora"):
         return None, (f"Azure ML managed fine-tuning trains LoRA adapters; the plan is {plan['method']}: "
                       "use the command job")
-    task = _TASK.get(plan.get("scenario", "chat") if plan.get("task_head", "causal_lm") == "causal_lm" else "")
+    from ..training.heads import is_head
+
+    task = _TASK.get("" if is_head(plan) else plan.get("scenario", "chat"))
     if task is None:
         return None, f"no managed fine-tuning task for the {plan.get('scenario')} scenario: use the command job"
     a, t, peft = cfg.platforms.azureml, cfg.train, plan["peft"]

@@ -14,6 +14,7 @@ from typing import Any
 
 import yaml
 
+from ..training.heads import is_head
 from . import PlatformError, load_plan, out_dir
 
 SCHEMA = Path(__file__).with_name("schemas") / "kaito-workspace-v1beta1.yaml"
@@ -31,7 +32,7 @@ def check_plan(plan: dict[str, Any]) -> None:
         raise PlatformError(f"export kaito: Kaito tunes with lora or qlora only (tuning.method), the plan is {what}; "
                             "plan one with --set select.method=lora (or qlora), or run it with `tuneops export azureml` "
                             "or on a Prefect work pool")
-    if plan.get("task_head", "causal_lm") != "causal_lm":
+    if is_head(plan):
         raise PlatformError(f"export kaito: Kaito's tuning presets train causal LMs, the plan trains a "
                             f"{plan['task_head']} head; set select.task_head=causal_lm")
     off = plan.get("offload") or {}

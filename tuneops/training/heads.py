@@ -1,6 +1,10 @@
-"""Task heads besides the causal LM: sequence classification (``{text, label}``) and token
-classification / NER (``{tokens, tags}``, BIO), for encoders (MiniLM) and for decoders whose
-family has the head in transformers (Gemma 3: sequence classification).
+"""Task heads as specs (``Head``, one entry each in ``HEADS``): the causal LM, sequence
+classification (``{text, label}``) and token classification / NER (``{tokens, tags}``, BIO), for
+encoders (MiniLM) and for decoders whose family has the head in transformers (Gemma 3: sequence
+classification). Every stage reads a head's facts from its spec (data format, label names, auto
+class, peft task type, per-token or per-sequence labels, primary metric and direction, how it is
+scored, exported and served), never by comparing head names. This module imports nothing of
+``methods.py``: a method wraps a head (``methods.py`` reads ``Head.peft_task``), not the reverse.
 
 The plan (``select``) names the head (``plan["task_head"]``) and the label names
 (``plan["labels"]``, from the validate report: ``data.labels`` / ``data.entity_types`` or the
@@ -14,43 +18,94 @@ ones seen in train). The validated rows carry the native record (``row["record"]
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 IGNORE_INDEX = -100
 CAUSAL_LM = "causal_lm"
 SEQ_CLS = "sequence_classification"
 TOKEN_CLS = "token_classification"
-HEADS = (SEQ_CLS, TOKEN_CLS)
-FORMAT_OF_HEAD = {SEQ_CLS: "classification", TOKEN_CLS: "ner"}
-# evaluate's primary metric per head: (name, direction); register's gate compares it
-PRIMARY = {CAUSAL_LM: ("perplexity", "lower"), SEQ_CLS: ("accuracy", "higher"), TOKEN_CLS: ("entity_f1", "higher")}
+
+
+@dataclass(frozen=True)
+class Head:
+    """One task head: everything a stage needs to know about it, so that no stage compares head
+    names. ``generative`` marks the causal LM (every data format as chat prompts, vocabulary
+    outputs, perplexity, ONNX variants, served as chat); the others are label heads trained on the
+    native record of their ``data_format``, registered as a PyTorch pyfunc and served by
+    ``/v1/classify``. A new head is one entry in ``HEADS``."""
+
+    name: str
+    auto_class: str                  # transformers auto class, e.g. AutoModelForSequenceClassification
+    family_mapping: str              # transformers.models.auto.modeling_auto mapping of the families that have it
+    peft_task: str                   # peft TaskType: PEFT methods keep a new head trainable (modules_to_save)
+    primary_metric: str              # evaluate's metric, compared by register's promotion gate
+    higher_is_better: bool
+    per_token: bool                  # labels (and predictions) per token/word, else one per sequence
+    generative: bool = False         # the causal LM (see above)
+    data_format: str | None = None   # the format whose data trains it by default (select.task_head auto)
+    record_fields: tuple[str, ...] = ()   # the native record's fields validate keeps in each clean row
+    # (train records, data.labels, data.entity_types) -> the label names, in a fixed order
+    label_names: Callable[[list[dict[str, Any]], list[Any] | None, list[str] | None], list[str]] | None = None
+    # (record, tokenizer, max_len, label2id) -> {"input_ids", "labels"}
+    encode: Callable[[dict[str, Any], Any, int, dict[str, int]], dict[str, Any]] | None = None
+    # (features, predicted ids, label names) -> (metrics, predictions as label names)
+    score: Callable[[list[dict[str, Any]], list[Any], list[str]], tuple[dict[str, float], list[Any]]] | None = None
+    head_modules: tuple[str, ...] = ("classifier", "score", "pooler")   # new modules QLoRA leaves unquantized
+
+    @property
+    def direction(self) -> str:
+        """``higher`` or ``lower``: how evaluate's metrics.json and the gate spell the direction."""
+        return "higher" if self.higher_is_better else "lower"
+
+    def auto(self) -> Any:
+        import transformers
+
+        return getattr(transformers, self.auto_class)
+
+    def supports(self, model_type: str) -> bool:
+        """Whether transformers has this head for the model family (e.g. Gemma 3: sequence
+        classification yes, token classification no)."""
+        from transformers.models.auto import modeling_auto
+
+        return model_type in getattr(modeling_auto, self.family_mapping)
+
+
+def get(name: str) -> Head:
+    """The head spec by name (``ValueError`` naming the known ones)."""
+    try:
+        return HEADS[name]
+    except KeyError:
+        raise ValueError(f"unknown task head {name!r} (known: {', '.join(HEADS)})") from None
+
+
+def for_format(fmt: str) -> Head:
+    """The head a data format trains by default: the label head whose ``data_format`` it is, else
+    the causal LM."""
+    return next((h for h in HEADS.values() if h.data_format == fmt), HEADS[CAUSAL_LM])
 
 
 def head_of(plan: dict[str, Any]) -> str:
     return plan.get("task_head", CAUSAL_LM)
 
 
+def of(plan: dict[str, Any]) -> Head:
+    """The plan's head spec (a plan without ``task_head`` trains the causal LM)."""
+    return get(head_of(plan))
+
+
 def is_head(plan: dict[str, Any]) -> bool:
-    return head_of(plan) in HEADS
+    """A label head (classification, NER, ...), not the causal LM."""
+    return not of(plan).generative
 
 
 def auto_class(head: str) -> Any:
-    import transformers
-
-    return {CAUSAL_LM: transformers.AutoModelForCausalLM, SEQ_CLS: transformers.AutoModelForSequenceClassification,
-            TOKEN_CLS: transformers.AutoModelForTokenClassification}[head]
+    return get(head).auto()
 
 
 def supports(model_type: str, head: str) -> bool:
-    """Whether transformers has this head for the model family (e.g. Gemma 3: sequence
-    classification yes, token classification no)."""
-    from transformers.models.auto import modeling_auto as ma
-
-    names = {CAUSAL_LM: ma.MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-             SEQ_CLS: ma.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES,
-             TOKEN_CLS: ma.MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES}[head]
-    return model_type in names
+    return get(head).supports(model_type)
 
 
 def label_kwargs(plan: dict[str, Any]) -> dict[str, Any]:
@@ -75,7 +130,7 @@ def load(model_dir: Path, plan: dict[str, Any], **kwargs: Any) -> Any:
 def _record(row: dict[str, Any], head: str) -> dict[str, Any]:
     rec = row.get("record")
     if not isinstance(rec, dict):
-        raise ValueError(f"the {head} head needs the native {FORMAT_OF_HEAD[head]} record in each validated row "
+        raise ValueError(f"the {head} head needs the native {get(head).data_format} record in each validated row "
                          "('record' key, written by validate for classification/ner data); "
                          "rerun validate, or set select.task_head=causal_lm")
     return rec
@@ -106,20 +161,9 @@ def encode_ner(record: dict[str, Any], tokenizer: Any, max_len: int, label2id: d
 
 
 def encode(rows: list[dict[str, Any]], tokenizer: Any, max_len: int, plan: dict[str, Any]) -> list[dict[str, Any]]:
-    head = head_of(plan)
+    head = of(plan)
     label2id = label_kwargs(plan)["label2id"]
-    fn = encode_classification if head == SEQ_CLS else encode_ner
-    return [fn(_record(r, head), tokenizer, max_len, label2id) for r in rows]
-
-
-def label_prefix(plan: dict[str, Any]) -> int:
-    """Positions peft prepends to the sequence (prompt tuning's virtual tokens): token labels
-    need as many -100s in front, or logits and labels do not line up."""
-    from .methods import spec
-
-    if head_of(plan) == TOKEN_CLS and plan.get("method") and spec(plan["method"]).virtual_tokens:
-        return int((plan.get("peft") or {}).get("num_virtual_tokens") or 0)
-    return 0
+    return [head.encode(_record(r, head.name), tokenizer, max_len, label2id) for r in rows]
 
 
 class HeadCollator:
@@ -223,10 +267,45 @@ def ner_metrics(gold: list[list[str]], pred: list[list[str]]) -> dict[str, float
 def score(model: Any, features: list[dict[str, Any]], plan: dict[str, Any], batch_size: int,
           pad_id: int) -> tuple[dict[str, float], list[Any]]:
     """The head's metrics of ``model`` on encoded ``features``, and its predictions (label names)."""
-    labels = list(plan["labels"])
-    pred = predict(model, features, batch_size, pad_id)
-    if head_of(plan) == SEQ_CLS:
-        return classification_metrics([f["labels"] for f in features], pred, labels), [labels[p] for p in pred]
+    return of(plan).score(features, predict(model, features, batch_size, pad_id), list(plan["labels"]))
+
+
+def _score_classification(features: list[dict[str, Any]], pred: list[int],
+                          labels: list[str]) -> tuple[dict[str, float], list[str]]:
+    return classification_metrics([f["labels"] for f in features], pred, labels), [labels[p] for p in pred]
+
+
+def _score_ner(features: list[dict[str, Any]], pred: list[list[int]],
+               labels: list[str]) -> tuple[dict[str, float], list[list[str]]]:
     gold = [[labels[y] for y in f["labels"] if y != IGNORE_INDEX] for f in features]
     names = [[labels[y] for y in p] for p in pred]
     return ner_metrics(gold, names), names
+
+
+# -- label names (validate's report) ---------------------------------------------------------------
+
+def _class_names(train: list[dict[str, Any]], labels: list[Any] | None, entity_types: list[str] | None) -> list[str]:
+    """``data.labels``, else the sorted labels seen in train."""
+    return [str(x) for x in labels] if labels else sorted({str(r["label"]) for r in train})
+
+
+def _bio_names(train: list[dict[str, Any]], labels: list[Any] | None, entity_types: list[str] | None) -> list[str]:
+    """``O`` then ``B-``/``I-`` of each entity type (``data.entity_types``, else the types seen in
+    train, sorted)."""
+    kinds = list(entity_types) if entity_types else sorted({t[2:] for r in train for t in r["tags"] if t != "O"})
+    return ["O"] + [f"{p}-{k}" for k in kinds for p in ("B", "I")]
+
+
+# -- the registry: every stage reads a head from here ----------------------------------------------
+
+HEADS: dict[str, Head] = {h.name: h for h in (
+    Head(CAUSAL_LM, "AutoModelForCausalLM", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "CAUSAL_LM",
+         primary_metric="perplexity", higher_is_better=False, per_token=True, generative=True, head_modules=()),
+    Head(SEQ_CLS, "AutoModelForSequenceClassification", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES", "SEQ_CLS",
+         primary_metric="accuracy", higher_is_better=True, per_token=False, data_format="classification",
+         record_fields=("text", "label"), label_names=_class_names, encode=encode_classification,
+         score=_score_classification),
+    Head(TOKEN_CLS, "AutoModelForTokenClassification", "MODEL_FOR_TOKEN_CLASSIFICATION_MAPPING_NAMES", "TOKEN_CLS",
+         primary_metric="entity_f1", higher_is_better=True, per_token=True, data_format="ner",
+         record_fields=("tokens", "tags"), label_names=_bio_names, encode=encode_ner, score=_score_ner),
+)}

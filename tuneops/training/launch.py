@@ -11,19 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 from tuneops.config import Config
 from tuneops.errors import TuneopsError
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tuneops.io import free_port
 
 
 def command(plan: dict[str, Any], params_file: Path, root: Path, train_dir: Path,
@@ -32,7 +26,7 @@ def command(plan: dict[str, Any], params_file: Path, root: Path, train_dir: Path
     Several nodes (``rdzv_endpoint`` HOST:PORT, the same on every node): a c10d rendezvous,
     so no node rank has to be handed out; the first agent to reach HOST:PORT hosts it."""
     if rdzv_endpoint is None and plan["nodes"] == 1:
-        where = ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(_free_port())]
+        where = ["--nnodes", "1", "--master-addr", "127.0.0.1", "--master-port", str(free_port())]
     else:
         where = ["--nnodes", str(plan["nodes"]), "--rdzv-backend", "c10d",
                  "--rdzv-endpoint", rdzv_endpoint or "HEAD:29500", "--rdzv-id", rdzv_id]

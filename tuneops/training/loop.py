@@ -260,7 +260,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     model = methods.build(cfg.path("base_model_dir"), plan)
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    collator = (heads.HeadCollator(tokenizer.pad_token_id, heads.label_prefix(plan)) if heads.is_head(plan)
+    collator = (heads.HeadCollator(tokenizer.pad_token_id, methods.label_prefix(plan)) if heads.is_head(plan)
                 else PackedCollator(tokenizer.pad_token_id) if t.packing else _CountingCollator(tokenizer.pad_token_id))
     callbacks = [checkpoints.callback(rank, plan)]
 

@@ -5,7 +5,7 @@ quantization through bitsandbytes) and how to wrap it (peft config). ``plan`` is
 stage's plan.json: ``method``, ``peft`` (r/alpha/dropout/target_modules/...), ``precision``,
 ``gradient_checkpointing``, and ``task_head`` (``causal_lm`` or a classification head, loaded
 with the plan's ``labels``: ``tuneops/training/heads.py``; PEFT methods then keep the new head
-trainable through peft's SEQ_CLS / TOKEN_CLS task types, which save it as ``modules_to_save``).
+trainable through the head's peft task type (``Head.peft_task``), which saves it as ``modules_to_save``).
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-PEFT_TASK = {"causal_lm": "CAUSAL_LM", "sequence_classification": "SEQ_CLS", "token_classification": "TOKEN_CLS"}
+from . import heads
 
 
 def compute_dtype(plan: dict[str, Any]) -> Any:
@@ -25,9 +25,7 @@ def compute_dtype(plan: dict[str, Any]) -> Any:
 
 def _auto(plan: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     """The auto class for the plan's task head and its label keyword arguments."""
-    from . import heads
-
-    return heads.auto_class(heads.head_of(plan)), heads.label_kwargs(plan)
+    return heads.of(plan).auto(), heads.label_kwargs(plan)
 
 
 def _load_plain(base_dir: Path, plan: dict[str, Any]) -> Any:
@@ -46,10 +44,9 @@ def _load_4bit(base_dir: Path, plan: dict[str, Any]) -> Any:
     import torch
     from transformers import BitsAndBytesConfig
 
-    from .heads import is_head
-
     # a classification head (new, trained in full precision through modules_to_save) stays unquantized
-    skip = {"llm_int8_skip_modules": ["classifier", "score", "pooler"]} if is_head(plan) else {}
+    new = heads.of(plan).head_modules
+    skip = {"llm_int8_skip_modules": list(new)} if new else {}
     q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                            bnb_4bit_compute_dtype=compute_dtype(plan), **skip)
     kw: dict[str, Any] = {"quantization_config": q, "dtype": compute_dtype(plan)}
@@ -84,7 +81,7 @@ def _lora(model: Any, plan: dict[str, Any]) -> Any:
     check_targets(model, list(p["target_modules"]))
     return get_peft_model(model, LoraConfig(
         r=p["r"], lora_alpha=p["alpha"], lora_dropout=p["dropout"], target_modules=list(p["target_modules"]),
-        use_dora=spec(plan["method"]).dora, task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
+        use_dora=spec(plan["method"]).dora, task_type=heads.of(plan).peft_task))
 
 
 def _qlora(model: Any, plan: dict[str, Any]) -> Any:
@@ -104,7 +101,7 @@ def _ia3(model: Any, plan: dict[str, Any]) -> Any:
     p = plan["peft"]
     return get_peft_model(model, IA3Config(
         target_modules=list(p["target_modules"]), feedforward_modules=list(p.get("feedforward_modules") or []),
-        task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
+        task_type=heads.of(plan).peft_task))
 
 
 def _prompt_tuning(model: Any, plan: dict[str, Any]) -> Any:
@@ -113,7 +110,7 @@ def _prompt_tuning(model: Any, plan: dict[str, Any]) -> Any:
     p = plan["peft"]
     return get_peft_model(model, PromptTuningConfig(
         num_virtual_tokens=int(p["num_virtual_tokens"]), prompt_tuning_init=PromptTuningInit.RANDOM,
-        task_type=PEFT_TASK[plan.get("task_head", "causal_lm")]))
+        task_type=heads.of(plan).peft_task))
 
 
 @dataclass(frozen=True)
@@ -129,6 +126,10 @@ class Method:
     dora: bool = False            # LoRA + a magnitude vector per output (memory: + L*sum(d_out), base output kept)
     nf4_base: bool = False        # the frozen base is 4-bit NF4 (QLoRA): precision nf4+<compute>, no param offload
     label: str = ""
+    # the planner's method table (Microsoft's Phi-3 fine-tuning guide): its wording and the properties
+    # its rules read (declared in tuneops/planner/scenario_table.yaml)
+    guide: str = ""
+    properties: tuple[str, ...] = ()
 
     @property
     def artifact(self) -> str:
@@ -160,14 +161,21 @@ class Method:
         return not self.nf4_base
 
 
-METHODS: dict[str, Method] = {
-    "full": Method("full", _load_plain, None, trains="all", label="full fine-tuning"),
-    "lora": Method("lora", _load_plain, _lora),
-    "dora": Method("dora", _load_plain, _lora, dora=True),        # LoRA + use_dora: a flag, not a copy
-    "qlora": Method("qlora", _load_4bit, _qlora, nf4_base=True),
-    "ia3": Method("ia3", _load_plain, _ia3, trains="ia3"),
-    "prompt_tuning": Method("prompt_tuning", _load_plain, _prompt_tuning, trains="prompt"),
-}
+METHODS: dict[str, Method] = {m.name: m for m in (
+    Method("full", _load_plain, None, trains="all", label="full fine-tuning",
+           guide="Full fine-tuning: best quality, most memory", properties=("best_quality", "quality", "most_memory")),
+    Method("lora", _load_plain, _lora, guide="LoRA: cheaper", properties=("cheaper", "fewer_parameters")),
+    Method("dora", _load_plain, _lora, dora=True,        # LoRA + use_dora: a flag, not a copy
+           guide="DoRA: less memory, fewer parameters, quality",
+           properties=("less_memory", "fewer_parameters", "quality")),
+    Method("qlora", _load_4bit, _qlora, nf4_base=True,
+           guide="QLoRA: cheaper, much less memory, fewer trainable parameters",
+           properties=("cheaper", "less_memory", "much_less_memory", "fewer_parameters")),
+    Method("ia3", _load_plain, _ia3, trains="ia3", guide="PEFT (IA3): fewer parameters",
+           properties=("fewer_parameters",)),
+    Method("prompt_tuning", _load_plain, _prompt_tuning, trains="prompt",
+           guide="PEFT (prompt tuning): fewer parameters", properties=("fewer_parameters",)),
+)}
 
 
 def spec(name: str) -> Method:
@@ -181,6 +189,15 @@ def method_for(plan: dict[str, Any]) -> Method:
     except KeyError:
         raise ValueError(f"train: method {plan['method']!r} is not supported "
                          f"(supported: {', '.join(METHODS)})") from None
+
+
+def label_prefix(plan: dict[str, Any]) -> int:
+    """Positions peft prepends to the sequence (prompt tuning's virtual tokens): per-token labels
+    need as many -100s in front, or logits and labels do not line up."""
+    head = heads.of(plan)
+    if head.per_token and not head.generative and plan.get("method") and spec(plan["method"]).virtual_tokens:
+        return int((plan.get("peft") or {}).get("num_virtual_tokens") or 0)
+    return 0
 
 
 def build(base_dir: Path, plan: dict[str, Any]) -> Any:
