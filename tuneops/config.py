@@ -19,12 +19,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from .errors import InvalidInput
+from .errors import ConfigError, InvalidInput  # noqa: F401  (ConfigError: re-exported, callers import it from here)
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-class ConfigError(InvalidInput):
-    """A params problem; ``str()`` is the one-line message shown to the user."""
-
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)

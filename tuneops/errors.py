@@ -28,6 +28,10 @@ class InvalidInput(TuneopsError, ValueError):
     exit_code = EXIT_INVALID_INPUT
 
 
+class ConfigError(InvalidInput):
+    """A params problem; ``str()`` is the one-line message shown to the user."""
+
+
 class DataValidationError(TuneopsError):
     """The data gate rejected the data: one ``PATH:LINE: FIELD: RULE: message`` line per problem."""
 

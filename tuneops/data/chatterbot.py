@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from ..config import ConfigError
+from ..errors import ConfigError
 
 
 def corpus_dir(language: str) -> Path:

@@ -20,7 +20,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
-from ..config import ConfigError
+from ..errors import ConfigError
 from . import chatterbot
 
 WORDNET_DIR = Path("/usr/share/wordnet")
