@@ -302,6 +302,16 @@ def test_sigterm_stops_tuneops_serve_mid_generation(cfg, model_dir, tmp_path):
                 return False
         wait_for(up, 120, "tuneops serve", logs=[log], interval=0.3)
         body = json.dumps(_body(max_tokens=LONG, temperature=0, stream=True)).encode()
+        stuck = socket.socket()                  # a client that reads nothing of its finished reply
+        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        stuck.connect(("127.0.0.1", port))
+        stuck.sendall(_http("POST", "/v1/chat/completions", body))
+
+        def admitted() -> int:
+            state = httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json()
+            return state["running"] + state["waiting"]
+        wait_for(lambda: admitted() == 1, 30, "the stuck client's generation", logs=[log], interval=0.01)
+        wait_for(lambda: admitted() == 0, 120, "the stuck client's generation to end", logs=[log], interval=0.05)
         streams: list[bytes] = [b""] * 4
         first = threading.Event()
 
@@ -322,11 +332,8 @@ def test_sigterm_stops_tuneops_serve_mid_generation(cfg, model_dir, tmp_path):
         readers = [threading.Thread(target=read, args=(i,), daemon=True) for i in range(4)]
         for t in readers:
             t.start()
-        stuck = socket.socket()                      # and one that reads nothing at all
-        stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        stuck.connect(("127.0.0.1", port))
-        stuck.sendall(_http("POST", "/v1/chat/completions", body))
         assert first.wait(60), log.read_text()[-3000:]
+        wait_for(lambda: admitted() >= 4, 30, "the streams to be admitted", logs=[log], interval=0.02)
         t0 = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -334,8 +341,8 @@ def test_sigterm_stops_tuneops_serve_mid_generation(cfg, model_dir, tmp_path):
         for t in readers:
             t.join(10)
         stuck.close()
-        print(f"\nSIGTERM with 4 streams of {LONG} tokens being read and one stuck client: "
-              f"exited in {took:.2f} s (rc {proc.returncode})")
+        print(f"\nSIGTERM with 4 streams of {LONG} tokens being read and one client not reading its reply: "
+              f"exited in {took:.2f} s (rc {proc.returncode}; serve.shutdown_s {cfg.serve.shutdown_s:g})")
         assert took < 5, log.read_text()[-3000:]
         events = [re.findall(r"^data: (.*)$", s.decode(), re.M) for s in streams]    # (chunked transfer)
         assert all(e and e[-1] == "[DONE]" for e in events), [e[-3:] for e in events]
