@@ -354,13 +354,16 @@ def test_chat_requests_are_checked_by_their_schema():
     hello = {"model": "m", "messages": HELLO}
     req = chat_request({**hello, "temperature": 5e-324, "seed": 2**63 - 1, "stop": "x"}, settings)
     assert req["temperature"] == 0.0 and req["seed"] == 2**63 - 1 and req["stop"] == ["x"]
-    assert req["max_tokens"] == settings.default_max_tokens and req["messages"] == [{"role": "user", "content": "Hello"}]
-    for bad, param in (({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"), ({"temperature": float("nan")}, "temperature"),
+    assert req["max_tokens"] == settings.default_max_tokens
+    assert req["messages"] == [{"role": "user", "content": "Hello"}]
+    for bad, param in (({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"),
+                       ({"temperature": float("nan")}, "temperature"),
                        ({"messages": [{"role": ["user"], "content": "x"}]}, "messages[0].role"),
                        ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content"),
                        ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
                         "messages[0].content[0]"),
-                       ({"response_format": "json_object"}, "response_format"), ({"max_tokens": "9" * 10_000}, "max_tokens"),
+                       ({"response_format": "json_object"}, "response_format"),
+                       ({"max_tokens": "9" * 10_000}, "max_tokens"),
                        ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage")):
         with pytest.raises(ApiError) as err:
             chat_request({**hello, **bad}, settings)

@@ -106,7 +106,8 @@ def _read_response(sock: socket.socket) -> tuple[int, bytes]:
         assert chunk, f"connection closed after {data!r}"
         data += chunk
     head, rest = data.split(b"\r\n\r\n", 1)
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length"))
+    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length"))
     while len(rest) < length:
         chunk = sock.recv(65536)
         assert chunk, "connection closed mid-body"
@@ -396,7 +397,8 @@ def _fuzz_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
         "bad", "messages[1].role")
     for label, content, param in (("lone high surrogate", "\ud800", "messages[0].content"),
                                   ("lone low surrogate inside", "a\udfffb", "messages[0].content"),
-                                  ("surrogate in a part", [{"type": "text", "text": "\ud83d"}], "messages[0].content[0].text"),
+                                  ("surrogate in a part", [{"type": "text", "text": "\ud83d"}],
+                                   "messages[0].content[0].text"),
                                   ("image part", [{"type": "image_url", "image_url": {"url": "x"}}],
                                    "messages[0].content[0]"),
                                   ("content a number", 5, "messages[0].content"),
@@ -577,8 +579,9 @@ def test_cli_refusals_are_one_line_without_a_traceback(cfg, model_dir, tmp_path)
         "--port -1": (["serve", str(model_dir), "--port", "-1"], "--port -1: expected a port number"),
         "database_url=notaurl": (["--set", "service.database_url=notaurl", "api"],
                                  "service.database_url 'notaurl': not a database URL"),
-        "postgresql:// without its driver": (["--set", "service.database_url=postgresql://tuneops:s3cret@127.0.0.1:9/db",
-                                              "api"], "service.database_url 'postgresql://tuneops:***@127.0.0.1:9/db'"),
+        "postgresql:// without its driver": (["--set", "service.database_url="
+                                              "postgresql://tuneops:s3cret@127.0.0.1:9/db", "api"],
+                                             "service.database_url 'postgresql://tuneops:***@127.0.0.1:9/db'"),
     }
     procs = {label: subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(cfg.source), *argv],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=tmp_path, env=env)

@@ -504,7 +504,8 @@ def run(ticket: Ticket, job: Callable[[Callable[[Any], None]], Any]) -> "asyncio
     return queue
 
 
-def generate(engine: ChatEngine, ids: list[int], req: dict[str, Any], ticket: Ticket) -> "asyncio.Queue[tuple[str, Any]]":
+def generate(engine: ChatEngine, ids: list[int], req: dict[str, Any],
+             ticket: Ticket) -> "asyncio.Queue[tuple[str, Any]]":
     """``run`` a generation: ``("piece", text)`` as it is decoded, then ``("done", Generation)``."""
 
     def job(put: Callable[[Any], None]) -> Generation:

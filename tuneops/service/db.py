@@ -130,8 +130,8 @@ class Store:
             raise InvalidInput(f"{shown}: not a database URL SQLAlchemy knows ({str(exc).splitlines()[0]}); "
                                f"expected e.g. sqlite:////abs/path.db or postgresql+psycopg2://USER@HOST/DB") from None
         except ImportError as exc:
-            raise InvalidInput(f"{shown}: its database driver is not installed ({exc}); install that "
-                               f"module in this environment, or name an installed driver (postgresql+DRIVER://...)") from None
+            raise InvalidInput(f"{shown}: its database driver is not installed ({exc}); install "
+                               f"that module here, or name an installed driver (postgresql+DRIVER://...)") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
         try:
