@@ -295,3 +295,77 @@ def test_serving_code_names_no_model_family():
     hits = [f"{f.name}:{i}: {line.strip()}" for f in files
             for i, line in enumerate(f.read_text().splitlines(), 1) if pattern.search(line)]
     assert hits == []
+
+
+def test_cancelling_a_ticket_gives_its_slot_and_queue_place_back_at_once():
+    """The scheduler's counters follow cancellation (issue 36), with no garbage collection involved:
+    a queued request that is cancelled leaves the queue, a running one keeps its slot until its
+    generation stops, and ``close`` (SIGINT / SIGTERM) cancels everything and admits nothing more."""
+    from tuneops.chat_engine import Busy, Cancelled, Closed, Scheduler
+
+    sched = Scheduler(max_concurrent=1, max_queue=1)
+    first, second = sched.admit(), sched.admit()
+    with pytest.raises(Busy):
+        sched.admit()
+    outcome = {}
+
+    def wait_for_slot() -> None:
+        try:
+            with second.running():
+                outcome["second"] = "ran"
+        except Cancelled as exc:
+            outcome["second"] = f"cancelled: {exc}"
+        finally:
+            second.release()
+
+    with first.running():
+        waiter = threading.Thread(target=wait_for_slot)
+        waiter.start()
+        wait_for(lambda: sched.state() == {"running": 1, "waiting": 1, "max_concurrent": 1, "capacity": 2,
+                                           "cancelled": 0, "closed": False}, 5, "a queued request", interval=0.01)
+        second.cancel("the client went away")
+        waiter.join(2)
+        assert not waiter.is_alive() and outcome["second"] == "cancelled: the client went away"
+        assert sched.admitted == 1 and sched.cancelled == 1
+        third = sched.admit()                        # its queue place is free again
+        sched.close()
+        assert first.cancelled.is_set() and third.cancelled.is_set() and sched.cancelled == 3
+        with pytest.raises(Closed):
+            sched.admit()
+        assert sched.stalled_s() >= 0 and sched.state()["running"] == 1
+    first.release()
+    third.release()
+    third.cancel()                                   # a released ticket: nothing changes
+    assert sched.admitted == 0 and sched.state()["running"] == 0 and sched.cancelled == 3
+
+
+def test_chat_requests_are_checked_by_their_schema():
+    from tuneops.config import load_config
+    from tuneops.endpoint import ApiError, MAX_DEPTH, chat_request, json_depth, parse_body
+    from tests.conftest import REPO
+
+    settings = load_config(REPO / "params.yaml").serve
+    hello = {"model": "m", "messages": HELLO}
+    req = chat_request({**hello, "temperature": 5e-324, "seed": 2**63 - 1, "stop": "x"}, settings)
+    assert req["temperature"] == 0.0 and req["seed"] == 2**63 - 1 and req["stop"] == ["x"]
+    assert req["max_tokens"] == settings.default_max_tokens
+    assert req["messages"] == [{"role": "user", "content": "Hello"}]
+    for bad, param in (({"seed": -1}, "seed"), ({"seed": 2**63}, "seed"),
+                       ({"temperature": float("nan")}, "temperature"),
+                       ({"messages": [{"role": ["user"], "content": "x"}]}, "messages[0].role"),
+                       ({"messages": [{"role": "user", "content": "a\ud800"}]}, "messages[0].content"),
+                       ({"messages": [{"role": "user", "content": [{"type": "text", "text": 5}]}]},
+                        "messages[0].content[0]"),
+                       ({"response_format": "json_object"}, "response_format"),
+                       ({"max_tokens": "9" * 10_000}, "max_tokens"),
+                       ({"stream_options": {"include_usage": 1}}, "stream_options.include_usage")):
+        with pytest.raises(ApiError) as err:
+            chat_request({**hello, **bad}, settings)
+        assert err.value.status_code == 400 and err.value.body["error"]["param"] == param, (bad, err.value.body)
+        assert len(err.value.body["error"]["message"]) < 300
+    assert json_depth(b'{"a": "[[[[[[", "b": [[1]]}') == 3
+    assert json_depth(b"[" * 100_000) == MAX_DEPTH + 1                # counted no further than it matters
+    for raw in (b"[" * 5000 + b"]" * 5000, b"", b"\xff", b"{", b"9" * 5000):
+        with pytest.raises(ApiError) as err:
+            parse_body(raw)
+        assert err.value.status_code == 400 and err.value.body["error"]["code"] == "invalid_json"

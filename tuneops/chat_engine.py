@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,6 +32,17 @@ class ServeError(InvalidInput):
 
 class Busy(Exception):
     """The bounded queue is full."""
+
+
+class Closed(Exception):
+    """The server is shutting down: no new requests (503)."""
+
+
+class Cancelled(Exception):
+    """A request cancelled before or while it ran (its client went away, or the server is stopping)."""
+
+
+MIN_TEMPERATURE = 1e-5    # a lower temperature decodes greedily (logits / a subnormal number are inf: NaN odds)
 
 
 # -- what runs --------------------------------------------------------------------------------------
@@ -68,18 +80,24 @@ class ChatEngine:
 
     def deltas(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
-               result: Generation | None = None) -> Iterator[str]:
+               result: Generation | None = None, cancel: Any = None) -> Iterator[str]:
         """Reply text pieces; ``result`` receives the token counts and finish reason. Text that
-        could be the start of a ``stop`` string is held back until it is known not to be."""
+        could be the start of a ``stop`` string is held back until it is known not to be.
+        ``cancel`` (a ``threading.Event``) is looked at before every token: once set, generation
+        stops there and ``Cancelled`` is raised."""
         result = result if result is not None else Generation()
         result.prompt_tokens = len(ids)
         stops = [s for s in stop if s]
         hold = max((len(s) for s in stops), default=1) - 1
         new: list[int] = []
         text, sent, finish = "", 0, None
-        tokens = self.lm.stream(ids, max_tokens, self.stop, sample=temperature > 0,
-                                temperature=temperature if temperature > 0 else 1.0, top_p=top_p, seed=seed)
+        sample = temperature >= MIN_TEMPERATURE
+        tokens = self.lm.stream(ids, max_tokens, self.stop, sample=sample,
+                                temperature=temperature if sample else 1.0, top_p=top_p, seed=seed)
         for token in tokens:
+            if cancel is not None and cancel.is_set():
+                tokens.close()
+                raise Cancelled("cancelled")
             new.append(token)
             text = self.tokenizer.decode(new, skip_special_tokens=True)
             hits = [i for i in (text.find(s, max(0, sent - len(s))) for s in stops) if i >= 0]
@@ -157,6 +175,7 @@ class ModelFiles:
     pyfunc_dir: Path | None = None
     task_head: str = ""
     extra_dirs: tuple[Any, ...] = field(default_factory=tuple)
+    version: str | None = None    # the registered version number (None for an exported folder)
 
     def load(self, threads: int = 0) -> Any:
         if self.kind == "chat":
@@ -220,8 +239,10 @@ def resolve(ref: str, tracking_uri: str | None = None, fallback_tokenizer: Path 
     import json
 
     if ref.startswith("models:/"):
-        folder, _ = registered_dir(ref, tracking_uri)
-        return files_of_registered(folder, model_id or URI.match(ref)["name"])
+        folder, version = registered_dir(ref, tracking_uri)
+        files = files_of_registered(folder, model_id or URI.match(ref)["name"])
+        files.version = version
+        return files
     path = Path(ref).expanduser().resolve()
     name = model_id or path.name
     if (path / "MLmodel").is_file():
@@ -249,37 +270,111 @@ def resolve(ref: str, tracking_uri: str | None = None, fallback_tokenizer: Path 
 
 class Scheduler:
     """A bounded queue in front of the model: at most ``max_concurrent`` generations run at once
-    and ``max_queue`` more wait; ``admit()`` refuses the rest (``Busy`` -> 429)."""
+    and ``max_queue`` more wait; ``admit()`` refuses the rest (``Busy`` -> 429).
+
+    Every admitted request holds a ``Ticket`` until it is released (once, by whoever ran it), and
+    a slot only while it runs (``Ticket.running``). ``Ticket.cancel`` (a client went away, the
+    server is stopping) wakes a request waiting for a slot (``Cancelled``) and stops a running
+    generation at its next token, so the counters never wait for garbage collection. ``close``
+    cancels every admitted request and refuses new ones (``Closed`` -> 503)."""
 
     def __init__(self, max_concurrent: int = 1, max_queue: int = 16):
+        self.max_concurrent = max_concurrent
         self.capacity = max_concurrent + max_queue
-        self.admitted = 0
-        self._lock = threading.Lock()
-        self._run = threading.Semaphore(max_concurrent)
+        self.admitted = 0            # running + waiting for a slot
+        self.running = 0             # holding a slot
+        self.cancelled = 0           # requests cancelled before they finished (since start)
+        self.closed = False
+        self.progress_at = time.monotonic()    # the last token produced, or slot taken / given back
+        self._cond = threading.Condition()
+        self._tickets: set[Ticket] = set()
 
     def admit(self) -> "Ticket":
-        with self._lock:
+        with self._cond:
+            if self.closed:
+                raise Closed("the server is shutting down")
             if self.admitted >= self.capacity:
                 raise Busy(f"{self.admitted} requests are running or queued (serve.max_concurrent + "
                            f"serve.max_queue = {self.capacity}); retry later")
             self.admitted += 1
-        return Ticket(self)
+            ticket = Ticket(self)
+            self._tickets.add(ticket)
+        return ticket
+
+    def close(self, reason: str = "the server is shutting down") -> None:
+        """Refuse new requests and cancel the admitted ones (SIGINT / SIGTERM)."""
+        with self._cond:
+            self.closed = True
+            tickets = list(self._tickets)
+        for ticket in tickets:
+            ticket.cancel(reason)
+
+    def stalled_s(self) -> float:
+        """Seconds every slot has been held with no token produced and no slot given back (0 while
+        a slot is free): how long a new request could not have had one."""
+        with self._cond:
+            if self.running < self.max_concurrent:
+                return 0.0
+            return time.monotonic() - self.progress_at
+
+    def state(self) -> dict[str, Any]:
+        with self._cond:
+            return {"running": self.running, "waiting": self.admitted - self.running,
+                    "max_concurrent": self.max_concurrent, "capacity": self.capacity,
+                    "cancelled": self.cancelled, "closed": self.closed}
 
 
 class Ticket:
+    """One admitted request (see ``Scheduler``)."""
+
     def __init__(self, scheduler: Scheduler):
         self.scheduler, self.done = scheduler, False
+        self.reason = ""                        # why it was cancelled
+        self.cancelled = threading.Event()      # set by ``cancel``; generation looks at it every token
+
+    def cancel(self, reason: str = "the client went away") -> None:
+        """Stop this request: a wait for a slot ends in ``Cancelled``, a generation at its next
+        token. Nothing happens to a released ticket."""
+        s = self.scheduler
+        with s._cond:
+            if self.done or self.cancelled.is_set():
+                return
+            self.reason = reason
+            self.cancelled.set()
+            s.cancelled += 1
+            s._cond.notify_all()
 
     @contextmanager
     def running(self) -> Iterator[None]:
-        with self.scheduler._run:
+        """Hold a slot (waiting for one; ``Cancelled`` if cancelled first)."""
+        s = self.scheduler
+        with s._cond:
+            while not self.cancelled.is_set() and s.running >= s.max_concurrent:
+                s._cond.wait()
+            if self.cancelled.is_set():
+                raise Cancelled(self.reason)
+            s.running += 1
+            s.progress_at = time.monotonic()
+        try:
             yield
+        finally:
+            with s._cond:
+                s.running -= 1
+                s.progress_at = time.monotonic()
+                s._cond.notify_all()
+
+    def beat(self) -> None:
+        """A token was produced (``Scheduler.stalled_s``)."""
+        self.scheduler.progress_at = time.monotonic()
 
     def release(self) -> None:
-        with self.scheduler._lock:
+        s = self.scheduler
+        with s._cond:
             if not self.done:
                 self.done = True
-                self.scheduler.admitted -= 1
+                s.admitted -= 1
+                s._tickets.discard(self)
+                s._cond.notify_all()
 
 
 class ModelPool:

@@ -331,10 +331,17 @@ def _lineage(cfg: Any, args: argparse.Namespace) -> int:
     return 0
 
 
+def _port(port: int | None) -> int | None:
+    """``--port`` of ``serve`` / ``api``: a TCP port, else one clear line (uvicorn would raise a traceback)."""
+    if port is not None and not 1 <= port <= 65535:
+        raise InvalidInput(f"--port {port}: expected a port number from 1 to 65535")
+    return port
+
+
 def _serve(cfg: Any, args: argparse.Namespace) -> int:
     from .serve_app import serve
 
-    serve(cfg, args.model, args.host, args.port)
+    serve(cfg, args.model, args.host, _port(args.port))
     return 0
 
 
@@ -388,8 +395,9 @@ def _api_token(cfg: Any, args: argparse.Namespace) -> int:
 def _api_serve(cfg: Any, args: argparse.Namespace) -> int:
     from .service.app import serve
 
+    port = _port(args.port)
     _prefect_api(cfg)
-    serve(cfg, args.host, args.port)
+    serve(cfg, args.host, port)
     return 0
 
 

@@ -430,6 +430,9 @@ class ServeParams(_Section):
     max_classify_inputs: int = Field(ge=1)
     max_loaded_models: int = Field(ge=1)
     threads: int = Field(ge=0)
+    max_request_mb: float = Field(gt=0)
+    stall_s: float = Field(gt=0)
+    shutdown_s: float = Field(gt=0)
 
     @model_validator(mode="after")
     def _default_within_cap(self) -> "ServeParams":

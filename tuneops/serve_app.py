@@ -8,6 +8,11 @@ a classification / NER model answers ``POST /v1/classify``. Endpoints: ``tuneops
 plus ``GET /v1/models``, ``GET /v1/models/{id}`` and ``GET /health``.
 
 Auth (``serve.auth: true``): the jobs API's bearer tokens (``tuneops api token create NAME``).
+
+``GET /health`` answers 200 with the queue's counters while a request could be served, and 503
+(OpenAI's error shape) while the server shuts down or when every generation slot has been busy
+for over ``serve.stall_s`` with no token produced. SIGINT / SIGTERM stop the server within
+``serve.shutdown_s`` (``endpoint.run_server``).
 """
 from __future__ import annotations
 
@@ -15,9 +20,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
-from .chat_engine import ModelPool, Scheduler, resolve
+from .chat_engine import ModelPool, Scheduler, ServeError, resolve
 from .config import Config
-from .endpoint import ApiError, add_routes, install_error_handlers, model_not_found
+from .endpoint import ApiError, add_routes, install_error_handlers, model_not_found, not_ready, run_server
 
 
 def default_model(cfg: Config) -> str:
@@ -46,9 +51,15 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     from . import tracking
 
     ref = model or default_model(cfg)
-    files = resolve(ref, tracking.tracking_uri(cfg), fallback_tokenizer=cfg.path("base_model_dir"))
     pool = ModelPool(1, cfg.serve.threads)
-    loaded = pool.get(ref, files)
+    try:
+        files = resolve(ref, tracking.tracking_uri(cfg), fallback_tokenizer=cfg.path("base_model_dir"))
+        loaded = pool.get(ref, files)
+    except ServeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a corrupt model file is the user's to fix: one line, no traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise ServeError(f"{ref}: the model cannot be loaded: {type(exc).__name__}: {first}") from exc
     ids = {files.id, ref}
     created = int(time.time())
     if cfg.serve.auth:
@@ -71,12 +82,18 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
         return loaded
 
     def model_obj() -> dict[str, Any]:
+        # the registered name and version, or the exported folder's name: never a server path
         return {"id": files.id, "object": "model", "created": created, "owned_by": "tuneops", "kind": files.kind,
-                "source": ref}
+                "version": files.version}
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok", "model": files.id, "kind": files.kind}
+    async def health() -> Any:
+        from fastapi.responses import JSONResponse
+
+        error = not_ready(app.state.scheduler, cfg.serve)
+        if error is not None:
+            return JSONResponse(error.body, 503)
+        return {"status": "ok", "model": files.id, "kind": files.kind, **app.state.scheduler.state()}
 
     router = APIRouter()
 
@@ -96,7 +113,5 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
 
 
 def serve(cfg: Config, model: str | None = None, host: str | None = None, port: int | None = None) -> None:
-    import uvicorn
-
     app = create_app(cfg, model)
-    uvicorn.run(app, host=host or cfg.serve.host, port=port or cfg.serve.port, log_level="info")
+    run_server(app, host or cfg.serve.host, port or cfg.serve.port, [app.state.scheduler], cfg.serve)

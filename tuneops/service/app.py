@@ -30,7 +30,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuneops.config import Config
-from tuneops.endpoint import ApiError, install_error_handlers
+from tuneops.endpoint import ApiError, install_error_handlers, max_request_bytes, not_ready, run_server
 from tuneops.data.chatterbot import eval_count
 from tuneops.service import jobs as J
 from tuneops.service.db import Store, default_url, iter_chunks, new_id, now, page
@@ -82,14 +82,15 @@ def listing(items: list[Any], has_more: bool) -> dict[str, Any]:
 class RequestGate:
     """Before any body is read: the bearer token of every ``/v1`` request is checked (401
     without reading the body, so an unauthenticated client cannot make the API buffer
-    anything), then the body is capped: ``POST /v1/files`` at the upload limit, every other
-    body at ``MAX_JSON_BYTES`` (413 from Content-Length, and a chunked or lying body is
-    stopped as soon as it passes the cap)."""
+    anything), then the body is capped: ``POST /v1/files`` at the upload limit, the inference
+    endpoints at ``serve.max_request_mb``, every other body at ``MAX_JSON_BYTES`` (413 from
+    Content-Length, and a chunked or lying body is stopped as soon as it passes the cap)."""
 
     SLACK = 64 * 1024            # multipart boundaries and the purpose field
+    INFERENCE = ("/v1/chat/completions", "/v1/classify")
 
-    def __init__(self, app: Any, limit: int, store: Store):
-        self.app, self.limit, self.store = app, limit, store
+    def __init__(self, app: Any, limit: int, store: Store, request_limit: int = MAX_JSON_BYTES):
+        self.app, self.limit, self.store, self.request_limit = app, limit, store, request_limit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
@@ -104,9 +105,11 @@ class RequestGate:
         if error is not None:
             return await JSONResponse(error.body, 401)(scope, receive, send)
         upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
-        cap = self.limit + self.SLACK if upload else MAX_JSON_BYTES
+        json_cap = self.request_limit if scope["path"].rstrip("/") in self.INFERENCE else MAX_JSON_BYTES
+        cap = self.limit + self.SLACK if upload else json_cap
         refuse = too_large(self.limit) if upload else ApiError(
-            413, f"request body too large: at most {MAX_JSON_BYTES // 1024} KiB", None, "request_too_large")
+            413, f"request body too large: at most {json_cap / 2**20:g} MB"
+                 + (" (serve.max_request_mb)" if json_cap != MAX_JSON_BYTES else ""), None, "request_too_large")
         length = headers.get(b"content-length")
         if length and (not length.isdigit() or int(length) > cap):
             return await JSONResponse(refuse.body, 413)(scope, receive, send)
@@ -157,7 +160,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
 
     app = FastAPI(title="tuneops fine-tuning jobs API", version="1", lifespan=lifespan)
     app.state.store, app.state.cfg = store, cfg
-    app.add_middleware(RequestGate, limit=limit, store=store)
+    app.add_middleware(RequestGate, limit=limit, store=store, request_limit=max_request_bytes(cfg.serve))
 
     install_error_handlers(app)
 
@@ -172,9 +175,11 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         return name
 
     @app.get("/health")
-    def health() -> dict[str, str]:
-        """Liveness for probes (no token needed, nothing about jobs)."""
-        return {"status": "ok"}
+    async def health() -> Any:
+        """Readiness for probes (no token needed, nothing about jobs): 503 while shutting down or
+        while the chat endpoint's slots are wedged (``endpoint.not_ready``)."""
+        error = not_ready(app.state.scheduler, cfg.serve)
+        return {"status": "ok"} if error is None else JSONResponse(error.body, 503)
 
     # -- files ---------------------------------------------------------------------------------
     @app.post("/v1/files")
@@ -299,7 +304,9 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
 
     from tuneops.service import inference       # chat with the caller's own fine-tuned models (issue 16)
 
-    app.include_router(inference.router(cfg, store, owner))
+    chat = inference.router(cfg, store, owner)
+    app.state.scheduler = chat.scheduler      # type: ignore[attr-defined]
+    app.include_router(chat)
     return app
 
 
@@ -396,9 +403,8 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
 
 
 def serve(cfg: Config, host: str | None = None, port: int | None = None) -> None:
-    import uvicorn
-
     from tuneops.orchestrate import server
 
     os.environ["PREFECT_API_URL"] = server.api_url(cfg)
-    uvicorn.run(create_app(cfg), host=host or cfg.service.host, port=port or cfg.service.port, log_level="info")
+    app = create_app(cfg)
+    run_server(app, host or cfg.service.host, port or cfg.service.port, [app.state.scheduler], cfg.serve)

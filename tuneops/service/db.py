@@ -101,6 +101,11 @@ def default_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'service' / 'service.db'}"
 
 
+def _masked(url: str) -> str:
+    """``url`` as an error may show it: no password."""
+    return re.sub(r"(://[^:/@]*):[^@/]*@", r"\1:***@", url)[:200]
+
+
 def _sqlite_pragmas(dbapi_conn: Any, _: Any) -> None:
     cur = dbapi_conn.cursor()
     cur.execute("PRAGMA journal_mode=WAL")      # readers do not block the writer (API + sync loop)
@@ -112,12 +117,27 @@ class Store:
     """Typed access to the service tables; every method is one short transaction."""
 
     def __init__(self, url: str):
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
+
+        from tuneops.errors import InvalidInput, TuneopsError
+
         if url.startswith("sqlite:///"):
             Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
-        self.engine: Engine = create_engine(url, future=True)
+        shown = f"service.database_url {_masked(url)!r}"
+        try:
+            self.engine: Engine = create_engine(url, future=True)
+        except (ArgumentError, NoSuchModuleError) as exc:
+            raise InvalidInput(f"{shown}: not a database URL SQLAlchemy knows ({str(exc).splitlines()[0]}); "
+                               f"expected e.g. sqlite:////abs/path.db or postgresql+psycopg2://USER@HOST/DB") from None
+        except ImportError as exc:
+            raise InvalidInput(f"{shown}: its database driver is not installed ({exc}); install "
+                               f"that module here, or name an installed driver (postgresql+DRIVER://...)") from None
         if self.engine.dialect.name == "sqlite":
             event.listen(self.engine, "connect", _sqlite_pragmas)
-        metadata.create_all(self.engine)
+        try:
+            metadata.create_all(self.engine)
+        except SQLAlchemyError as exc:
+            raise TuneopsError(f"{shown}: cannot open the database: {str(exc).splitlines()[0][:300]}") from None
 
     # -- tokens -------------------------------------------------------------------------------
     def create_token(self, name: str) -> str:

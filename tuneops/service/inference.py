@@ -40,4 +40,5 @@ def router(cfg: Config, store: Store, owner: Callable[..., str]) -> APIRouter:
     r = APIRouter()
     add_routes(r, get_model, scheduler, cfg.serve, owner)
     r.pool = pool            # type: ignore[attr-defined]  # for tests and health checks
+    r.scheduler = scheduler  # type: ignore[attr-defined]
     return r
