@@ -35,7 +35,8 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, TEST_ROOT, make_project, wait_for
-from tests.test_serve import InProcess, _free_port
+from tests.test_serve import InProcess
+from tuneops.io import free_port
 
 pytestmark = pytest.mark.pipeline          # servers in threads and `tuneops` in subprocesses
 
@@ -288,7 +289,7 @@ def test_keep_alive_connections_survive_errors(server):
 # -- SIGTERM -----------------------------------------------------------------------------------------
 
 def test_sigterm_stops_tuneops_serve_mid_generation(cfg, model_dir, tmp_path):
-    port = _free_port()
+    port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(cfg.source), "serve",
@@ -547,7 +548,7 @@ def test_fuzzed_chat_requests_on_the_jobs_api(cfg):
     store.revoke_token("faults-fuzz")
     token = store.create_token("faults-fuzz")
     app = create_app(cfg, start_background=False)
-    port = _free_port()
+    port = free_port()
     srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", lifespan="off"))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
