@@ -62,8 +62,8 @@ def server(registered):
 
 
 def test_chat_replies_streamed_and_not_with_usage_from_the_tokenizer(server, registered, tokenizer):
-    from tuneops.chat import prompt_ids
-    from tuneops.infer import generate
+    from tuneops.inference.chat import prompt_ids
+    from tuneops.inference.commands import generate
 
     client, name = server.client(), registered.register.model_name
     assert [m.id for m in client.models.list()] == [name]
@@ -117,7 +117,7 @@ def test_stop_strings_and_seeds(server, registered):
 
 
 def test_errors_in_openai_shape(registered, tokenizer):
-    from tuneops.chat import prompt_ids
+    from tuneops.inference.chat import prompt_ids
     from tuneops.config import load_config
     from tuneops.serve_app import create_app
     from tuneops.service.app import database_url

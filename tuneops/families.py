@@ -54,7 +54,7 @@ class Family:
     qkv_bias: bool = False            # attention_bias when config.json does not say
     rope: str = "default"             # default | local-global (two bases: sliding / full layers) | longrope
     sliding_window: str = "none"      # none | all (every layer, when config.sliding_window is set) | interleaved
-    chat_template: str | None = None  # default for a tokenizer without one (None: tuneops.chat.CHATML)
+    chat_template: str | None = None  # default for a tokenizer without one (None: tuneops.inference.chat.CHATML)
     encoder: bool = False
     genai_builder: str = "no"         # onnxruntime-genai's model builder (tuneops/genai.py), the fused-attention
                                       # exporter: "auto" = optimize.exporter: auto picks it (its graph passes the

@@ -17,7 +17,7 @@
 
 Every prepared tokenizer has a chat template: the model's own, else its family's default
 (``tuneops/families.py``; Gemma's own template for the Gemma GGUF, which ships none), else ChatML
-(``tuneops.chat.CHATML``; its two tokens are added and the embeddings resized when missing).
+(``tuneops.inference.chat.CHATML``; its two tokens are added and the embeddings resized when missing).
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .chat import ensure_template
+from .inference.chat import ensure_template
 from .families import for_model_type
 
 PROVENANCE = "tuneops_model.json"

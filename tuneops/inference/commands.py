@@ -1,8 +1,12 @@
-"""``tuneops generate`` / ``tuneops classify``: run an ONNX variant with ONNX Runtime.
+"""``tuneops generate`` / ``tuneops classify``.
 
-``--model`` is a local folder (or ``model.onnx``) or a registered model URI
-(``models:/<name>@champion``, ``models:/<name>/<version>``); without it, the project's
-own optimize output (``paths.optimize_dir``) and its default variant.
+``generate`` runs a chat model the way ``tuneops serve`` does: the same resolver
+(``tuneops.chat_engine.resolve``) and the same engine (``ChatEngine``: the model's chat template
+and stop tokens, ``tuneops.inference.decode``), streaming the reply as it is decoded. ``--model``
+is a local folder (an optimize output, a variant folder or ``model.onnx``, a registered model
+folder) or a registered model URI (``models:/<name>@champion``, ``models:/<name>/<version>``);
+without it, the project's own optimize output (``paths.optimize_dir``). ``--variant`` picks an
+ONNX variant other than the default one.
 """
 from __future__ import annotations
 
@@ -11,57 +15,40 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .errors import InvalidInput, TuneopsError
-from .io import read_json
+from ..config import Config
+from ..errors import InvalidInput, TuneopsError
+from ..io import read_json
 
 
 class InferError(InvalidInput):
     pass
 
 
-def _local_lm(cfg: Config, model: str | None, variant: str | None) -> tuple[Path, Path]:
-    """(model.onnx, tokenizer folder) for a local folder or the project's optimize output."""
+def _files(cfg: Config, model: str | None, variant: str | None) -> Any:
+    """What ``--model`` / ``--variant`` name, through serving's resolver."""
+    from .. import tracking
+    from ..chat_engine import URI, ServeError, registered_dir, resolve
+
+    ref = model
+    name = None
     if model is None:
         opt = cfg.path("optimize_dir")
         metrics = opt / "metrics.json"
         if not metrics.is_file():
             raise InferError(f"no optimize output at {opt}: run `tuneops optimize` or pass --model")
-        m = read_json(metrics)
-        name = variant or m["default_variant"]
-        if name is None:
+        if variant is None and read_json(metrics)["default_variant"] is None:
             raise InferError("every ONNX variant was rejected by its gate: pass --variant to run one anyway")
-        if name not in m["variants"]:
-            raise InferError(f"no variant {name!r} in {opt}; built: {sorted(m['variants'])}")
-        return opt / m["variants"][name]["path"], cfg.path("base_model_dir")
-    path = Path(model)
-    if path.is_dir():
-        path = path / variant / "model.onnx" if variant and (path / variant).is_dir() else path / "model.onnx"
-    if not path.is_file():
-        raise InferError(f"no ONNX model at {path}")
-    tok = path.parent if (path.parent / "tokenizer_config.json").is_file() else cfg.path("base_model_dir")
-    return path, tok
-
-
-def _registered_lm(cfg: Config, uri: str, variant: str | None) -> tuple[Path, Path]:
-    import mlflow.pyfunc
-
-    from . import tracking
-
-    from mlflow.exceptions import MlflowException
-
-    tracking.use_store(cfg)          # this project's registry, from any folder
+        ref = str(opt)
+    elif str(model).startswith("models:/"):
+        try:                          # this project's registry, from any folder
+            folder, _ = registered_dir(model, tracking.tracking_uri(cfg))
+        except ServeError as exc:     # the request was understood: no such version (exit 1)
+            raise TuneopsError(f"--model {exc}") from None
+        ref, name = str(folder), URI.match(model)["name"]
     try:
-        wrapped = mlflow.pyfunc.load_model(uri).unwrap_python_model()
-    except (MlflowException, OSError) as exc:
-        raise TuneopsError(f"--model {uri}: no such registered model version "
-                           f"({str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__})") from None
-    arts = wrapped.artifacts
-    name = variant or wrapped.variant
-    if f"onnx_{name}" not in arts:
-        raise InferError(f"{uri} has no ONNX variant {name!r}; it has "
-                         f"{sorted(k[5:] for k in arts if k.startswith('onnx_'))}")
-    return Path(arts[f"onnx_{name}"]) / "model.onnx", Path(arts["tokenizer"])
+        return resolve(ref, fallback_tokenizer=cfg.path("base_model_dir"), model_id=name, variant=variant)
+    except ServeError as exc:
+        raise InferError(f"--model {model}: {exc}" if model else str(exc)) from None
 
 
 def _check_sampling(args: Any) -> None:
@@ -76,34 +63,24 @@ def _check_sampling(args: Any) -> None:
 
 
 def generate(cfg: Config, args: Any, out: Any = None) -> str:
-    from transformers import AutoTokenizer
-
-    from .chat import load_generation_config, prompt_ids, raw_ids, stop_ids
-    from .onnx_lm import OnnxCausalLM
+    from .chat import raw_ids
 
     out = out or sys.stdout
     _check_sampling(args)
-    if args.model and str(args.model).startswith("models:/"):
-        onnx_path, tok_dir = _registered_lm(cfg, args.model, args.variant)
-    else:
-        onnx_path, tok_dir = _local_lm(cfg, args.model, args.variant)
-    tok = AutoTokenizer.from_pretrained(str(tok_dir))
+    files = _files(cfg, args.model, args.variant)
+    if files.kind != "chat":
+        raise InferError(f"generate: {args.model} is a classification model: use `tuneops classify`")
+    engine = files.load()
     if args.raw:
-        ids = raw_ids(tok, args.prompt)
+        ids = raw_ids(engine.tokenizer, args.prompt)
     else:
-        ids = prompt_ids(tok, [{"role": "user", "content": args.prompt}])
-    gen_cfg = load_generation_config(tok_dir, onnx_path.parent, cfg.path("base_model_dir"))
-    stop = set(stop_ids(tok, gen_cfg))
-    lm = OnnxCausalLM(onnx_path)
-    new: list[int] = []
+        ids = engine.prompt([{"role": "user", "content": args.prompt}])
     shown = ""
-    for token in lm.stream(ids, args.max_new_tokens, stop, sample=args.sample, temperature=args.temperature,
-                           top_k=args.top_k, top_p=args.top_p, seed=args.seed):
-        new.append(token)
-        text = tok.decode(new, skip_special_tokens=True)
-        out.write(text[len(shown):])
+    for piece in engine.deltas(ids, args.max_new_tokens, temperature=args.temperature if args.sample else 0.0,
+                               top_k=args.top_k, top_p=args.top_p, seed=args.seed):
+        out.write(piece)
         out.flush()
-        shown = text
+        shown += piece
     out.write("\n")
     return shown
 
@@ -111,7 +88,7 @@ def generate(cfg: Config, args: Any, out: Any = None) -> str:
 def classify(cfg: Config, args: Any, out: Any = None) -> list[dict[str, Any]]:
     from transformers import AutoTokenizer
 
-    from .onnx_lm import OnnxClassifier
+    from .runtimes import OnnxClassifier
 
     out = out or sys.stdout
     path = Path(args.model)

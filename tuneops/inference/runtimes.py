@@ -1,19 +1,35 @@
-"""Running exported models with ONNX Runtime (CPU execution provider): the causal LM
-with a KV cache (full-sequence scoring, prefill + incremental decoding, streamed greedy
-or sampled generation) and the sequence classifier.
+"""What runs a model, one call at a time, for ``tuneops.inference.decode`` (the decode loop) and
+the scorers: the causal LM as an ONNX Runtime graph (CPU execution provider) or a PyTorch model,
+both with the same ``step`` contract, and the ONNX sequence classifier.
 
-The causal-LM graph (``tasks/optimize.py``) takes ``input_ids``, ``attention_mask``
+A causal-LM runtime has ``has_cache``, ``empty_cache(batch)`` and
+``step(input_ids, attention_mask, cache, last=False) -> (logits, cache)``: ``attention_mask``
+covers the past and the new tokens (0 = left padding), positions are ``cumsum(mask) - 1`` (so a
+left-padded row has the positions it would have alone), ``logits`` is a numpy array
+``[batch, new tokens (1 with last=True), vocab]``.
+
+The ONNX causal-LM graph (``tasks/optimize.py``) takes ``input_ids``, ``attention_mask``
 (past + new tokens), ``position_ids`` and ``past_key_values.{i}.key|value``
 ``[batch, kv_heads, past, head_dim]``; it returns ``logits`` and ``present.{i}.key|value``
-(past + new). A fixed-shape graph (fpga/npu targets) has only ``input_ids`` and
-``attention_mask`` of one static shape; ``OnnxCausalLM`` pads to it.
+(past + new). A graph from onnxruntime-genai's model builder (a folder with ``model.onnx`` and
+``genai_config.json``) has the same names but no ``position_ids``: it takes positions from the
+mask, right-padded only (``left_padding`` is False). A fixed-shape graph (fpga/npu targets) has
+only ``input_ids`` and ``attention_mask`` of one static shape and no cache; ``OnnxCausalLM`` pads
+to it.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
+
+
+def positions(attention_mask: np.ndarray, new: int) -> np.ndarray:
+    """Position ids of the last ``new`` tokens: ``cumsum(mask) - 1`` (0 on padding), as Hugging
+    Face ``generate`` computes them, so a left-padded row has the positions it would have alone."""
+    pos = np.cumsum(attention_mask, -1) - 1
+    return np.where(attention_mask == 0, 0, pos)[:, -new:].astype(np.int64)
 
 
 def session(path: Path, threads: int = 0) -> Any:
@@ -52,19 +68,24 @@ class OnnxCausalLM:
         heads, dim = self.kv_shape or (0, 0)
         return {n: np.zeros((batch, heads, 0, dim), self.kv_dtype) for n in self.past_names}
 
-    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-             cache: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
-        """One call: logits for ``input_ids`` given the cache, and the grown cache."""
-        past = next(iter(cache.values())).shape[2] if cache else 0
-        feeds = {"input_ids": input_ids.astype(np.int64), "attention_mask": attention_mask.astype(np.int64), **cache}
+    @property
+    def left_padding(self) -> bool:
+        """Whether a left-padded batch decodes like its rows alone (the graph takes positions)."""
+        return self.has_positions
+
+    def step(self, input_ids: np.ndarray, attention_mask: np.ndarray, cache: dict[str, np.ndarray],
+             last: bool = False) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """One call: logits for ``input_ids`` given the cache (only the last position's with
+        ``last``), and the grown cache."""
+        mask = np.asarray(attention_mask, dtype=np.int64)
+        feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": mask, **cache}
         if self.has_positions:
-            feeds["position_ids"] = np.broadcast_to(np.arange(past, past + input_ids.shape[1], dtype=np.int64),
-                                                    input_ids.shape).copy()
+            feeds["position_ids"] = positions(mask, feeds["input_ids"].shape[1])
         out = self.session.run(None, feeds)
-        return out[0], dict(zip(self.past_names, out[1:]))
+        return (out[0][:, -1:] if last else out[0]), dict(zip(self.past_names, out[1:]))
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
-        """Full-sequence logits (no past): the ``forward`` contract of ``tuneops.lm.perplexity``."""
+        """Full-sequence logits (no past): the ``forward`` contract of ``tuneops.inference.scoring.perplexity``."""
         ids = np.asarray(input_ids, dtype=np.int64)
         mask = np.asarray(attention_mask, dtype=np.int64)
         if self.fixed_shape:
@@ -84,56 +105,66 @@ class OnnxCausalLM:
             rows.append(logits[:n, :ids.shape[1]])
         return np.concatenate(rows, 0)
 
-    def stream(self, prompt_ids: list[int], max_new_tokens: int, stop: set[int] | None = None,
-               sample: bool = False, temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0,
-               seed: int | None = None) -> Iterator[int]:
-        """Yield new token ids one at a time: prefill once, then one token per call with the
-        KV cache (or a full recompute for graphs without one)."""
-        pick = sampler(sample, temperature, top_k, top_p, seed)
-        stop = stop or set()
-        ids = np.array([prompt_ids], dtype=np.int64)
-        if not self.has_cache:
-            tokens = list(prompt_ids)
-            for _ in range(max_new_tokens):
-                arr = np.array([tokens], dtype=np.int64)
-                nxt = pick(self(arr, np.ones_like(arr))[0, -1])
-                if nxt in stop:
-                    return
-                tokens.append(nxt)
-                yield nxt
-            return
-        logits, cache = self.step(ids, np.ones_like(ids), self.empty_cache(1))
-        length = ids.shape[1]
-        for _ in range(max_new_tokens):
-            nxt = pick(logits[0, -1])
-            if nxt in stop:
-                return
-            yield nxt
-            length += 1
-            logits, cache = self.step(np.array([[nxt]], np.int64), np.ones((1, length), np.int64), cache)
+
+class TorchCausalLM:
+    """A Hugging Face causal LM (or a peft model over one) behind the ``step`` contract, calling it
+    as Hugging Face ``generate`` does: the model's own cache (created by the first call, the prefill),
+    positions ``cumsum(mask) - 1``, an all-ones mask left out, only the last position's logits
+    computed with ``last`` (``logits_to_keep=1``). The virtual tokens of prompt tuning (a peft
+    prompt-learning model) are a prefix of every row: their embeddings go before the prompt's at
+    the prefill, and the mask covers them afterwards."""
+
+    has_cache = True
+    left_padding = True
+
+    def __init__(self, model: Any):
+        import inspect
+
+        self.model = model
+        self.net = model
+        self.virtual = 0
+        config = getattr(model, "active_peft_config", None)
+        if config is not None and getattr(config, "is_prompt_learning", False):
+            if str(getattr(config.peft_type, "value", config.peft_type)) not in ("PROMPT_TUNING", "P_TUNING"):
+                raise ValueError(f"generation with a {config.peft_type} adapter is not supported "
+                                 f"(prompt tuning and p-tuning are)")
+            self.virtual = int(config.num_virtual_tokens)
+            self.net = model.get_base_model()
+        base = model.get_base_model() if hasattr(model, "get_base_model") else model
+        params = inspect.signature(base.forward).parameters
+        self.cache_arg = "cache" if "cache" in params else "past_key_values"
+        self.keeps_logits = "logits_to_keep" in params
+        self.device = next(model.parameters()).device
+
+    def empty_cache(self, batch: int) -> None:
+        return None            # the model makes its own (a DynamicCache) at the prefill, as generate does
+
+    def step(self, input_ids: Any, attention_mask: Any, cache: Any, last: bool = False) -> tuple[np.ndarray, Any]:
+        import torch
+
+        ids = torch.as_tensor(np.asarray(input_ids), dtype=torch.long, device=self.device)
+        mask = torch.as_tensor(np.asarray(attention_mask), dtype=torch.long, device=self.device)
+        kw: dict[str, Any] = {"input_ids": ids}
+        if self.virtual:
+            mask = torch.cat([torch.ones(mask.shape[0], self.virtual, dtype=mask.dtype, device=self.device), mask], 1)
+            if cache is None:
+                embeds = self.model.word_embeddings(ids)
+                prompts = self.model.get_prompt(batch_size=ids.shape[0]).to(embeds.dtype)
+                kw = {"inputs_embeds": torch.cat([prompts, embeds], 1)}
+        new = ids.shape[1] + (self.virtual if "inputs_embeds" in kw else 0)
+        pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)[:, -new:]
+        if self.keeps_logits:
+            kw["logits_to_keep"] = 1 if last else 0
+        with torch.inference_mode():
+            out = self.net(attention_mask=None if bool(mask.all()) else mask, position_ids=pos, use_cache=True,
+                           **{self.cache_arg: cache}, **kw)
+        logits = out.logits[:, -1:] if last else out.logits
+        return logits.float().cpu().numpy(), getattr(out, self.cache_arg)
 
 
-def sampler(sample: bool, temperature: float, top_k: int, top_p: float,
-            seed: int | None) -> Callable[[np.ndarray], int]:
-    """Greedy (argmax) or temperature / top-k / top-p (nucleus) sampling over one logits row."""
-    if not sample:
-        return lambda row: int(np.argmax(row))
-    if temperature <= 0:
-        raise ValueError("temperature must be > 0 when sampling")
-    rng = np.random.default_rng(seed)
-
-    def pick(row: np.ndarray) -> int:
-        z = row.astype(np.float64) / temperature
-        order = np.argsort(-z)
-        if top_k > 0:
-            order = order[:top_k]
-        p = np.exp(z[order] - z[order[0]])
-        p /= p.sum()
-        if top_p < 1.0:
-            keep = int(np.searchsorted(np.cumsum(p), top_p) + 1)
-            order, p = order[:keep], p[:keep] / p[:keep].sum()
-        return int(rng.choice(order, p=p))
-    return pick
+def as_runtime(model: Any) -> Any:
+    """``model`` if it is a runtime (it has ``step``), else a PyTorch causal LM as ``TorchCausalLM``."""
+    return model if hasattr(model, "step") and hasattr(model, "empty_cache") else TorchCausalLM(model)
 
 
 class OnnxClassifier:
