@@ -289,12 +289,12 @@ def test_model_pool_loads_once_and_evicts_least_recently_used():
 
 def test_serving_code_names_no_model_family():
     """The served template and stop tokens come from the model's tokenizer and generation_config
-    (tuneops/chat.py): the serving code names no family and no family's turn marker."""
+    (tuneops/inference/chat.py): the serving code names no family and no family's turn marker."""
     import re
 
     from tests.conftest import REPO
 
-    files = [REPO / "tuneops" / n for n in ("chat_engine.py", "endpoint.py", "serve_app.py", "serving.py")]
+    files = [REPO / "tuneops" / n for n in ("chat_engine.py", "endpoint.py", "serve_app.py", "inference/pyfunc.py")]
     files.append(REPO / "tuneops" / "service" / "inference.py")
     pattern = re.compile(r"gemma|llama|qwen|phi-?3|mistral|smollm|<end_of_turn>|<start_of_turn>|<\|im_end\|>|"
                          r"<\|eot_id\|>|<\|end\|>|bos_token_id", re.IGNORECASE)

@@ -30,7 +30,13 @@ def test_versions_registered_before_the_move_still_unpickle():
 
 
 def test_a_version_registered_now_loads_from_its_own_code_without_torch(stage, tiny_cfg, tmp_path):
+    """... and replies with the tokens ``tuneops generate`` gives for the same greedy request (test_serve.py:
+    and ``tuneops serve``): one engine."""
+    import io
+    from types import SimpleNamespace
+
     from tuneops import tracking
+    from tuneops.inference.commands import generate
 
     stage("register")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -41,4 +47,6 @@ def test_a_version_registered_now_loads_from_its_own_code_without_torch(stage, t
     got = json.loads(proc.stdout.strip().splitlines()[-1])
     assert got["class"] == "tuneops.inference.pyfunc"
     assert not got["tuneops"].startswith(str(REPO / "tuneops"))     # the model's own copy of the package
-    assert len(got["reply"]) == 1 and isinstance(got["reply"][0], str)
+    args = SimpleNamespace(model=f"models:/{tiny_cfg.register.model_name}@champion", variant=None, prompt="Hello",
+                           max_new_tokens=4, sample=False, temperature=1.0, top_k=0, top_p=1.0, seed=None, raw=False)
+    assert got["reply"] == [generate(tiny_cfg, args, io.StringIO()).strip()]

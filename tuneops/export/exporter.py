@@ -2,7 +2,7 @@
 or onnxruntime-genai's model builder).
 
 - ``choose``: which exporter builds the fp32 KV-cache graph (``optimize.exporter``).
-- ``export_builder``: that graph from onnxruntime-genai's builder (``tuneops/genai.py``): fused
+- ``export_builder``: that graph from onnxruntime-genai's builder (``tuneops/export/genai.py``): fused
   ``GroupQueryAttention`` with rotary embeddings, built from the weights of the merged model's
   Hugging Face folder (``save_merged``) in seconds; no ``position_ids`` input.
 - ``export_causal_lm``: ``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``,
