@@ -8,8 +8,9 @@ are the stage variants ``genai_int4`` / ``genai_int8`` (fused ``GroupQueryAttent
 like the stage's fp32 graph with ``optimize.exporter: builder``). Same prompts (the first user turn of held-out rows,
 through the model's own chat template) and the same perplexity rows as the stage's gate
 (``optimize.ppl_samples``) for every engine; medians over prompts of first-token latency and
-decode tokens/s (``--new-tokens`` greedy tokens with the KV cache, stop tokens ignored); engines
-interleaved per prompt so load changes hit all alike. The stage's per-layer sensitivity report
+decode tokens/s (``--new-tokens`` greedy tokens with the KV cache, stop tokens ignored, through the
+pipeline's own decode loop, ``tuneops.inference.decode``); engines interleaved per prompt so load
+changes hit all alike. The stage's per-layer sensitivity report
 (calibrated ``int4``, opt-in: run the stage with ``--set 'optimize.extra_variants=[int4]'``) is
 copied into the results.
 
@@ -30,60 +31,32 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 
 def prompts_and_ppl_set(rows, tokenizer, n_prompts: int, n_ppl: int, max_len: int):
-    from tuneops.chat import prompt_ids
-    from tuneops.lm import encode
+    from tuneops.inference.chat import prompt_ids
+    from tuneops.inference.scoring import encode
 
     prompts = [prompt_ids(tokenizer, r["messages"][:1]) for r in rows[:n_prompts]]
     return prompts, encode(rows[:n_ppl], tokenizer, max_len)
 
 
-def time_decode(first_step, next_step, prompt: list[int], new_tokens: int) -> tuple[float, float]:
-    """(first-token latency s, decode tokens/s over the following ``new_tokens``)."""
+def time_decode(runtime, prompt: list[int], new_tokens: int) -> tuple[float, float]:
+    """(first-token latency s, decode tokens/s over the following ``new_tokens``): the pipeline's own
+    decode loop (``tuneops.inference.decode``, greedy, KV cache, stop tokens ignored)."""
+    from tuneops.inference.decode import decode
+
+    steps = decode(runtime, [prompt], new_tokens + 1)
     t0 = time.perf_counter()
-    state, token = first_step(prompt)
+    next(steps)                       # the prefill and the first token
     t1 = time.perf_counter()
-    for _ in range(new_tokens):
-        state, token = next_step(state, token)
+    for _ in steps:                   # one step per token
+        pass
     t2 = time.perf_counter()
     return t1 - t0, new_tokens / (t2 - t1)
-
-
-def torch_engine(model):
-    import torch
-
-    def first(prompt):
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([prompt]), use_cache=True)
-        return (out.past_key_values if hasattr(out, "past_key_values") else out.cache, len(prompt)), int(
-            out.logits[0, -1].argmax())
-
-    def nxt(state, token):
-        cache, n = state
-        with torch.inference_mode():
-            out = model(input_ids=torch.tensor([[token]]), cache=cache, use_cache=True,
-                        attention_mask=torch.ones(1, n + 1, dtype=torch.long))
-        return (out.cache if hasattr(out, "cache") else out.past_key_values, n + 1), int(out.logits[0, -1].argmax())
-    return first, nxt
-
-
-def ort_engine(lm):
-    def first(prompt):
-        ids = np.array([prompt], np.int64)
-        logits, cache = lm.step(ids, np.ones_like(ids), lm.empty_cache(1))
-        return (cache, len(prompt)), int(logits[0, -1].argmax())
-
-    def nxt(state, token):
-        cache, n = state
-        logits, cache = lm.step(np.array([[token]], np.int64), np.ones((1, n + 1), np.int64), cache)
-        return (cache, n + 1), int(logits[0, -1].argmax())
-    return first, nxt
 
 
 def main() -> int:
@@ -98,13 +71,13 @@ def main() -> int:
 
     import torch
 
-    from tuneops import finetuned
+    from tuneops.inference import finetuned
     from tuneops.config import load_config
     from tuneops.export.exporter import graph_size
     from tuneops.io import read_json, read_jsonl
-    from tuneops.lm import perplexity, torch_forward
     from tuneops.models import load_tokenizer
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM, TorchCausalLM
+    from tuneops.inference.scoring import perplexity, torch_forward
 
     cfg = load_config(args.params, args.overrides)
     o = cfg.optimize
@@ -117,7 +90,7 @@ def main() -> int:
     model = finetuned.load(base, cfg.path("train_dir"), merge=True).eval()
 
     build: dict[str, float] = {k: v for k, v in metrics.get("timings", {}).items()}
-    engines = {"PyTorch fp32": torch_engine(model)}
+    engines = {"PyTorch fp32": TorchCausalLM(model)}
     unique = {p.data_ptr(): p.numel() * p.element_size() for p in model.state_dict().values()}   # tied: once
     sizes = {"PyTorch fp32": sum(unique.values())}
     ppls = {"PyTorch fp32": perplexity(torch_forward(model), ppl_set, o.batch_size, tok.pad_token_id)["perplexity"]}
@@ -127,18 +100,18 @@ def main() -> int:
             continue
         label = f"ORT {name}"
         lm = OnnxCausalLM(stage / v["path"], threads=args.threads)
-        engines[label] = ort_engine(lm)
+        engines[label] = lm
         sizes[label] = graph_size(stage / v["path"])
         ppls[label] = perplexity(lm, ppl_set, o.batch_size, tok.pad_token_id)["perplexity"]
         gates[label] = "accepted" if v["accepted"] else "rejected"
         print(label, "ppl", ppls[label], flush=True)
     # warm-up, then engines interleaved per prompt so load changes hit all of them alike
-    for first, nxt in engines.values():
-        time_decode(first, nxt, prompts[0], 4)
+    for runtime in engines.values():
+        time_decode(runtime, prompts[0], 4)
     results: dict[str, dict[str, list[float]]] = {n: {"ttft": [], "tps": []} for n in engines}
     for prompt in prompts:
-        for name, (first, nxt) in engines.items():
-            ttft, tps = time_decode(first, nxt, prompt, args.new_tokens)
+        for name, runtime in engines.items():
+            ttft, tps = time_decode(runtime, prompt, args.new_tokens)
             results[name]["ttft"].append(ttft)
             results[name]["tps"].append(tps)
     ref = "PyTorch fp32"

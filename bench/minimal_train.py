@@ -32,7 +32,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
-    from tuneops.chat import Collator, tokenize   # the same tokenization + padding collator
+    from tuneops.inference.chat import Collator, tokenize   # the same tokenization + padding collator
 
     torch.manual_seed(42)
     tok = AutoTokenizer.from_pretrained(a.model)

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneops import finetuned, log
-from tuneops.chat import prompt_and_reference
+from tuneops import log
 from tuneops.config import Config
+from tuneops.inference import decode, finetuned
+from tuneops.inference.chat import prompt_and_reference
+from tuneops.inference.scoring import encode, torch_perplexity
 from tuneops.io import fresh_dir, md5_file, read_jsonl, write_json, write_jsonl
-from tuneops.lm import encode, generate_batch, torch_perplexity
 from tuneops.models import load_causal_lm, load_tokenizer
 
 
@@ -78,7 +79,7 @@ def run(cfg: Config) -> dict[str, Any]:
         log.log.info(f"evaluate: {name} model, {len(features)} conversations, {len(prompts)} generations ...")
         model.eval()
         scores[name] = torch_perplexity(model, features, e.batch_size, pad)
-        replies[name] = generate_batch(model, tokenizer, [msgs for msgs, _ in prompts], e.max_new_tokens)
+        replies[name] = decode.replies(model, tokenizer, [msgs for msgs, _ in prompts], e.max_new_tokens)
         del model
 
     base, ft = scores["base"], scores["finetuned"]

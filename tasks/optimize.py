@@ -24,15 +24,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneops import families, finetuned, log, targets
+from tuneops import families, log, targets
 from tuneops.config import Config
 from tuneops.export import exporter, gate, passes
 from tuneops.export.variants import Context, get
 from tuneops.export.variants import wanted as variants_wanted
+from tuneops.inference import finetuned
+from tuneops.inference.runtimes import OnnxCausalLM
+from tuneops.inference.scoring import encode, perplexity, torch_distortion, torch_forward, torch_perplexity
 from tuneops.io import fresh_dir, read_jsonl, write_json
-from tuneops.lm import encode, perplexity, torch_distortion, torch_forward, torch_perplexity
 from tuneops.models import load_tokenizer
-from tuneops.onnx_lm import OnnxCausalLM
 
 HEAD_SKIP = ("ONNX export of {head} models is not implemented in this stage yet: no ONNX variants; "
              "register registers the PyTorch model")

@@ -22,7 +22,7 @@ Classification / NER heads (``task_head`` in the eval metrics): the gate compare
 ``primary_metric`` (accuracy / entity F1, higher is better) against base and champion (the
 champion re-scored now on the current eval split with its own tokenizer: ``gate.rescore_head``); no
 ONNX variant exists yet (optimize records why), so the PyTorch model (adapter merged, with its
-tokenizer and label maps) is registered as a pyfunc (``tuneops.serving.HeadModel``).
+tokenizer and label maps) is registered as a pyfunc (``tuneops.inference.pyfunc.HeadModel``).
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ def run(cfg: Config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
             })
             _log_run_record(cfg, tags, plan, validation, om, "generations.jsonl")
             mlflow.log_dict(redact(cfg.raw), "params.json")
-            from tuneops.serving import chat_model_spec
+            from tuneops.inference.pyfunc import chat_model_spec
 
             artifact = train_dir / tm["artifact"]
             info = mlflow.pyfunc.log_model(     # self-contained: tuneops code, pinned requirements, signature
@@ -272,7 +272,7 @@ def _finish(cfg: Config, client: Any, name: str, version: Any, tm: dict[str, Any
 def _head_model_dir(cfg: Config, tm: dict[str, Any], dest: Any) -> dict[str, str]:
     """The fine-tuned head model as pyfunc artifacts: a plain folder (adapter merged), or base +
     adapter for prompt tuning (nothing to merge)."""
-    from tuneops import finetuned
+    from tuneops.inference import finetuned
     from tuneops.models import load_tokenizer
 
     train_dir, base_dir = cfg.path("train_dir"), cfg.path("base_model_dir")
@@ -294,7 +294,7 @@ def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, 
     import mlflow
     from mlflow import MlflowClient
 
-    from tuneops.serving import HeadModel
+    from tuneops.inference.pyfunc import HeadModel
 
     name, metric = cfg.register.model_name, em["primary_metric"]
     higher = em["primary_direction"] == "higher"

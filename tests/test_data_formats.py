@@ -132,7 +132,7 @@ def test_each_bad_record_names_line_field_and_rule(fmt, tmp_path, tokenizer):
 
 def test_token_length_is_what_training_sees(tmp_path, tokenizer):
     """The max_seq_len rule counts tokens exactly as training tokenizes (chat.tokenize)."""
-    from tuneops.chat import render, tokenize
+    from tuneops.inference.chat import render, tokenize
 
     rec = {"text": "word " * 40}
     expected = len(tokenize(formats.get("text").to_chat(rec), tokenizer, 10**6)["input_ids"])

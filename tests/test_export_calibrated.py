@@ -48,7 +48,7 @@ def test_rewritten_graph_computes_the_plans_weights(phi3, tmp_path):
     import torch
 
     from tuneops.export import calibrated, exporter
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     model, tok = phi3
     rng = np.random.default_rng(0)
@@ -120,7 +120,7 @@ def test_split_lm_head_graph_computes_the_plans_weights(tmp_path):
     import torch
 
     from tuneops.export import calibrated, exporter
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     tok = build_tokenizer(CASES["llama3"])
     model = build_model("llama3", tok, head_dim=32).eval()     # width 128: 8-bit codes at block 128

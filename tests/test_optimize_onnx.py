@@ -25,18 +25,19 @@ def assert_greedy_like_pytorch(cfg, lm, tokens: int = 6) -> None:
     the merged fine-tuned model."""
     import torch
 
-    from tuneops import finetuned
+    from tuneops.inference import finetuned
+    from tuneops.inference.decode import stream
 
     model = finetuned.load(cfg.path("base_model_dir"), cfg.path("train_dir"), merge=True).eval()
     prompt = [2, 105, 2364, 107, 9259, 106, 107, 105, 4368, 107]
     with torch.inference_mode():
         ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=tokens, do_sample=False,
                              min_new_tokens=tokens, pad_token_id=0)[0, len(prompt):].tolist()
-    assert list(lm.stream(prompt, tokens)) == ref
+    assert list(stream(lm, prompt, tokens)) == ref
 
 
 def test_kv_cache_export_decodes_incrementally_like_full_sequence(optimized, tiny_cfg):
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     fp32 = optimized["variants"]["fp32"]
     assert fp32["accepted"] and fp32["max_abs_logits_diff"] <= tiny_cfg.optimize.parity_atol
@@ -101,7 +102,7 @@ def built(stage, tiny_project):
 
 
 def test_builder_graph_has_fused_attention_passes_parity_and_decodes_like_pytorch(built):
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     cfg, out = built
     fp32 = out["variants"]["fp32"]
@@ -143,7 +144,7 @@ def test_variants_from_the_builder_graph_and_the_builders_own_are_gated(built):
 def test_genai_int4_passes_its_params_to_the_builder(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
-    from tuneops import genai
+    from tuneops.export import genai
     from tuneops.export.variants import Context, get
 
     calls = []
@@ -220,11 +221,11 @@ def test_broken_variant_is_rejected_by_the_gate(stage, tiny_cfg, tmp_path):
     import torch
 
     from tuneops.export import exporter, gate, quantizers
-    from tuneops import finetuned
+    from tuneops.inference import finetuned
     from tuneops.io import read_jsonl
-    from tuneops.lm import encode, torch_forward
+    from tuneops.inference.scoring import encode, torch_forward
     from tuneops.models import load_tokenizer
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     stage("train")
     o = tiny_cfg.optimize
@@ -264,7 +265,7 @@ def test_unknown_target_profile_is_a_clear_error(tiny_project):
 
 def test_generate_streams_greedy_and_seeded_sampling(optimized, tiny_cfg, capsys):
     from tuneops.cli import main
-    from tuneops.infer import generate
+    from tuneops.inference.commands import generate
 
     args = SimpleNamespace(model=None, variant="fp32", prompt="Hello", max_new_tokens=4, sample=False,
                            temperature=1.0, top_k=0, top_p=1.0, seed=None, raw=False)
@@ -312,7 +313,7 @@ def test_qlora_merge_base_is_the_4bit_weights_training_saw():
     import bitsandbytes as bnb
     import torch
 
-    from tuneops.finetuned import dequantize_like_qlora
+    from tuneops.inference.finetuned import dequantize_like_qlora
 
     torch.manual_seed(0)
     model = torch.nn.Module()
@@ -367,7 +368,7 @@ def test_coverage_counts_nodes_flops_and_fallback_ops(tmp_path):
 def test_generate_runs_a_registered_variant(stage, tiny_cfg, tmp_path):
     """`tuneops generate --model models:/NAME@champion`: the registered pyfunc's ONNX
     variant (its default, or --variant) runs with the KV cache."""
-    from tuneops.infer import InferError, generate
+    from tuneops.inference.commands import InferError, generate
 
     stage("register")
     uri = f"models:/{tiny_cfg.register.model_name}@champion"

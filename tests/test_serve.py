@@ -56,8 +56,8 @@ def server(registered):
 
 
 def test_chat_replies_streamed_and_not_with_usage_from_the_tokenizer(server, registered, tokenizer):
-    from tuneops.chat import prompt_ids
-    from tuneops.infer import generate
+    from tuneops.inference.chat import prompt_ids
+    from tuneops.inference.commands import generate
 
     client, name = server.client(), registered.register.model_name
     assert [m.id for m in client.models.list()] == [name]
@@ -111,7 +111,7 @@ def test_stop_strings_and_seeds(server, registered):
 
 
 def test_errors_in_openai_shape(registered, tokenizer):
-    from tuneops.chat import prompt_ids
+    from tuneops.inference.chat import prompt_ids
     from tuneops.config import load_config
     from tuneops.serve_app import create_app
     from tuneops.service.app import database_url
@@ -283,12 +283,12 @@ def test_model_pool_loads_once_and_evicts_least_recently_used():
 
 def test_serving_code_names_no_model_family():
     """The served template and stop tokens come from the model's tokenizer and generation_config
-    (tuneops/chat.py): the serving code names no family and no family's turn marker."""
+    (tuneops/inference/chat.py): the serving code names no family and no family's turn marker."""
     import re
 
     from tests.conftest import REPO
 
-    files = [REPO / "tuneops" / n for n in ("chat_engine.py", "endpoint.py", "serve_app.py", "serving.py")]
+    files = [REPO / "tuneops" / n for n in ("chat_engine.py", "endpoint.py", "serve_app.py", "inference/pyfunc.py")]
     files.append(REPO / "tuneops" / "service" / "inference.py")
     pattern = re.compile(r"gemma|llama|qwen|phi-?3|mistral|smollm|<end_of_turn>|<start_of_turn>|<\|im_end\|>|"
                          r"<\|eot_id\|>|<\|end\|>|bos_token_id", re.IGNORECASE)

@@ -2,7 +2,7 @@
 shared by ``tuneops serve``, the jobs API's chat endpoint and the registered MLflow pyfunc.
 
 ``ChatEngine`` runs an ONNX Runtime causal LM (``OnnxCausalLM``, KV cache) with the model's own
-chat template (``tuneops.chat.prompt_ids``) and stop tokens (``tuneops.chat.stop_ids``: the
+chat template (``tuneops.inference.chat.prompt_ids``) and stop tokens (``inference.chat.stop_ids``: the
 template's end-of-turn marker, the tokenizer's and generation_config's EOS); ``stop`` strings are
 honoured on the decoded text. ``Classifier`` runs a classification / NER version.
 
@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from .errors import InvalidInput
+from .inference.decode import stream
+from .inference.sampling import sampler
 
 
 class ServeError(InvalidInput):
@@ -64,8 +66,8 @@ class ChatEngine:
                  threads: int = 0):
         from transformers import AutoTokenizer
 
-        from .chat import load_generation_config, stop_ids
-        from .onnx_lm import OnnxCausalLM
+        from .inference.chat import load_generation_config, stop_ids
+        from .inference.runtimes import OnnxCausalLM
 
         self.onnx_path = Path(onnx_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -74,13 +76,13 @@ class ChatEngine:
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
 
     def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        from .chat import prompt_ids
+        from .inference.chat import prompt_ids
 
         return prompt_ids(self.tokenizer, messages)
 
     def deltas(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
-               result: Generation | None = None, cancel: Any = None) -> Iterator[str]:
+               result: Generation | None = None, cancel: Any = None, top_k: int = 0) -> Iterator[str]:
         """Reply text pieces; ``result`` receives the token counts and finish reason. Text that
         could be the start of a ``stop`` string is held back until it is known not to be.
         ``cancel`` (a ``threading.Event``) is looked at before every token: once set, generation
@@ -92,8 +94,8 @@ class ChatEngine:
         new: list[int] = []
         text, sent, finish = "", 0, None
         sample = temperature >= MIN_TEMPERATURE
-        tokens = self.lm.stream(ids, max_tokens, self.stop, sample=sample,
-                                temperature=temperature if sample else 1.0, top_p=top_p, seed=seed)
+        pick = sampler(sample, temperature if sample else 1.0, top_k, top_p, seed)
+        tokens = stream(self.lm, ids, max_tokens, self.stop, pick)
         for token in tokens:
             if cancel is not None and cancel.is_set():
                 tokens.close()
@@ -141,7 +143,7 @@ class Classifier:
 
             from transformers import AutoTokenizer
 
-            from .onnx_lm import OnnxClassifier
+            from .inference.runtimes import OnnxClassifier
 
             labels_file = Path(onnx_path).parent / "labels.json"
             labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
@@ -217,8 +219,9 @@ def registered_dir(uri: str, tracking_uri: str | None = None) -> tuple[Path, str
     return local, str(mv.version)
 
 
-def files_of_registered(folder: Path, model_id: str) -> ModelFiles:
-    """What to run from a registered pyfunc folder: its default ONNX variant + tokenizer, or its head."""
+def files_of_registered(folder: Path, model_id: str, variant: str | None = None) -> ModelFiles:
+    """What to run from a registered pyfunc folder: its default ONNX variant (or ``variant``) +
+    tokenizer, or its head."""
     import yaml
 
     meta = yaml.safe_load((folder / "MLmodel").read_text())
@@ -227,33 +230,38 @@ def files_of_registered(folder: Path, model_id: str) -> ModelFiles:
     arts = {k: folder / (v["path"] if isinstance(v, dict) else v) for k, v in (flavor.get("artifacts") or {}).items()}
     if config.get("task_head"):
         return ModelFiles(model_id, "classify", pyfunc_dir=folder, task_head=str(config["task_head"]))
-    variant = config.get("variant", "fp32")
+    variant = variant or config.get("variant", "fp32")
     if f"onnx_{variant}" not in arts or "tokenizer" not in arts:
         raise ServeError(f"{folder}: no ONNX variant {variant!r} or tokenizer among its artifacts {sorted(arts)}")
     return ModelFiles(model_id, "chat", arts[f"onnx_{variant}"] / "model.onnx", arts["tokenizer"])
 
 
 def resolve(ref: str, tracking_uri: str | None = None, fallback_tokenizer: Path | None = None,
-            model_id: str | None = None) -> ModelFiles:
-    """A model reference -> the files to serve (see the module docstring)."""
+            model_id: str | None = None, variant: str | None = None) -> ModelFiles:
+    """A model reference -> the files to serve (see the module docstring); ``variant``: that ONNX
+    variant instead of the default one."""
     import json
 
     if ref.startswith("models:/"):
         folder, version = registered_dir(ref, tracking_uri)
-        files = files_of_registered(folder, model_id or URI.match(ref)["name"])
+        files = files_of_registered(folder, model_id or URI.match(ref)["name"], variant)
         files.version = version
         return files
     path = Path(ref).expanduser().resolve()
     name = model_id or path.name
     if (path / "MLmodel").is_file():
-        return files_of_registered(path, name)
+        return files_of_registered(path, name, variant)
     if (path / "metrics.json").is_file() and not (path / "model.onnx").is_file():     # an optimize output
         m = json.loads((path / "metrics.json").read_text())
-        variant = m.get("default_variant")
+        variant = variant or m.get("default_variant")
         if not variant:
             raise ServeError(f"{path}: every ONNX variant was rejected by its gate; serve one variant's folder")
+        if variant not in m["variants"]:
+            raise ServeError(f"{path}: no ONNX variant {variant!r}; built: {sorted(m['variants'])}")
         path = path / m["variants"][variant]["path"]
         path = path.parent if path.name == "model.onnx" else path
+    elif variant and (path / variant).is_dir():
+        path = path / variant
     onnx = path / "model.onnx" if path.is_dir() else path
     if not onnx.is_file():
         raise ServeError(f"{ref}: no model.onnx, MLmodel or optimize metrics.json there")

@@ -205,7 +205,7 @@ def _params(cfg: Any, args: argparse.Namespace) -> int:
 
 
 def _infer(cfg: Any, args: argparse.Namespace) -> int:
-    from . import infer
+    from .inference import commands as infer
 
     try:
         getattr(infer, args.command)(cfg, args)

@@ -457,7 +457,7 @@ def chat_request(body: Any, settings: Any) -> dict[str, Any]:
 
 
 def prompt_of(engine: ChatEngine, req: dict[str, Any], settings: Any) -> list[int]:
-    from .chat import ChatFormatError
+    from .inference.chat import ChatFormatError
 
     try:
         ids = engine.prompt(req["messages"])

@@ -1,7 +1,7 @@
 """Model families as data: one ``Family`` per architecture family, read by the planner
 (``tuneops/planner/model.py``: module shapes, norms, biases, GQA, tied embeddings), the trainer
 (``tuneops/training/methods.py``: LoRA targets checked against the loaded model) and the exporter
-(``tasks/optimize.py``, ``tuneops/genai.py``: RoPE variant, sliding windows), and by the model stage
+(``tasks/optimize.py``, ``tuneops/export/genai.py``: RoPE variant, sliding windows), and by the model stage
 (``tuneops/models.py``: the default chat template of a tokenizer that has none).
 
 Adding a family is one entry in ``FAMILIES`` (plus its test in ``tests/test_families.py``).
@@ -54,9 +54,9 @@ class Family:
     qkv_bias: bool = False            # attention_bias when config.json does not say
     rope: str = "default"             # default | local-global (two bases: sliding / full layers) | longrope
     sliding_window: str = "none"      # none | all (every layer, when config.sliding_window is set) | interleaved
-    chat_template: str | None = None  # default for a tokenizer without one (None: tuneops.chat.CHATML)
+    chat_template: str | None = None  # default for a tokenizer without one (None: tuneops.inference.chat.CHATML)
     encoder: bool = False
-    genai_builder: str = "no"         # onnxruntime-genai's model builder (tuneops/genai.py), the fused-attention
+    genai_builder: str = "no"         # onnxruntime-genai's model builder (tuneops/export/genai.py), the fused-attention
                                       # exporter: "auto" = optimize.exporter: auto picks it (its graph passes the
                                       # parity gate, tests/test_families.py + the bundled models); "opt-in" = it
                                       # builds the family, on request only (optimize.exporter: builder, genai_*);

@@ -57,16 +57,16 @@ def eval_rows(cfg: Any) -> list[dict[str, Any]]:
 
 def eval_features(cfg: Any, tokenizer: Any) -> list[dict[str, list[int]]]:
     """The current eval split, encoded with ``tokenizer``."""
-    from tuneops.lm import encode
+    from tuneops.inference.scoring import encode
 
     return encode(eval_rows(cfg), tokenizer, cfg.model.max_seq_len)
 
 
 def score_onnx(cfg: Any, onnx_path: Path, tokenizer_dir: Path) -> dict[str, float]:
     """Perplexity of an fp32 ONNX causal LM on the current eval split, with its own tokenizer."""
-    from tuneops.lm import perplexity
+    from tuneops.inference.scoring import perplexity
     from tuneops.models import load_tokenizer
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     tok = load_tokenizer(Path(tokenizer_dir))
     features = eval_features(cfg, tok)

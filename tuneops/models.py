@@ -19,7 +19,7 @@ is one ``Source`` spec in ``SOURCES`` (how its folder is built, and what config,
 
 Every prepared tokenizer has a chat template: the model's own, else its family's default
 (``tuneops/families.py``; Gemma's own template for the Gemma GGUF, which ships none), else ChatML
-(``tuneops.chat.CHATML``; its two tokens are added and the embeddings resized when missing).
+(``tuneops.inference.chat.CHATML``; its two tokens are added and the embeddings resized when missing).
 """
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .chat import ensure_template
+from .inference.chat import ensure_template
 from .families import for_model_type
 
 PROVENANCE = "tuneops_model.json"

@@ -21,7 +21,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from ..chat import ChatFormatError
+from ..inference.chat import ChatFormatError
 from . import formats
 from .records import MAX_LINE_BYTES, MAX_PROBLEMS, Problem, RecordReader, Row, cap_problems
 
@@ -193,9 +193,9 @@ def _tokenizer_threads() -> Iterator[None]:
 
 def segment_texts(messages: list[dict[str, Any]], tokenizer: Any) -> list[str]:
     """The text training tokenizes (the conversation in the model's chat template,
-    ``tuneops.chat.render``), for token counts; raises ``ChatFormatError`` when the template
+    ``tuneops.inference.chat.render``), for token counts; raises ``ChatFormatError`` when the template
     cannot render it."""
-    from ..chat import render
+    from ..inference.chat import render
 
     if not getattr(tokenizer, "chat_template", None):   # an encoder (classification / NER heads): the text
         return ["\n".join(m["content"] for m in messages)]
@@ -212,7 +212,7 @@ def _encode_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
 
 class TokenCounter:
     """Token lengths of conversations as training tokenizes them (the conversation rendered
-    by the model's chat template, as ``tuneops.chat.tokenize`` does), computed in the
+    by the model's chat template, as ``tuneops.inference.chat.tokenize`` does), computed in the
     background: chunks of distinct segment texts go to the (GIL-free, multi-threaded)
     Rust tokenizer while the caller goes on reading and checking records."""
 

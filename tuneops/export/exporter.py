@@ -2,7 +2,7 @@
 or onnxruntime-genai's model builder).
 
 - ``choose``: which exporter builds the fp32 KV-cache graph (``optimize.exporter``).
-- ``export_builder``: that graph from onnxruntime-genai's builder (``tuneops/genai.py``): fused
+- ``export_builder``: that graph from onnxruntime-genai's builder (``tuneops/export/genai.py``): fused
   ``GroupQueryAttention`` with rotary embeddings, built from the weights of the merged model's
   Hugging Face folder (``save_merged``) in seconds; no ``position_ids`` input.
 - ``export_causal_lm``: ``(input_ids, attention_mask, position_ids, *past) -> (logits, *present)``,
@@ -133,7 +133,7 @@ def export_builder(merged: Path, path: Path) -> Path:
     """fp32 KV-cache decoder from onnxruntime-genai's builder; ``path`` is ``<folder>/model.onnx``.
     Its rotary caches are factored (``passes.factor_rotary_caches``: 64 MiB -> 0.75 MiB on Gemma 3
     270M), so the variants quantized from it do not carry them."""
-    from tuneops import genai
+    from tuneops.export import genai
 
     from .passes import factor_rotary_caches
 
@@ -246,7 +246,7 @@ def export_classifier(model_dir: Path, out_dir: Path, opset: int, atol: float,
     on a padded batch. Returns the parity record (``accepted`` when <= ``atol``)."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from tuneops.onnx_lm import OnnxClassifier
+    from tuneops.inference.runtimes import OnnxClassifier
 
     model = AutoModelForSequenceClassification.from_pretrained(str(model_dir), dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))

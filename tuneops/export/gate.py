@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from tuneops.onnx_lm import OnnxCausalLM
+from tuneops.inference.runtimes import OnnxCausalLM
 
 
 def max_logits_diff(reference: Any, candidate: Any, features: list[dict[str, list[int]]]) -> float:
@@ -48,8 +48,8 @@ def choose_default(variants: dict[str, dict[str, Any]], order: list[str]) -> str
 
 def score(forward: Any, features: list[dict[str, list[int]]], batch_size: int, pad_id: int) -> dict[str, Any]:
     """Perplexity over assistant tokens and the top-1 (argmax) prediction at each of them."""
-    from tuneops.chat import IGNORE_INDEX
-    from tuneops.lm import batches, by_length, nll
+    from tuneops.inference.chat import IGNORE_INDEX
+    from tuneops.inference.scoring import batches, by_length, nll
 
     total, count, top1 = 0.0, 0, []
     for batch in batches(by_length(features), batch_size, pad_id):   # same order for every model scored

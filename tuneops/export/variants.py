@@ -74,7 +74,7 @@ def _qdq(ctx: Context, dst: Path) -> Path:
 
 def _genai(precision: str) -> Callable[[Context, Path], Path]:
     def build(ctx: Context, dst: Path) -> Path:
-        from tuneops import genai
+        from tuneops.export import genai
 
         if ctx.merged is None:
             raise ValueError(f"genai_{precision}: the merged model folder was not written")

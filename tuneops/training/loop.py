@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneops import tracking
-from tuneops.chat import Collator
+from tuneops.inference.chat import Collator
 from tuneops.config import Config
 from tuneops.io import md5_file, read_jsonl, write_json
 
@@ -90,7 +90,7 @@ def _init_distributed(plan: dict[str, Any], world_size: int) -> None:
 
 
 def _features(cfg: Config, tokenizer: Any, packing: bool, plan: dict[str, Any]) -> list[dict[str, Any]]:
-    from tuneops.lm import encode
+    from tuneops.inference.scoring import encode
 
     rows = read_jsonl(cfg.path("clean_train_data"))
     if heads.is_head(plan):      # classification / NER heads: the native records, never packed
@@ -309,7 +309,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
             tokenizer.save_pretrained(artifact)
             gen_cfg = cfg.path("base_model_dir") / "generation_config.json"
             if gen_cfg.is_file() and not (artifact / gen_cfg.name).is_file():
-                shutil.copyfile(gen_cfg, artifact / gen_cfg.name)    # stop ids for serving (tuneops.chat.stop_ids)
+                shutil.copyfile(gen_cfg, artifact / gen_cfg.name)    # stop ids for serving (tuneops.inference.chat.stop_ids)
             history = [{"step": h["step"], **{k: v for k, v in h.items() if k != "step"}}
                        for h in trainer.state.log_history if "loss" in h]
             peak = peak_memory_mb()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from tuneops.chat import IGNORE_INDEX
+from tuneops.inference.chat import IGNORE_INDEX
 
 
 def pack(features: list[dict[str, list[int]]], max_len: int) -> list[dict[str, list[int]]]:

@@ -1,12 +1,13 @@
-"""Causal-LM helpers shared by train, evaluate and optimize: encoding chat rows,
-assistant-token negative log-likelihood, perplexity for any forward function
-(PyTorch or ONNX Runtime), and greedy generation."""
+"""Scoring causal LMs, shared by train, evaluate, optimize and the registry's gate: encoding chat
+rows, batching, assistant-token negative log-likelihood, perplexity for any forward function
+(PyTorch or ONNX Runtime) and the distortion of a model against itself. Generation is
+``tuneops.inference.decode``."""
 from __future__ import annotations
 
 import math
 from typing import Any, Callable, Iterator
 
-from .chat import IGNORE_INDEX, Collator, prompt_ids, stop_ids, tokenize
+from .chat import IGNORE_INDEX, Collator, tokenize
 
 
 def encode(rows: list[dict[str, Any]], tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
@@ -133,42 +134,3 @@ def torch_forward(model: Any) -> Callable[[Any, Any], Any]:
         with torch.inference_mode():
             return model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits
     return forward
-
-
-def generate_ids_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
-                       max_new_tokens: int) -> list[list[int]]:
-    """Greedy replies to conversations in the model's chat format, as token ids, in one ``generate``
-    call (left-padded batch, KV cache); a reply stops at the template's end-of-turn marker or an EOS
-    of the tokenizer / ``generation_config`` (the stop token is the last id when it was reached; a
-    finished reply waits, padded, for the others, and the padding is cut off)."""
-    import torch
-
-    if not conversations:
-        return []
-    prompts = [prompt_ids(tokenizer, m) for m in conversations]
-    stop = stop_ids(tokenizer, getattr(model, "generation_config", None))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
-    width = max(map(len, prompts))
-    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    with torch.inference_mode():
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, eos_token_id=stop, pad_token_id=pad)
-    return [row[:next((i + 1 for i, t in enumerate(row) if t in stop), len(row))] for row in out[:, width:].tolist()]
-
-
-def generate_ids(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> list[int]:
-    """Greedy reply to one conversation, as token ids (``generate_ids_batch`` of one)."""
-    return generate_ids_batch(model, tokenizer, [messages], max_new_tokens)[0]
-
-
-def generate(model: Any, tokenizer: Any, messages: list[dict[str, Any]], max_new_tokens: int) -> str:
-    """Greedy reply text (special tokens, the stop token among them, removed)."""
-    return generate_batch(model, tokenizer, [messages], max_new_tokens)[0]
-
-
-def generate_batch(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
-                   max_new_tokens: int) -> list[str]:
-    """Greedy reply texts to several conversations in one decoding loop (``generate_ids_batch``)."""
-    return [tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for ids in generate_ids_batch(model, tokenizer, conversations, max_new_tokens)]

@@ -14,8 +14,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from .io import read_json
-from .models import load_causal_lm
+from ..io import read_json
+from ..models import load_causal_lm
 
 
 def dequantize_like_qlora(model: Any, quant_type: str = "nf4", blocksize: int = 64,
@@ -67,7 +67,7 @@ def head_plan(info: dict[str, Any]) -> dict[str, Any]:
 def load_base(base_dir: Path, info: dict[str, Any]) -> Any:
     """The base model for the trained head: the causal LM, or a fresh (untrained) classification
     head with the run's label maps on the base weights (evaluate's baseline)."""
-    from .training import heads
+    from ..training import heads
 
     plan = head_plan(info)
     return heads.load(base_dir, plan) if heads.is_head(plan) else load_causal_lm(base_dir)
@@ -75,7 +75,7 @@ def load_base(base_dir: Path, info: dict[str, Any]) -> Any:
 
 def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
     """Base + adapter (optionally merged into plain weights), or the full fine-tuned model."""
-    from .training import heads
+    from ..training import heads
 
     info = read_json(train_dir / "metrics.json")
     plan = head_plan(info)
@@ -85,14 +85,14 @@ def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
         return load_causal_lm(train_dir / "model")
     from peft import PeftModel
 
-    from .training.methods import spec
+    from ..training.methods import spec
 
     method = spec(info["method"])
     if merge and not method.mergeable:
         raise ValueError("prompt tuning learns virtual input tokens, not weights: there is nothing to merge "
                          "into the base for export; use a LoRA-family method or IA3 for ONNX deployment")
     if method.nf4_base:
-        from .training.methods import disable_cpu_bf16_repack
+        from ..training.methods import disable_cpu_bf16_repack
 
         base = method.load(base_dir, {"method": method.name, "precision": "nf4+fp32", **plan})
         disable_cpu_bf16_repack(base)

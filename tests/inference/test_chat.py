@@ -4,7 +4,7 @@ the tokenizer's template, and only assistant tokens (with weight != 0) plus the 
 marker carry loss. Other families: tests/test_families.py."""
 from __future__ import annotations
 
-from tuneops.chat import IGNORE_INDEX, end_marker, prompt_ids, render, stop_ids, tokenize
+from tuneops.inference.chat import IGNORE_INDEX, end_marker, prompt_ids, render, stop_ids, tokenize
 
 CONV = [
     {"role": "system", "content": "Be brief."},

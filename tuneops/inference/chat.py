@@ -31,7 +31,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput
+from ..errors import InvalidInput
 
 IGNORE_INDEX = -100
 

@@ -35,7 +35,7 @@ DEFAULTS = {"windowed_kv_cache": "false"}
 
 
 def _flatten_gemma3_rope(config: Any) -> None:
-    from .families import for_config
+    from ..families import for_config
 
     if for_config(config).rope != "local-global":     # the family spec: two RoPE bases (sliding / full)
         return

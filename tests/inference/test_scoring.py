@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from .family_models import CASES, build_model, build_tokenizer
+from ..family_models import CASES, build_model, build_tokenizer
 
 
 @pytest.mark.parametrize("family", ["llama3", "gemma3"])
 def test_torch_perplexity_equals_full_logits_scoring(family):
-    from tuneops.chat import tokenize
-    from tuneops.lm import perplexity, torch_forward, torch_perplexity
+    from tuneops.inference.chat import tokenize
+    from tuneops.inference.scoring import perplexity, torch_forward, torch_perplexity
 
     tok = build_tokenizer(CASES[family])
     model = build_model(family, tok).eval()
@@ -28,8 +28,8 @@ def test_torch_perplexity_equals_full_logits_scoring(family):
 def test_distortion_is_zero_for_the_reference_and_grows_with_the_damage():
     import torch
 
-    from tuneops.chat import tokenize
-    from tuneops.lm import torch_distortion, torch_perplexity
+    from tuneops.inference.chat import tokenize
+    from tuneops.inference.scoring import torch_distortion, torch_perplexity
 
     tok = build_tokenizer(CASES["llama3"])
     model = build_model("llama3", tok).eval()

@@ -1,0 +1,17 @@
+"""The inference side: one engine that every entry point uses.
+
+- ``chat``: the chat format (each model's own template), training labels and stop tokens;
+- ``runtimes``: what runs a model one step at a time (ONNX Runtime graphs, including an
+  onnxruntime-genai builder folder, and PyTorch), and the ONNX classifier;
+- ``sampling``: greedy / temperature / top-k / top-p, seeded;
+- ``decode``: THE decode loop (prefill, then one token per step with the KV cache; batched,
+  left-padded, per-row stop tokens and limits), used by ``tuneops generate``, ``tuneops serve``,
+  the jobs API, the registered pyfunc, evaluate's generations and the benchmarks;
+- ``scoring``: perplexity / NLL of any forward function (train, evaluate, optimize, gate);
+- ``finetuned``: the fine-tuned model in PyTorch (base + adapter, or merged);
+- ``pyfunc``: the registered MLflow pyfuncs;
+- ``commands``: ``tuneops generate`` / ``tuneops classify``.
+
+This file imports nothing: the registered pyfunc imports the package in a fresh environment
+(no torch), and each module loads only what it needs.
+"""
