@@ -72,7 +72,7 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from pathlib import Path
 
-        from tuneops.chat_engine import ChatEngine
+        from tuneops.inference.engine import ChatEngine
 
         config = context.model_config or {}
         self.variant = config.get("variant", "fp32")

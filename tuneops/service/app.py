@@ -30,7 +30,7 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuneops.config import Config
-from tuneops.endpoint import ApiError, install_error_handlers, max_request_bytes, not_ready, run_server
+from tuneops.inference.http.routes import ApiError, install_error_handlers, max_request_bytes, not_ready, run_server
 from tuneops.data.chatterbot import eval_count
 from tuneops.service import jobs as J
 from tuneops.service.db import Store, default_url, iter_chunks, new_id, now, page
@@ -302,7 +302,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         raise ApiError(404, f"The model {model_id!r} does not exist or you do not have access to it", "model",
                        "model_not_found")
 
-    from tuneops.service import inference       # chat with the caller's own fine-tuned models (issue 16)
+    from tuneops.inference.http import job_models as inference       # chat with the caller's own fine-tuned models (issue 16)
 
     chat = inference.router(cfg, store, owner)
     app.state.scheduler = chat.scheduler      # type: ignore[attr-defined]

@@ -14,9 +14,9 @@ from typing import Any, Callable
 from fastapi import APIRouter
 
 from tuneops import tracking
-from tuneops.chat_engine import ModelPool, Scheduler, files_of_registered, registered_dir
+from tuneops.inference.engine import ModelPool, Scheduler, files_of_registered, registered_dir
 from tuneops.config import Config
-from tuneops.endpoint import add_routes, model_not_found
+from tuneops.inference.http.routes import add_routes, model_not_found
 from tuneops.service.db import Store
 
 

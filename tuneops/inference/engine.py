@@ -23,9 +23,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import InvalidInput
-from .inference.decode import stream
-from .inference.sampling import sampler
+from ..errors import InvalidInput
+from .decode import stream
+from .sampling import sampler
 
 
 class ServeError(InvalidInput):
@@ -66,8 +66,8 @@ class ChatEngine:
                  threads: int = 0):
         from transformers import AutoTokenizer
 
-        from .inference.chat import load_generation_config, stop_ids
-        from .inference.runtimes import OnnxCausalLM
+        from .chat import load_generation_config, stop_ids
+        from .runtimes import OnnxCausalLM
 
         self.onnx_path = Path(onnx_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
@@ -76,7 +76,7 @@ class ChatEngine:
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
 
     def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
-        from .inference.chat import prompt_ids
+        from .chat import prompt_ids
 
         return prompt_ids(self.tokenizer, messages)
 
@@ -143,7 +143,7 @@ class Classifier:
 
             from transformers import AutoTokenizer
 
-            from .inference.runtimes import OnnxClassifier
+            from .runtimes import OnnxClassifier
 
             labels_file = Path(onnx_path).parent / "labels.json"
             labels = json.loads(labels_file.read_text()) if labels_file.is_file() else None
@@ -156,7 +156,7 @@ class Classifier:
             return [{"label": r["label"], "score": r["score"]}
                     for r in self.onnx.predict(enc["input_ids"], enc["attention_mask"])]
         preds = self.pyfunc.predict(list(texts))
-        from .training.heads import get as head
+        from ..training.heads import get as head
 
         if head(self.task_head).per_token:     # NER: one BIO tag per whitespace-separated word
             return [{"words": t.split(), "tags": list(p)} for t, p in zip(texts, preds)]

@@ -35,7 +35,7 @@ import httpx
 import pytest
 
 from tests.conftest import REPO, TEST_ROOT, make_project, wait_for
-from tests.test_serve import InProcess
+from tests.inference.test_serve import InProcess
 from tuneops.io import free_port
 
 pytestmark = pytest.mark.pipeline          # servers in threads and `tuneops` in subprocesses
@@ -74,7 +74,7 @@ def cfg():
 
 @pytest.fixture(scope="module")
 def server(cfg, model_dir):
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
 
     app = create_app(cfg, str(model_dir))
 
@@ -230,7 +230,7 @@ def test_a_client_that_stops_reading_holds_no_slot(server):
 
 def test_health_is_not_ready_while_every_slot_is_wedged(cfg, model_dir):
     from tuneops.config import load_config
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
 
     wedgeable = load_config(cfg.source, ["serve.stall_s=0.5"])
     srv = InProcess(create_app(wedgeable, str(model_dir)))

@@ -47,7 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationIn
 from starlette.exceptions import HTTPException
 from starlette.responses import StreamingResponse
 
-from .chat_engine import MIN_TEMPERATURE, Busy, Cancelled, ChatEngine, Closed, Generation, Scheduler, Ticket
+from ..engine import MIN_TEMPERATURE, Busy, Cancelled, ChatEngine, Closed, Generation, Scheduler, Ticket
 
 log = logging.getLogger(__name__)
 
@@ -457,7 +457,7 @@ def chat_request(body: Any, settings: Any) -> dict[str, Any]:
 
 
 def prompt_of(engine: ChatEngine, req: dict[str, Any], settings: Any) -> list[int]:
-    from .inference.chat import ChatFormatError
+    from ..chat import ChatFormatError
 
     try:
         ids = engine.prompt(req["messages"])

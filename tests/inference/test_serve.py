@@ -48,7 +48,7 @@ def registered(stage, tiny_cfg):
 
 @pytest.fixture(scope="module")
 def server(registered):
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
 
     srv = InProcess(create_app(registered))
     yield srv
@@ -113,7 +113,7 @@ def test_stop_strings_and_seeds(server, registered):
 def test_errors_in_openai_shape(registered, tokenizer):
     from tuneops.inference.chat import prompt_ids
     from tuneops.config import load_config
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
     from tuneops.service.app import database_url
     from tuneops.service.db import Store
 
@@ -221,7 +221,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
 
     from tuneops.export.exporter import export_classifier
     from tuneops.models import load_tokenizer
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
 
     base = registered.path("base_model_dir")
     conf = AutoConfig.from_pretrained(str(base), num_labels=2, id2label={0: "neg", 1: "pos"},
@@ -239,7 +239,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
-        from tuneops.chat_engine import Classifier
+        from tuneops.inference.engine import Classifier
 
         direct = Classifier(onnx_path=tmp_path / "onnx" / "model.onnx").classify(texts)
         assert [d["label"] for d in body["data"]] == [d["label"] for d in direct]
@@ -256,7 +256,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
 def test_model_pool_loads_once_and_evicts_least_recently_used():
     from concurrent.futures import ThreadPoolExecutor
 
-    from tuneops.chat_engine import ModelPool
+    from tuneops.inference.engine import ModelPool
 
     loads = []
 
@@ -288,8 +288,8 @@ def test_serving_code_names_no_model_family():
 
     from tests.conftest import REPO
 
-    files = [REPO / "tuneops" / n for n in ("chat_engine.py", "endpoint.py", "serve_app.py", "inference/pyfunc.py")]
-    files.append(REPO / "tuneops" / "service" / "inference.py")
+    files = [REPO / "tuneops" / "inference" / n for n in ("engine.py", "http/routes.py", "http/app.py", "pyfunc.py",
+                                                          "http/job_models.py")]
     pattern = re.compile(r"gemma|llama|qwen|phi-?3|mistral|smollm|<end_of_turn>|<start_of_turn>|<\|im_end\|>|"
                          r"<\|eot_id\|>|<\|end\|>|bos_token_id", re.IGNORECASE)
     hits = [f"{f.name}:{i}: {line.strip()}" for f in files
@@ -301,7 +301,7 @@ def test_cancelling_a_ticket_gives_its_slot_and_queue_place_back_at_once():
     """The scheduler's counters follow cancellation (issue 36), with no garbage collection involved:
     a queued request that is cancelled leaves the queue, a running one keeps its slot until its
     generation stops, and ``close`` (SIGINT / SIGTERM) cancels everything and admits nothing more."""
-    from tuneops.chat_engine import Busy, Cancelled, Closed, Scheduler
+    from tuneops.inference.engine import Busy, Cancelled, Closed, Scheduler
 
     sched = Scheduler(max_concurrent=1, max_queue=1)
     first, second = sched.admit(), sched.admit()
@@ -341,7 +341,7 @@ def test_cancelling_a_ticket_gives_its_slot_and_queue_place_back_at_once():
 
 def test_chat_requests_are_checked_by_their_schema():
     from tuneops.config import load_config
-    from tuneops.endpoint import ApiError, MAX_DEPTH, chat_request, json_depth, parse_body
+    from tuneops.inference.http.routes import ApiError, MAX_DEPTH, chat_request, json_depth, parse_body
     from tests.conftest import REPO
 
     settings = load_config(REPO / "params.yaml").serve

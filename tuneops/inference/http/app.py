@@ -20,9 +20,9 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, FastAPI, Request
 
-from .chat_engine import ModelPool, Scheduler, ServeError, resolve
-from .config import Config
-from .endpoint import ApiError, add_routes, install_error_handlers, model_not_found, not_ready, run_server
+from ..engine import ModelPool, Scheduler, ServeError, resolve
+from ...config import Config
+from .routes import ApiError, add_routes, install_error_handlers, model_not_found, not_ready, run_server
 
 
 def default_model(cfg: Config) -> str:
@@ -48,7 +48,7 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     """The app for one model, loaded now (a bad reference fails before the server listens)."""
     import time
 
-    from . import tracking
+    from ... import tracking
 
     ref = model or default_model(cfg)
     pool = ModelPool(1, cfg.serve.threads)
@@ -63,8 +63,8 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     ids = {files.id, ref}
     created = int(time.time())
     if cfg.serve.auth:
-        from .service.app import database_url
-        from .service.db import Store
+        from ...service.app import database_url
+        from ...service.db import Store
 
         who = bearer_auth(Store(database_url(cfg)))
     else:
