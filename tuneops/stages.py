@@ -94,7 +94,8 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/report.py",
                     "tuneops/inference/pyfunc.py", "tuneops/tracking.py", "tuneops/remote.py",
                     "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
-                    "tuneops/inference/engine.py", "tuneops/faults.py", "tuneops/gate.py", "tuneops/secrets.py",
+                    "tuneops/inference/engine.py", "tuneops/inference/layout.py", "tuneops/inference/scheduler.py",
+                    "tuneops/faults.py", "tuneops/gate.py", "tuneops/secrets.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py")),
 )
 

@@ -256,7 +256,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
 def test_model_pool_loads_once_and_evicts_least_recently_used():
     from concurrent.futures import ThreadPoolExecutor
 
-    from tuneops.inference.engine import ModelPool
+    from tuneops.inference.pool import ModelPool
 
     loads = []
 
@@ -288,8 +288,9 @@ def test_serving_code_names_no_model_family():
 
     from tests.conftest import REPO
 
-    files = [REPO / "tuneops" / "inference" / n for n in ("engine.py", "http/routes.py", "http/app.py", "pyfunc.py",
-                                                          "http/job_models.py")]
+    inference = REPO / "tuneops" / "inference"
+    files = [inference / n for n in ("engine.py", "resolve.py", "layout.py", "scheduler.py", "pool.py", "pyfunc.py")]
+    files += sorted((inference / "http").glob("*.py"))
     pattern = re.compile(r"gemma|llama|qwen|phi-?3|mistral|smollm|<end_of_turn>|<start_of_turn>|<\|im_end\|>|"
                          r"<\|eot_id\|>|<\|end\|>|bos_token_id", re.IGNORECASE)
     hits = [f"{f.name}:{i}: {line.strip()}" for f in files
@@ -301,7 +302,7 @@ def test_cancelling_a_ticket_gives_its_slot_and_queue_place_back_at_once():
     """The scheduler's counters follow cancellation (issue 36), with no garbage collection involved:
     a queued request that is cancelled leaves the queue, a running one keeps its slot until its
     generation stops, and ``close`` (SIGINT / SIGTERM) cancels everything and admits nothing more."""
-    from tuneops.inference.engine import Busy, Cancelled, Closed, Scheduler
+    from tuneops.inference.scheduler import Busy, Cancelled, Closed, Scheduler
 
     sched = Scheduler(max_concurrent=1, max_queue=1)
     first, second = sched.admit(), sched.admit()
@@ -341,7 +342,8 @@ def test_cancelling_a_ticket_gives_its_slot_and_queue_place_back_at_once():
 
 def test_chat_requests_are_checked_by_their_schema():
     from tuneops.config import load_config
-    from tuneops.inference.http.routes import ApiError, MAX_DEPTH, chat_request, json_depth, parse_body
+    from tuneops.inference.http.errors import ApiError
+    from tuneops.inference.http.schema import MAX_DEPTH, chat_request, json_depth, parse_body
     from tests.conftest import REPO
 
     settings = load_config(REPO / "params.yaml").serve
