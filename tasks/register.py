@@ -35,6 +35,7 @@ from tuneops.config import Config
 from tuneops import remote as data_remote
 from tuneops.errors import TuneopsError
 from tuneops.gate import decide, rescore, rescore_head
+from tuneops.inference import layout
 from tuneops.io import md5_file, read_json, write_json
 from tuneops.lineage import base_model_identity, dvc_lock_md5s, git_commit
 from tuneops.secrets import redact, redact_text
@@ -206,8 +207,9 @@ def run(cfg: Config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
             artifact = train_dir / tm["artifact"]
             info = mlflow.pyfunc.log_model(     # self-contained: tuneops code, pinned requirements, signature
                 name="model", **chat_model_spec(
-                    artifacts={**{f"onnx_{n}": str((opt_dir / v["path"]).parent) for n, v in variants.items()},
-                               tm["artifact"]: str(artifact), "tokenizer": str(artifact)},
+                    artifacts={**layout.variant_artifacts({n: (opt_dir / v["path"]).parent
+                                                           for n, v in variants.items()}),
+                               tm["artifact"]: str(artifact), layout.TOKENIZER: str(artifact)},
                     variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens),
             )
         faults.point("register:logged")
