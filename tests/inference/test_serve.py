@@ -16,28 +16,9 @@ import pytest
 from tests.conftest import wait_for
 from tuneops.io import free_port
 
+from .conftest import InProcess
+
 HELLO = [{"role": "user", "content": "Hello"}]
-
-
-class InProcess:
-    """A real uvicorn server on a free port, in a thread (the app object stays reachable)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app, self.port = app, free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, 30, "uvicorn start", interval=0.05)
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-
-    def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
