@@ -354,17 +354,18 @@ def decode_random(factory: Callable[[], Matcher], tok: Any, vocab: int, eos: int
         m.fill(bitmask)
         t1 = time.perf_counter()
         apply_mask(logits, bitmask)
-        t2 = time.perf_counter()
+        ta = time.perf_counter()
         nxt = int(np.argmax(logits))
         if not np.isfinite(logits[nxt]):
             return "empty-mask", tok.decode(out), out
         if sample:                                   # softmax sampling (temperature 1) over the allowed tokens
             c = np.cumsum(np.exp(logits - logits[nxt]))
             nxt = int(np.searchsorted(c, rng.random() * c[-1], side="right"))   # never a zero-probability id
+        t2 = time.perf_counter()
         ok = m.accept(nxt)
         t3 = time.perf_counter()
         timing["fill"].append(t1 - t0)
-        timing["apply"].append(t2 - t1)
+        timing["apply"].append(ta - t1)
         timing["accept"].append(t3 - t2)
         if not ok:
             return "rejected", tok.decode(out), out
@@ -520,8 +521,12 @@ def e2e(onnx_path: Path, tok: Any, vocab: int, libs: dict[str, Library], n_promp
             ids = ids["input_ids"]
         prompts.append((list(ids), schema))
 
-    def run(mode: str, lib: Library | None, ids: list[int], schema: dict[str, Any]) -> tuple[int, float, str]:
+    def run(mode: str, lib: Library | None, ids: list[int], schema: dict[str, Any]
+            ) -> tuple[int, float, str, str, float, float]:
+        """(tokens, decode seconds, text, finish, forward s/token, host s/token between two forwards)"""
         m = lib.compile(schema)() if lib else None
+        fwd = over = 0.0
+        finish = "length"
         bitmask = np.full((vocab + 31) // 32, -1, np.int32)
         t0 = time.perf_counter()
         arr = np.array([ids], np.int64)
@@ -532,6 +537,7 @@ def e2e(onnx_path: Path, tok: Any, vocab: int, libs: dict[str, Library], n_promp
         pending: list[Any] = [None]
         for _ in range(max_new):
             row = logits[0, -1].astype(np.float32, copy=True)
+            tc = time.perf_counter()
             if m is not None:
                 if mode == "overlap" and pending[0] is not None:
                     pending[0].join()
@@ -542,8 +548,12 @@ def e2e(onnx_path: Path, tok: Any, vocab: int, libs: dict[str, Library], n_promp
             if first is None:
                 first = time.perf_counter()
             if m is not None and not m.accept(nxt):
+                finish = "rejected"
                 break
+            if first is not None and out:
+                over += time.perf_counter() - tc      # host work between two forwards: mask, apply, pick, advance
             if nxt == eos:
+                finish = "stop"
                 break
             out.append(nxt)
             length += 1
@@ -551,16 +561,22 @@ def e2e(onnx_path: Path, tok: Any, vocab: int, libs: dict[str, Library], n_promp
                 th = threading.Thread(target=m.fill, args=(bitmask,))
                 th.start()
                 pending[0] = th
+            tf = time.perf_counter()
             logits, cache = lm.step(np.array([[nxt]], np.int64), np.ones((1, length), np.int64), cache)
+            if len(out) > 1:
+                fwd += time.perf_counter() - tf
         if m is not None and mode == "overlap" and pending[0] is not None:
             pending[0].join()
         dt = time.perf_counter() - (first or t0)
-        return len(out), dt, tok.decode(out)
+        n = max(len(out) - 1, 1)
+        return len(out), dt, tok.decode(out), finish, fwd / n, over / n
 
     variants: list[tuple[str, str, Library | None]] = [("no schema", "seq", None)]
     for name, lib in libs.items():
         variants += [(f"{name} (sequential)", "seq", lib), (f"{name} (overlapped)", "overlap", lib)]
     rates: dict[str, list[float]] = {v[0]: [] for v in variants}
+    per_token: dict[str, dict[str, list[float]]] = {v[0]: {"forward": [], "constraint": []} for v in variants}
+    finishes: dict[str, list[str]] = {v[0]: [] for v in variants}
     samples: dict[str, str] = {}
     valid: dict[str, list[bool]] = {v[0]: [] for v in variants}
     import jsonschema
@@ -569,17 +585,21 @@ def e2e(onnx_path: Path, tok: Any, vocab: int, libs: dict[str, Library], n_promp
     for _ in range(rounds):
         for ids, schema in prompts:
             for label, mode, lib in variants:
-                n, dt, text = run(mode, lib, ids, schema)
+                n, dt, text, finish, fwd, over = run(mode, lib, ids, schema)
                 if n > 1:
                     rates[label].append((n - 1) / dt)     # decode tokens after the first
+                    per_token[label]["forward"].append(fwd)
+                    per_token[label]["constraint"].append(over)
+                finishes[label].append(finish)
                 samples.setdefault(label, text[:160])
-                if lib is not None:
+                if lib is not None and finish == "stop":
                     try:
                         jsonschema.validate(json.loads(text), schema)
                         valid[label].append(True)
                     except Exception:  # noqa: BLE001
                         valid[label].append(False)
-    return {"rates": rates, "samples": samples, "valid": valid, "model": str(onnx_path)}
+    return {"rates": rates, "samples": samples, "valid": valid, "finishes": finishes, "per_token": per_token,
+            "model": str(onnx_path)}
 
 
 # -- report -----------------------------------------------------------------------------------------
@@ -701,12 +721,21 @@ def main(argv: list[str] | None = None) -> int:
         base = statistics.median(e["rates"]["no schema"]) if e["rates"]["no schema"] else float("nan")
         print(f"\nend to end: {args.onnx}, greedy, {args.e2e_prompts} prompts x {args.e2e_rounds} rounds, "
               f"<= {args.e2e_tokens} new tokens, interleaved")
-        print("| decoding | decode tok/s median | x no schema | schema-valid |")
-        print("|---|---:|---:|---:|")
+        # the forward's time is the same work in every variant: pool it, so the estimate is not load noise
+        fwd_all = statistics.median([x for p in e["per_token"].values() for x in p["forward"]])
+        host0 = statistics.median(e["per_token"]["no schema"]["constraint"])
+        print(f"forward (ONNX step) ms/token, median over all variants: {fwd_all * 1e3:.2f}")
+        print("| decoding | decode tok/s median (measured) | x no schema (measured) | host ms/token between forwards "
+              "(mask, apply, pick, advance) | x no schema (forward + host) | stopped on EOS | schema-valid of stopped |")
+        print("|---|---:|---:|---:|---:|---:|---:|")
         for label, rs in e["rates"].items():
             med = statistics.median(rs) if rs else float("nan")
             v = e["valid"][label]
-            print(f"| {label} | {med:.1f} | {med / base:.2f} | {f'{sum(v)}/{len(v)}' if v else '-'} |")
+            h = statistics.median(e["per_token"][label]["constraint"])
+            stops = sum(x == "stop" for x in e["finishes"][label])
+            print(f"| {label} | {med:.1f} | {med / base:.2f} | {h * 1e3:.3f} | {(fwd_all + host0) / (fwd_all + h):.3f} | "
+                  f"{stops}/{len(e['finishes'][label])} | {f'{sum(v)}/{len(v)}' if v else '-'} |")
+        e["forward_ms"] = fwd_all * 1e3
         for label, s in e["samples"].items():
             print(f"  sample [{label}]: {s!r}")
     if args.json:
