@@ -18,10 +18,10 @@ What it measures, per library:
   about JSON), the output is checked with ``jsonschema``; "finished" means the matcher allowed EOS and
   EOS was picked; "truncated" means the token budget ran out first (plain random logits rarely close a
   string: ``--quote-bias`` raises the tokens holding a quote, which changes lengths, not validity);
-* **tool-call grammar** (llguidance): each ``tuneops.toolcalls`` format's whole call text (markers +
+* **tool-call grammar** (llguidance): each ``tuneops.inference.toolcalls`` format's whole call text (markers +
   ``call_schema`` JSON) as one grammar, decoded and read back with the format's ``parse``;
 * **EOS**: which tokens a matcher allows once the JSON is complete, and whether it stops after EOS;
-* **end to end** (``--onnx``): decode tok/s of an ONNX causal LM (``tuneops.onnx_lm.OnnxCausalLM``) with
+* **end to end** (``--onnx``): decode tok/s of an ONNX causal LM (``tuneops.inference.runtimes.OnnxCausalLM``) with
   no schema and with each library, the mask computed after the forward (sequential) or in a thread while
   ONNX Runtime runs the next forward (overlapped; both release the GIL).
 """
@@ -450,14 +450,14 @@ def eos_behaviour(lib: Library, tok: Any, vocab: int) -> dict[str, Any]:
 
 
 def tool_grammar_check(tok: Any, vocab: int, n: int, seed: int) -> dict[str, Any]:
-    """llguidance only: the whole tool-call text of each ``tuneops.toolcalls`` format (markers + the call
+    """llguidance only: the whole tool-call text of each ``tuneops.inference.toolcalls`` format (markers + the call
     JSON of ``call_schema``) as one Lark grammar, decoded over random logits and read back with the
     format's ``parse``. The JSON must not allow free whitespace (``x-guidance``), or a random model
     fills the budget with it."""
     import llguidance
     import llguidance.hf
 
-    from tuneops import toolcalls
+    from tuneops.inference import toolcalls
 
     lt = llguidance.hf.from_tokenizer(tok, n_vocab=vocab)
     names = {f["name"] for f in FUNCTIONS}
@@ -509,7 +509,7 @@ PROMPTS = [
 
 def e2e(onnx_path: Path, tok: Any, vocab: int, libs: dict[str, Library], n_prompts: int, max_new: int,
         rounds: int) -> dict[str, Any]:
-    from tuneops.onnx_lm import OnnxCausalLM
+    from tuneops.inference.runtimes import OnnxCausalLM
 
     lm = OnnxCausalLM(onnx_path)
     eos = tok.eos_token_id
@@ -523,53 +523,52 @@ def e2e(onnx_path: Path, tok: Any, vocab: int, libs: dict[str, Library], n_promp
 
     def run(mode: str, lib: Library | None, ids: list[int], schema: dict[str, Any]
             ) -> tuple[int, float, str, str, float, float]:
-        """(tokens, decode seconds, text, finish, forward s/token, host s/token between two forwards)"""
+        """(tokens, decode seconds, text, finish, forward s/token, host s/token between two forwards).
+        Decoding is tuneops' own loop (``decode.stream``); the constraint runs in its picker, so the
+        time outside the picker is the model's forward."""
+        from tuneops.inference import decode
+
         m = lib.compile(schema)() if lib else None
-        fwd = over = 0.0
-        finish = "length"
         bitmask = np.full((vocab + 31) // 32, -1, np.int32)
-        t0 = time.perf_counter()
-        arr = np.array([ids], np.int64)
-        logits, cache = lm.step(arr, np.ones_like(arr), lm.empty_cache(1))
-        length = arr.shape[1]
-        out: list[int] = []
-        first = None
-        pending: list[Any] = [None]
-        for _ in range(max_new):
-            row = logits[0, -1].astype(np.float32, copy=True)
+        st: dict[str, Any] = {"finish": "length", "first": None, "over": 0.0, "picks": 0, "pending": None,
+                              "last": None, "fwd": 0.0}
+
+        def pick(row: np.ndarray) -> int:
             tc = time.perf_counter()
+            if st["last"] is not None and st["picks"] > 1:
+                st["fwd"] += tc - st["last"]          # since the previous pick returned: one forward
+            row = row.astype(np.float32, copy=True)
             if m is not None:
-                if mode == "overlap" and pending[0] is not None:
-                    pending[0].join()
+                if mode == "overlap" and st["pending"] is not None:
+                    st["pending"].join()
                 else:
                     m.fill(bitmask)
                 apply_mask(row, bitmask)
             nxt = int(np.argmax(row))
-            if first is None:
-                first = time.perf_counter()
+            if st["first"] is None:
+                st["first"] = time.perf_counter()
             if m is not None and not m.accept(nxt):
-                finish = "rejected"
-                break
-            if first is not None and out:
-                over += time.perf_counter() - tc      # host work between two forwards: mask, apply, pick, advance
+                st["finish"] = "rejected"
+                return eos
             if nxt == eos:
-                finish = "stop"
-                break
-            out.append(nxt)
-            length += 1
-            if m is not None and mode == "overlap":
+                st["finish"] = "stop"
+            elif m is not None and mode == "overlap":
                 th = threading.Thread(target=m.fill, args=(bitmask,))
                 th.start()
-                pending[0] = th
-            tf = time.perf_counter()
-            logits, cache = lm.step(np.array([[nxt]], np.int64), np.ones((1, length), np.int64), cache)
-            if len(out) > 1:
-                fwd += time.perf_counter() - tf
-        if m is not None and mode == "overlap" and pending[0] is not None:
-            pending[0].join()
-        dt = time.perf_counter() - (first or t0)
+                st["pending"] = th
+            st["picks"] += 1
+            if st["picks"] > 1:
+                st["over"] += time.perf_counter() - tc   # host work between two forwards: mask, apply, pick, advance
+            st["last"] = time.perf_counter()
+            return nxt
+
+        t0 = time.perf_counter()
+        out = list(decode.stream(lm, ids, max_new, {eos}, pick))
+        if st["pending"] is not None:
+            st["pending"].join()
+        dt = time.perf_counter() - (st["first"] or t0)
         n = max(len(out) - 1, 1)
-        return len(out), dt, tok.decode(out), finish, fwd / n, over / n
+        return len(out), dt, tok.decode(out), st["finish"], st["fwd"] / n, st["over"] / n
 
     variants: list[tuple[str, str, Library | None]] = [("no schema", "seq", None)]
     for name, lib in libs.items():
@@ -652,7 +651,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--e2e-rounds", type=int, default=2)
     ap.add_argument("--e2e-tokens", type=int, default=48)
     ap.add_argument("--tool-grammar", type=int, default=40,
-                    help="requests per tuneops.toolcalls format for the llguidance tool-call grammar check (0: skip)")
+                    help="requests per tuneops.inference.toolcalls format for the llguidance tool-call grammar check (0: skip)")
     ap.add_argument("--json", type=Path, default=None, help="write the raw results here")
     args = ap.parse_args(argv)
 
@@ -708,7 +707,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.tool_grammar and "llguidance" in libs:
         results["tool_grammar"] = tg = tool_grammar_check(tok, vocab, args.tool_grammar, args.seed)
-        print("\nllguidance, whole tool-call text per tuneops.toolcalls format (markers + call_schema JSON), "
+        print("\nllguidance, whole tool-call text per tuneops.inference.toolcalls format (markers + call_schema JSON), "
               f"{args.tool_grammar} random-logits requests each, parsed back with the format's parse:")
         for name, r in tg.items():
             print(f"  {name}: parsed {r['parsed']}, mask ms median {r['mask_ms_median']:.3f} / p95 {r['mask_ms_p95']:.3f}")

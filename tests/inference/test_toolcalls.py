@@ -1,4 +1,4 @@
-"""tuneops/toolcalls.py: tool-call formats of real chat templates (tests/fixtures/chat_templates/, the
+"""tuneops/inference/toolcalls.py: tool-call formats of real chat templates (tests/fixtures/chat_templates/, the
 ``*-tools.jinja`` files name their sources in a header comment), rendered through
 ``apply_chat_template(..., tools=...)`` with tiny byte-level BPE tokenizers trained here (no weights),
 parsed back, tokenized and decoded, and streamed character by character."""
@@ -9,8 +9,8 @@ import json
 import pytest
 
 from tests.family_models import CASES, FamilyCase, build_tokenizer
-from tuneops import toolcalls
-from tuneops.chat import CHATML
+from tuneops.inference import toolcalls
+from tuneops.inference.chat import CHATML
 
 TOOLS = [
     {"type": "function", "function": {

@@ -49,10 +49,10 @@ from typing import Any
 
 Call = dict[str, Any]   # {"name": str, "arguments": dict}
 
-# The documented default for a template without tool syntax: ChatML (as tuneops.chat.CHATML) plus
+# The documented default for a template without tool syntax: ChatML (as tuneops.inference.chat.CHATML) plus
 # Qwen2.5's Hermes-style tool syntax (tools in the system turn inside <tools></tools>, calls in
 # <tool_call></tool_call>, results in a user turn inside <tool_response></tool_response>). A
-# conversation without tools renders exactly as tuneops.chat.CHATML does (no default system prompt).
+# conversation without tools renders exactly as tuneops.inference.chat.CHATML does (no default system prompt).
 DEFAULT_TEMPLATE = (
     "{%- if tools %}\n"
     "    {{- '<|im_start|>system\\n' }}\n"
@@ -337,7 +337,7 @@ DEFAULT = ToolFormat(
     "chatml-hermes", "<tool_call>", "</tool_call>", "arguments", many=False, parallel=True,
     template=DEFAULT_TEMPLATE,
     doc="tuneops' documented default for a template without tool syntax: ChatML plus the Hermes syntax "
-        "(DEFAULT_TEMPLATE); a conversation without tools renders as tuneops.chat.CHATML.")
+        "(DEFAULT_TEMPLATE); a conversation without tools renders as tuneops.inference.chat.CHATML.")
 
 FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, PHI4_MINI, DEFAULT)}
 
