@@ -2,6 +2,7 @@
 serve``, the jobs API's model endpoints, the registered pyfunc, evaluate's generations).
 
 - ``chat``: the chat format (each model's own template), training labels and stop tokens;
+- ``toolcalls``: tool-call formats of real chat templates (render, parse; not wired in yet);
 - ``runtimes``: what runs a model one step at a time (ONNX Runtime graphs, including an
   onnxruntime-genai builder folder, and PyTorch), and the ONNX classifier;
 - ``sampling``: greedy / temperature / top-k / top-p, seeded;
