@@ -3,9 +3,9 @@
 
 Alias ``champion`` only when the fine-tuned model beats the base model, passes the
 ONNX parity gate, and is not worse than the current champion, both re-scored now on the
-current eval split with their own tokenizers (``tuneops/gate.py``); otherwise
+current eval split with their own tokenizers (``tuneops/registry/promotion.py``); otherwise
 ``challenger``: a worse model never replaces the champion. Champion moves are recorded
-for ``tuneops models rollback`` (tuneops/registry.py).
+for ``tuneops models rollback`` (``tuneops/registry/versions.py``).
 
 Bound to its run: in the Prefect flow, the training run id and the train / evaluate /
 optimize results come from the same flow run (``upstream``), and the files on disk must be
@@ -15,12 +15,12 @@ tag of the version, so a rerun after a kill at any point finishes the same versi
 alias, champion history, registration.json) instead of creating another. The kill points
 between the writes are ``tuneops.faults.REGISTER_POINTS``. The params logged to MLflow are
 redacted (``tuneops/secrets.py``). Also writes the version's markdown
-model card (its description in the registry) and the HTML run report (tuneops/report.py),
+model card (its description in the registry) and the HTML run report (``tuneops/registry/report.py``),
 both saved in ``paths.register_dir`` and logged to the run.
 
 Classification / NER heads (``task_head`` in the eval metrics): the gate compares evaluate's
 ``primary_metric`` (accuracy / entity F1, higher is better) against base and champion (the
-champion re-scored now on the current eval split with its own tokenizer: ``gate.rescore_head``); no
+champion re-scored now on the current eval split with its own tokenizer: ``promotion.rescore_head``); no
 ONNX variant exists yet (optimize records why), so the PyTorch model (adapter merged, with its
 tokenizer and label maps) is registered as a pyfunc (``tuneops.serving.HeadModel``).
 """
@@ -30,13 +30,13 @@ import json
 import os
 from typing import Any
 
-from tuneops import faults, registry, report, tracking
+from tuneops import faults, registry
 from tuneops.config import Config
-from tuneops import remote as data_remote
 from tuneops.errors import TuneopsError
-from tuneops.gate import decide, rescore, rescore_head
 from tuneops.io import md5_file, read_json, write_json
-from tuneops.lineage import base_model_identity, dvc_lock_md5s, git_commit
+from tuneops.registry import (base_model_identity, decide, dvc_lock_md5s, git_commit, report, rescore,
+                              rescore_head, tracking)
+from tuneops.registry import remote as data_remote
 from tuneops.secrets import redact, redact_text
 
 __all__ = ["decide", "run"]
@@ -248,14 +248,14 @@ def _finish(cfg: Config, client: Any, name: str, version: Any, tm: dict[str, Any
     number = int(version.version)
     if alias == registry.CHAMPION:
         # once champion (then maybe rolled back), a rerun never moves the alias back to it
-        if registry._alias_version(client, name, alias) != number and not vt.get("champion.at") \
+        if registry.alias_version(client, name, alias) != number and not vt.get("champion.at") \
                 and not vt.get("rolled_back"):
             registry.move_alias(client, name, alias, number)
         faults.point("register:alias")
-        if registry._alias_version(client, name, alias) == number and not vt.get("champion.at"):
+        if registry.alias_version(client, name, alias) == number and not vt.get("champion.at"):
             registry.record_champion(client, name, number, reason)
     else:
-        held = registry._alias_version(client, name, alias)
+        held = registry.alias_version(client, name, alias)
         if held is None or held < number:          # never takes the alias from a newer version
             registry.move_alias(client, name, alias, number)
         faults.point("register:alias")

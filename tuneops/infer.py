@@ -46,7 +46,7 @@ def _local_lm(cfg: Config, model: str | None, variant: str | None) -> tuple[Path
 def _registered_lm(cfg: Config, uri: str, variant: str | None) -> tuple[Path, Path]:
     import mlflow.pyfunc
 
-    from . import tracking
+    from .registry import tracking
 
     from mlflow.exceptions import MlflowException
 

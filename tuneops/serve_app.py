@@ -43,7 +43,7 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     """The app for one model, loaded now (a bad reference fails before the server listens)."""
     import time
 
-    from . import tracking
+    from .registry import tracking
 
     ref = model or default_model(cfg)
     files = resolve(ref, tracking.tracking_uri(cfg), fallback_tokenizer=cfg.path("base_model_dir"))

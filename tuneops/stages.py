@@ -56,7 +56,7 @@ STAGES: tuple[StageSpec, ...] = (
               params=("train", "model.max_seq_len", "tracking"),
               deps=("base_model_dir", "clean_train_data", "plan"), outs=("train_dir",),
               code=("tasks/train.py", "tuneops/training", "tuneops/chat.py", "tuneops/lm.py",
-                    "tuneops/models.py", "tuneops/tracking.py", "tuneops/families.py", "tuneops/secrets.py")),
+                    "tuneops/models.py", "tuneops/registry/tracking.py", "tuneops/families.py", "tuneops/secrets.py")),
     StageSpec("evaluate", "perplexity of base vs fine-tuned on the held-out split, sample generations",
               params=("evaluate", "model.max_seq_len"),
               deps=("base_model_dir", "clean_eval_data", "train_dir"), outs=("evaluate_dir",),
@@ -74,11 +74,10 @@ STAGES: tuple[StageSpec, ...] = (
               params=("register", "tracking"),
               deps=("train_dir", "evaluate_dir", "optimize_dir", "plan", "validation_dir"),
               uncached_outs=("register_dir",),
-              code=("tasks/register.py", "tuneops/chat.py", "tuneops/finetuned.py", "tuneops/lineage.py",
-                    "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/registry.py", "tuneops/report.py",
-                    "tuneops/serving.py", "tuneops/tracking.py", "tuneops/remote.py",
+              code=("tasks/register.py", "tuneops/registry", "tuneops/chat.py", "tuneops/finetuned.py",
+                    "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/serving.py",
                     "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
-                    "tuneops/chat_engine.py", "tuneops/faults.py", "tuneops/gate.py", "tuneops/secrets.py",
+                    "tuneops/chat_engine.py", "tuneops/faults.py", "tuneops/secrets.py",
                     "tuneops/lm.py")),
 )
 

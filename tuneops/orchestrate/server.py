@@ -17,7 +17,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.config import Config
 from tuneops.env import state_paths
 from tuneops.errors import TuneopsError

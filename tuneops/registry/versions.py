@@ -1,7 +1,7 @@
 """The model registry (MLflow): aliases ``champion`` / ``challenger``, promotion only
 through the evaluation gate, rollback, model cards and lineage.
 
-``champion`` moves only when a version passes ``tuneops.gate.decide`` (beats the base
+``champion`` moves only when a version passes ``promotion.decide`` (beats the base
 model, passes the ONNX fp32 gate, not worse than the current champion re-scored on the same
 eval rows) - at registration or with ``tuneops models promote``.
 
@@ -17,10 +17,10 @@ import json
 import time
 from typing import Any
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.config import Config
 from tuneops.errors import TuneopsError
-from tuneops.lineage import dvc_lock_md5s
+from tuneops.registry.provenance import dvc_lock_md5s
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion.history"
@@ -96,7 +96,7 @@ def champion_stack(mc: Any, name: str) -> list[str]:
                 stack.append(version)
         elif not stack or stack[-1] != version:
             stack.append(version)
-    current = _alias_version(mc, name, CHAMPION)
+    current = alias_version(mc, name, CHAMPION)
     if current is None:
         return []
     current_s = str(current)
@@ -125,7 +125,7 @@ def record_champion(mc: Any, name: str, version: str, reason: str) -> None:
 def move_alias(mc: Any, name: str, alias: str, version: str) -> None:
     """Point ``alias`` at ``version`` (a new champion stops being the challenger)."""
     mc.set_registered_model_alias(name, alias, str(version))
-    if alias == CHAMPION and _alias_version(mc, name, CHALLENGER) == int(version):
+    if alias == CHAMPION and alias_version(mc, name, CHALLENGER) == int(version):
         mc.delete_registered_model_alias(name, CHALLENGER)
 
 
@@ -198,7 +198,7 @@ def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
     import tempfile
     from pathlib import Path
 
-    from tuneops.gate import decide, registered_fp32, score_onnx
+    from tuneops.registry.promotion import decide, registered_fp32, score_onnx
 
     opt = _artifact(mc, mv.run_id, "optimize/metrics.json") or {}
     onnx_ok = bool(opt.get("variants", {}).get("fp32", {}).get("accepted", False))
@@ -231,7 +231,7 @@ def promote(cfg: Config, ref: str) -> dict[str, Any]:
     mc = client(cfg)
     name, which = parse_ref(cfg, ref)
     mv = get_version(mc, name, which)
-    previous = _alias_version(mc, name, CHAMPION)
+    previous = alias_version(mc, name, CHAMPION)
     alias, reason = gate(mc, cfg, name, mv)
     if alias != CHAMPION:
         raise RegistryError(f"registry: {name} version {mv.version} not promoted: {reason}")
@@ -240,10 +240,21 @@ def promote(cfg: Config, ref: str) -> dict[str, Any]:
             "previous_champion": previous}
 
 
-def _alias_version(mc: Any, name: str, alias: str) -> int | None:
+def alias_version(mc: Any, name: str, alias: str) -> int | None:
+    """The version number ``alias`` points at, or None (no such alias or model)."""
     try:
         return int(mc.get_model_version_by_alias(name, alias).version)
     except Exception:  # noqa: BLE001
+        return None
+
+
+def current_champion(mc: Any, name: str) -> Any:
+    """The model version the ``champion`` alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mc.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
         return None
 
 
