@@ -330,16 +330,17 @@ def lineage(cfg: Config, ref: str) -> dict[str, Any]:
 # --- model card -----------------------------------------------------------------------------------------
 
 def _gate_section(tags: dict[str, str]) -> str:
-    """How the champion comparison was measured (the ``gate.*`` tags)."""
-    if "gate.challenger.perplexity" not in tags:
+    """How the champion comparison was measured (the ``gate.*`` tags; ``gate.metric`` for heads)."""
+    metric = tags.get("gate.metric", "perplexity")
+    if f"gate.challenger.{metric}" not in tags:
         return "Fine-tuned vs base: the evaluation above (same split, same tokenizer)."
     lines = [f"Fine-tuned vs base: the evaluation above. Champion comparison: {tags.get('gate.scorer')}, "
              f"{tags.get('gate.samples')} rows of the eval split `{tags.get('gate.eval_data.md5')}`, measured at "
-             "registration.", "", "| model | perplexity | tokens scored |", "|---|---|---|",
-             f"| this version | {tags['gate.challenger.perplexity']} | {tags.get('gate.challenger.tokens', '')} |"]
+             "registration.", "", f"| model | {metric} | tokens scored |", "|---|---|---|",
+             f"| this version | {tags[f'gate.challenger.{metric}']} | {tags.get('gate.challenger.tokens', '')} |"]
     if tags.get("gate.champion.version"):
         same = tags.get("gate.champion.base_model.hash") == tags.get("base_model.hash")
-        lines.append(f"| champion v{tags['gate.champion.version']} | {tags.get('gate.champion.perplexity')} | "
+        lines.append(f"| champion v{tags['gate.champion.version']} | {tags.get(f'gate.champion.{metric}')} | "
                      f"{tags.get('gate.champion.tokens', '')} |")
         lines += ["", "The champion was scored with its own tokenizer and weights"
                   + ("" if same else " (another base model than this version's)") + "."]
@@ -350,7 +351,9 @@ def _gate_section(tags: dict[str, str]) -> str:
 
 def model_card(name: str, version: str, alias: str, reason: str, tags: dict[str, str], metrics: dict[str, Any],
                plan: dict[str, Any], optimize: dict[str, Any], validation: dict[str, Any]) -> str:
-    """The markdown model card stored as the version's description (and as an artifact)."""
+    """The markdown model card stored as the version's description (and as an artifact). The
+    evaluation is by ``metrics['primary_metric']`` (perplexity for language models)."""
+    metric = metrics.get("primary_metric", "perplexity")
     rows = "\n".join(f"| {n} | {'yes' if v.get('accepted') else 'no'} | {v.get('gate', '')} | "
                      f"{v.get('perplexity', float('nan')):.4f} | {v.get('size_bytes', 0) / 2**20:.1f} MB |"
                      for n, v in (optimize.get("variants") or {}).items())
@@ -375,10 +378,10 @@ accumulation {plan.get('grad_accum')})
 Validation passed: {tags.get('validation.success')}
 
 ## Evaluation (held-out split)
-| model | perplexity |
+| model | {metric} |
 |---|---|
-| base | {metrics.get('base_perplexity', float('nan')):.4f} |
-| fine-tuned | {metrics.get('finetuned_perplexity', float('nan')):.4f} |
+| base | {metrics.get(f'base_{metric}', float('nan')):.4f} |
+| fine-tuned | {metrics.get(f'finetuned_{metric}', float('nan')):.4f} |
 
 ## Promotion gate
 {_gate_section(tags)}
@@ -394,6 +397,6 @@ Default variant: {optimize.get('default_variant')}
 - MLflow run: `{tags.get('mlflow.run_id', '')}`; Prefect flow run: `{tags.get('prefect.flow_run_id', 'n/a')}`
 
 ## Intended use and limits
-Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out perplexity. Not evaluated for
+Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out {metric}. Not evaluated for
 safety, bias or factuality. Promotion to `champion` happens only through the evaluation gate.
 """
