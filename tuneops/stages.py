@@ -71,7 +71,7 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/models.py", "tuneops/onnx_lm.py", "tuneops/targets", "tuneops/training/heads.py",
                     "tuneops/training/methods.py", "tuneops/families.py", "tuneops/genai.py")),
     StageSpec("register", "log and register the model in MLflow; champion only if it beats base and champion",
-              params=("register", "tracking"),
+              params=("register", "tracking", "evaluate", "optimize", "model.max_seq_len"),
               deps=("train_dir", "evaluate_dir", "optimize_dir", "plan", "validation_dir"),
               uncached_outs=("register_dir",),
               code=("tasks/register.py", "tuneops/registry", "tuneops/chat.py", "tuneops/finetuned.py",
