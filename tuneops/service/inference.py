@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from fastapi import APIRouter
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.chat_engine import ModelPool, Scheduler, files_of_registered, registered_dir
 from tuneops.config import Config
 from tuneops.endpoint import add_routes, model_not_found
