@@ -293,4 +293,5 @@ def test_chatterbot_pairs_are_valid_and_honest(tok):
         assert chosen.strip().lower() in replies[q]             # chosen: the corpus's own reply
         assert rejected.strip().lower() not in replies[q]       # rejected: never a reply to this prompt
         assert cat_of_reply[rejected] - {r["category"]}         # ... taken from another category
+        assert len(cat_of_reply[rejected]) == 1                 # ... and never a generic reply
     assert pref.chatterbot_pairs(seed=0)[0] == rows             # fixed seed: reproducible

@@ -520,7 +520,8 @@ def chatterbot_pairs(language: str = "english", seed: int = 0) -> tuple[list[dic
     chosen = the corpus's own reply, rejected = the reply the corpus gives to a user turn of a
     *different category* (a fluent, on-distribution answer to another question). Prompts that
     repeat (the corpus asks some questions in several files) keep their first reply; a rejected
-    reply never equals any reply the corpus gives to the same prompt text."""
+    reply never equals any reply the corpus gives to the same prompt text, and is never a generic
+    reply (one the corpus gives in two or more categories, which might fit this prompt too)."""
     from tuneops.data import chatterbot
 
     rng = random.Random(seed)
@@ -531,9 +532,13 @@ def chatterbot_pairs(language: str = "english", seed: int = 0) -> tuple[list[dic
         for q, a in zip(msgs[::2], msgs[1::2]):
             turns.append((conv["category"], q["content"], a["content"]))
             answers_of.setdefault(q["content"].strip().lower(), set()).add(a["content"].strip().lower())
+    cats_of: dict[str, set[str]] = {}
+    for cat, _, a in turns:
+        cats_of.setdefault(a.strip().lower(), set()).add(cat)
     by_cat: dict[str, list[str]] = {}
     for cat, _, a in turns:
-        by_cat.setdefault(cat, []).append(a)
+        if len(cats_of[a.strip().lower()]) == 1:            # generic replies are never the rejected side
+            by_cat.setdefault(cat, []).append(a)
     cats = sorted(by_cat)
     out: list[dict[str, Any]] = []
     seen: set[str] = set()
@@ -544,7 +549,7 @@ def chatterbot_pairs(language: str = "english", seed: int = 0) -> tuple[list[dic
             skipped["repeated_prompt"] += 1
             continue
         seen.add(key)
-        others = [c for c in cats if c != cat]
+        others = [c for c in cats if c != cat and by_cat.get(c)]
         rejected = None
         for _ in range(20):
             cand = rng.choice(by_cat[rng.choice(others)])
