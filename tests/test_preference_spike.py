@@ -108,6 +108,19 @@ def test_openai_row_keeps_tools():
     assert issues == [] and pair.tools == tools
 
 
+def test_tools_reach_the_template(tok):
+    from tuneops import chat
+
+    tools = [{"type": "function", "function": {"name": "add", "description": "add numbers",
+                                               "parameters": {"type": "object", "properties": {}}}}]
+    row = {"input": {"messages": [{"role": "user", "content": "add 2 and 2"}], "tools": tools},
+           "preferred_output": [{"role": "assistant", "content": "4"}],
+           "non_preferred_output": [{"role": "assistant", "content": "22"}]}
+    f = pref.encode(pref.parse(row)[0], tok)
+    marker = tok(chat.end_marker(tok), add_special_tokens=False)["input_ids"]
+    assert f["chosen_ids"][-len(marker):] == marker and tok.decode(f["chosen_ids"]).startswith("4")
+
+
 @pytest.mark.parametrize("row, field, rule", [
     ({"input": {"messages": [{"role": "user", "content": "hi"}]},
       "preferred_output": [{"role": "assistant", "content": "a"}, {"role": "assistant", "content": "b"}],
@@ -254,6 +267,19 @@ def test_sft_then_dpo_uses_the_sft_model_as_reference(tiny_dir, tok, tmp_path, s
     w = step0(wrong, tok, tmp_path / "base", beta=1.0)
     assert abs(w["loss"] - LN2) > 1e-3
     assert abs(w["reward_chosen"]) > 1e-2 and abs(w["reward_rejected"]) > 1e-2
+
+
+def test_sft_then_full_dpo_uses_the_merged_sft_model_as_reference(tiny_dir, tok, tmp_path, sft_adapter):
+    """Full fine-tuning from an SFT adapter: TRL alone (ref_model=None) would reload the reference
+    from ``config._name_or_path``, the base folder; build_models hands it a frozen copy of the
+    merged SFT model instead."""
+    from trl.trainer.utils import get_config_model_id
+
+    models = pref.build_models(load(tiny_dir), start_adapter=sft_adapter)
+    assert get_config_model_id(models.policy.config) == str(tiny_dir)     # where TRL alone would reload it from
+    assert models.ref_model is not None and models.record["reference_model"] == "a frozen copy of the start model"
+    s = step0(models, tok, tmp_path, beta=1.0)
+    assert s["loss"] == pytest.approx(LN2, abs=1e-4) and s["reward_chosen"] == pytest.approx(0, abs=1e-4)
 
 
 def test_policy_differs_from_base_after_merging_the_sft_adapter(tiny_dir, sft_adapter):

@@ -476,13 +476,14 @@ def trainer(models: PreferenceModels, feats: list[dict[str, list[int]]], tokeniz
     from datasets import Dataset
 
     args.precompute_ref_log_probs = models.precompute
+    # before the trainer: with precomputed log-probs TRL runs the reference (no-grad) forward in __init__
+    _disable_cpu_bf16_repack(models.policy)
+    if models.ref_model is not None:
+        _disable_cpu_bf16_repack(models.ref_model)
     t = _trainer_class()(model=models.policy, ref_model=models.ref_model, args=args,
                          train_dataset=Dataset.from_list(feats),
                          eval_dataset=Dataset.from_list(eval_feats) if eval_feats else None,
                          processing_class=tokenizer, callbacks=callbacks)
-    _disable_cpu_bf16_repack(t.model)
-    if models.ref_model is not None:
-        _disable_cpu_bf16_repack(models.ref_model)
     return t
 
 
