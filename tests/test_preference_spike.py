@@ -217,18 +217,21 @@ def test_dpo_learns_a_separable_preference_and_lora_keeps_the_base(tiny_dir, tok
     import torch
 
     models = pref.build_models(load(tiny_dir), peft_config=lora())
-    base = {k: v.detach().clone() for k, v in models.policy.named_parameters() if "lora_" not in k}
+    base = {k: v.detach().clone() for k, v in models.policy.named_parameters()}
     args = pref.dpo_config(tmp_path / "out", beta=0.5, max_steps=12, per_device_train_batch_size=4,
                            per_device_eval_batch_size=8, learning_rate=2e-2, seed=0)
     t = pref.trainer(models, feats(tok), tok, args)
+    assert list(t.model.peft_config) == ["default"]             # a fresh adapter: reference = adapter disabled
     t.train()
     logs = [h for h in t.state.log_history if "loss" in h]
     assert logs[0]["loss"] == pytest.approx(LN2, abs=1e-4)
     assert all(k in logs[0] for k in pref.PREFERENCE_METRICS)
     s = pref.scores(t, feats(tok))
     assert s["margin"] > 0 and s["accuracy"] > 0.5 and s["loss"] < LN2
-    after = dict(models.policy.named_parameters())
-    assert all(torch.equal(base[k], after[k]) for k in base)                   # the base is untouched
+    after = dict(t.model.get_base_model().named_parameters())
+    frozen = {k: v for k, v in after.items() if "lora_" not in k}
+    assert len(frozen) == len(base)
+    assert all(torch.equal(base[k.replace(".base_layer", "")], v) for k, v in frozen.items())   # base untouched
     assert any(not torch.equal(v, torch.zeros_like(v)) for k, v in after.items() if "lora_B" in k)
 
 
@@ -289,7 +292,7 @@ def test_policy_differs_from_base_after_merging_the_sft_adapter(tiny_dir, sft_ad
     models = pref.build_models(load(tiny_dir), peft_config=lora(), start_adapter=sft_adapter)
     base = load(tiny_dir)()
     ids = torch.tensor([[2, 105, 2364, 107, 37889, 5866]])
-    with torch.no_grad(), models.policy.disable_adapter():
+    with torch.no_grad():
         merged = models.policy(input_ids=ids).logits
     assert not torch.allclose(merged, base(input_ids=ids).logits, atol=1e-3)
     assert "merged" in models.record["construction"] and "disabled" in models.record["reference_model"]

@@ -359,6 +359,7 @@ class PreferenceModels:
     ref_model: Any
     precompute: bool
     record: dict[str, Any] = field(default_factory=dict)
+    peft_config: Any = None      # a new adapter TRL adds itself (so its reference is "adapter disabled")
 
 
 def _frozen(model: Any) -> Any:
@@ -386,9 +387,10 @@ def build_models(load_base: Callable[[], Any], *, peft_config: Any = None, start
         raise ValueError(f"train.reference: {reference!r} is not one of {', '.join(REFERENCES)}")
     if adapter not in ("new", "continue"):
         raise ValueError(f"train.adapter: {adapter!r} is not one of new, continue")
-    from peft import PeftModel, get_peft_model
+    from peft import PeftModel
 
     start = "base" if start_adapter is None else str(start_adapter)
+    new_adapter = None
     record: dict[str, Any] = {"reference": reference, "start": start, "adapter": adapter if start_adapter else "new",
                               "objective": "dpo"}
     policy = load_base()
@@ -408,7 +410,9 @@ def build_models(load_base: Callable[[], Any], *, peft_config: Any = None, start
         if prepare is not None:
             policy = prepare(policy)
         if peft_config is not None:
-            policy = get_peft_model(policy, peft_config)
+            # TRL wraps it: handed a PeftModel without peft_config, TRL 1.16 would add a 'ref' copy of the
+            # fresh adapter and run it on every reference pass (the same numbers, slower)
+            new_adapter = peft_config
             record["construction"] += "; a new adapter on top"
     ref_model: Any = None
     ref_is_start_copy = False
@@ -429,7 +433,7 @@ def build_models(load_base: Callable[[], Any], *, peft_config: Any = None, start
             ", computed once before training (the reference is not kept in memory)"
         if ref_is_start_copy:
             ref_model = None         # TRL precomputes with the policy itself before the first step
-    return PreferenceModels(policy, ref_model, precompute, record)
+    return PreferenceModels(policy, ref_model, precompute, record, new_adapter)
 
 
 # -- training ------------------------------------------------------------------------------------------
@@ -483,7 +487,8 @@ def trainer(models: PreferenceModels, feats: list[dict[str, list[int]]], tokeniz
     t = _trainer_class()(model=models.policy, ref_model=models.ref_model, args=args,
                          train_dataset=Dataset.from_list(feats),
                          eval_dataset=Dataset.from_list(eval_feats) if eval_feats else None,
-                         processing_class=tokenizer, callbacks=callbacks)
+                         processing_class=tokenizer, callbacks=callbacks, peft_config=models.peft_config)
+    _disable_cpu_bf16_repack(t.model)
     return t
 
 
