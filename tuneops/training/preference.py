@@ -21,7 +21,7 @@ Nothing imports this module yet; it is the tested groundwork the ``preference`` 
   model's tokenizer), plus the usual ``required`` / ``type`` / ``enum`` / ``non_empty``.
 
 * **Features from the chat layer** (:func:`features`): the prompt, chosen and rejected token ids
-  come from ``tuneops.chat`` (the model's template; the reply plus its end-of-turn marker carries
+  come from ``tuneops.inference.chat`` (the model's template; the reply plus its end-of-turn marker carries
   the loss, exactly as in SFT), and are handed to TRL already tokenized (TRL 1.16 would otherwise
   re-render with its own rules: an extra EOS after the marker for text rows, the newline after
   the marker labelled for message rows).
@@ -291,7 +291,7 @@ class PairError(ValueError):
 def _side_ids(pair: Pair, side: str, tokenizer: Any) -> tuple[list[int], int, int]:
     """Token ids of prompt + one reply rendered by the chat layer, the index of the first
     labelled token and one past the last (the reply and its end-of-turn marker)."""
-    from tuneops import chat
+    from tuneops.inference import chat
 
     msgs = [dict(m, weight=0) if m["role"] == "assistant" else m for m in pair.prompt]
     msgs.append(pair.chosen if side == "chosen" else pair.rejected)
@@ -307,7 +307,7 @@ def _side_ids(pair: Pair, side: str, tokenizer: Any) -> tuple[list[int], int, in
 def _side_ids_with_tools(msgs: Messages, tools: list[dict[str, Any]], tokenizer: Any) -> tuple[list[int], int, int]:
     import os
 
-    from tuneops import chat
+    from tuneops.inference import chat
 
     plain = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
     text = tokenizer.apply_chat_template(plain, tools=tools, tokenize=False)

@@ -109,7 +109,7 @@ def test_openai_row_keeps_tools():
 
 
 def test_tools_reach_the_template(tok):
-    from tuneops import chat
+    from tuneops.inference import chat
 
     tools = [{"type": "function", "function": {"name": "add", "description": "add numbers",
                                                "parameters": {"type": "object", "properties": {}}}}]
@@ -176,7 +176,7 @@ def test_beta_and_loss_type_are_checked(tmp_path):
 # -- features -------------------------------------------------------------------------------------------
 
 def test_features_are_the_chat_layers_labels(tok):
-    from tuneops import chat
+    from tuneops.inference import chat
 
     pair = pref.parse(toy_rows()[0])[0]
     f = pref.encode(pair, tok)
