@@ -479,30 +479,19 @@ def trainer(models: PreferenceModels, feats: list[dict[str, list[int]]], tokeniz
     after the first no-grad forward: the reference pass)."""
     from datasets import Dataset
 
+    from .methods import disable_cpu_bf16_repack
+
     args.precompute_ref_log_probs = models.precompute
     # before the trainer: with precomputed log-probs TRL runs the reference (no-grad) forward in __init__
-    _disable_cpu_bf16_repack(models.policy)
+    disable_cpu_bf16_repack(models.policy)
     if models.ref_model is not None:
-        _disable_cpu_bf16_repack(models.ref_model)
+        disable_cpu_bf16_repack(models.ref_model)
     t = _trainer_class()(model=models.policy, ref_model=models.ref_model, args=args,
                          train_dataset=Dataset.from_list(feats),
                          eval_dataset=Dataset.from_list(eval_feats) if eval_feats else None,
                          processing_class=tokenizer, callbacks=callbacks, peft_config=models.peft_config)
-    _disable_cpu_bf16_repack(t.model)
+    disable_cpu_bf16_repack(t.model)
     return t
-
-
-def _disable_cpu_bf16_repack(model: Any) -> int:
-    try:
-        import bitsandbytes as bnb
-    except ImportError:  # pragma: no cover
-        return 0
-    n = 0
-    for m in model.modules():
-        if isinstance(m, bnb.nn.Linear4bit):
-            m.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
 
 
 PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
