@@ -127,7 +127,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve-cpu"))
     args = ap.parse_args()
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
     from tuneops.config import load_config
 
     cfg = load_config(args.params, args.overrides)

@@ -3,9 +3,9 @@
 
 Alias ``champion`` only when the fine-tuned model beats the base model, passes the
 ONNX parity gate, and is not worse than the current champion, both re-scored now on the
-current eval split with their own tokenizers (``tuneops/gate.py``); otherwise
+current eval split with their own tokenizers (``tuneops/registry/promotion.py``); otherwise
 ``challenger``: a worse model never replaces the champion. Champion moves are recorded
-for ``tuneops models rollback`` (tuneops/registry.py).
+for ``tuneops models rollback`` (``tuneops/registry/versions.py``).
 
 Bound to its run: in the Prefect flow, the training run id and the train / evaluate /
 optimize results come from the same flow run (``upstream``), and the files on disk must be
@@ -15,29 +15,33 @@ tag of the version, so a rerun after a kill at any point finishes the same versi
 alias, champion history, registration.json) instead of creating another. The kill points
 between the writes are ``tuneops.faults.REGISTER_POINTS``. The params logged to MLflow are
 redacted (``tuneops/secrets.py``). Also writes the version's markdown
-model card (its description in the registry) and the HTML run report (tuneops/report.py),
+model card (its description in the registry) and the HTML run report (``tuneops/registry/report.py``),
 both saved in ``paths.register_dir`` and logged to the run.
 
-Classification / NER heads (``task_head`` in the eval metrics): the gate compares evaluate's
-``primary_metric`` (accuracy / entity F1, higher is better) against base and champion (the
-champion re-scored now on the current eval split with its own tokenizer: ``gate.rescore_head``); no
-ONNX variant exists yet (optimize records why), so the PyTorch model (adapter merged, with its
-tokenizer and label maps) is registered as a pyfunc (``tuneops.inference.pyfunc.HeadModel``).
+One flow for every model: what differs between a language model and a classification / NER
+head (``task_head`` in the eval metrics) is a ``Kind`` (data: its tags, metrics, pyfunc and
+gate), so both converge the same way. Heads: the gate compares evaluate's ``primary_metric``
+(accuracy / entity F1, higher is better) against base and champion (the champion re-scored now on
+the current eval split with its own tokenizer: ``promotion.rescore_head``); no ONNX variant exists
+yet (optimize records why), so the PyTorch model (adapter merged, with its tokenizer and label
+maps) is registered as a pyfunc (``tuneops.inference.pyfunc.HeadModel``).
 """
 from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
 
-from tuneops import faults, registry, report, tracking
+from tuneops import faults
 from tuneops.config import Config
-from tuneops import remote as data_remote
 from tuneops.errors import TuneopsError
-from tuneops.gate import decide, rescore, rescore_head
-from tuneops.inference import layout
 from tuneops.io import md5_file, read_json, write_json
-from tuneops.lineage import base_model_identity, dvc_lock_md5s, git_commit
+from tuneops.registry import (CHAMPION, REGISTRATION_TAG, alias_version, base_model_identity, current_champion,
+                              decide, dvc_lock_md5s, find_registration, git_commit, model_card, move_alias,
+                              record_champion, report, rescore, rescore_head, tracking)
+from tuneops.registry import remote as data_remote
 from tuneops.secrets import redact, redact_text
 
 __all__ = ["decide", "run"]
@@ -52,16 +56,6 @@ def _count_metrics(counts: dict[str, Any]) -> dict[str, float]:
         for rule, n in c.get("rejected_by_rule", {}).items():
             out[f"data_{split}_rejected_{rule}"] = float(n)
     return out
-
-
-def _current_champion(client: Any, name: str) -> Any:
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return None
-
 
 
 def _lineage_tags(cfg: Config) -> dict[str, str]:
@@ -139,136 +133,84 @@ def registration_key(cfg: Config, tm: dict[str, Any]) -> str:
     return f"{tm['mlflow_run_id']}:{cfg.sections_hash(('evaluate', 'optimize', 'register'))}"
 
 
-def _log_run_record(cfg: Config, tags: dict[str, str], plan: dict[str, Any], validation: dict[str, Any],
-                    om: dict[str, Any], eval_file: str) -> None:
-    """Into the active MLflow run: data counts, lineage tags, the plan, the validation report and
-    Data Docs, optimize's metrics, evaluate's ``eval_file`` and the loss history."""
-    import mlflow
+# --- what differs between a language model and a task head -------------------------------------------
 
-    mlflow.log_metrics(_count_metrics(validation.get("counts", {})))
-    mlflow.set_tags(tags)
-    mlflow.log_dict(plan, "plan.json")
-    mlflow.log_dict(validation, "validation/report.json")
-    docs = cfg.path("validation_dir") / "data_docs"
-    if docs.is_dir():
-        mlflow.log_artifacts(str(docs), "validation/data_docs")
-    mlflow.log_dict(om, "optimize/metrics.json")
-    mlflow.log_artifact(str(cfg.path("evaluate_dir") / eval_file), "evaluate")
-    mlflow.log_artifact(str(cfg.path("train_dir") / "history.json"), "train")
+@dataclass(frozen=True)
+class Kind:
+    """How one kind of model is registered: the rest of the flow is shared (and convergent)."""
+    eval_file: str                                                           # evaluate's per-row output
+    tags: Callable[[dict[str, Any], dict[str, Any]], dict[str, str]]       # (evaluate, optimize) -> eval tags
+    metrics: Callable[[dict[str, Any], dict[str, Any]], dict[str, float]]  # (evaluate, optimize) -> run metrics
+    model: Callable[..., dict[str, Any]]    # (cfg, train, evaluate, optimize, tmp) -> pyfunc.log_model kwargs
+    gate: Callable[..., tuple[str, str, dict[str, str]]]  # (cfg, name, champion, train, evaluate, optimize)
+    #                                                       -> (alias, reason, gate.* tags)
 
-def run(cfg: Config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
-    import mlflow
-    from mlflow import MlflowClient
 
-    train_dir, opt_dir = cfg.path("train_dir"), cfg.path("optimize_dir")
-    tm, em, om = _bound(cfg, upstream)
-    plan = read_json(cfg.path("plan"))
-    validation = read_json(cfg.path("validation_dir") / "report.json")
-    if em.get("task_head"):
-        return run_head(cfg, tm, em, om, plan, validation)
-    variants = om["variants"]
-    name = cfg.register.model_name
-
-    tracking.setup(cfg)
-    client = MlflowClient()
-    key = registration_key(cfg, tm)
-    version = registry.find_registration(client, name, key)
-    if version is None:
-        tags = {
-            **_lineage_tags(cfg),
-            **base_model_identity(cfg.path("base_model_dir")),
-            "method": plan["method"],
-            "eval.base_perplexity": f"{em['base_perplexity']:.6f}",
+def _lm_tags(em: dict[str, Any], om: dict[str, Any]) -> dict[str, str]:
+    return {"eval.base_perplexity": f"{em['base_perplexity']:.6f}",
             "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
-            "eval.data.md5": str(em.get("eval_data_md5", "")),
-            "onnx.default_variant": str(om["default_variant"]),
-            **_validation_tags(validation),
-        }
-        _add_dvc_lock_tags(cfg, tags)
-        with mlflow.start_run(run_id=tm["mlflow_run_id"]):
-            mlflow.log_metrics({
-                "eval_base_loss": em["base_loss"], "eval_base_perplexity": em["base_perplexity"],
-                "eval_loss": em["finetuned_loss"], "eval_perplexity": em["finetuned_perplexity"],
-                "onnx_fp32_max_abs_logits_diff": variants["fp32"]["max_abs_logits_diff"],
-                **{f"onnx_{n}_size_mb": v["size_bytes"] / 2**20 for n, v in variants.items()},
-                **{f"onnx_{n}_perplexity": v["perplexity"] for n, v in variants.items()},
-                **{f"onnx_{n}_perplexity_change_pct": v["perplexity_change_pct"]
-                   for n, v in variants.items() if "perplexity_change_pct" in v},
-                **{f"onnx_{n}_top1_agreement": v["top1_agreement"] for n, v in variants.items()
-                   if "top1_agreement" in v},
-                **{f"onnx_{n}_accepted": float(v["accepted"]) for n, v in variants.items()},
-                **{f"onnx_{n}_coverage_{t}_node_share": c["node_share"]
-                   for n, v in variants.items() for t, c in v.get("coverage", {}).items()},
-            })
-            _log_run_record(cfg, tags, plan, validation, om, "generations.jsonl")
-            mlflow.log_dict(redact(cfg.raw), "params.json")
-            from tuneops.inference.pyfunc import chat_model_spec
-
-            artifact = train_dir / tm["artifact"]
-            info = mlflow.pyfunc.log_model(     # self-contained: tuneops code, pinned requirements, signature
-                name="model", **chat_model_spec(
-                    artifacts={**layout.variant_artifacts({n: (opt_dir / v["path"]).parent
-                                                           for n, v in variants.items()}),
-                               tm["artifact"]: str(artifact), layout.TOKENIZER: str(artifact)},
-                    variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens),
-            )
-        faults.point("register:logged")
-        current = _current_champion(client, name)
-        gate_tags = rescore(cfg, name, current, opt_dir / variants["fp32"]["path"], artifact)
-        if current is not None and "gate.champion.error" in gate_tags:
-            alias, reason = "challenger", (f"the champion (version {current.version}) cannot be scored like this "
-                                           f"version ({gate_tags['gate.champion.error']}): not comparable")
-        else:
-            champion_ppl = float(gate_tags["gate.champion.perplexity"]) if current is not None else None
-            alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"],
-                                   variants["fp32"]["accepted"], champion_ppl, cfg.register.min_improvement_pct,
-                                   challenger_ppl=float(gate_tags["gate.challenger.perplexity"]))
-        # One write creates the version with everything a rerun needs: lineage, the gate's numbers
-        # and decision, the champion it was compared with, and the registration key.
-        version = mlflow.register_model(info.model_uri, name, tags={
-            **tags, **gate_tags, "promotion.reason": reason, "promotion.alias": alias,
-            "previous_champion": str(current.version) if current is not None else "",
-            registry.REGISTRATION_TAG: key})
-    faults.point("register:version")
-    return _finish(cfg, client, name, version, tm, em, om, plan, validation)
+            "onnx.default_variant": str(om["default_variant"])}
 
 
-def _finish(cfg: Config, client: Any, name: str, version: Any, tm: dict[str, Any], em: dict[str, Any],
-            om: dict[str, Any], plan: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
-    """Everything after the version exists, each step idempotent and read from the version's tags:
-    model card, alias, champion history, registration.json, report. A rerun redoes what is missing."""
-    version = client.get_model_version(name, str(version.version))
-    vt = dict(version.tags)
-    alias, reason = vt["promotion.alias"], vt["promotion.reason"]
-    tags = {k: v for k, v in vt.items() if not k.startswith(("promotion.", "gate.", "champion.", "rolled_back"))
-            and k not in (registry.REGISTRATION_TAG, "previous_champion")}
-    card = registry.model_card(name, version.version, alias, reason, {**vt, "mlflow.run_id": tm["mlflow_run_id"]},
-                               em, plan, om, validation)
-    if version.description != card:
-        client.update_model_version(name, version.version, description=card)
-    faults.point("register:card")
-    number = int(version.version)
-    if alias == registry.CHAMPION:
-        # once champion (then maybe rolled back), a rerun never moves the alias back to it
-        if registry._alias_version(client, name, alias) != number and not vt.get("champion.at") \
-                and not vt.get("rolled_back"):
-            registry.move_alias(client, name, alias, number)
-        faults.point("register:alias")
-        if registry._alias_version(client, name, alias) == number and not vt.get("champion.at"):
-            registry.record_champion(client, name, number, reason)
-    else:
-        held = registry._alias_version(client, name, alias)
-        if held is None or held < number:          # never takes the alias from a newer version
-            registry.move_alias(client, name, alias, number)
-        faults.point("register:alias")
-    faults.point("register:history")
-    record, out = _write_record(cfg, name, version, alias, reason, vt.get("previous_champion") or None, tm, tags)
-    faults.point("register:record")
-    (out / "model_card.md").write_text(card, encoding="utf-8")
-    client.log_artifact(tm["mlflow_run_id"], str(out / "model_card.md"))
-    record["report"] = str(report.write(cfg, record))
-    client.log_artifact(tm["mlflow_run_id"], record["report"], "report")
-    return {"register_dir": str(out), **record}
+def _lm_metrics(em: dict[str, Any], om: dict[str, Any]) -> dict[str, float]:
+    variants = om["variants"]
+    return {
+        "eval_base_loss": em["base_loss"], "eval_base_perplexity": em["base_perplexity"],
+        "eval_loss": em["finetuned_loss"], "eval_perplexity": em["finetuned_perplexity"],
+        "onnx_fp32_max_abs_logits_diff": variants["fp32"]["max_abs_logits_diff"],
+        **{f"onnx_{n}_size_mb": v["size_bytes"] / 2**20 for n, v in variants.items()},
+        **{f"onnx_{n}_perplexity": v["perplexity"] for n, v in variants.items()},
+        **{f"onnx_{n}_perplexity_change_pct": v["perplexity_change_pct"]
+           for n, v in variants.items() if "perplexity_change_pct" in v},
+        **{f"onnx_{n}_top1_agreement": v["top1_agreement"] for n, v in variants.items()
+           if "top1_agreement" in v},
+        **{f"onnx_{n}_accepted": float(v["accepted"]) for n, v in variants.items()},
+        **{f"onnx_{n}_coverage_{t}_node_share": c["node_share"]
+           for n, v in variants.items() for t, c in v.get("coverage", {}).items()},
+    }
+
+
+def _lm_model(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """Self-contained pyfunc: the ONNX variants, the adapter, the tokenizer, tuneops code, pinned requirements."""
+    from tuneops.inference import layout
+    from tuneops.inference.pyfunc import chat_model_spec
+
+    artifact, opt_dir = cfg.path("train_dir") / tm["artifact"], cfg.path("optimize_dir")
+    return chat_model_spec(
+        artifacts={**layout.variant_artifacts({n: (opt_dir / v["path"]).parent for n, v in om["variants"].items()}),
+                   tm["artifact"]: str(artifact), layout.TOKENIZER: str(artifact)},
+        variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens)
+
+
+def _lm_gate(cfg: Config, name: str, current: Any, tm: dict[str, Any], em: dict[str, Any],
+             om: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """Perplexity: the challenger's fp32 ONNX model and the champion's, both re-scored now."""
+    fp32 = om["variants"]["fp32"]
+    gate_tags = rescore(cfg, name, current, cfg.path("optimize_dir") / fp32["path"],
+                        cfg.path("train_dir") / tm["artifact"])
+    if current is not None and "gate.champion.error" in gate_tags:
+        return "challenger", (f"the champion (version {current.version}) cannot be scored like this "
+                              f"version ({gate_tags['gate.champion.error']}): not comparable"), gate_tags
+    champion_ppl = float(gate_tags["gate.champion.perplexity"]) if current is not None else None
+    alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"], fp32["accepted"], champion_ppl,
+                           cfg.register.min_improvement_pct,
+                           challenger_ppl=float(gate_tags["gate.challenger.perplexity"]))
+    return alias, reason, gate_tags
+
+
+def _head_tags(em: dict[str, Any], om: dict[str, Any]) -> dict[str, str]:
+    metric = em["primary_metric"]
+    return {"task_head": em["task_head"], "labels": ",".join(em["labels"]), "eval.primary_metric": metric,
+            "eval.primary_direction": em["primary_direction"],
+            f"eval.base_{metric}": f"{em[f'base_{metric}']:.6f}",
+            f"eval.finetuned_{metric}": f"{em[f'finetuned_{metric}']:.6f}",
+            "onnx.default_variant": "None", "onnx.skipped": str(om.get("skipped"))}
+
+
+def _head_metrics(em: dict[str, Any], om: dict[str, Any]) -> dict[str, float]:
+    scores = {k: v for k, v in em.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): float(v)
+            for k, v in scores.items() if k != "samples"}
 
 
 def _head_model_dir(cfg: Config, tm: dict[str, Any], dest: Any) -> dict[str, str]:
@@ -287,69 +229,135 @@ def _head_model_dir(cfg: Config, tm: dict[str, Any], dest: Any) -> dict[str, str
     return {"model": str(dest), "tokenizer": str(dest)}
 
 
-def run_head(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, Any], plan: dict[str, Any],
-             validation: dict[str, Any]) -> dict[str, Any]:
-    """Register a classification / NER head model (PyTorch pyfunc) behind the metric gate."""
-    import tempfile
-    from pathlib import Path
-
-    import mlflow
-    from mlflow import MlflowClient
-
+def _head_model(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, Any], tmp: Path) -> dict[str, Any]:
+    """The PyTorch head model (adapter merged) with its tokenizer and label maps."""
     from tuneops.inference.pyfunc import HeadModel
 
-    name, metric = cfg.register.model_name, em["primary_metric"]
-    higher = em["primary_direction"] == "higher"
+    return {"python_model": HeadModel(), "artifacts": _head_model_dir(cfg, tm, tmp / "model"),
+            "model_config": {"task_head": em["task_head"], "labels": em["labels"],
+                             "max_seq_len": cfg.model.max_seq_len},
+            "pip_requirements": ["torch", "transformers>=5.20,<6", "peft", "numpy"]}
+
+
+def _head_gate(cfg: Config, name: str, current: Any, tm: dict[str, Any], em: dict[str, Any],
+               om: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """The primary metric: evaluate's number, and the champion re-scored now on the same rows."""
+    metric = em["primary_metric"]
+    champion_value, gate_tags = None, {}
+    if current is not None:
+        theirs = current.tags.get("eval.primary_metric", "perplexity")
+        if theirs != metric:
+            return "challenger", (f"the champion (version {current.version}) is measured by {theirs}, not {metric}: "
+                                  "not comparable (register other tasks under another register.model_name)"), {}
+        gate_tags = rescore_head(cfg, name, current, metric, em[f"finetuned_{metric}"], em["labels"])
+        if "gate.champion.error" in gate_tags:
+            return "challenger", (f"the champion (version {current.version}) cannot be scored on this eval split "
+                                  f"({gate_tags['gate.champion.error']}): not comparable, so not promoted"), gate_tags
+        champion_value = float(gate_tags[f"gate.champion.{metric}"])
+    alias, reason = decide(em[f"finetuned_{metric}"], em[f"base_{metric}"], True, champion_value,
+                           cfg.register.min_improvement_pct, metric=metric,
+                           higher_is_better=em["primary_direction"] == "higher")
+    return alias, reason, gate_tags
+
+
+LM = Kind("generations.jsonl", _lm_tags, _lm_metrics, _lm_model, _lm_gate)
+HEAD = Kind("predictions.jsonl", _head_tags, _head_metrics, _head_model, _head_gate)
+
+
+# --- the flow -------------------------------------------------------------------------------------------
+
+def run(cfg: Config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
+    from mlflow import MlflowClient
+
+    tm, em, om = _bound(cfg, upstream)
+    plan = read_json(cfg.path("plan"))
+    validation = read_json(cfg.path("validation_dir") / "report.json")
+    kind = HEAD if em.get("task_head") else LM
+    name = cfg.register.model_name
+
     tracking.setup(cfg)
     client = MlflowClient()
-    scores = {k: v for k, v in em.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    key = registration_key(cfg, tm)
+    version = find_registration(client, name, key)
+    if version is None:
+        version = _register(cfg, kind, client, name, key, tm, em, om, plan, validation)
+    faults.point("register:version")
+    return _finish(cfg, client, name, version, tm, em, om, plan, validation)
+
+
+def _register(cfg: Config, kind: Kind, client: Any, name: str, key: str, tm: dict[str, Any], em: dict[str, Any],
+              om: dict[str, Any], plan: dict[str, Any], validation: dict[str, Any]) -> Any:
+    """Log the run's record and the pyfunc, run the gate, and create the version: one write with
+    everything a rerun needs (lineage, the gate's numbers and decision, the champion it was
+    compared with, and the registration key)."""
+    import tempfile
+
+    import mlflow
+
     tags = {
         **_lineage_tags(cfg),
         **base_model_identity(cfg.path("base_model_dir")),
         "method": plan["method"],
-        "task_head": em["task_head"],
-        "labels": ",".join(em["labels"]),
-        "eval.primary_metric": metric,
-        "eval.primary_direction": em["primary_direction"],
-        f"eval.base_{metric}": f"{em[f'base_{metric}']:.6f}",
-        f"eval.finetuned_{metric}": f"{em[f'finetuned_{metric}']:.6f}",
-        "onnx.default_variant": "None",
-        "onnx.skipped": str(om.get("skipped")),
+        **kind.tags(em, om),
         "eval.data.md5": str(em.get("eval_data_md5", "")),
         **_validation_tags(validation),
     }
     _add_dvc_lock_tags(cfg, tags)
+    # into the training run: metrics, data counts, lineage tags, the plan, the validation report and
+    # Data Docs, optimize's metrics, evaluate's per-row file, the loss history, the params, the pyfunc
     with tempfile.TemporaryDirectory(dir=cfg.state_dir) as tmp, mlflow.start_run(run_id=tm["mlflow_run_id"]):
-        mlflow.log_metrics({("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): float(v)
-                            for k, v in scores.items() if k != "samples"})
-        _log_run_record(cfg, tags, plan, validation, om, "predictions.jsonl")
+        mlflow.log_metrics({**kind.metrics(em, om), **_count_metrics(validation.get("counts", {}))})
+        mlflow.set_tags(tags)
+        mlflow.log_dict(plan, "plan.json")
+        mlflow.log_dict(validation, "validation/report.json")
+        if (docs := cfg.path("validation_dir") / "data_docs").is_dir():
+            mlflow.log_artifacts(str(docs), "validation/data_docs")
+        mlflow.log_dict(om, "optimize/metrics.json")
+        mlflow.log_artifact(str(cfg.path("evaluate_dir") / kind.eval_file), "evaluate")
+        mlflow.log_artifact(str(cfg.path("train_dir") / "history.json"), "train")
         mlflow.log_dict(redact(cfg.raw), "params.json")
-        info = mlflow.pyfunc.log_model(
-            name="model", python_model=HeadModel(), artifacts=_head_model_dir(cfg, tm, Path(tmp) / "model"),
-            model_config={"task_head": em["task_head"], "labels": em["labels"], "max_seq_len": cfg.model.max_seq_len},
-            pip_requirements=["torch", "transformers>=5.20,<6", "peft", "numpy"],
-        )
-    current = _current_champion(client, name)
-    champion_value = None
-    if current is not None:
-        if current.tags.get("eval.primary_metric", "perplexity") != metric:
-            alias = "challenger"
-            reason = (f"the champion (version {current.version}) is measured by "
-                      f"{current.tags.get('eval.primary_metric', 'perplexity')}, not {metric}: not comparable "
-                      "(register other tasks under another register.model_name)")
-        else:     # like for like: the champion re-scored now on this eval split (its own tokenizer)
-            gate_tags = rescore_head(cfg, name, current, metric, em[f"finetuned_{metric}"], em["labels"])
-            tags.update(gate_tags)
-            if "gate.champion.error" in gate_tags:
-                alias = "challenger"
-                reason = (f"the champion (version {current.version}) cannot be scored on this eval split "
-                          f"({gate_tags['gate.champion.error']}): not comparable, so not promoted")
-            else:
-                champion_value = float(gate_tags[f"gate.champion.{metric}"])
-    if current is None or champion_value is not None:
-        alias, reason = decide(em[f"finetuned_{metric}"], em[f"base_{metric}"], True, champion_value,
-                               cfg.register.min_improvement_pct, metric=metric, higher_is_better=higher)
-    version = mlflow.register_model(info.model_uri, name, tags={**tags, "promotion.reason": reason})
-    registry.set_alias(client, name, alias, version.version, reason)
-    record, out = _write_record(cfg, name, version, alias, reason, current.version if current else None, tm, tags)
+        info = mlflow.pyfunc.log_model(name="model", **kind.model(cfg, tm, em, om, Path(tmp)))
+    faults.point("register:logged")
+    current = current_champion(client, name)
+    alias, reason, gate_tags = kind.gate(cfg, name, current, tm, em, om)
+    return mlflow.register_model(info.model_uri, name, tags={
+        **tags, **gate_tags, "promotion.reason": reason, "promotion.alias": alias,
+        "previous_champion": str(current.version) if current is not None else "", REGISTRATION_TAG: key})
+
+
+def _finish(cfg: Config, client: Any, name: str, version: Any, tm: dict[str, Any], em: dict[str, Any],
+            om: dict[str, Any], plan: dict[str, Any], validation: dict[str, Any]) -> dict[str, Any]:
+    """Everything after the version exists, each step idempotent and read from the version's tags:
+    model card, alias, champion history, registration.json, report. A rerun redoes what is missing."""
+    version = client.get_model_version(name, str(version.version))
+    vt = dict(version.tags)
+    alias, reason = vt["promotion.alias"], vt["promotion.reason"]
+    tags = {k: v for k, v in vt.items() if not k.startswith(("promotion.", "gate.", "champion.", "rolled_back"))
+            and k not in (REGISTRATION_TAG, "previous_champion")}
+    card = model_card(name, version.version, alias, reason, {**vt, "mlflow.run_id": tm["mlflow_run_id"]},
+                      em, plan, om, validation)
+    if version.description != card:
+        client.update_model_version(name, version.version, description=card)
+    faults.point("register:card")
+    number = int(version.version)
+    if alias == CHAMPION:
+        # once champion (then maybe rolled back), a rerun never moves the alias back to it
+        if alias_version(client, name, alias) != number and not vt.get("champion.at") \
+                and not vt.get("rolled_back"):
+            move_alias(client, name, alias, number)
+        faults.point("register:alias")
+        if alias_version(client, name, alias) == number and not vt.get("champion.at"):
+            record_champion(client, name, number, reason)
+    else:
+        held = alias_version(client, name, alias)
+        if held is None or held < number:          # never takes the alias from a newer version
+            move_alias(client, name, alias, number)
+        faults.point("register:alias")
+    faults.point("register:history")
+    record, out = _write_record(cfg, name, version, alias, reason, vt.get("previous_champion") or None, tm, tags)
+    faults.point("register:record")
+    (out / "model_card.md").write_text(card, encoding="utf-8")
+    client.log_artifact(tm["mlflow_run_id"], str(out / "model_card.md"))
+    record["report"] = str(report.write(cfg, record))
+    client.log_artifact(tm["mlflow_run_id"], record["report"], "report")
     return {"register_dir": str(out), **record}

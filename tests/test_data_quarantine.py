@@ -86,7 +86,7 @@ def test_train_reads_only_the_accepted_rows(quarantined):
     import mlflow
 
     from tasks import select, train
-    from tuneops import tracking
+    from tuneops.registry import tracking
 
     cfg, _, _ = quarantined
     select.run(cfg)

@@ -6,6 +6,10 @@
   consistent: exactly one new version, with its tags, card and the alias its gate decided;
   the champion history matches the alias moves; at the end ``rollback`` goes to the previous
   champion. ``TUNEOPS_FAULT_POINTS=a,b`` limits the points (each costs two tiny runs).
+- A task head (sequence classification on MiniLM, as tests/test_heads.py), trained once: `tuneops
+  register` SIGKILLed at each ``register`` point and run again, on the champion path (a fresh model
+  name: no champion yet) and on the challenger path (a champion exists, the gate asks more than a
+  tie). The rerun finishes the same version, as for a language model: one register flow.
 - Two `tuneops run` at once in one project: one waits for the other (``orchestrate.lock:
   wait``) and both succeed, each version's lineage points at its own run's training run; with
   ``lock: fail`` the second refuses naming the holder; the next run succeeds.
@@ -25,7 +29,8 @@ import pytest
 from tuneops import faults, stages
 
 from .conftest import REPO, make_project
-from .test_robustness import _consistent, _registry
+from .test_heads import MINILM
+from .test_robustness import KILLED, _consistent, _registry, _registry_exists, tuneops
 
 pytestmark = pytest.mark.slow
 
@@ -128,3 +133,58 @@ def test_two_runs_at_once_one_waits_both_bound_to_their_own_training_and_the_nex
     code, _, err = _run(root, "train.seed=4")
     assert code == 0, err[-3000:]
     _consistent(root, 4)
+
+
+def test_a_head_model_register_killed_at_every_point_converges_on_rerun():
+    """Per kill point, two cycles of `tuneops register` (killed, then run again) on one trained
+    MiniLM sentiment head: under a fresh model name (the champion path: alias, history,
+    ``champion.at``) and under a model whose champion it must beat by 5% (the challenger path:
+    the same weights re-scored tie). Each rerun finishes the version the killed run started
+    (found again by ``registration.key``), never a second one."""
+    import yaml
+
+    from tuneops.config import load_config
+
+    root = make_project("faults-head", MINILM + (
+        "data.scenario=sentiment", "ingest.max_conversations=240", "ingest.eval_fraction=0.2",
+        "train.max_steps=30", "train.learning_rate=0.005"))
+    params = root / "params.yaml"
+    cfg = load_config(params)
+    for spec in stages.STAGES[:-1]:
+        spec.load()(cfg)
+    base_name = cfg.register.model_name
+
+    def use(name: str, min_improvement_pct: float) -> None:
+        raw = yaml.safe_load(params.read_text())
+        raw["register"].update(model_name=name, min_improvement_pct=min_improvement_pct)
+        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+
+    use(f"{base_name}-challenger", 5.0)
+    first = tuneops(root, "register")                      # v1: the champion every challenger meets
+    assert first.returncode == 0, first.stderr[-3000:]
+    assert _consistent(root, 1)["aliases"] == {"champion": 1}
+
+    tried = []
+    for i, point in enumerate(faults.REGISTER_POINTS, start=1):
+        cycle = ("--set", f"register.tags={{fault.cycle: c{i}}}")   # a new registration key
+        for path, name, versions in (("champion", f"{base_name}-c{i}", 1),
+                                     ("challenger", f"{base_name}-challenger", i + 1)):
+            use(name, 0.0 if path == "champion" else 5.0)
+            killed = tuneops(root, "register", *cycle, TUNEOPS_KILL_AT=point)
+            assert killed.returncode == KILLED, (point, path, killed.stderr[-2000:])
+            before = len(_registry(root)["versions"]) if _registry_exists(root) else 0
+            assert before == versions - (point == "register:logged"), (point, path, before)
+            rerun = tuneops(root, "register", *cycle)
+            assert rerun.returncode == 0, (point, path, rerun.stderr[-3000:])
+            reg = _consistent(root, versions)
+            newest = reg["versions"][versions]
+            assert newest.tags["task_head"] == "sequence_classification", newest.tags
+            assert newest.tags["fault.cycle"] == f"c{i}" and newest.tags["promotion.alias"] == path, newest.tags
+            assert reg["aliases"]["champion"] == 1
+            if path == "challenger":
+                assert reg["aliases"]["challenger"] == versions and "worse than the champion" in \
+                    newest.tags["promotion.reason"] and newest.tags["gate.champion.version"] == "1"
+            else:
+                assert [int(e["version"]) for e in reg["history"]] == [1]
+            tried.append(f"{point} ({path})")
+    print(f"\nhead kill points tried: {len(tried)}: {', '.join(tried)}")

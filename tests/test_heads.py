@@ -98,7 +98,7 @@ def test_head_metrics_by_hand():
 
 
 def test_promotion_gate_in_both_directions():
-    from tuneops.gate import decide
+    from tuneops.registry import decide
 
     assert decide(9.0, 10.0, True, None, 0)[0] == "champion"                  # perplexity: lower is better
     assert decide(0.8, 0.5, True, None, 0, "accuracy", True)[0] == "champion"
@@ -189,7 +189,7 @@ def test_a_head_champion_is_rescored_on_the_current_eval_split(sentiment):
     the champion here is the model evaluate just scored, so the numbers agree exactly."""
     import mlflow
 
-    from tuneops.gate import rescore_head
+    from tuneops.registry import rescore_head
     from tuneops.io import md5_file
 
     cfg, out = sentiment

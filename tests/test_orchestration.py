@@ -74,7 +74,7 @@ class Orchestra:
 def _versions(cfg) -> list:
     from mlflow import MlflowClient
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
 
     tracking.setup(cfg)
     return MlflowClient().search_model_versions(f"name='{cfg.register.model_name}'")

@@ -134,7 +134,7 @@ def _registry(root: Path) -> dict:
     """Versions (tags, card, aliases) and the champion history, read back from MLflow."""
     from mlflow import MlflowClient
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
     from tuneops.config import load_config
     from tuneops.registry import HISTORY_TAG
 
@@ -229,7 +229,7 @@ def test_after_a_data_change_champion_and_challenger_are_scored_on_the_same_spli
     import tempfile
 
     from tuneops.config import load_config
-    from tuneops.gate import registered_fp32, score_onnx
+    from tuneops.registry import registered_fp32, score_onnx
     from tuneops.io import md5_file
 
     root = reg_project

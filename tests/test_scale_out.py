@@ -269,7 +269,7 @@ def test_resume_at_another_world_size(project):
     assert all(b < a for a, b in zip(lr[3:], lr[4:])), lr
     import mlflow
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
 
     tracking.setup(cfg)
     hist = mlflow.tracking.MlflowClient().get_metric_history(m["mlflow_run_id"], "loss")

@@ -253,7 +253,7 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     assert "Data and pipelines are up to date" in status.stdout, status.stdout + status.stderr
     from mlflow import MlflowClient
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
 
     mv = MlflowClient(tracking.tracking_uri(svc.cfg)).get_model_version(done.fine_tuned_model, "1")
     assert mv.tags["tuneops.job.id"] == job.id and mv.tags["tuneops.job.training_file"] == f.id

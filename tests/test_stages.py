@@ -57,7 +57,7 @@ def test_train_lowers_loss_and_logs_steps_to_mlflow(stage, tiny_cfg):
     assert (adapter / "adapter_config.json").is_file() and (adapter / "adapter_model.safetensors").is_file()
     import mlflow
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
 
     tracking.setup(tiny_cfg)
     client = mlflow.MlflowClient()
@@ -134,7 +134,7 @@ def test_register_again_finishes_the_same_version_with_the_gate_numbers_on_it(st
 
 
 def test_promotion_gate_rules():
-    from tuneops.gate import decide
+    from tuneops.registry import decide
 
     assert decide(9.0, 10.0, True, None, 0)[0] == "champion"
     assert decide(10.5, 10.0, True, None, 0)[0] == "challenger"

@@ -219,7 +219,7 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(project):
     assert [h["step"] for h in history] == list(range(1, 11))     # the curve continues, no restart
     import mlflow
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
 
     tracking.setup(cfg)
     run = mlflow.get_run(m["mlflow_run_id"])

@@ -174,7 +174,7 @@ def _data(cfg: Any, args: argparse.Namespace) -> int:
 
         with project_lock(cfg):
             return add_command(cfg, args.path, args.data_format, args.name, args.eval_path)
-    from .remote import checkout
+    from .registry.remote import checkout
 
     out = checkout(cfg, args.ref)
     files = ", ".join(f"{f['path']} (md5 {f['md5']})" for f in out["files"])
@@ -359,7 +359,7 @@ def _export(cfg: Any, args: argparse.Namespace) -> int:
 def _report(cfg: Any, args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from . import report
+    from .registry import report
 
     print(report.write(cfg, out=None if args.out is None else Path(args.out)))
     return 0

@@ -39,7 +39,7 @@ def _register(cfg, folder) -> str:
     """``folder`` logged and registered as a chat model (every artifact where register puts it)."""
     import mlflow
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
     from tuneops.inference import layout
     from tuneops.inference.pyfunc import chat_model_spec
 
@@ -52,7 +52,7 @@ def _register(cfg, folder) -> str:
 
 
 def test_generate_serve_and_the_pyfunc_give_the_same_tokens(chat_model_dir, tmp_path):
-    from tuneops import tracking
+    from tuneops.registry import tracking
     from tuneops.config import load_config
     from tuneops.inference.decode import stream
     from tuneops.inference.engine import ChatEngine

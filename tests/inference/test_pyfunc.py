@@ -35,7 +35,7 @@ def test_a_version_registered_now_loads_from_its_own_code_without_torch(stage, t
     import io
     from types import SimpleNamespace
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
     from tuneops.inference.commands import generate
 
     stage("register")

@@ -36,7 +36,7 @@ print(json.dumps({"replies": out, "tuneops": tuneops.__file__, "inputs": [i.name
 def test_registered_model_loads_and_serves_in_a_fresh_virtualenv(stage, tiny_cfg):
     import mlflow.pyfunc
 
-    from tuneops import tracking
+    from tuneops.registry import tracking
 
     stage("register")
     tracking.use_store(tiny_cfg)

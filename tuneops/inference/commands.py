@@ -26,7 +26,7 @@ class InferError(InvalidInput):
 
 def _files(cfg: Config, model: str | None, variant: str | None) -> Any:
     """What ``--model`` / ``--variant`` name, through serving's resolver."""
-    from .. import tracking
+    from ..registry import tracking
     from .resolve import URI, ServeError, registered_dir, resolve
 
     ref = model

@@ -15,7 +15,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tuneops import procs, tracking
+from tuneops import procs
+from tuneops.registry import tracking
 from tuneops.config import Config
 from tuneops.env import state_paths
 from tuneops.errors import TuneopsError

@@ -11,10 +11,10 @@ import hashlib
 import os
 from typing import Any
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.config import Config
 from tuneops.io import md5_file
-from tuneops.lineage import dvc_lock_md5s
+from tuneops.registry.provenance import dvc_lock_md5s
 
 DATASETS = ("train", "eval")   # paths.train_data / paths.eval_data: what `register` tags as data.<key>.md5
 

@@ -22,7 +22,7 @@ from uuid import UUID
 
 import yaml
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.config import Config, apply_overrides, load_config
 from tuneops.io import md5_file
 from tuneops.service.db import TERMINAL, Store, new_id, now
@@ -203,7 +203,8 @@ def _dvc_project(cfg: Config, d: Path) -> None:
     """The job's own DVC record: its folder is a DVC project of the pipeline (dvc.yaml, the stage
     code it runs, the service project's default remote), so its flow run commits each stage to
     the job's dvc.lock and `dvc status` / `dvc repro` work in it."""
-    from tuneops import dvc_record, remote
+    from tuneops import dvc_record
+    from tuneops.registry import remote
 
     if not dvc_record.is_project(d):
         dvc_record.init_project(d, remote=remote.default_remote(cfg.root) or str(cfg.state_dir / "dvc-remote"))

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.inference.chat import Collator
 from tuneops.config import Config
 from tuneops.io import md5_file, read_jsonl, write_json

@@ -39,7 +39,7 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     """The app for one model, loaded now (a bad reference fails before the server listens)."""
     import time
 
-    from ... import tracking
+    from ...registry import tracking
 
     ref = model or default_model(cfg)
     pool = ModelPool(1, cfg.serve.threads)

@@ -14,7 +14,7 @@ from typing import Any, Callable
 
 from fastapi import APIRouter
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.config import Config
 from tuneops.inference.http.errors import model_not_found
 from tuneops.inference.http.routes import add_routes

@@ -1,7 +1,7 @@
 """The model registry (MLflow): aliases ``champion`` / ``challenger``, promotion only
 through the evaluation gate, rollback, model cards and lineage.
 
-``champion`` moves only when a version passes ``tuneops.gate.decide`` (beats the base
+``champion`` moves only when a version passes ``promotion.decide`` (beats the base
 model, passes the ONNX fp32 gate, not worse than the current champion re-scored on the same
 eval rows) - at registration or with ``tuneops models promote``.
 
@@ -17,10 +17,10 @@ import json
 import time
 from typing import Any
 
-from tuneops import tracking
+from tuneops.registry import tracking
 from tuneops.config import Config
 from tuneops.errors import TuneopsError
-from tuneops.lineage import dvc_lock_md5s
+from tuneops.registry.provenance import dvc_lock_md5s
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 HISTORY_TAG = "champion.history"
@@ -96,7 +96,7 @@ def champion_stack(mc: Any, name: str) -> list[str]:
                 stack.append(version)
         elif not stack or stack[-1] != version:
             stack.append(version)
-    current = _alias_version(mc, name, CHAMPION)
+    current = alias_version(mc, name, CHAMPION)
     if current is None:
         return []
     current_s = str(current)
@@ -125,7 +125,7 @@ def record_champion(mc: Any, name: str, version: str, reason: str) -> None:
 def move_alias(mc: Any, name: str, alias: str, version: str) -> None:
     """Point ``alias`` at ``version`` (a new champion stops being the challenger)."""
     mc.set_registered_model_alias(name, alias, str(version))
-    if alias == CHAMPION and _alias_version(mc, name, CHALLENGER) == int(version):
+    if alias == CHAMPION and alias_version(mc, name, CHALLENGER) == int(version):
         mc.delete_registered_model_alias(name, CHALLENGER)
 
 
@@ -198,7 +198,7 @@ def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
     import tempfile
     from pathlib import Path
 
-    from tuneops.gate import decide, registered_fp32, score_onnx
+    from tuneops.registry.promotion import decide, registered_fp32, score_onnx
 
     opt = _artifact(mc, mv.run_id, "optimize/metrics.json") or {}
     onnx_ok = bool(opt.get("variants", {}).get("fp32", {}).get("accepted", False))
@@ -231,7 +231,7 @@ def promote(cfg: Config, ref: str) -> dict[str, Any]:
     mc = client(cfg)
     name, which = parse_ref(cfg, ref)
     mv = get_version(mc, name, which)
-    previous = _alias_version(mc, name, CHAMPION)
+    previous = alias_version(mc, name, CHAMPION)
     alias, reason = gate(mc, cfg, name, mv)
     if alias != CHAMPION:
         raise RegistryError(f"registry: {name} version {mv.version} not promoted: {reason}")
@@ -240,10 +240,21 @@ def promote(cfg: Config, ref: str) -> dict[str, Any]:
             "previous_champion": previous}
 
 
-def _alias_version(mc: Any, name: str, alias: str) -> int | None:
+def alias_version(mc: Any, name: str, alias: str) -> int | None:
+    """The version number ``alias`` points at, or None (no such alias or model)."""
     try:
         return int(mc.get_model_version_by_alias(name, alias).version)
     except Exception:  # noqa: BLE001
+        return None
+
+
+def current_champion(mc: Any, name: str) -> Any:
+    """The model version the ``champion`` alias points at, or None."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return mc.get_model_version_by_alias(name, CHAMPION)
+    except MlflowException:
         return None
 
 
@@ -319,16 +330,17 @@ def lineage(cfg: Config, ref: str) -> dict[str, Any]:
 # --- model card -----------------------------------------------------------------------------------------
 
 def _gate_section(tags: dict[str, str]) -> str:
-    """How the champion comparison was measured (the ``gate.*`` tags)."""
-    if "gate.challenger.perplexity" not in tags:
+    """How the champion comparison was measured (the ``gate.*`` tags; ``gate.metric`` for heads)."""
+    metric = tags.get("gate.metric", "perplexity")
+    if f"gate.challenger.{metric}" not in tags:
         return "Fine-tuned vs base: the evaluation above (same split, same tokenizer)."
     lines = [f"Fine-tuned vs base: the evaluation above. Champion comparison: {tags.get('gate.scorer')}, "
              f"{tags.get('gate.samples')} rows of the eval split `{tags.get('gate.eval_data.md5')}`, measured at "
-             "registration.", "", "| model | perplexity | tokens scored |", "|---|---|---|",
-             f"| this version | {tags['gate.challenger.perplexity']} | {tags.get('gate.challenger.tokens', '')} |"]
+             "registration.", "", f"| model | {metric} | tokens scored |", "|---|---|---|",
+             f"| this version | {tags[f'gate.challenger.{metric}']} | {tags.get('gate.challenger.tokens', '')} |"]
     if tags.get("gate.champion.version"):
         same = tags.get("gate.champion.base_model.hash") == tags.get("base_model.hash")
-        lines.append(f"| champion v{tags['gate.champion.version']} | {tags.get('gate.champion.perplexity')} | "
+        lines.append(f"| champion v{tags['gate.champion.version']} | {tags.get(f'gate.champion.{metric}')} | "
                      f"{tags.get('gate.champion.tokens', '')} |")
         lines += ["", "The champion was scored with its own tokenizer and weights"
                   + ("" if same else " (another base model than this version's)") + "."]
@@ -339,7 +351,9 @@ def _gate_section(tags: dict[str, str]) -> str:
 
 def model_card(name: str, version: str, alias: str, reason: str, tags: dict[str, str], metrics: dict[str, Any],
                plan: dict[str, Any], optimize: dict[str, Any], validation: dict[str, Any]) -> str:
-    """The markdown model card stored as the version's description (and as an artifact)."""
+    """The markdown model card stored as the version's description (and as an artifact). The
+    evaluation is by ``metrics['primary_metric']`` (perplexity for language models)."""
+    metric = metrics.get("primary_metric", "perplexity")
     rows = "\n".join(f"| {n} | {'yes' if v.get('accepted') else 'no'} | {v.get('gate', '')} | "
                      f"{v.get('perplexity', float('nan')):.4f} | {v.get('size_bytes', 0) / 2**20:.1f} MB |"
                      for n, v in (optimize.get("variants") or {}).items())
@@ -364,10 +378,10 @@ accumulation {plan.get('grad_accum')})
 Validation passed: {tags.get('validation.success')}
 
 ## Evaluation (held-out split)
-| model | perplexity |
+| model | {metric} |
 |---|---|
-| base | {metrics.get('base_perplexity', float('nan')):.4f} |
-| fine-tuned | {metrics.get('finetuned_perplexity', float('nan')):.4f} |
+| base | {metrics.get(f'base_{metric}', float('nan')):.4f} |
+| fine-tuned | {metrics.get(f'finetuned_{metric}', float('nan')):.4f} |
 
 ## Promotion gate
 {_gate_section(tags)}
@@ -383,6 +397,6 @@ Default variant: {optimize.get('default_variant')}
 - MLflow run: `{tags.get('mlflow.run_id', '')}`; Prefect flow run: `{tags.get('prefect.flow_run_id', 'n/a')}`
 
 ## Intended use and limits
-Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out perplexity. Not evaluated for
+Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out {metric}. Not evaluated for
 safety, bias or factuality. Promotion to `champion` happens only through the evaluation gate.
 """

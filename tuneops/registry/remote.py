@@ -15,9 +15,9 @@ import contextlib
 from pathlib import Path
 from typing import Any
 
-from .errors import InvalidInput
-from .io import md5_file
-from .secrets import MASK
+from tuneops.errors import InvalidInput
+from tuneops.io import md5_file
+from tuneops.secrets import MASK
 
 
 def default_remote(root: Path) -> str | None:
@@ -79,7 +79,7 @@ def fetch(url: str, md5: str, dest: Path) -> Path:
 def checkout(cfg: Any, ref: str) -> dict[str, Any]:
     """Restore a registered version's train/eval files (paths and md5s from its tags) into
     this project, from the remote it recorded (else this project's default remote)."""
-    from . import registry
+    from tuneops import registry
 
     version = registry.show(cfg, ref)
     tags = version["tags"]

@@ -38,8 +38,8 @@ def base_model_identity(model_dir: Path) -> dict[str, str]:
     content hash of its folder (md5 over every file's relative path and md5)."""
     import hashlib
 
-    from .io import md5_file
-    from .models import provenance
+    from tuneops.io import md5_file
+    from tuneops.models import provenance
 
     prov = provenance(model_dir)
     source = str(prov.get("source", "unknown"))

@@ -5,8 +5,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .config import Config
-from .env import state_paths
+from tuneops.config import Config
+from tuneops.env import state_paths
 
 
 def tracking_uri(cfg: Config) -> str:

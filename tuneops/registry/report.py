@@ -118,9 +118,11 @@ def render(data: dict[str, Any]) -> str:
     reasons = [[_e(r.get("rule")), _e(r.get("text"))] if isinstance(r, dict) else ["", _e(r)]
                for r in plan.get("reasons", [])]
     variants = om.get("variants") or {}
-    eval_rows = [["base (PyTorch)", _num(em.get("base_perplexity")), _num(em.get("base_loss")), "-"],
-                 ["fine-tuned (PyTorch)", _num(em.get("finetuned_perplexity")), _num(em.get("finetuned_loss")),
-                  _num(em.get("perplexity_change_pct"), 2) + " % vs base"]]
+    metric = em.get("primary_metric", "perplexity")      # a task head's: accuracy, entity F1
+    change = (_num(em.get("perplexity_change_pct"), 2) + " % vs base" if metric == "perplexity"
+              else _num(em.get(f"{metric}_change")) + " vs base")
+    eval_rows = [["base (PyTorch)", _num(em.get(f"base_{metric}")), _num(em.get("base_loss")), "-"],
+                 ["fine-tuned (PyTorch)", _num(em.get(f"finetuned_{metric}")), _num(em.get("finetuned_loss")), change]]
     eval_rows += [[f"fine-tuned ONNX {_e(n)}", _num(x.get("perplexity")), "-",
                    _num(x.get("perplexity_change_pct"), 2) + " % vs PyTorch" if "perplexity_change_pct" in x
                    else f"parity {_num(x.get('max_abs_logits_diff'), 6)}"] for n, x in variants.items()]
@@ -171,7 +173,7 @@ predicted peak {_num(plan.get('predicted_peak_gb_per_device'), 3)} GB per device
 {loss_svg(data.get("history") or [])}
 
 <h2 id="evaluation">Evaluation (held-out split, {_e(em.get('samples'))} samples)</h2>
-{_table(["model", "perplexity", "loss", "change"], eval_rows)}
+{_table(["model", metric, "loss", "change"], eval_rows)}
 
 <h2 id="variants">ONNX variants</h2>
 {_table(["variant", "path", "size", "gate", "rule", "target coverage", ""], var_rows)}

@@ -1,0 +1,562 @@
+"""Preference tuning (DPO and its kin) through TRL's ``DPOTrainer``: a spike for issue 33.
+
+Nothing imports this module yet; it is the tested groundwork the ``preference`` format, the
+``train.objective: dpo`` spec and the jobs API's ``method.type: "dpo"`` will call.
+
+* **Rows -> one internal form** (:class:`Pair`: prompt messages, one chosen and one rejected
+  assistant message, optional tools). Accepted rows:
+
+  - OpenAI DPO: ``{"input": {"messages": [...], "tools": [...]?}, "preferred_output":
+    [{"role": "assistant", ...}], "non_preferred_output": [{"role": "assistant", ...}]}``
+  - TRL, explicit prompt: ``{"prompt", "chosen", "rejected"}`` as text (the prompt becomes one
+    user turn, as the ``instruction`` format does) or as messages;
+  - TRL, implicit prompt: ``{"chosen", "rejected"}`` as whole conversations sharing every turn
+    but the last.
+
+  The checks name the line, the field and the rule (:class:`tuneops.data.records.Problem`):
+  ``one_assistant`` (exactly one assistant message on each side), ``identical`` (chosen must
+  differ from rejected), ``prompt_prefix`` (both sides share the prompt: the implicit-prompt
+  conversations agree on every turn but the last, and the chat template renders the prompt as
+  the same token prefix of both sides), ``max_tokens`` (prompt + reply within the budget with the
+  model's tokenizer), plus the usual ``required`` / ``type`` / ``enum`` / ``non_empty``.
+
+* **Features from the chat layer** (:func:`features`): the prompt, chosen and rejected token ids
+  come from ``tuneops.inference.chat`` (the model's template; the reply plus its end-of-turn marker carries
+  the loss, exactly as in SFT), and are handed to TRL already tokenized (TRL 1.16 would otherwise
+  re-render with its own rules: an extra EOS after the marker for text rows, the newline after
+  the marker labelled for message rows).
+
+* **The reference model, explicit** (:func:`build_models`): ``start`` (the model this run starts
+  from: the base, or an SFT model given as a LoRA adapter), ``base``, or ``precomputed`` (the start
+  model's log-probs computed once before training, then no reference in memory). The returned
+  record says what the reference is and how it was built. The classic SFT-then-DPO bug (TRL
+  disables the adapter to get the reference, and a new adapter on top of an SFT adapter then
+  compares with the base) cannot happen here: with ``adapter="new"`` the SFT adapter is merged
+  into the weights first, so "adapter disabled" is the SFT model; with ``adapter="continue"`` the
+  SFT adapter itself is trained and TRL keeps a frozen copy of it as the ``ref`` adapter.
+
+* **Bundled pairs** (:func:`chatterbot_pairs`): honest preference pairs built offline from
+  chatterbot-corpus (see bench/results/dpo-cpu.md for the reasoning).
+"""
+from __future__ import annotations
+
+import copy
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from tuneops.data.records import Problem
+
+ROLES = ("system", "user", "assistant", "tool")
+Issue = tuple[str, str, str]
+Messages = list[dict[str, Any]]
+
+# TRL 1.16 DPOConfig.loss_type values; ORPO / CPO (SimPO) live in trl.experimental (own trainers).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+REFERENCES = ("start", "base", "precomputed")
+
+
+@dataclass
+class Pair:
+    """One preference: the prompt conversation, the preferred and the other assistant reply."""
+    prompt: Messages
+    chosen: dict[str, Any]
+    rejected: dict[str, Any]
+    tools: list[dict[str, Any]] | None = None
+    source: str = "openai"           # openai | trl_messages | trl_implicit | trl_text
+    line: int = 0
+
+    def conversation(self, side: str) -> Messages:
+        return [*self.prompt, self.chosen if side == "chosen" else self.rejected]
+
+    def to_openai(self) -> dict[str, Any]:
+        inp: dict[str, Any] = {"messages": self.prompt}
+        if self.tools:
+            inp["tools"] = self.tools
+        return {"input": inp, "preferred_output": [self.chosen], "non_preferred_output": [self.rejected]}
+
+
+# -- record checks ------------------------------------------------------------------------------
+
+def _message(m: Any, name: str, out: list[Issue]) -> dict[str, Any] | None:
+    if not isinstance(m, dict):
+        out.append((name, "type", "each message must be an object"))
+        return None
+    role = m.get("role")
+    if role not in ROLES:
+        out.append((f"{name}.role", "enum", f"role must be one of {', '.join(ROLES)} (got {role!r})"))
+        return None
+    content = m.get("content")
+    if content is None and role == "assistant" and m.get("tool_calls"):
+        return {"role": role, "content": "", "tool_calls": m["tool_calls"]}
+    if content is None:
+        out.append((f"{name}.content", "required", "missing 'content'"))
+        return None
+    if not isinstance(content, str):
+        out.append((f"{name}.content", "type", f"content must be a string (got {type(content).__name__})"))
+        return None
+    if not content.strip():
+        out.append((f"{name}.content", "non_empty", "content is empty or whitespace"))
+        return None
+    return {k: v for k, v in m.items() if k in ("role", "content", "name", "tool_calls", "tool_call_id")}
+
+
+def _messages(value: Any, name: str, out: list[Issue]) -> Messages | None:
+    if value is None:
+        out.append((name, "required", f"missing '{name}'"))
+        return None
+    if not isinstance(value, list) or not value:
+        out.append((name, "type", f"'{name}' must be a non-empty list of messages"))
+        return None
+    msgs = [_message(m, f"{name}[{i}]", out) for i, m in enumerate(value)]
+    return None if any(m is None for m in msgs) else msgs
+
+
+def _one_assistant(value: Any, name: str, out: list[Issue]) -> dict[str, Any] | None:
+    """Exactly one assistant message (a list of one, as OpenAI writes it, or the message alone)."""
+    if isinstance(value, dict):
+        value = [value]
+    msgs = _messages(value, name, out)
+    if msgs is None:
+        return None
+    roles = [m["role"] for m in msgs]
+    if len(msgs) != 1 or roles[0] != "assistant":
+        out.append((name, "one_assistant", f"needs exactly one assistant message (got {len(msgs)} message(s), "
+                                           f"roles {roles})"))
+        return None
+    return msgs[0]
+
+
+def _prompt_ok(prompt: Messages, name: str, out: list[Issue]) -> bool:
+    last = prompt[-1]["role"]
+    if last == "assistant":
+        out.append((f"{name}[{len(prompt) - 1}].role", "prompt_end",
+                    "the prompt must end with a user (or tool) turn, not an assistant turn"))
+        return False
+    return True
+
+
+def _tools(value: Any, out: list[Issue]) -> list[dict[str, Any]] | None:
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        out.append(("input.tools", "type", "'tools' must be a list of tool objects"))
+        return None
+    return value
+
+
+def parse(obj: Any, line: int = 0) -> tuple[Pair | None, list[Issue]]:
+    """One row (OpenAI DPO or TRL) as a :class:`Pair`, or the issues ``(field, rule, message)``."""
+    out: list[Issue] = []
+    if not isinstance(obj, dict):
+        return None, [("(record)", "type", f"expected a JSON object, got {type(obj).__name__}")]
+    if "input" in obj or "preferred_output" in obj or "non_preferred_output" in obj:
+        inp = obj.get("input")
+        if not isinstance(inp, dict):
+            out.append(("input", "required" if inp is None else "type", "'input' must be an object with 'messages'"))
+            prompt = tools = None
+        else:
+            prompt = _messages(inp.get("messages"), "input.messages", out)
+            tools = _tools(inp.get("tools"), out)
+            if prompt is not None:
+                _prompt_ok(prompt, "input.messages", out)
+        chosen = _one_assistant(obj.get("preferred_output"), "preferred_output", out)
+        rejected = _one_assistant(obj.get("non_preferred_output"), "non_preferred_output", out)
+        source, names = "openai", ("preferred_output", "non_preferred_output")
+    elif "chosen" in obj or "rejected" in obj:
+        names = ("chosen", "rejected")
+        c, r, p = obj.get("chosen"), obj.get("rejected"), obj.get("prompt")
+        tools = _tools(obj.get("tools"), out)
+        if isinstance(p, str) or (p is None and isinstance(c, str)):
+            source = "trl_text"
+            if p is None:
+                out.append(("prompt", "required", "text rows need a 'prompt' (the implicit-prompt form needs "
+                                                  "messages)"))
+                prompt = None
+            elif not p.strip():
+                out.append(("prompt", "non_empty", "prompt is empty or whitespace"))
+                prompt = None
+            else:
+                prompt = [{"role": "user", "content": p}]
+            sides = []
+            for key, v in (("chosen", c), ("rejected", r)):
+                if v is None:
+                    out.append((key, "required", f"missing '{key}'"))
+                elif not isinstance(v, str):
+                    out.append((key, "type", f"{key} must be a string like the prompt (got {type(v).__name__})"))
+                elif not v.strip():
+                    out.append((key, "non_empty", f"{key} is empty or whitespace"))
+                else:
+                    sides.append({"role": "assistant", "content": v})
+                    continue
+                sides.append(None)
+            chosen, rejected = sides
+        elif p is not None:
+            source = "trl_messages"
+            prompt = _messages(p, "prompt", out)
+            if prompt is not None:
+                _prompt_ok(prompt, "prompt", out)
+            chosen = _one_assistant(c, "chosen", out)
+            rejected = _one_assistant(r, "rejected", out)
+        else:                                   # implicit prompt: whole conversations
+            source = "trl_implicit"
+            cm, rm = _messages(c, "chosen", out), _messages(r, "rejected", out)
+            prompt = chosen = rejected = None
+            if cm is not None and rm is not None:
+                for key, msgs in (("chosen", cm), ("rejected", rm)):
+                    if msgs[-1]["role"] != "assistant":
+                        out.append((f"{key}[{len(msgs) - 1}].role", "one_assistant",
+                                    f"the last message of '{key}' must be the assistant reply"))
+                if not out:
+                    if cm[:-1] != rm[:-1]:
+                        i = next((i for i, (a, b) in enumerate(zip(cm[:-1], rm[:-1])) if a != b),
+                                 min(len(cm), len(rm)) - 1)
+                        out.append((f"rejected[{i}]", "prompt_prefix",
+                                    "chosen and rejected must share every turn but the last (they differ here)"))
+                    else:
+                        prompt, chosen, rejected = cm[:-1], cm[-1], rm[-1]
+                        if not prompt:
+                            out.append(("chosen", "prompt_prefix", "no prompt: the conversations have only the "
+                                                                   "assistant reply"))
+                            prompt = None
+                        else:
+                            _prompt_ok(prompt, "chosen", out)
+    else:
+        return None, [("(record)", "format", "not a preference row: expected OpenAI's 'input' / "
+                                             "'preferred_output' / 'non_preferred_output' or TRL's 'prompt' / "
+                                             "'chosen' / 'rejected'")]
+    if chosen is not None and rejected is not None and _norm(chosen) == _norm(rejected):
+        out.append((names[1], "identical", f"the {names[1]} reply is the same as the {names[0]} one: "
+                                           "no preference to learn"))
+    if out or prompt is None or chosen is None or rejected is None:
+        return None, out
+    return Pair(prompt, chosen, rejected, tools, source, line), out
+
+
+def _norm(m: dict[str, Any]) -> str:
+    return json.dumps([m.get("content", "").strip(), m.get("tool_calls")], sort_keys=True, default=str)
+
+
+def check(rows: Iterable[tuple[int, Any]], path: str, tokenizer: Any = None,
+          max_len: int | None = None) -> tuple[list[Pair], list[Problem]]:
+    """Parse and check ``(line, object)`` rows; with a tokenizer also the token-level rules
+    (``prompt_prefix``: the template renders the prompt as the same prefix of both sides;
+    ``max_tokens``). Returns the valid pairs and every problem (path, line, field, rule)."""
+    pairs: list[Pair] = []
+    problems: list[Problem] = []
+    for line, obj in rows:
+        if isinstance(obj, _BadJson):
+            problems.append(Problem(path, line, "(record)", "json", f"not valid JSON: {obj}"))
+            continue
+        pair, issues = parse(obj, line)
+        if pair is not None and tokenizer is not None:
+            try:
+                encode(pair, tokenizer, max_len)
+            except PairError as exc:
+                issues = [(exc.field, exc.rule, exc.message)]
+                pair = None
+        problems += [Problem(path, line, f, rule, msg) for f, rule, msg in issues]
+        if pair is not None:
+            pairs.append(pair)
+    return pairs, problems
+
+
+def read_jsonl(path: Path) -> list[tuple[int, Any]]:
+    """``(line, object)`` per non-blank line; an unparsable line becomes ``(line, _BadJson)``."""
+    out: list[tuple[int, Any]] = []
+    for i, raw in enumerate(path.read_text(encoding="utf-8-sig").splitlines(), 1):
+        if raw.strip():
+            try:
+                out.append((i, json.loads(raw)))
+            except json.JSONDecodeError as exc:
+                out.append((i, _BadJson(str(exc))))
+    return out
+
+
+class _BadJson(str):
+    pass
+
+
+# -- features through the chat layer --------------------------------------------------------------
+
+class PairError(ValueError):
+    def __init__(self, field: str, rule: str, message: str):
+        super().__init__(f"{field}: {rule}: {message}")
+        self.field, self.rule, self.message = field, rule, message
+
+
+def _side_ids(pair: Pair, side: str, tokenizer: Any) -> tuple[list[int], int, int]:
+    """Token ids of prompt + one reply rendered by the chat layer, the index of the first
+    labelled token and one past the last (the reply and its end-of-turn marker)."""
+    from tuneops.inference import chat
+
+    msgs = [dict(m, weight=0) if m["role"] == "assistant" else m for m in pair.prompt]
+    msgs.append(pair.chosen if side == "chosen" else pair.rejected)
+    if pair.tools:          # the chat layer renders without tools; the template gets them here
+        return _side_ids_with_tools(msgs, pair.tools, tokenizer)
+    enc = chat.tokenize(msgs, tokenizer, max_len=10**9)
+    labelled = [i for i, lab in enumerate(enc["labels"]) if lab != chat.IGNORE_INDEX]
+    if not labelled:
+        raise PairError(f"{side}", "labels", "the chat template leaves no token of this reply to train on")
+    return enc["input_ids"], labelled[0], labelled[-1] + 1
+
+
+def _side_ids_with_tools(msgs: Messages, tools: list[dict[str, Any]], tokenizer: Any) -> tuple[list[int], int, int]:
+    import os
+
+    from tuneops.inference import chat
+
+    plain = [{k: v for k, v in m.items() if k != "weight"} for m in msgs]
+    text = tokenizer.apply_chat_template(plain, tools=tools, tokenize=False)
+    prompt = tokenizer.apply_chat_template(plain[:-1], tools=tools, tokenize=False, add_generation_prompt=True)
+    lo = len(os.path.commonprefix([prompt, text]))
+    content = plain[-1].get("content") or ""
+    start = text.find(content.strip(), lo) if content.strip() else lo
+    if start < 0:
+        raise PairError("input.tools", "labels", "the chat template does not render the reply verbatim with tools")
+    marker = chat.end_marker(tokenizer)
+    stop = start + len(content.strip())
+    if marker and text.startswith(marker, stop):
+        stop += len(marker)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    lab = [i for i, (a, b) in enumerate(enc["offset_mapping"]) if a < stop and b > start]
+    return list(enc["input_ids"]), lab[0], lab[-1] + 1
+
+
+def encode(pair: Pair, tokenizer: Any, max_len: int | None = None) -> dict[str, list[int]]:
+    """``prompt_ids`` (shared), ``chosen_ids`` and ``rejected_ids`` (each reply with its end-of-turn
+    marker), as TRL's ``DataCollatorForPreference`` takes them. Raises :class:`PairError`
+    (``prompt_prefix``, ``max_tokens``) naming the field."""
+    c_ids, c_lo, c_hi = _side_ids(pair, "chosen", tokenizer)
+    r_ids, r_lo, r_hi = _side_ids(pair, "rejected", tokenizer)
+    p = min(c_lo, r_lo)
+    if c_ids[:p] != r_ids[:p]:
+        raise PairError("(record)", "prompt_prefix", "the chat template renders the prompt differently before the "
+                                                     "chosen and the rejected reply")
+    names = ("preferred_output", "non_preferred_output") if pair.source == "openai" else ("chosen", "rejected")
+    if max_len is not None:
+        for name, hi in zip(names, (c_hi, r_hi)):
+            if hi > max_len:
+                raise PairError(name, "max_tokens", f"prompt + this reply are {hi} tokens with the model's "
+                                                    f"tokenizer, over the limit of {max_len} (model.max_seq_len)")
+    return {"prompt_ids": c_ids[:p], "chosen_ids": c_ids[p:c_hi], "rejected_ids": r_ids[p:r_hi]}
+
+
+def features(pairs: list[Pair], tokenizer: Any, max_len: int | None = None) -> list[dict[str, list[int]]]:
+    return [encode(p, tokenizer, max_len) for p in pairs]
+
+
+# -- reference model ----------------------------------------------------------------------------------
+
+@dataclass
+class PreferenceModels:
+    """The policy to train, the reference TRL must use (``None``: TRL's own way, stated in
+    ``record``), whether its log-probs are precomputed, and the record of the choice."""
+    policy: Any
+    ref_model: Any
+    precompute: bool
+    record: dict[str, Any] = field(default_factory=dict)
+    peft_config: Any = None      # a new adapter TRL adds itself (so its reference is "adapter disabled")
+
+
+def _frozen(model: Any) -> Any:
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def build_models(load_base: Callable[[], Any], *, peft_config: Any = None, start_adapter: Path | str | None = None,
+                 reference: str = "start", adapter: str = "new",
+                 prepare: Callable[[Any], Any] | None = None) -> PreferenceModels:
+    """Policy and reference, chosen explicitly.
+
+    ``load_base()`` returns a fresh base model (the method's loader: fp32, or 4-bit for QLoRA);
+    ``start_adapter`` is an SFT LoRA adapter folder the run starts from (None: the base);
+    ``peft_config`` the adapter to train (None: full fine-tuning); ``reference``: ``start`` |
+    ``base`` | ``precomputed`` (the start model's log-probs, computed once before training);
+    ``adapter`` (with a start adapter and a peft config): ``new`` merges the SFT adapter into the
+    weights and trains a fresh adapter on top, ``continue`` trains the SFT adapter itself (TRL keeps
+    a frozen copy of it as the ``ref`` adapter; what a 4-bit base needs, since merging into NF4
+    weights rounds). ``prepare`` runs on the loaded model before the adapter (QLoRA's kbit
+    preparation)."""
+    if reference not in REFERENCES:
+        raise ValueError(f"train.reference: {reference!r} is not one of {', '.join(REFERENCES)}")
+    if adapter not in ("new", "continue"):
+        raise ValueError(f"train.adapter: {adapter!r} is not one of new, continue")
+    from peft import PeftModel
+
+    start = "base" if start_adapter is None else str(start_adapter)
+    new_adapter = None
+    record: dict[str, Any] = {"reference": reference, "start": start, "adapter": adapter if start_adapter else "new",
+                              "objective": "dpo"}
+    policy = load_base()
+    if start_adapter is not None:
+        if peft_config is not None and adapter == "continue":
+            if prepare is not None:
+                policy = prepare(policy)
+            policy = PeftModel.from_pretrained(policy, str(start_adapter), is_trainable=True)
+            record["construction"] = "the start (SFT) adapter is trained further; TRL keeps a frozen copy of it " \
+                                     "as the 'ref' adapter"
+        else:
+            policy = PeftModel.from_pretrained(policy, str(start_adapter)).merge_and_unload()
+            record["construction"] = "the start (SFT) adapter merged into the base weights"
+    else:
+        record["construction"] = "the base model"
+    if not (start_adapter is not None and peft_config is not None and adapter == "continue"):
+        if prepare is not None:
+            policy = prepare(policy)
+        if peft_config is not None:
+            # TRL wraps it: handed a PeftModel without peft_config, TRL 1.16 would add a 'ref' copy of the
+            # fresh adapter and run it on every reference pass (the same numbers, slower)
+            new_adapter = peft_config
+            record["construction"] += "; a new adapter on top"
+    ref_model: Any = None
+    ref_is_start_copy = False
+    if reference == "base" and start_adapter is not None:
+        ref_model = _frozen(load_base())
+        record["reference_model"] = "a separate frozen copy of the base model"
+    elif peft_config is not None:
+        record["reference_model"] = ("the policy with its 'ref' adapter (a frozen copy of the start adapter)"
+                                     if start_adapter is not None and adapter == "continue"
+                                     else "the policy with its adapter disabled = the start model")
+    else:                    # full fine-tuning: a frozen copy of the start model, made before any step
+        ref_model = _frozen(copy.deepcopy(policy))
+        ref_is_start_copy = True
+        record["reference_model"] = "a frozen copy of the start model"
+    precompute = reference == "precomputed"
+    if precompute:
+        record["reference_model"] = "log-probs of " + record["reference_model"] + \
+            ", computed once before training (the reference is not kept in memory)"
+        if ref_is_start_copy:
+            ref_model = None         # TRL precomputes with the policy itself before the first step
+    return PreferenceModels(policy, ref_model, precompute, record, new_adapter)
+
+
+# -- training ------------------------------------------------------------------------------------------
+
+def _trainer_class() -> Any:
+    from trl import DPOTrainer
+
+    class PretokenizedDPOTrainer(DPOTrainer):
+        """TRL's DPOTrainer fed the chat layer's ``prompt_ids`` / ``chosen_ids`` / ``rejected_ids``
+        (TRL 1.16 always re-tokenizes; this skips that for rows that are already ids)."""
+
+        def _prepare_dataset(self, dataset: Any, processing_class: Any, args: Any, dataset_name: str) -> Any:
+            if {"prompt_ids", "chosen_ids", "rejected_ids"} <= set(dataset.column_names):
+                return dataset
+            return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+
+    return PretokenizedDPOTrainer
+
+
+def dpo_config(output_dir: Path | str, *, beta: float = 0.1, loss_type: str | list[str] = "sigmoid",
+               **kw: Any) -> Any:
+    """TRL's DPOConfig with tuneops' defaults (CPU-friendly fp32, no checkpointing, no reporting);
+    ``beta`` and ``loss_type`` checked here with the field named."""
+    import torch
+    from trl import DPOConfig
+
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not beta > 0:
+        raise ValueError(f"train.beta: must be a number > 0 (got {beta!r})")
+    for lt in [loss_type] if isinstance(loss_type, str) else loss_type:
+        if lt not in LOSS_TYPES:
+            raise ValueError(f"train.loss_type: {lt!r} is not one of {', '.join(LOSS_TYPES)}")
+    gpu = torch.cuda.is_available()
+    defaults = dict(report_to="none", use_cpu=not gpu, bf16=False, gradient_checkpointing=False,
+                    save_strategy="no", logging_steps=1, dataloader_pin_memory=False, disable_tqdm=True,
+                    remove_unused_columns=False)
+    return DPOConfig(output_dir=str(output_dir), beta=float(beta), loss_type=loss_type, **{**defaults, **kw})
+
+
+def trainer(models: PreferenceModels, feats: list[dict[str, list[int]]], tokenizer: Any, args: Any,
+            eval_feats: list[dict[str, list[int]]] | None = None, callbacks: list[Any] | None = None) -> Any:
+    """A DPO trainer over chat-layer features with the reference of ``models``. A 4-bit base gets
+    the bitsandbytes CPU repack turned off on every Linear4bit (else LoRA silently stops learning
+    after the first no-grad forward: the reference pass)."""
+    from datasets import Dataset
+
+    from .methods import disable_cpu_bf16_repack
+
+    args.precompute_ref_log_probs = models.precompute
+    # before the trainer: with precomputed log-probs TRL runs the reference (no-grad) forward in __init__
+    disable_cpu_bf16_repack(models.policy)
+    if models.ref_model is not None:
+        disable_cpu_bf16_repack(models.ref_model)
+    t = _trainer_class()(model=models.policy, ref_model=models.ref_model, args=args,
+                         train_dataset=Dataset.from_list(feats),
+                         eval_dataset=Dataset.from_list(eval_feats) if eval_feats else None,
+                         processing_class=tokenizer, callbacks=callbacks, peft_config=models.peft_config)
+    disable_cpu_bf16_repack(t.model)
+    return t
+
+
+PREFERENCE_METRICS = ("rewards/chosen", "rewards/rejected", "rewards/margins", "rewards/accuracies",
+                      "logps/chosen", "logps/rejected")
+
+
+def scores(t: Any, feats: list[dict[str, list[int]]]) -> dict[str, float]:
+    """Held-out preference metrics from the trainer's own loss: ``loss``, ``accuracy`` (share of
+    pairs with a positive implicit reward margin), ``margin`` (mean), mean chosen / rejected reward."""
+    from datasets import Dataset
+
+    m = t.evaluate(eval_dataset=Dataset.from_list(feats))
+    return {"loss": m["eval_loss"], "accuracy": m["eval_rewards/accuracies"], "margin": m["eval_rewards/margins"],
+            "reward_chosen": m["eval_rewards/chosen"], "reward_rejected": m["eval_rewards/rejected"]}
+
+
+# -- bundled pairs (offline) -------------------------------------------------------------------------
+
+def chatterbot_pairs(language: str = "english", seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Preference rows (OpenAI DPO form) from chatterbot-corpus: for each user turn with a reply,
+    chosen = the corpus's own reply, rejected = the reply the corpus gives to a user turn of a
+    *different category* (a fluent, on-distribution answer to another question). Prompts that
+    repeat (the corpus asks some questions in several files) keep their first reply; a rejected
+    reply never equals any reply the corpus gives to the same prompt text, and is never a generic
+    reply (one the corpus gives in two or more categories, which might fit this prompt too)."""
+    from tuneops.data import chatterbot
+
+    rng = random.Random(seed)
+    turns: list[tuple[str, str, str]] = []          # (category, question, answer)
+    answers_of: dict[str, set[str]] = {}
+    for conv in chatterbot.conversations(language):
+        msgs = conv["messages"]
+        for q, a in zip(msgs[::2], msgs[1::2]):
+            turns.append((conv["category"], q["content"], a["content"]))
+            answers_of.setdefault(q["content"].strip().lower(), set()).add(a["content"].strip().lower())
+    cats_of: dict[str, set[str]] = {}
+    for cat, _, a in turns:
+        cats_of.setdefault(a.strip().lower(), set()).add(cat)
+    by_cat: dict[str, list[str]] = {}
+    for cat, _, a in turns:
+        if len(cats_of[a.strip().lower()]) == 1:            # generic replies are never the rejected side
+            by_cat.setdefault(cat, []).append(a)
+    cats = sorted(by_cat)
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    skipped = {"repeated_prompt": 0, "no_distinct_reply": 0}
+    for cat, q, a in turns:
+        key = q.strip().lower()
+        if key in seen:
+            skipped["repeated_prompt"] += 1
+            continue
+        seen.add(key)
+        others = [c for c in cats if c != cat and by_cat.get(c)]
+        rejected = None
+        for _ in range(20):
+            cand = rng.choice(by_cat[rng.choice(others)])
+            if cand.strip().lower() not in answers_of[key]:
+                rejected = cand
+                break
+        if rejected is None:
+            skipped["no_distinct_reply"] += 1
+            continue
+        out.append({"input": {"messages": [{"role": "user", "content": q}]},
+                    "preferred_output": [{"role": "assistant", "content": a}],
+                    "non_preferred_output": [{"role": "assistant", "content": rejected}],
+                    "category": cat})
+    return out, {"source": "chatterbot-corpus 1.3.3", "license": "BSD-3-Clause", "language": language,
+                 "pairs": "chosen = the corpus reply; rejected = a reply from another category", "skipped": skipped}
