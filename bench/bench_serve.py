@@ -152,7 +152,7 @@ def main() -> None:
         proc.terminate()
         proc.wait(60)
     if args.mlflow_model:
-        from tuneops.chat_engine import resolve
+        from tuneops.inference.resolve import resolve
 
         files = resolve(args.mlflow_model, tracking.tracking_uri(cfg))
         from transformers import AutoTokenizer

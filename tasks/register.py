@@ -172,12 +172,13 @@ def _lm_metrics(em: dict[str, Any], om: dict[str, Any]) -> dict[str, float]:
 
 def _lm_model(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str, Any], tmp: Path) -> dict[str, Any]:
     """Self-contained pyfunc: the ONNX variants, the adapter, the tokenizer, tuneops code, pinned requirements."""
+    from tuneops.inference import layout
     from tuneops.inference.pyfunc import chat_model_spec
 
     artifact, opt_dir = cfg.path("train_dir") / tm["artifact"], cfg.path("optimize_dir")
     return chat_model_spec(
-        artifacts={**{f"onnx_{n}": str((opt_dir / v["path"]).parent) for n, v in om["variants"].items()},
-                   tm["artifact"]: str(artifact), "tokenizer": str(artifact)},
+        artifacts={**layout.variant_artifacts({n: (opt_dir / v["path"]).parent for n, v in om["variants"].items()}),
+                   tm["artifact"]: str(artifact), layout.TOKENIZER: str(artifact)},
         variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens)
 
 

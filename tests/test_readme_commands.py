@@ -28,7 +28,7 @@ COVERED_ELSEWHERE = {
     "tuneops watch": "needs a Prefect server: test_orchestration.py",
     "tuneops server start": "starts servers: test_orchestration.py",
     "tuneops api": "serves the jobs API: test_service.py",
-    "tuneops serve": "serves until stopped: test_serve.py runs `tuneops serve FOLDER` as a user would",
+    "tuneops serve": "serves until stopped: tests/inference/test_serve.py runs `tuneops serve FOLDER` as a user would",
     "tuneops api worker": "a Prefect worker: test_service.py",
     "tuneops classify": "needs a classifier export: test_optimize_onnx.py",
     "tuneops generate --model models:/ft-": "a jobs-API model: test_service.py",

@@ -112,7 +112,7 @@ def test_methods_training_scoring_and_serving_read_the_spec(toy_head, minilm_dir
     import mlflow.pyfunc
     from transformers import AutoTokenizer
 
-    from tuneops.chat_engine import Classifier
+    from tuneops.inference.engine import Classifier
     from tuneops.serving import HeadModel
     from tuneops.training import heads, methods
 

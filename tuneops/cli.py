@@ -339,7 +339,7 @@ def _port(port: int | None) -> int | None:
 
 
 def _serve(cfg: Any, args: argparse.Namespace) -> int:
-    from .serve_app import serve
+    from .inference.http.app import serve
 
     serve(cfg, args.model, args.host, _port(args.port))
     return 0

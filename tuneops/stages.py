@@ -92,7 +92,8 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/register.py", "tuneops/registry", "tuneops/inference/chat.py", "tuneops/inference/finetuned.py",
                     "tuneops/models.py", "tuneops/inference/runtimes.py", "tuneops/inference/pyfunc.py",
                     "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
-                    "tuneops/chat_engine.py", "tuneops/faults.py", "tuneops/secrets.py",
+                    "tuneops/inference/engine.py", "tuneops/inference/layout.py", "tuneops/inference/scheduler.py",
+                    "tuneops/faults.py", "tuneops/secrets.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py")),
 )
 

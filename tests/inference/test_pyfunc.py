@@ -30,8 +30,8 @@ def test_versions_registered_before_the_move_still_unpickle():
 
 
 def test_a_version_registered_now_loads_from_its_own_code_without_torch(stage, tiny_cfg, tmp_path):
-    """... and replies with the tokens ``tuneops generate`` gives for the same greedy request (test_serve.py:
-    and ``tuneops serve``): one engine."""
+    """... and replies with the tokens ``tuneops generate`` gives for the same greedy request (all three
+    entry points on one model: test_one_engine.py): one engine."""
     import io
     from types import SimpleNamespace
 

@@ -1,7 +1,7 @@
 """``tuneops generate`` / ``tuneops classify``.
 
 ``generate`` runs a chat model the way ``tuneops serve`` does: the same resolver
-(``tuneops.chat_engine.resolve``) and the same engine (``ChatEngine``: the model's chat template
+(``tuneops.inference.resolve``) and the same engine (``ChatEngine``: the model's chat template
 and stop tokens, ``tuneops.inference.decode``), streaming the reply as it is decoded. ``--model``
 is a local folder (an optimize output, a variant folder or ``model.onnx``, a registered model
 folder) or a registered model URI (``models:/<name>@champion``, ``models:/<name>/<version>``);
@@ -27,7 +27,7 @@ class InferError(InvalidInput):
 def _files(cfg: Config, model: str | None, variant: str | None) -> Any:
     """What ``--model`` / ``--variant`` name, through serving's resolver."""
     from ..registry import tracking
-    from ..chat_engine import URI, ServeError, registered_dir, resolve
+    from .resolve import URI, ServeError, registered_dir, resolve
 
     ref = model
     name = None

@@ -1,5 +1,5 @@
 """The registered models: MLflow pyfuncs. ``OnnxChatModel`` runs the ONNX variant of a causal LM
-with ONNX Runtime (through ``tuneops.chat_engine.ChatEngine``, the engine ``tuneops serve`` uses);
+with ONNX Runtime (through ``tuneops.inference.engine.ChatEngine``, the engine ``tuneops serve`` uses);
 ``HeadModel`` a classification / NER head in PyTorch.
 
 A registered chat model loads outside this project: it carries the ``tuneops`` package
@@ -13,8 +13,9 @@ jinja2; no torch), a signature and an input example::
 Input: a ``messages`` column of OpenAI-style chat conversations (a DataFrame, a dict with
 ``messages``, or a list of such dicts); plain strings are taken as one user turn each. Params:
 ``max_tokens``, ``temperature`` (0 = greedy), ``top_p``, ``seed`` (-1 = none). Every ONNX variant
-the optimize stage built and the tokenizer travel as artifacts; the model config's ``variant``
-(optimize's ``default_variant``, never a rejected one) picks the one to run.
+the optimize stage built and the tokenizer travel as artifacts (laid out as ``tuneops.inference.layout``
+says); the model config's ``variant`` (optimize's ``default_variant``, never a rejected one) picks
+the one to run.
 """
 from __future__ import annotations
 
@@ -72,14 +73,15 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context: Any) -> None:
         from pathlib import Path
 
-        from tuneops.chat_engine import ChatEngine
+        from tuneops.inference import layout
+        from tuneops.inference.engine import ChatEngine
 
         config = context.model_config or {}
         self.variant = config.get("variant", "fp32")
         self.artifacts = dict(context.artifacts)
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
-        self.engine = ChatEngine(Path(context.artifacts[f"onnx_{self.variant}"]) / "model.onnx",
-                                 Path(context.artifacts["tokenizer"]))
+        self.engine = ChatEngine(Path(context.artifacts[layout.artifact_key(self.variant)]) / layout.MODEL_FILE,
+                                 Path(context.artifacts[layout.TOKENIZER]))
         self.lm, self.tokenizer = self.engine.lm, self.engine.tokenizer
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema

@@ -8,6 +8,8 @@ import numpy as np
 
 Picker = Callable[[np.ndarray], int]
 
+MIN_TEMPERATURE = 1e-5    # a lower temperature decodes greedily (logits / a subnormal number are inf: NaN odds)
+
 
 def greedy(row: np.ndarray) -> int:
     """The likeliest token (the first one on a tie, as ``torch.argmax``)."""

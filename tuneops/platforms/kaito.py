@@ -15,6 +15,7 @@ from typing import Any
 import yaml
 
 from ..training.heads import is_head
+from ..training.methods import compute_precision
 from . import PlatformError, load_plan, out_dir
 
 SCHEMA = Path(__file__).with_name("schemas") / "kaito-workspace-v1beta1.yaml"
@@ -48,7 +49,7 @@ def check_plan(plan: dict[str, Any]) -> None:
 
 def training_config(cfg: Any, plan: dict[str, Any]) -> dict[str, Any]:
     t, peft = cfg.train, plan["peft"]
-    dtype = _DTYPE.get(plan.get("precision", "fp32").split("+")[-1], "bfloat16")
+    dtype = _DTYPE.get(compute_precision(plan), "bfloat16")
     quant: dict[str, Any] = {"load_in_4bit": False}
     if plan["method"] == "qlora":        # what tuneops' QLoRA does: NF4, double quantization
         quant = {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": dtype,

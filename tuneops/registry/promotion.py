@@ -23,6 +23,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+from tuneops.inference import layout
+
 SCORER = "ONNX Runtime fp32, each model with its own tokenizer, on the current eval split"
 HEAD_SCORER = "PyTorch, each head model with its own tokenizer and label set, on the current eval split"
 
@@ -79,9 +81,8 @@ def registered_fp32(name: str, version: str, dest: Path) -> tuple[Path, Path]:
 
     Path(dest).mkdir(parents=True, exist_ok=True)    # MLflow downloads only into an existing folder
     arts = mlflow.pyfunc.load_model(f"models:/{name}/{version}", dst_path=str(dest)).unwrap_python_model().artifacts
-    onnx = Path(arts.get("onnx_fp32", "")) / "model.onnx"
-    tok = Path(arts.get("tokenizer", ""))
-    if "onnx_fp32" not in arts or not onnx.is_file() or not (tok / "tokenizer_config.json").is_file():
+    onnx, tok = layout.onnx_file(arts, "fp32"), layout.tokenizer_dir(arts)
+    if onnx is None or tok is None or not onnx.is_file() or not (tok / "tokenizer_config.json").is_file():
         raise FileNotFoundError(f"{name} v{version}: no fp32 ONNX model and tokenizer among its artifacts")
     return onnx, tok
 

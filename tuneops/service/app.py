@@ -30,7 +30,10 @@ from fastapi import Depends, FastAPI, File, Form, Request, UploadFile
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from tuneops.config import Config
-from tuneops.endpoint import ApiError, install_error_handlers, max_request_bytes, not_ready, run_server
+from tuneops.inference.http.auth import BearerGate, bearer
+from tuneops.inference.http.errors import ApiError, install_error_handlers
+from tuneops.inference.http.schema import max_request_bytes
+from tuneops.inference.http.server import not_ready, run_server
 from tuneops.data.chatterbot import eval_count
 from tuneops.service import jobs as J
 from tuneops.service.db import Store, default_url, iter_chunks, new_id, now, page
@@ -80,30 +83,22 @@ def listing(items: list[Any], has_more: bool) -> dict[str, Any]:
 # -- upload limit -----------------------------------------------------------------------------------
 
 class RequestGate:
-    """Before any body is read: the bearer token of every ``/v1`` request is checked (401
-    without reading the body, so an unauthenticated client cannot make the API buffer
-    anything), then the body is capped: ``POST /v1/files`` at the upload limit, the inference
-    endpoints at ``serve.max_request_mb``, every other body at ``MAX_JSON_BYTES`` (413 from
-    Content-Length, and a chunked or lying body is stopped as soon as it passes the cap)."""
+    """Before any body is read (and after ``BearerGate`` has refused an unauthenticated request,
+    so that such a client cannot make the API buffer anything), the body of every ``/v1`` request
+    is capped: ``POST /v1/files`` at the upload limit, the inference endpoints at
+    ``serve.max_request_mb``, every other body at ``MAX_JSON_BYTES`` (413 from Content-Length, and
+    a chunked or lying body is stopped as soon as it passes the cap)."""
 
     SLACK = 64 * 1024            # multipart boundaries and the purpose field
     INFERENCE = ("/v1/chat/completions", "/v1/classify")
 
-    def __init__(self, app: Any, limit: int, store: Store, request_limit: int = MAX_JSON_BYTES):
-        self.app, self.limit, self.store, self.request_limit = app, limit, store, request_limit
+    def __init__(self, app: Any, limit: int, request_limit: int = MAX_JSON_BYTES):
+        self.app, self.limit, self.request_limit = app, limit, request_limit
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
         if scope["type"] != "http" or not scope["path"].startswith("/v1"):
             return await self.app(scope, receive, send)
-        import anyio
-
         headers = dict(scope["headers"])
-        auth = headers.get(b"authorization", b"").decode("latin-1")
-        error = _auth_error(auth)
-        if error is None and await anyio.to_thread.run_sync(self.store.owner_of, auth[7:].strip()) is None:
-            error = ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
-        if error is not None:
-            return await JSONResponse(error.body, 401)(scope, receive, send)
         upload = scope["method"] == "POST" and scope["path"].rstrip("/") == "/v1/files"
         json_cap = self.request_limit if scope["path"].rstrip("/") in self.INFERENCE else MAX_JSON_BYTES
         cap = self.limit + self.SLACK if upload else json_cap
@@ -124,13 +119,6 @@ class RequestGate:
             return message
 
         await self.app(scope, limited, send)
-
-
-def _auth_error(auth: str) -> ApiError | None:
-    if not auth.lower().startswith("bearer ") or not auth[7:].strip():
-        return ApiError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>' "
-                             "(tokens: `tuneops api token create NAME`)", None, "missing_api_key")
-    return None
 
 
 def too_large(limit: int) -> ApiError:
@@ -160,24 +148,16 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
 
     app = FastAPI(title="tuneops fine-tuning jobs API", version="1", lifespan=lifespan)
     app.state.store, app.state.cfg = store, cfg
-    app.add_middleware(RequestGate, limit=limit, store=store, request_limit=max_request_bytes(cfg.serve))
+    app.add_middleware(RequestGate, limit=limit, request_limit=max_request_bytes(cfg.serve))
+    app.add_middleware(BearerGate, owner_of=store.owner_of)     # outside RequestGate: 401 before any cap
 
     install_error_handlers(app)
-
-    def owner(request: Request) -> str:
-        auth = request.headers.get("authorization", "")
-        error = _auth_error(auth)
-        if error is not None:
-            raise error
-        name = store.owner_of(auth[7:].strip())
-        if name is None:
-            raise ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
-        return name
+    owner = bearer(store.owner_of)
 
     @app.get("/health")
     async def health() -> Any:
         """Readiness for probes (no token needed, nothing about jobs): 503 while shutting down or
-        while the chat endpoint's slots are wedged (``endpoint.not_ready``)."""
+        while the chat endpoint's slots are wedged (``inference.http.server.not_ready``)."""
         error = not_ready(app.state.scheduler, cfg.serve)
         return {"status": "ok"} if error is None else JSONResponse(error.body, 503)
 
@@ -302,9 +282,9 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         raise ApiError(404, f"The model {model_id!r} does not exist or you do not have access to it", "model",
                        "model_not_found")
 
-    from tuneops.service import inference       # chat with the caller's own fine-tuned models (issue 16)
+    from tuneops.inference.http import job_models     # chat with the caller's own fine-tuned models (issue 16)
 
-    chat = inference.router(cfg, store, owner)
+    chat = job_models.router(cfg, store, owner)
     app.state.scheduler = chat.scheduler      # type: ignore[attr-defined]
     app.include_router(chat)
     return app

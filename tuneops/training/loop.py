@@ -47,7 +47,7 @@ def ds_config(plan: dict[str, Any], max_grad_norm: float) -> dict[str, Any]:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": gpu}
     if plan["offload"]["params"]:
         zero["offload_param"] = {"device": "cpu", "pin_memory": gpu}
-    precision = plan.get("precision", "fp32").split("+")[-1]
+    precision = methods.compute_precision(plan)
     return {
         "train_micro_batch_size_per_gpu": plan["micro_batch_size"],
         "gradient_accumulation_steps": plan["grad_accum"],
@@ -235,7 +235,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
             dist.barrier()      # the other ranks wait for rank 0's conversion
 
     gpu = torch.cuda.is_available()
-    precision = plan.get("precision", "fp32").split("+")[-1]
+    precision = methods.compute_precision(plan)
     ds = ds_config(plan, t.max_grad_norm) if uses_deepspeed(plan) else None
     if ds is not None and mode == "universal":
         ds["checkpoint"] = {"load_universal": True}

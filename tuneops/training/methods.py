@@ -16,11 +16,16 @@ from typing import Any, Callable
 from . import heads
 
 
+def compute_precision(plan: dict[str, Any]) -> str:
+    """The compute precision of a plan's ``precision`` (``WEIGHTS+COMPUTE`` or ``COMPUTE``, as the
+    planner writes it: ``nf4+bf16`` -> ``bf16``, ``fp32`` -> ``fp32``)."""
+    return plan.get("precision", "fp32").split("+")[-1]
+
+
 def compute_dtype(plan: dict[str, Any]) -> Any:
     import torch
 
-    p = plan.get("precision", "fp32").split("+")[-1]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p, torch.float32)
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(compute_precision(plan), torch.float32)
 
 
 def _auto(plan: dict[str, Any]) -> tuple[Any, dict[str, Any]]:

@@ -4,51 +4,42 @@ MODEL (default ``serve.model``, else ``models:/<register.model_name>@champion``)
 version or alias (``models:/NAME/VERSION``, ``models:/NAME@ALIAS``) or an exported folder (an
 optimize output, a variant folder with ``model.onnx``, a registered model folder with ``MLmodel``).
 A chat model runs its default ONNX Runtime variant with its own chat template and stop tokens;
-a classification / NER model answers ``POST /v1/classify``. Endpoints: ``tuneops/endpoint.py``
+a classification / NER model answers ``POST /v1/classify``. Endpoints: ``tuneops.inference.http.routes``
 plus ``GET /v1/models``, ``GET /v1/models/{id}`` and ``GET /health``.
 
-Auth (``serve.auth: true``): the jobs API's bearer tokens (``tuneops api token create NAME``).
+Auth (``serve.auth: true``): the jobs API's bearer tokens (``tuneops api token create NAME``;
+``tuneops.inference.http.auth``).
 
 ``GET /health`` answers 200 with the queue's counters while a request could be served, and 503
 (OpenAI's error shape) while the server shuts down or when every generation slot has been busy
 for over ``serve.stall_s`` with no token produced. SIGINT / SIGTERM stop the server within
-``serve.shutdown_s`` (``endpoint.run_server``).
+``serve.shutdown_s`` (``tuneops.inference.http.server.run_server``).
 """
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Depends, FastAPI, Request
+from fastapi import APIRouter, Depends, FastAPI
 
-from .chat_engine import ModelPool, Scheduler, ServeError, resolve
-from .config import Config
-from .endpoint import ApiError, add_routes, install_error_handlers, model_not_found, not_ready, run_server
+from ...config import Config
+from ..pool import ModelPool
+from ..resolve import ServeError, resolve
+from ..scheduler import Scheduler
+from .auth import bearer
+from .errors import install_error_handlers, model_not_found
+from .routes import add_routes
+from .server import not_ready, run_server
 
 
 def default_model(cfg: Config) -> str:
     return cfg.serve.model or f"models:/{cfg.register.model_name}@champion"
 
 
-def bearer_auth(store: Any) -> Any:
-    """A FastAPI dependency: the token's owner, or 401 in OpenAI's shape."""
-
-    def owner(request: Request) -> str:
-        auth = request.headers.get("authorization", "")
-        if not auth.lower().startswith("bearer ") or not auth[7:].strip():
-            raise ApiError(401, "You didn't provide an API key: send 'Authorization: Bearer <token>' "
-                                "(tokens: `tuneops api token create NAME`)", None, "missing_api_key")
-        name = store.owner_of(auth[7:].strip())
-        if name is None:
-            raise ApiError(401, "Incorrect API key provided", None, "invalid_api_key")
-        return name
-    return owner
-
-
 def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     """The app for one model, loaded now (a bad reference fails before the server listens)."""
     import time
 
-    from .registry import tracking
+    from ...registry import tracking
 
     ref = model or default_model(cfg)
     pool = ModelPool(1, cfg.serve.threads)
@@ -63,10 +54,10 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     ids = {files.id, ref}
     created = int(time.time())
     if cfg.serve.auth:
-        from .service.app import database_url
-        from .service.db import Store
+        from ...service.app import database_url
+        from ...service.db import Store
 
-        who = bearer_auth(Store(database_url(cfg)))
+        who = bearer(Store(database_url(cfg)).owner_of)
     else:
         def who() -> str:
             return "local"

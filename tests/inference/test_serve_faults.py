@@ -2,9 +2,10 @@
 endpoint) against clients that vanish, stall, send hostile bodies or stop the server.
 
 A real uvicorn server on a free port (in a thread, or `tuneops serve` in a subprocess) serves a
-real tiny model: a 2-layer random Llama built here with its own BPE tokenizer and Llama 3 chat
-template (tests/family_models.py), exported to ONNX with a KV cache. Its greedy reply never hits
-a stop token, so a request for 1024 tokens keeps a generation slot busy.
+real tiny model (``chat_model_dir``, tests/inference/conftest.py): a 2-layer random Llama with its
+own BPE tokenizer and Llama 3 chat template (tests/family_models.py), exported to ONNX with a KV
+cache. Its greedy reply never hits a stop token, so a request for 1024 tokens keeps a generation
+slot busy.
 
 - disconnect storms: clients that close after the first chunk, and clients that close while
   queued, give their slot and queue place back at once (no garbage collection involved); the
@@ -34,9 +35,10 @@ import time
 import httpx
 import pytest
 
-from tests.conftest import REPO, TEST_ROOT, make_project, wait_for
-from tests.test_serve import InProcess
+from tests.conftest import REPO, make_project, wait_for
 from tuneops.io import free_port
+
+from .conftest import InProcess
 
 pytestmark = pytest.mark.pipeline          # servers in threads and `tuneops` in subprocesses
 
@@ -48,23 +50,6 @@ KB64 = 64 * 1024
 # -- fixtures ---------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
-def model_dir():
-    """An exported chat model folder (model.onnx + tokenizer + generation_config), as `tuneops
-    serve FOLDER` takes it."""
-    from tests.family_models import build_model, build_tokenizer, CASES
-    from tuneops.export.exporter import export_causal_lm
-
-    out = TEST_ROOT / "serve-faults-model" / "tiny-chat"
-    shutil.rmtree(out.parent, ignore_errors=True)
-    tok = build_tokenizer(CASES["llama3"])
-    model = build_model("llama3", tok).eval()
-    export_causal_lm(model, out / "model.onnx", 20)
-    tok.save_pretrained(str(out))
-    model.generation_config.save_pretrained(str(out))
-    return out
-
-
-@pytest.fixture(scope="module")
 def cfg():
     from tuneops.config import load_config
 
@@ -73,10 +58,10 @@ def cfg():
 
 
 @pytest.fixture(scope="module")
-def server(cfg, model_dir):
-    from tuneops.serve_app import create_app
+def server(cfg, chat_model_dir):
+    from tuneops.inference.http.app import create_app
 
-    app = create_app(cfg, str(model_dir))
+    app = create_app(cfg, str(chat_model_dir))
 
     @app.get("/test-bug")
     def bug() -> None:                      # a route with a bug: what a 500 looks like
@@ -228,12 +213,12 @@ def test_a_client_that_stops_reading_holds_no_slot(server):
         stuck.close()
 
 
-def test_health_is_not_ready_while_every_slot_is_wedged(cfg, model_dir):
+def test_health_is_not_ready_while_every_slot_is_wedged(cfg, chat_model_dir):
     from tuneops.config import load_config
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
 
     wedgeable = load_config(cfg.source, ["serve.stall_s=0.5"])
-    srv = InProcess(create_app(wedgeable, str(model_dir)))
+    srv = InProcess(create_app(wedgeable, str(chat_model_dir)))
     try:
         health = f"http://127.0.0.1:{srv.port}/health"
         sched = srv.app.state.scheduler
@@ -257,13 +242,13 @@ def test_health_is_not_ready_while_every_slot_is_wedged(cfg, model_dir):
         srv.stop()
 
 
-def test_models_show_no_server_path(server, model_dir):
+def test_models_show_no_server_path(server, chat_model_dir):
     r = httpx.get(f"{server.base_url}/models", timeout=10)
     assert r.status_code == 200
     assert r.json()["data"] == [{"id": "tiny-chat", "object": "model", "created": r.json()["data"][0]["created"],
                                  "owned_by": "tuneops", "kind": "chat", "version": None}]
     for text in (r.text, httpx.get(f"{server.base_url}/models/tiny-chat", timeout=10).text):
-        assert str(model_dir) not in text and str(REPO) not in text and "/" not in text.replace("\\/", "")
+        assert str(chat_model_dir) not in text and str(REPO) not in text and "/" not in text.replace("\\/", "")
 
 
 def test_keep_alive_connections_survive_errors(server):
@@ -288,12 +273,12 @@ def test_keep_alive_connections_survive_errors(server):
 
 # -- SIGTERM -----------------------------------------------------------------------------------------
 
-def test_sigterm_stops_tuneops_serve_mid_generation(cfg, model_dir, tmp_path):
+def test_sigterm_stops_tuneops_serve_mid_generation(cfg, chat_model_dir, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(cfg.source), "serve",
-                                 str(model_dir), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
+                                 str(chat_model_dir), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
                                 cwd=tmp_path)
     try:
         def up() -> bool:
@@ -569,15 +554,15 @@ def test_fuzzed_chat_requests_on_the_jobs_api(cfg):
 
 # -- the CLI ------------------------------------------------------------------------------------------
 
-def test_cli_refusals_are_one_line_without_a_traceback(cfg, model_dir, tmp_path):
+def test_cli_refusals_are_one_line_without_a_traceback(cfg, chat_model_dir, tmp_path):
     corrupt = tmp_path / "corrupt-model"
-    shutil.copytree(model_dir, corrupt)
+    shutil.copytree(chat_model_dir, corrupt)
     (corrupt / "model.onnx").write_bytes(b"this is not an ONNX protobuf" * 100)
     env = {**os.environ, "PREFECT_API_URL": "http://127.0.0.1:9/api"}      # `tuneops api` gets to its database
     calls = {
         "corrupt model.onnx": (["serve", str(corrupt)], "the model cannot be loaded"),
-        "--port 99999": (["serve", str(model_dir), "--port", "99999"], "--port 99999: expected a port number"),
-        "--port -1": (["serve", str(model_dir), "--port", "-1"], "--port -1: expected a port number"),
+        "--port 99999": (["serve", str(chat_model_dir), "--port", "99999"], "--port 99999: expected a port number"),
+        "--port -1": (["serve", str(chat_model_dir), "--port", "-1"], "--port -1: expected a port number"),
         "database_url=notaurl": (["--set", "service.database_url=notaurl", "api"],
                                  "service.database_url 'notaurl': not a database URL"),
         "postgresql:// without its driver": (["--set", "service.database_url="

@@ -16,28 +16,9 @@ import pytest
 from tests.conftest import wait_for
 from tuneops.io import free_port
 
+from .conftest import InProcess
+
 HELLO = [{"role": "user", "content": "Hello"}]
-
-
-class InProcess:
-    """A real uvicorn server on a free port, in a thread (the app object stays reachable)."""
-
-    def __init__(self, app):
-        import uvicorn
-
-        self.app, self.port = app, free_port()
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        wait_for(lambda: self.server.started, 30, "uvicorn start", interval=0.05)
-        self.base_url = f"http://127.0.0.1:{self.port}/v1"
-
-    def client(self, key: str = "none") -> openai.OpenAI:
-        return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=60)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +29,7 @@ def registered(stage, tiny_cfg):
 
 @pytest.fixture(scope="module")
 def server(registered):
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
 
     srv = InProcess(create_app(registered))
     yield srv
@@ -113,7 +94,7 @@ def test_stop_strings_and_seeds(server, registered):
 def test_errors_in_openai_shape(registered, tokenizer):
     from tuneops.inference.chat import prompt_ids
     from tuneops.config import load_config
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
     from tuneops.service.app import database_url
     from tuneops.service.db import Store
 
@@ -221,7 +202,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
 
     from tuneops.export.exporter import export_classifier
     from tuneops.models import load_tokenizer
-    from tuneops.serve_app import create_app
+    from tuneops.inference.http.app import create_app
 
     base = registered.path("base_model_dir")
     conf = AutoConfig.from_pretrained(str(base), num_labels=2, id2label={0: "neg", 1: "pos"},
@@ -239,7 +220,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
         assert r.status_code == 200, r.text
         body = r.json()
         assert body["object"] == "list" and [d["index"] for d in body["data"]] == [0, 1]
-        from tuneops.chat_engine import Classifier
+        from tuneops.inference.engine import Classifier
 
         direct = Classifier(onnx_path=tmp_path / "onnx" / "model.onnx").classify(texts)
         assert [d["label"] for d in body["data"]] == [d["label"] for d in direct]
@@ -256,7 +237,7 @@ def test_classify_endpoint_on_an_exported_classifier(registered, tmp_path):
 def test_model_pool_loads_once_and_evicts_least_recently_used():
     from concurrent.futures import ThreadPoolExecutor
 
-    from tuneops.chat_engine import ModelPool
+    from tuneops.inference.pool import ModelPool
 
     loads = []
 
@@ -288,8 +269,9 @@ def test_serving_code_names_no_model_family():
 
     from tests.conftest import REPO
 
-    files = [REPO / "tuneops" / n for n in ("chat_engine.py", "endpoint.py", "serve_app.py", "inference/pyfunc.py")]
-    files.append(REPO / "tuneops" / "service" / "inference.py")
+    inference = REPO / "tuneops" / "inference"
+    files = [inference / n for n in ("engine.py", "resolve.py", "layout.py", "scheduler.py", "pool.py", "pyfunc.py")]
+    files += sorted((inference / "http").glob("*.py"))
     pattern = re.compile(r"gemma|llama|qwen|phi-?3|mistral|smollm|<end_of_turn>|<start_of_turn>|<\|im_end\|>|"
                          r"<\|eot_id\|>|<\|end\|>|bos_token_id", re.IGNORECASE)
     hits = [f"{f.name}:{i}: {line.strip()}" for f in files
@@ -301,7 +283,7 @@ def test_cancelling_a_ticket_gives_its_slot_and_queue_place_back_at_once():
     """The scheduler's counters follow cancellation (issue 36), with no garbage collection involved:
     a queued request that is cancelled leaves the queue, a running one keeps its slot until its
     generation stops, and ``close`` (SIGINT / SIGTERM) cancels everything and admits nothing more."""
-    from tuneops.chat_engine import Busy, Cancelled, Closed, Scheduler
+    from tuneops.inference.scheduler import Busy, Cancelled, Closed, Scheduler
 
     sched = Scheduler(max_concurrent=1, max_queue=1)
     first, second = sched.admit(), sched.admit()
@@ -341,7 +323,8 @@ def test_cancelling_a_ticket_gives_its_slot_and_queue_place_back_at_once():
 
 def test_chat_requests_are_checked_by_their_schema():
     from tuneops.config import load_config
-    from tuneops.endpoint import ApiError, MAX_DEPTH, chat_request, json_depth, parse_body
+    from tuneops.inference.http.errors import ApiError
+    from tuneops.inference.http.schema import MAX_DEPTH, chat_request, json_depth, parse_body
     from tests.conftest import REPO
 
     settings = load_config(REPO / "params.yaml").serve

@@ -1,6 +1,7 @@
-"""The jobs API serves its own models: ``POST /v1/chat/completions`` (and ``/v1/classify``) with
-``model=<job.fine_tuned_model>``, through the same engine as ``tuneops serve``
-(``tuneops/endpoint.py``, ``tuneops/chat_engine.py``).
+"""The jobs API's model endpoints: ``POST /v1/chat/completions`` (and ``/v1/classify``) with
+``model=<job.fine_tuned_model>``, through the same routes and engine as ``tuneops serve``
+(``tuneops.inference.http.routes``, ``tuneops.inference.engine``); ``tuneops.service.app`` mounts
+this router behind its auth and body gates.
 
 A token reaches only the models of its own succeeded jobs (anything else is 404, like every
 other object of this API). Each model is the job's registered MLflow version, loaded on first
@@ -14,9 +15,12 @@ from typing import Any, Callable
 from fastapi import APIRouter
 
 from tuneops.registry import tracking
-from tuneops.chat_engine import ModelPool, Scheduler, files_of_registered, registered_dir
 from tuneops.config import Config
-from tuneops.endpoint import add_routes, model_not_found
+from tuneops.inference.http.errors import model_not_found
+from tuneops.inference.http.routes import add_routes
+from tuneops.inference.pool import ModelPool
+from tuneops.inference.resolve import files_of_registered, registered_dir
+from tuneops.inference.scheduler import Scheduler
 from tuneops.service.db import Store
 
 

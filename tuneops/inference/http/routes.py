@@ -1,0 +1,302 @@
+"""OpenAI-compatible inference endpoints, shared by ``tuneops serve`` (one model) and the jobs
+API (each token's own fine-tuned models): ``POST /v1/chat/completions`` and ``POST /v1/classify``.
+
+Chat request fields: ``model``, ``messages`` (roles system / developer / user / assistant; content
+a string or a list of text parts), ``max_tokens`` or ``max_completion_tokens``, ``temperature``
+(0 = greedy), ``top_p``, ``seed``, ``stop`` (a string or up to 4), ``n`` (1 only), ``stream``
+(server-sent ``chat.completion.chunk`` events ending in ``data: [DONE]``) with
+``stream_options.include_usage``. Other OpenAI fields are ignored, except the ones that would
+change the answer (tools, logprobs, a non-text response_format), which are refused with 400.
+The request is validated by a pydantic schema (``ChatRequest``) before anything runs: the body is
+capped at ``serve.max_request_mb`` before it is read, JSON nested deeper than ``MAX_DEPTH`` is
+refused before it is parsed, ``seed`` is an integer in [0, 2^63-1], ``temperature`` a number in
+[0, 2] (below ``MIN_TEMPERATURE`` = 1e-5 it decodes greedily, as 0 does), a role is one of the
+names below and text is valid Unicode (no lone surrogates). Every bad value is a 400 naming its
+``param`` and showing at most the first ``SHOWN`` characters of the value.
+
+``POST /v1/classify`` (classification / NER versions): ``{"model": ID, "input": "text" | ["text", ...]}``
+answers ``{"object": "list", "model": ID, "data": [{"index": 0, "label": "positive", "score": 0.93}]}``
+(NER: ``{"index": 0, "words": [...], "tags": ["B-PER", "O", ...]}``).
+
+Errors have OpenAI's shape ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad
+request or an input longer than ``serve.max_input_tokens`` (the message gives the token count),
+401 for a missing or unknown token, 404 for a model the caller cannot see, 413 for a body over
+``serve.max_request_mb``, 429 when the bounded queue is full, 503 while the server shuts down,
+500 (``server_error``; logged with its traceback) for a bug. No exception reaches the HTTP server
+(``CatchAll``), so a keep-alive connection survives every error. An error after a stream has
+started ends it with ``data: {"error": {...}}`` and ``data: [DONE]``.
+
+Generation runs in a thread of its own and holds a slot of the ``Scheduler`` only while it
+computes: a client that reads slowly, or not at all, holds no slot. A client that goes away
+(before its first token, while streaming or while queued) cancels its request at once: its
+place in the queue is given back, and its generation stops at the next token.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import threading
+import time
+import uuid
+from typing import Any, AsyncIterator, Callable
+
+from fastapi import Depends, Request
+from starlette.responses import StreamingResponse
+
+from ..engine import ChatEngine, Generation
+from ..scheduler import Busy, Cancelled, Closed, Scheduler, Ticket
+from .errors import ApiError, busy, server_error, short, shutting_down
+from .schema import BadValue, chat_request, parse_body, read_body, valid_text
+
+log = logging.getLogger(__name__)
+
+
+def admit(scheduler: Scheduler) -> Ticket:
+    try:
+        return scheduler.admit()
+    except Busy as exc:
+        raise busy(exc) from None
+    except Closed:
+        raise shutting_down() from None
+
+
+
+def prompt_of(engine: ChatEngine, req: dict[str, Any], settings: Any) -> list[int]:
+    from ..chat import ChatFormatError
+
+    try:
+        ids = engine.prompt(req["messages"])
+    except ChatFormatError as exc:
+        raise ApiError(400, f"messages: {str(exc)[:500]}", "messages", "invalid_messages") from None
+    if len(ids) > settings.max_input_tokens:
+        raise ApiError(400, f"This model's maximum input length is {settings.max_input_tokens} tokens "
+                            f"(serve.max_input_tokens); your messages are {len(ids)} tokens", "messages",
+                       "context_length_exceeded")
+    return ids
+
+
+# -- running a request ----------------------------------------------------------------------------------
+
+def run(ticket: Ticket, job: Callable[[Callable[[Any], None]], Any]) -> "asyncio.Queue[tuple[str, Any]]":
+    """``job(put)`` in a thread of its own while it holds a slot (``ticket.running()``); the queue
+    gets ``("start", None)`` when it has the slot, what it ``put``s, and last ``("done", value)``,
+    ``("cancelled", reason)`` or ``("error", exc)``, always after the ticket is released."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(item: tuple[str, Any]) -> None:
+        try:
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+        except RuntimeError:                  # the event loop is gone: nobody is waiting
+            ticket.cancel("the server is shutting down")
+
+    def work() -> None:
+        end: tuple[str, Any] = ("error", None)
+        try:
+            with ticket.running():
+                put(("start", None))
+                end = ("done", job(put))
+        except Cancelled:
+            end = ("cancelled", ticket.reason)
+        except Exception as exc:  # noqa: BLE001 - the client gets a server_error, the log the traceback
+            log.exception("request failed")
+            end = ("error", exc)
+        finally:
+            ticket.release()
+        put(end)
+
+    threading.Thread(target=work, name="tuneops-request", daemon=True).start()
+    return queue
+
+
+def generate(engine: ChatEngine, ids: list[int], req: dict[str, Any],
+             ticket: Ticket) -> "asyncio.Queue[tuple[str, Any]]":
+    """``run`` a generation: ``("piece", text)`` as it is decoded, then ``("done", Generation)``."""
+
+    def job(put: Callable[[Any], None]) -> Generation:
+        g = Generation()
+        for piece in engine.deltas(ids, req["max_tokens"], result=g, cancel=ticket.cancelled, **_sample_kw(req)):
+            ticket.beat()
+            put(("piece", piece))
+        return g
+    return run(ticket, job)
+
+
+def stopped(kind: str, value: Any, scheduler: Scheduler) -> ApiError:
+    """The error of a request that did not finish: cancelled (client gone, or shutting down) or failed."""
+    if kind == "cancelled":
+        if scheduler.closed:
+            return shutting_down()
+        return ApiError(499, f"cancelled: {value}", None, "request_cancelled")
+    return server_error()
+
+
+async def finish(receive: Any, queue: "asyncio.Queue[tuple[str, Any]]", ticket: Ticket) -> Any:
+    """The value of a ``run`` job; a client that goes away meanwhile cancels it."""
+    import anyio
+
+    kind, value = "cancelled", "the request was cancelled"
+    try:
+        async with anyio.create_task_group() as tg:
+            async def watch() -> None:
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                ticket.cancel("the client went away")
+
+            tg.start_soon(watch)
+            while True:
+                kind, value = await queue.get()
+                if kind not in ("start", "piece"):
+                    break
+            tg.cancel_scope.cancel()
+    finally:
+        ticket.cancel("the request was cancelled")        # nothing happens once it has finished
+    if kind != "done":
+        raise stopped(kind, value, ticket.scheduler)
+    return value
+
+
+# -- responses ------------------------------------------------------------------------------------------
+
+def _usage(g: Generation) -> dict[str, int]:
+    return {"prompt_tokens": g.prompt_tokens, "completion_tokens": g.completion_tokens,
+            "total_tokens": g.prompt_tokens + g.completion_tokens}
+
+
+def _sample_kw(req: dict[str, Any]) -> dict[str, Any]:
+    return {"temperature": req["temperature"], "top_p": req["top_p"], "seed": req["seed"], "stop": req["stop"]}
+
+
+def completion(model_id: str, g: Generation) -> dict[str, Any]:
+    return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
+            "model": model_id, "system_fingerprint": None,
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text, "refusal": None},
+                         "logprobs": None, "finish_reason": g.finish_reason}],
+            "usage": _usage(g)}
+
+
+def error_event(error: ApiError) -> str:
+    return "data: " + json.dumps(error.body) + "\n\n"
+
+
+async def chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: dict[str, Any],
+                 ticket: Ticket) -> AsyncIterator[str]:
+    """Server-sent events of a ``generate`` queue: a role chunk, content chunks, the finish chunk
+    (and usage), ``[DONE]``; a generation that fails or is cancelled after the stream started
+    ends it with an error event and ``[DONE]``."""
+    cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return "data: " + json.dumps({"id": cid, "object": "chat.completion.chunk", "created": created,
+                                      "model": model_id, "system_fingerprint": None, "choices": choices,
+                                      **extra}) + "\n\n"
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "start":
+                yield event(choice({"role": "assistant", "content": ""}))
+            elif kind == "piece":
+                yield event(choice({"content": value}))
+            else:
+                break
+        if kind == "done":
+            yield event(choice({}, value.finish_reason))
+            if req["include_usage"]:
+                yield event([], usage=_usage(value))
+        else:
+            yield error_event(stopped(kind, value, ticket.scheduler))
+    except Exception:  # noqa: BLE001 - a bug here still ends the stream the way clients expect
+        log.exception("stream failed")
+        yield error_event(server_error())
+    finally:
+        ticket.cancel("the client went away")             # nothing happens once it has finished
+    yield "data: [DONE]\n\n"
+
+
+class EventStream(StreamingResponse):
+    """Server-sent events that cancel their request as soon as the client disconnects, on every
+    ASGI server (it listens for ``http.disconnect`` itself), and at the latest when the response
+    ends for any reason, so the ticket never waits for the generator to be garbage collected."""
+
+    def __init__(self, events: AsyncIterator[str], ticket: Ticket):
+        super().__init__(events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.ticket = ticket
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        import anyio
+
+        try:
+            async with anyio.create_task_group() as tg:
+                async def watch() -> None:
+                    await self.listen_for_disconnect(receive)
+                    self.ticket.cancel("the client went away")
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(watch)
+                try:
+                    await self.stream_response(send)
+                except OSError:                   # the client went away (ASGI 2.4 servers say so here)
+                    pass
+                tg.cancel_scope.cancel()
+        finally:
+            self.ticket.cancel("the client went away")
+            with anyio.CancelScope(shield=True):
+                await self.body_iterator.aclose()  # type: ignore[attr-defined]
+
+
+# -- the routes -------------------------------------------------------------------------------------------
+
+def add_routes(router: Any, get_model: Callable[[str, Any], Any], scheduler: Scheduler, settings: Any,
+               who: Callable[..., str]) -> None:
+    """``POST /v1/chat/completions`` and ``POST /v1/classify`` on ``router``. ``get_model(owner,
+    model_id)`` returns a loaded ChatEngine / Classifier or raises a 404 ``ApiError``; ``who`` is
+    the auth dependency (it runs before the body is read)."""
+    from starlette.concurrency import run_in_threadpool
+
+    async def body_of(request: Request) -> Any:
+        return await run_in_threadpool(parse_body, await read_body(request, settings))
+
+    async def model_for(owner: str, model_id: Any, kind: str) -> Any:
+        if not isinstance(model_id, str) or not model_id:
+            raise ApiError(400, "model: required (GET /v1/models lists them)", "model", "invalid_value")
+        model = await run_in_threadpool(get_model, owner, model_id)
+        if model.kind != kind:
+            other = "/v1/classify" if model.kind == "classify" else "/v1/chat/completions"
+            raise ApiError(400, f"model {short(model_id)} is a {model.kind} model: use POST {other}", "model",
+                           "wrong_endpoint")
+        return model
+
+    @router.post("/v1/chat/completions")
+    async def chat_completions(request: Request, owner: str = Depends(who)) -> Any:
+        req = chat_request(await body_of(request), settings)
+        engine = await model_for(owner, req["model"], "chat")
+        ids = await run_in_threadpool(prompt_of, engine, req, settings)      # tokenizing: off the event loop
+        ticket = admit(scheduler)
+        queue = generate(engine, ids, req, ticket)
+        if req["stream"]:
+            return EventStream(chunks(engine.id, queue, req, ticket), ticket)
+        return completion(engine.id, await finish(request.receive, queue, ticket))
+
+    @router.post("/v1/classify")
+    async def classify(request: Request, owner: str = Depends(who)) -> Any:
+        body = await body_of(request)
+        texts = body.get("input") if isinstance(body, dict) else None
+        texts = [texts] if isinstance(texts, str) else texts
+        if not isinstance(texts, list) or not texts or not all(isinstance(t, str) and t for t in texts) \
+                or len(texts) > settings.max_classify_inputs:
+            raise ApiError(400, f"input: expected a non-empty string or a list of 1-{settings.max_classify_inputs} "
+                                f"non-empty strings", "input", "invalid_value")
+        for t in texts:
+            try:
+                valid_text(t)
+            except BadValue as exc:
+                raise ApiError(400, f"input: {exc}", "input", "invalid_value") from None
+        model = await model_for(owner, body.get("model"), "classify")
+        ticket = admit(scheduler)
+        rows = await finish(request.receive, run(ticket, lambda put: model.classify(texts)), ticket)
+        return {"object": "list", "model": model.id, "data": [{"index": i, **r} for i, r in enumerate(rows)]}

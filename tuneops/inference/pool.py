@@ -1,0 +1,45 @@
+"""Loaded models, shared by the requests of a server (``tuneops serve`` holds one, the jobs API
+each token's fine-tuned models)."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+
+class ModelPool:
+    """Loaded models by key, least-recently-used evicted beyond ``limit``; each loads once even
+    when requests for it arrive together."""
+
+    def __init__(self, limit: int, threads: int = 0):
+        from collections import OrderedDict
+
+        self.limit, self.threads = limit, threads
+        self._models: "OrderedDict[str, Any]" = OrderedDict()
+        self._lock = threading.Lock()
+        self._loading: dict[str, threading.Lock] = {}
+
+    def get(self, key: str, files: Any) -> Any:
+        """``files``: a ModelFiles or a zero-argument callable returning one (called only to load)."""
+        with self._lock:
+            if key in self._models:
+                self._models.move_to_end(key)
+                return self._models[key]
+            gate = self._loading.setdefault(key, threading.Lock())
+        with gate:
+            with self._lock:
+                if key in self._models:
+                    self._models.move_to_end(key)
+                    return self._models[key]
+            spec = files() if callable(files) else files
+            model = spec.load(self.threads)
+            model.id = spec.id
+            with self._lock:
+                self._models[key] = model
+                while len(self._models) > self.limit:
+                    self._models.popitem(last=False)
+                self._loading.pop(key, None)
+            return model
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._models)
