@@ -161,6 +161,15 @@ def test_each_bad_tool_row_is_named_by_line_field_and_rule(rule, chatml_tokenize
     assert list(result.splits["train"].rejected) == [2]
 
 
+def test_the_data_and_training_sides_read_the_same_tools():
+    from tuneops.inference.chat import record_tools
+
+    legacy = {"functions": [WEATHER["function"]], "messages": []}
+    for r in ROWS + [legacy, {"messages": []}]:
+        assert toolrows.record_tools(r) == record_tools(r) == formats.get("chat").tools(r)
+    assert record_tools(legacy) == [WEATHER] and record_tools({"messages": []}) is None
+
+
 def test_tool_rows_keep_the_existing_chat_rules():
     """Content is still required where there is no call; roles outside the five are refused."""
     issues = formats.record_issues("chat", _row({"role": "assistant", "content": None}))

@@ -288,9 +288,9 @@ class Format:
         return toolrows.record_tools(r) if self.name == "chat" else None
 
     def size(self, r: dict[str, Any]) -> int:
-        """Characters of content, tool calls and tool declarations (ingest.max_chars)."""
-        return (sum(len(m.get("content") or "") + len(toolrows.key_text(m)) for m in self.to_chat(r))
-                + (len(toolrows.declared_text(r)) if self.name == "chat" else 0))
+        """Characters of the conversation: content, tool calls and results (ingest.max_chars; the
+        declared tools are not counted here, the token length in validate counts everything)."""
+        return sum(len(m.get("content") or "") + len(toolrows.key_text(m)) for m in self.to_chat(r))
 
 
 FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (

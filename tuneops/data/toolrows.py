@@ -320,6 +320,9 @@ def declared_text(r: dict[str, Any]) -> str:
 
 
 def record_tools(r: dict[str, Any]) -> list[dict[str, Any]] | None:
-    from ..inference.chat import record_tools as tools
-
-    return tools(r)
+    """The functions a row may call, as OpenAI ``tools`` (legacy ``functions`` wrapped): what the
+    conversation is rendered with (the same as ``tuneops.inference.chat.record_tools``, which the
+    training side uses; the data layer does not import the chat layer here)."""
+    tools = [t for t in r.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    tools += [{"type": "function", "function": f} for f in r.get("functions") or [] if isinstance(f, dict)]
+    return tools or None
