@@ -261,6 +261,9 @@ class Format:
     field: str                               # the field a whole-record rule names
     to_chat: Callable[[dict[str, Any]], Messages]
     csv: bool = True                         # flat: CSV-friendly
+    # the functions a record's conversation may call, rendered with it (OpenAI ``tools``; legacy
+    # ``functions`` as tools); None for formats without tool calling
+    tools: Callable[[dict[str, Any]], list[dict[str, Any]] | None] = lambda r: None
 
     def key_values(self, r: dict[str, Any]) -> list[Any]:
         if self.name == "chat":
@@ -282,11 +285,6 @@ class Format:
         return "\x1f".join(_near(" ".join(map(str, v)) if isinstance(v, list) else "" if v is None else str(v))
                            for v in self.key_values(r))
 
-    def tools(self, r: dict[str, Any]) -> list[dict[str, Any]] | None:
-        """The functions a record's conversation may call (OpenAI ``tools``; legacy ``functions``
-        as tools), rendered with it; None for formats without tools."""
-        return toolrows.record_tools(r) if self.name == "chat" else None
-
     def size(self, r: dict[str, Any]) -> int:
         """Characters of the conversation: content, tool calls and results (ingest.max_chars; the
         declared tools are not counted here, the token length in validate counts everything)."""
@@ -294,7 +292,7 @@ class Format:
 
 
 FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (
-    Format("chat", _chat, ("messages",), "messages", lambda r: r["messages"], csv=False),
+    Format("chat", _chat, ("messages",), "messages", lambda r: r["messages"], csv=False, tools=toolrows.record_tools),
     Format("instruction", _instruction, ("prompt", "completion"), "(record)",
            lambda r: [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]),
     # an empty user turn first: chat templates (Gemma, Mistral, ...) require a conversation to open with one
