@@ -12,7 +12,7 @@ from typing import Any
 from tuneops import log
 from tuneops.config import Config
 from tuneops.inference import decode, finetuned
-from tuneops.inference.chat import prompt_and_reference
+from tuneops.inference.chat import prompt_and_reference, record_tools
 from tuneops.inference.scoring import encode, torch_perplexity
 from tuneops.io import fresh_dir, md5_file, read_jsonl, write_json, write_jsonl
 from tuneops.models import load_causal_lm, load_tokenizer
@@ -73,13 +73,14 @@ def run(cfg: Config) -> dict[str, Any]:
     features = encode(rows, tokenizer, cfg.model.max_seq_len)
     pad = tokenizer.pad_token_id
     prompts = [prompt_and_reference(r["messages"]) for r in rows[: e.generations]]
+    tools = [record_tools(r) for r in rows[: e.generations]]     # tool rows: the functions, declared in the prompt
 
     scores, replies = {}, {}
     for name, model in (("base", load_causal_lm(base_dir)), ("finetuned", finetuned.load(base_dir, train_dir))):
         log.log.info(f"evaluate: {name} model, {len(features)} conversations, {len(prompts)} generations ...")
         model.eval()
         scores[name] = torch_perplexity(model, features, e.batch_size, pad)
-        replies[name] = decode.replies(model, tokenizer, [msgs for msgs, _ in prompts], e.max_new_tokens)
+        replies[name] = decode.replies(model, tokenizer, [msgs for msgs, _ in prompts], e.max_new_tokens, tools)
         del model
 
     base, ft = scores["base"], scores["finetuned"]

@@ -59,6 +59,8 @@ def write_clean(split: SplitResult, fmt: str, dest: Path) -> Path:
                     f.write(row.raw + b"\n")
                 else:
                     line: dict[str, Any] = {"messages": spec.to_chat(row.obj)}
+                    if spec.tools(row.obj):             # tool rows (chat from Parquet): the functions they call
+                        line["tools"] = spec.tools(row.obj)
                     if head.record_fields:      # the task heads train on the record itself
                         line["record"] = {k: row.obj[k] for k in head.record_fields}
                     f.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")

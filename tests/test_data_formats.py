@@ -51,9 +51,9 @@ CASES = {
          "TRAIN:5: messages[0].weight: enum: weight is allowed on assistant turns only, as 0 or 1",
          "TRAIN:6: messages: assistant_turn: every assistant turn has weight 0: nothing to train on",
          "TRAIN:7: messages[1].content: non_empty: content is empty or whitespace",
-         "TRAIN:7: messages: assistant_turn: needs at least one assistant turn with non-empty content",
+         "TRAIN:7: messages: assistant_turn: needs at least one assistant turn with non-empty content or tool calls",
          "TRAIN:8: messages: required: missing 'messages'",
-         "TRAIN:9: messages[0].role: enum: role must be one of system, user, assistant (got 'bot')"],
+         "TRAIN:9: messages[0].role: enum: role must be one of system, user, assistant, tool, function (got 'bot')"],
     ),
     "instruction": (
         [{"prompt": "Write a haiku.", "completion": "Old pond, frog jumps in."}, {"prompt": "Say hi", "completion": "Hi"}],

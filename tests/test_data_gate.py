@@ -42,11 +42,11 @@ def test_each_bad_line_is_reported_with_its_rule(bad_project):
         run(cfg)
     lines = [str(p) for p in err.value.problems]
     path = str(cfg.path("train_data"))
-    assert f"{path}:31: messages: assistant_turn: needs at least one assistant turn with non-empty content" in lines
+    assert f"{path}:31: messages: assistant_turn: needs at least one assistant turn with non-empty content or tool calls" in lines
     assert any(line.startswith(f"{path}:32: (line): json: invalid JSON") for line in lines)
     assert any(line.startswith(f"{path}:33: messages: max_seq_len: ")
                and "tokens > max_seq_len 256 (model tokenizer)" in line for line in lines)
-    assert f"{path}:34: messages[0].role: enum: role must be one of system, user, assistant (got 'bot')" in lines
+    assert f"{path}:34: messages[0].role: enum: role must be one of system, user, assistant, tool, function (got 'bot')" in lines
     assert len(lines) == 4, lines
     report = json.loads((cfg.path("validation_dir") / "report.json").read_text())
     assert report["success"] is False and len(report["problems"]) == 4

@@ -134,4 +134,4 @@ def test_fail_mode_clean_split_is_a_byte_identical_copy(stage, tiny_cfg):
     assert md5_file(tiny_cfg.path("clean_train_data")) == md5_file(tiny_cfg.path("train_data"))
     assert md5_file(tiny_cfg.path("clean_eval_data")) == md5_file(tiny_cfg.path("eval_data"))
     report = read_json(tiny_cfg.path("validation_dir") / "report.json")
-    assert report["counts"]["total"]["rejected"] == 0 and report["suites"]["chat"]["version"] == 1
+    assert report["counts"]["total"]["rejected"] == 0 and report["suites"]["chat"]["version"] == 2

@@ -13,6 +13,8 @@ from tuneops.io import read_json, read_jsonl
 from .conftest import make_project
 
 BUNDLED = [name for name in SCENARIOS if name != "user"]
+# tool rows declare three functions (~450 tokens rendered): the scenario is run with a longer budget
+OVERRIDES = {"tools": ("model.max_seq_len=512",)}
 
 
 def _project(stage, name: str, *overrides: str):
@@ -28,7 +30,7 @@ def test_bundled_scenario_builds_and_passes_its_suite(name, stage, tokenizer, mo
     from tasks import ingest, validate
 
     monkeypatch.setattr(validate, "load_tokenizer", lambda _: tokenizer)   # the same tokenizer, loaded once
-    cfg = _project(stage, name)
+    cfg = _project(stage, name, *OVERRIDES.get(name, ()))
     manifest = ingest.run(cfg)
     fmt = SCENARIOS[name]
     assert manifest["format"] == fmt and manifest["license"] and manifest["source"]
@@ -44,7 +46,7 @@ def test_bundled_scenario_builds_and_passes_its_suite(name, stage, tokenizer, mo
     assert report["suites"][fmt]["version"] >= 1
     clean = read_jsonl(cfg.path("clean_train_data"))          # what training reads: chat records
     assert len(clean) == out["train_rows"] == manifest["train_rows"]
-    assert all(m["role"] in ("user", "assistant", "system") for r in clean for m in r["messages"])
+    assert all(m["role"] in ("user", "assistant", "system", "tool") for r in clean for m in r["messages"])
 
 
 def test_translation_pairs_and_other_locales(stage):
@@ -68,3 +70,28 @@ def test_scenario_and_format_must_agree(tmp_path):
         load_config(REPO / "params.yaml", ["data.scenario=user"])
     cfg = load_config(REPO / "params.yaml", ["data.scenario=ner"])
     assert cfg.data.resolved_format == "ner"
+
+
+def test_tools_scenario_calls_each_function_with_exact_arguments(stage, tokenizer, monkeypatch):
+    """The ``tools`` scenario: fixed-seed, the same rows on every build; each row declares the three
+    functions and calls the one it names with arguments that satisfy its schema (or, small talk,
+    calls nothing); stratified per function; the held-out split has every kind."""
+    import json
+
+    from tuneops.data import formats, scenarios, sources
+
+    cfg = _project(stage, "tools", *OVERRIDES["tools"])
+    train, eval_, manifest = scenarios.build("tools", cfg.ingest)
+    again = scenarios.build("tools", cfg.ingest)
+    assert (train, eval_) == again[:2]
+    kinds = {"define_word", "translate", "get_sentiment", "none"}
+    assert set(manifest["candidates"]) == kinds and manifest["kept"] == len(train) + len(eval_)
+    assert {r["tool"] for r in eval_} == kinds
+    for r in train + eval_:
+        assert r["tools"] == sources.TOOLS and formats.record_issues("chat", r) == []
+        calls = [c for m in r["messages"] for c in m.get("tool_calls") or []]
+        assert [c["function"]["name"] for c in calls] == ([] if r["tool"] == "none" else [r["tool"]])
+        for c in calls:                      # the exact arguments are in the user's question
+            args = json.loads(c["function"]["arguments"])
+            first = next(iter(args.values()))
+            assert first in r["messages"][0]["content"]

@@ -285,8 +285,10 @@ def _local_params(path: str):
 
 def test_local_folder_without_template_gets_chatml_tokens_and_resized_embeddings(tokenizers, tmp_path):
     """``model.source: local``: a base model whose tokenizer has no chat template is prepared with
-    ChatML written into the saved tokenizer; its two tokens are added and the embeddings resized."""
+    ChatML written into the saved tokenizer (with tuneops' default tool syntax: ChatML has none); its
+    two tokens are added and the embeddings resized."""
     from tuneops.inference.chat import CHATML, tokenize
+    from tuneops.inference.toolcalls import with_default_tools
     from tuneops.models import load_causal_lm, load_tokenizer, prepare, provenance
     from tests.family_models import FamilyCase
 
@@ -301,7 +303,8 @@ def test_local_folder_without_template_gets_chatml_tokens_and_resized_embeddings
     out = prepare(_local_params(str(src)), tmp_path / "base", tmp_path / "cache")
     assert provenance(out)["chat_template"] == "chatml (default)" and provenance(out)["added_tokens"] is True
     ready = load_tokenizer(out)
-    assert ready.chat_template == CHATML and len(ready) == len(tok) + 2
+    assert ready.chat_template == with_default_tools(CHATML) and len(ready) == len(tok) + 2
+    assert ready.init_kwargs["tool_format"] == provenance(out)["tool_format"] == "hermes"
     assert load_causal_lm(out).get_input_embeddings().weight.shape[0] >= len(ready)
     enc = tokenize(REPLY, ready, 128)
     assert _labelled_runs(enc, ready) == ["Hello, how are you?<|im_end|>"]

@@ -94,7 +94,8 @@ def svc():
     root = make_project("service", (
         "train.max_steps=6", "train.save_steps=3", "evaluate.max_samples=8", "evaluate.generations=0",
         "optimize.parity_samples=1", "optimize.ppl_samples=4", "orchestrate.startup_timeout_s=180",
-        "service.max_upload_mb=1", "service.sync_interval_s=1", "service.dead_after_s=60"))
+        "service.max_upload_mb=1", "service.sync_interval_s=1", "service.dead_after_s=60",
+        "model.max_seq_len=512"))      # (OpenAI's function-calling rows, tools declared, are up to ~400 tokens)
     cfg = load_config(root / "params.yaml")
     LOGS.mkdir(parents=True, exist_ok=True)
     for log in LOGS.glob("*.log"):
@@ -171,6 +172,25 @@ def test_invalid_file_is_a_400_naming_the_line_and_nothing_is_stored(svc):
     assert client.files.list().data == before
     stored = sorted(p.name for p in (svc.root / ".tuneops" / "service" / "files").glob("*"))
     assert not [n for n in stored if n.endswith(".part")]
+
+
+def test_openai_function_calling_file_uploads_and_a_bad_call_names_its_line(svc):
+    """OpenAI's documented function-calling fine-tuning rows (tools, tool_calls without content, tool
+    results, parallel_tool_calls, legacy functions) upload as they are (issue 32: they were refused with
+    216 problems); arguments that break the function's schema are a 400 naming line, field and rule."""
+    client = svc.client()
+    fixture = (REPO / "tests" / "fixtures" / "openai" / "function_calling.jsonl").read_bytes()
+    f = client.files.create(file=("function_calling.jsonl", fixture), purpose="fine-tune")
+    assert f.status == "processed" and f.bytes == len(fixture)
+    rows = fixture.splitlines()
+    bad = json.loads(rows[1])
+    bad["messages"][1]["tool_calls"][0]["function"]["arguments"] = json.dumps({"location": "Paris, France"})
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("calls.jsonl", b"\n".join(rows[:1] + [json.dumps(bad).encode()] + rows[2:]) + b"\n"),
+                            purpose="fine-tune")
+    assert "calls.jsonl:2: messages[1].tool_calls[0].function.arguments: arguments_schema: arguments do not " \
+           "match the parameters of 'get_current_weather': 'format' is a required property" in err.value.body["message"]
+    client.files.delete(f.id)
 
 
 def test_job_requests_are_checked_before_anything_runs(svc):

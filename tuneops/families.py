@@ -2,7 +2,8 @@
 (``tuneops/planner/model.py``: module shapes, norms, biases, GQA, tied embeddings), the trainer
 (``tuneops/training/methods.py``: LoRA targets checked against the loaded model) and the exporter
 (``tasks/optimize.py``, ``tuneops/export/genai.py``: RoPE variant, sliding windows), and by the model stage
-(``tuneops/models.py``: the default chat template of a tokenizer that has none).
+(``tuneops/models.py``: the default chat template of a tokenizer that has none, and how the family
+writes and parses a tool call: ``tool_format``).
 
 Adding a family is one entry in ``FAMILIES`` (plus its test in ``tests/test_families.py``).
 
@@ -55,6 +56,12 @@ class Family:
     rope: str = "default"             # default | local-global (two bases: sliding / full layers) | longrope
     sliding_window: str = "none"      # none | all (every layer, when config.sliding_window is set) | interleaved
     chat_template: str | None = None  # default for a tokenizer without one (None: tuneops.inference.chat.CHATML)
+    tool_format: str | None = None    # how the family's instruct templates write and parse a tool call: a
+                                      # tuneops.inference.toolcalls format name. The model stage uses it when the
+                                      # model's template carries it (toolcalls.supports), else the template's own
+                                      # (toolcalls.detect), else writes tuneops' default syntax into the template
+                                      # (toolcalls.with_default_tools: SmolLM2, Gemma 3, Phi-3.5, Qwen2) and
+                                      # records the format in the tokenizer (chat.ensure_tool_format)
     encoder: bool = False
     genai_builder: str = "no"         # onnxruntime-genai's model builder (tuneops/export/genai.py), the fused-attention
                                       # exporter: "auto" = optimize.exporter: auto picks it (its graph passes the
@@ -128,12 +135,13 @@ _ENCODER_ALIASES = {"q_proj": "query", "k_proj": "key", "v_proj": "value", "o_pr
                     "up_proj": "intermediate.dense"}
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",), genai_builder="auto"),                # Llama 2/3.x, SmolLM2
-    Family("mistral", ("mistral",), sliding_window="all"),
-    Family("qwen2", ("qwen2",), qkv_bias=True, genai_builder="auto"),
-    Family("qwen3", ("qwen3",), qk_norm=True),
+    Family("llama", ("llama",), genai_builder="auto", tool_format="llama3"),   # Llama 2/3.x, SmolLM2
+    Family("mistral", ("mistral",), sliding_window="all", tool_format="mistral"),
+    Family("qwen2", ("qwen2",), qkv_bias=True, genai_builder="auto", tool_format="hermes"),   # Qwen2.5
+    Family("qwen3", ("qwen3",), qk_norm=True, tool_format="hermes"),
     Family("phi3", ("phi3",), fused={"q_proj": "qkv_proj", "k_proj": "qkv_proj", "v_proj": "qkv_proj",
-                                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}, rope="longrope"),
+                                     "gate_proj": "gate_up_proj", "up_proj": "gate_up_proj"}, rope="longrope",
+           tool_format="phi4-mini"),   # Phi-4-mini (its template takes tools in the system message)
     Family("gemma2", ("gemma2",), norms_per_layer=4, sliding_window="interleaved",
            chat_template=GEMMA3_CHAT_TEMPLATE),
     Family("gemma3", ("gemma3_text", "gemma3"), norms_per_layer=4, qk_norm=True, rope="local-global",

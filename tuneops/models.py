@@ -20,6 +20,10 @@ is one ``Source`` spec in ``SOURCES`` (how its folder is built, and what config,
 Every prepared tokenizer has a chat template: the model's own, else its family's default
 (``tuneops/families.py``; Gemma's own template for the Gemma GGUF, which ships none), else ChatML
 (``tuneops.inference.chat.CHATML``; its two tokens are added and the embeddings resized when missing).
+Every prepared tokenizer also records its tool-call format (``tool_format`` in ``tokenizer_config.json``,
+``chat.ensure_tool_format``): its family's or its template's own, else tuneops' default syntax, which is
+then written into the saved template (``toolcalls.with_default_tools``), so training and serving
+render and parse tool calls the same way; the provenance file names it too.
 """
 from __future__ import annotations
 
@@ -29,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from .inference.chat import ensure_template
+from .inference.chat import TOOL_FORMAT_KEY, ensure_template, ensure_tool_format
 from .families import for_model_type
 
 PROVENANCE = "tuneops_model.json"
@@ -57,6 +61,7 @@ def gemma_tokenizer(cache: Path) -> Any:
         shutil.rmtree(work, ignore_errors=True)
     tok = AutoTokenizer.from_pretrained(str(tok_dir))
     ensure_template(tok, for_model_type("gemma3_text").chat_template)   # the GGUF has none: Gemma's own
+    ensure_tool_format(tok, for_model_type("gemma3_text").tool_format)
     return tok
 
 
@@ -263,6 +268,23 @@ def _with_chat_template(folder: Path) -> dict[str, Any]:
             "added_tokens": added}
 
 
+def with_tool_format(folder: Path) -> dict[str, Any]:
+    """Record the tool-call format in a causal LM folder's tokenizer (and write tuneops' default tool
+    syntax into its template when it has none); what was done, for provenance."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(folder))
+    if not getattr(tok, "chat_template", None):
+        return {}
+    recorded = tok.init_kwargs.get(TOOL_FORMAT_KEY)
+    fmt, added = ensure_tool_format(tok, for_model_type(AutoConfig.from_pretrained(str(folder)).model_type).tool_format)
+    if recorded:
+        return {"tool_format": fmt.name}
+    tok.save_pretrained(str(folder))
+    return {"tool_format": fmt.name,
+            "tool_syntax": "tuneops default (toolcalls.with_default_tools)" if added else "the model's template"}
+
+
 def _build_gemma(model_params: Any, dest: Path, cache: Path) -> dict[str, Any]:
     shutil.copytree(_gemma_folder(cache), dest)
     return json.loads((dest / PROVENANCE).read_text())
@@ -312,11 +334,19 @@ class Source:
 
 SOURCES: dict[str, Source] = {s.name: s for s in (
     Source("gemma3-270m", _build_gemma, tokenizer=lambda cache: gemma_tokenizer(cache)),
-    Source("smollm2", _build_smollm2, tokenizer=lambda cache: load_tokenizer(_smollm2_folder(cache))),
+    Source("smollm2", _build_smollm2, tokenizer=lambda cache: _tool_ready(load_tokenizer(_smollm2_folder(cache)))),
     Source("tiny", _build_tiny, tokenizer=lambda cache: gemma_tokenizer(cache)),   # the Gemma tokenizer
     Source("minilm", _build_minilm, causal_lm=False),
     Source("local", _build_local, needs_path=True),
 )}
+
+
+def _tool_ready(tok: Any) -> Any:
+    """A cached tokenizer as the model stage will prepare it (its tool format: ``with_tool_format``)."""
+    from transformers import AutoConfig
+
+    ensure_tool_format(tok, for_model_type(AutoConfig.from_pretrained(tok.name_or_path).model_type).tool_format)
+    return tok
 
 
 def source(name: str) -> Source:
@@ -338,6 +368,8 @@ def prepare(model_params: Any, out_dir: Path, cache: Path) -> Path:
     try:
         info = build(model_params, tmp, cache)
         info.setdefault("params", None)
+        if source(model_params.source).causal_lm:
+            info.update(with_tool_format(tmp))
         (tmp / PROVENANCE).write_text(json.dumps(info, indent=2) + "\n")
         replace_dir(tmp, out_dir)
     finally:

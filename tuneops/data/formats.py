@@ -6,7 +6,10 @@ format             one JSONL record
 =================  ================================================================
 chat               ``{"messages": [{"role": "system"|"user"|"assistant", "content": str,
                    "weight": 0|1 (assistant only, optional)}, ...]}`` (OpenAI/Azure
-                   fine-tuning format; extra top-level keys allowed)
+                   fine-tuning format, tool calling included: ``tools``, assistant
+                   ``tool_calls``, ``tool`` results, legacy ``functions`` /
+                   ``function_call``, ``parallel_tool_calls``, ``name``; see
+                   ``tuneops/data/toolrows.py``; extra top-level keys allowed)
 instruction        ``{"prompt": str, "completion": str}``
 text               ``{"text": str}`` (domain adaptation)
 classification     ``{"text": str, "label": str|int}``
@@ -29,9 +32,10 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from . import toolrows
 from .records import Problem
 
-ROLES = ("system", "user", "assistant")
+ROLES = toolrows.ROLES
 Issue = tuple[str, str, str]
 Messages = list[dict[str, Any]]
 
@@ -92,6 +96,8 @@ def _near(text: str) -> str:
 # -- the checkers --------------------------------------------------------------------------
 
 def _chat(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    """OpenAI's SFT row: messages (with tool calls and results) and the functions they may call
+    (``toolrows``: one definition for the gate, ``tuneops data add``, ingest and the jobs API)."""
     msgs = obj.get("messages")
     if msgs is None:
         out.append(("messages", "required", "missing 'messages'"))
@@ -99,34 +105,51 @@ def _chat(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
     if not isinstance(msgs, list) or not msgs:
         out.append(("messages", "type", "'messages' must be a non-empty list"))
         return
+    functions = toolrows.check_declarations(obj, out)
+    calls = toolrows.CallTracker(functions, obj.get("parallel_tool_calls") is not False)
     assistant_ok = weighted = False
-    prev: tuple[int, str] | None = None          # last user/assistant turn, for turn order
+    prev: tuple[int, str] | None = None          # last user/assistant/tool turn, for turn order
     for i, m in enumerate(msgs):
         f = f"messages[{i}]"
         if not isinstance(m, dict):
             out.append((f, "type", "each message must be an object"))
             continue
         role = m.get("role")
-        content = _text(m, "content", out, name=f"{f}.content")
+        makes_calls = role == "assistant" and ("tool_calls" in m or "function_call" in m)
+        if makes_calls and m.get("content") is None:
+            content = None                       # a reply that is only tool calls: content null / absent
+        elif makes_calls and isinstance(m.get("content"), str):
+            content = m["content"]
+        else:
+            content = _text(m, "content", out, name=f"{f}.content")
+        if "name" in m and (not isinstance(m["name"], str) or not m["name"].strip()):
+            out.append((f"{f}.name", "type", "name must be a non-empty string"))
         if role not in ROLES:
             out.append((f"{f}.role", "enum", f"role must be one of {', '.join(ROLES)} (got {role!r})"))
         elif role == "system":
             if i != 0:
                 out.append((f"{f}.role", "order", "a system message may only come first"))
         else:
-            if prev is not None and prev[1] == role:
+            turn = "tool" if role in toolrows.RESULT_ROLES else role
+            if prev is not None and prev[1] == turn and turn != "tool":
                 out.append((f"{f}.role", "order", f"two {role} turns in a row (messages[{prev[0]}] and "
                                                   f"messages[{i}]): turns must alternate"))
-            prev = (i, role)
+            prev = (i, turn)
+        if role != "assistant":
+            for key in ("tool_calls", "function_call"):
+                if key in m:
+                    out.append((f"{f}.{key}", "role", f"{key} is allowed on assistant messages only"))
+        calls.message(i, m, role, out)
         if "weight" in m:
             w = m["weight"]
             if role != "assistant" or isinstance(w, bool) or w not in (0, 1):
                 out.append((f"{f}.weight", "enum", "weight is allowed on assistant turns only, as 0 or 1"))
-        if role == "assistant" and content is not None:
+        if role == "assistant" and (content is not None or calls.called(i)):
             assistant_ok = True
             weighted = weighted or m.get("weight", 1) != 0
     if not assistant_ok:
-        out.append(("messages", "assistant_turn", "needs at least one assistant turn with non-empty content"))
+        out.append(("messages", "assistant_turn", "needs at least one assistant turn with non-empty content "
+                                                  "or tool calls"))
     elif not weighted:
         out.append(("messages", "assistant_turn", "every assistant turn has weight 0: nothing to train on"))
 
@@ -238,6 +261,9 @@ class Format:
     field: str                               # the field a whole-record rule names
     to_chat: Callable[[dict[str, Any]], Messages]
     csv: bool = True                         # flat: CSV-friendly
+    # the functions a record's conversation may call, rendered with it (OpenAI ``tools``; legacy
+    # ``functions`` as tools); None for formats without tool calling
+    tools: Callable[[dict[str, Any]], list[dict[str, Any]] | None] = lambda r: None
 
     def key_values(self, r: dict[str, Any]) -> list[Any]:
         if self.name == "chat":
@@ -245,25 +271,28 @@ class Format:
         return [r.get(f) for f in self.fields]
 
     def exact_key(self, r: dict[str, Any]) -> str:
-        if self.name == "chat":
-            return "\x1e".join(f"{m.get('role')}\x1f{m.get('weight', 1)}\x1f{m.get('content')}" for m in r["messages"])
+        if self.name == "chat":       # (tool calls, results and declarations: toolrows.key_text)
+            return "\x1e".join(f"{m.get('role')}\x1f{m.get('weight', 1)}\x1f{m.get('content')}"
+                               f"{toolrows.key_text(m)}" for m in r["messages"]) + toolrows.declared_text(r)
         return json.dumps(self.key_values(r), ensure_ascii=False, separators=(",", ":"), default=str)
 
     def near_key(self, r: dict[str, Any]) -> str:
         """Equal for records that differ only in case, punctuation and spacing (a field
         that is all punctuation, like an emoticon, is kept as it is)."""
         if self.name == "chat":
-            return _near(" ".join(f"{m['role']} {m['content']}" for m in r["messages"]))
+            return _near(" ".join(f"{m['role']} {m.get('content') or ''}{toolrows.key_text(m)}" for m in r["messages"])
+                         + toolrows.declared_text(r))
         return "\x1f".join(_near(" ".join(map(str, v)) if isinstance(v, list) else "" if v is None else str(v))
                            for v in self.key_values(r))
 
     def size(self, r: dict[str, Any]) -> int:
-        """Characters of content (ingest.max_chars)."""
-        return sum(len(m["content"]) for m in self.to_chat(r))
+        """Characters of the conversation: content, tool calls and results (ingest.max_chars; the
+        declared tools are not counted here, the token length in validate counts everything)."""
+        return sum(len(m.get("content") or "") + len(toolrows.key_text(m)) for m in self.to_chat(r))
 
 
 FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (
-    Format("chat", _chat, ("messages",), "messages", lambda r: r["messages"], csv=False),
+    Format("chat", _chat, ("messages",), "messages", lambda r: r["messages"], csv=False, tools=toolrows.record_tools),
     Format("instruction", _instruction, ("prompt", "completion"), "(record)",
            lambda r: [{"role": "user", "content": r["prompt"]}, {"role": "assistant", "content": r["completion"]}]),
     # an empty user turn first: chat templates (Gemma, Mistral, ...) require a conversation to open with one

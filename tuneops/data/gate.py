@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from ..inference.chat import ChatFormatError
-from . import formats
+from . import formats, toolrows
 from .records import MAX_LINE_BYTES, MAX_PROBLEMS, Problem, RecordReader, Row, cap_problems
 
 SUITES_DIR = Path(__file__).parent / "suites"
@@ -191,15 +191,16 @@ def _tokenizer_threads() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = old
 
 
-def segment_texts(messages: list[dict[str, Any]], tokenizer: Any) -> list[str]:
-    """The text training tokenizes (the conversation in the model's chat template,
-    ``tuneops.inference.chat.render``), for token counts; raises ``ChatFormatError`` when the template
-    cannot render it."""
+def segment_texts(messages: list[dict[str, Any]], tokenizer: Any,
+                  tools: list[dict[str, Any]] | None = None) -> list[str]:
+    """The text training tokenizes (the conversation in the model's chat template, with its tools
+    and tool calls as the model's tool format writes them: ``tuneops.inference.chat.render``), for
+    token counts; raises ``ChatFormatError`` when the template cannot render it."""
     from ..inference.chat import render
 
     if not getattr(tokenizer, "chat_template", None):   # an encoder (classification / NER heads): the text
-        return ["\n".join(m["content"] for m in messages)]
-    return [render(tokenizer, messages)]
+        return ["\n".join(m.get("content") or "" for m in messages)]
+    return [render(tokenizer, messages, tools=tools)]
 
 
 def _encode_lengths(tokenizer: Any, texts: list[str]) -> list[int]:
@@ -241,9 +242,9 @@ class TokenCounter:
         self._futures.append(self._pool.submit(_encode_lengths, self._tok(), self._pending))
         self._pending = []
 
-    def add(self, conversation: list[dict[str, Any]]) -> int:
+    def add(self, conversation: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> int:
         ids = []
-        for text in segment_texts(conversation, self._tok()):
+        for text in segment_texts(conversation, self._tok(), tools):
             i = self._index.get(text)
             if i is None:
                 i = self._index[text] = len(self._index)
@@ -291,8 +292,7 @@ def _base_features(rows: list[Row], spec: formats.Format, token_lens: list[int])
         "near_key": [spec.near_key(o) for o in objs],
     })
     if spec.name == "chat":
-        df["n_assistant"] = [sum(m.get("role") == "assistant" and isinstance(m.get("content"), str)
-                                 and bool(m["content"].strip()) for m in o["messages"]) for o in objs]
+        df["n_assistant"] = [toolrows.replies(o["messages"]) for o in objs]
     elif spec.name == "classification":
         df["label"] = [str(o["label"]) for o in objs]
     elif spec.name == "ner":
@@ -442,7 +442,7 @@ def validate_dataset(paths: dict[str, Path | str], tokenizer: Any, s: Settings) 
                     sr.rejected_rows[row.line] = row
                 else:
                     try:
-                        counter.add(spec.to_chat(row.obj))
+                        counter.add(spec.to_chat(row.obj), spec.tools(row.obj))
                     except ChatFormatError as exc:     # the model's template cannot render the record
                         sr.rejected[row.line] = [Problem(sr.path, row.line, spec.field, "chat_template", str(exc))]
                         sr.rejected_rows[row.line] = row

@@ -46,6 +46,11 @@ REGISTRY: dict[str, Scenario] = {s.name: s for s in (
     Scenario("ner", "ner", lambda p: sources.wordnet_ner(), stratify="entity_type"),
     Scenario("domain", "text", lambda p: sources.django_docstrings()),
     Scenario("creative", "instruction", lambda p: sources.fortunes_creative()),
+    # tool calling: define_word / translate / get_sentiment calls answered from WordNet, Django, VADER,
+    # and small talk that calls nothing; 2 x ingest.max_per_label candidates per function, then at most
+    # max_per_label each (rows are ~500 tokens with the three tools declared: model.max_seq_len 512)
+    Scenario("tools", "chat", lambda p: sources.tool_calls(p.seed, 2 * p.max_per_label, p.language),
+             stratify="tool"),
     Scenario(USER, None, None),         # split by ingest from data.user.path (read_user_file / split_user_file)
 )}
 

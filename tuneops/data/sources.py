@@ -8,6 +8,9 @@ format (extra keys allowed) and the source, licence and counts of what was left 
   classes, instance nouns (a gazetteer for silver NER tags).
 * VADER lexicon (PyPI ``vaderSentiment``, MIT): human-rated word valence.
 * BSD fortune collections (Debian ``fortunes-min``, BSD): quotations and riddles.
+* Tool calling (``tool_calls``): conversations calling three functions answered from the sources
+  above (WordNet definitions, Django translations, VADER valence), plus chatterbot small talk
+  that calls nothing.
 """
 from __future__ import annotations
 
@@ -330,3 +333,124 @@ def fortunes_creative() -> tuple[Records, dict[str, Any]]:
             prompt = f"Write {kind}" + (f" in the manner of {author}." if author else ".")
             out.append({"prompt": prompt, "completion": body, "collection": name})
     return out, {"source": "BSD fortune collections (Debian fortunes-min)", "license": "BSD-3-Clause (fortune-mod)"}
+
+
+# -- tool calling ----------------------------------------------------------------------------------------
+
+def _tool(name: str, description: str, properties: dict[str, Any], required: list[str]) -> dict[str, Any]:
+    return {"type": "function", "function": {"name": name, "description": description, "parameters": {
+        "type": "object", "properties": properties, "required": required, "additionalProperties": False}}}
+
+
+TRANSLATE_LANGUAGES = {"de": "German", "es": "Spanish", "fr": "French", "it": "Italian", "pl": "Polish"}
+TOOLS = [
+    _tool("define_word", "Look up the definition of an English word (WordNet)",
+          {"word": {"type": "string"}, "pos": {"type": "string", "enum": ["noun", "verb", "adjective", "adverb"]}},
+          ["word", "pos"]),
+    _tool("translate", "Translate a short English text",
+          {"text": {"type": "string"}, "target_language": {"type": "string", "enum": list(TRANSLATE_LANGUAGES)}},
+          ["text", "target_language"]),
+    _tool("get_sentiment", "Sentiment of an English word: label and valence from -4 to 4 (VADER)",
+          {"text": {"type": "string"}}, ["text"]),
+]
+
+
+def _conversation(question: str, name: str, args: dict[str, Any], result: str, answer: str) -> Records:
+    import json
+
+    return [{"role": "user", "content": question},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {
+                "name": name, "arguments": json.dumps(args, ensure_ascii=False)}}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": result},
+            {"role": "assistant", "content": answer}]
+
+
+_DEFINE_ASKS = ('What does the {pos} "{word}" mean?', 'Define "{word}" ({pos}).', 'Look up the {pos} "{word}".')
+_TRANSLATE_ASKS = ('How do you say "{text}" in {language}?', 'Translate "{text}" into {language}.')
+_SENTIMENT_ASKS = ('Is "{text}" a positive or a negative word?', 'What is the sentiment of "{text}"?')
+
+
+def _pick(rows: list[Any], n: int, rng: Any) -> list[Any]:
+    return rng.sample(rows, n) if len(rows) > n else list(rows)
+
+
+def tool_calls(seed: int, per_tool: int, language: str = "english",
+               max_result_chars: int = 120) -> tuple[Records, dict[str, Any]]:
+    """Tool-calling conversations, ``per_tool`` candidates per function (fixed-seed sample): the user
+    asks, the assistant calls the function with the exact arguments (JSON string), the tool answers
+    from the source, the assistant replies with it; every row declares all three ``TOOLS``. Plus as
+    many small-talk exchanges (chatterbot greetings and conversations) that call nothing. Tool results
+    and small-talk replies are at most ``max_result_chars`` (a row stays within 512 tokens with the
+    tools declared). Each row names its ``tool`` (``none`` for small talk: the scenario's stratify key)."""
+    import json
+    import random
+
+    import polib
+
+    rng = random.Random(seed)
+    out: Records = []
+    skipped: Counter[str] = Counter()
+
+    synsets, index = wordnet()
+    words = []
+    for pos, lemmas in sorted(index.items()):
+        for lemma, keys in sorted(lemmas.items()):
+            if not (lemma.isalpha() and lemma.islower() and 3 <= len(lemma) <= 16):
+                continue
+            if not 0 < len(synsets[keys[0]].definition) <= max_result_chars:
+                skipped["define_word_definition_empty_or_longer_than_max_result_chars"] += 1
+                continue
+            words.append((lemma, pos, synsets[keys[0]].definition))
+    for i, (lemma, pos, definition) in enumerate(_pick(words, per_tool, rng)):
+        pos_name = POS_NAMES[pos]
+        out.append({"messages": _conversation(
+            _DEFINE_ASKS[i % len(_DEFINE_ASKS)].format(pos=pos_name, word=lemma), "define_word",
+            {"word": lemma, "pos": pos_name}, definition, f'"{lemma}" ({pos_name}): {definition}.'),
+            "tools": TOOLS, "tool": "define_word"})
+
+    root = _django_root()
+    pairs = []
+    for code in sorted(TRANSLATE_LANGUAGES):
+        catalog = root / "conf" / "locale" / code / "LC_MESSAGES" / "django.po"
+        if not catalog.is_file():
+            raise SourceMissing(f"the Django package has no {code} catalog at {catalog}")
+        for e in polib.pofile(str(catalog)):
+            if e.obsolete or "fuzzy" in e.flags or e.msgid_plural or not e.msgstr.strip():
+                continue
+            text = e.msgid
+            if len(text) > 60 or "\n" in text or placeholders_in(text) or '"' in text or '"' in e.msgstr:
+                skipped["translate_not_a_short_plain_string"] += 1
+                continue
+            pairs.append((text, code, e.msgstr))
+    for i, (text, code, target) in enumerate(_pick(pairs, per_tool, rng)):
+        name = TRANSLATE_LANGUAGES[code]
+        out.append({"messages": _conversation(
+            _TRANSLATE_ASKS[i % len(_TRANSLATE_ASKS)].format(text=text, language=name), "translate",
+            {"text": text, "target_language": code}, target, f'In {name}: "{target}"'),
+            "tools": TOOLS, "tool": "translate"})
+
+    lexicon, _ = vader_sentiment()
+    rated = [r for r in lexicon if r["text"].isalpha() and r["text"].islower() and len(r["text"]) >= 3]
+    for i, r in enumerate(_pick(rated, per_tool, rng)):
+        result = json.dumps({"label": r["label"], "valence": r["valence"]})
+        out.append({"messages": _conversation(
+            _SENTIMENT_ASKS[i % len(_SENTIMENT_ASKS)].format(text=r["text"]), "get_sentiment", {"text": r["text"]},
+            result, f'"{r["text"]}" is {r["label"]} (valence {r["valence"]:+.1f} on a scale from -4 to 4).'),
+            "tools": TOOLS, "tool": "get_sentiment"})
+
+    talk = [c["messages"][:2] for c in chatterbot.conversations(language)
+            if c["category"] in ("greetings", "conversations", "humor", "emotion")]
+    skipped["small_talk_longer_than_max_result_chars"] = sum(len(m[1]["content"]) > max_result_chars for m in talk)
+    talk = [m for m in talk if len(m[1]["content"]) <= max_result_chars]
+    for msgs in _pick(talk, per_tool, rng):
+        out.append({"messages": msgs, "tools": TOOLS, "tool": "none"})
+    return out, {"source": "WordNet 3.0, Django locale catalogs, VADER lexicon, chatterbot-corpus 1.3.3",
+                 "license": "WordNet 3.0 license, BSD-3-Clause, MIT, BSD-3-Clause",
+                 "functions": [t["function"]["name"] for t in TOOLS], "skipped": dict(skipped),
+                 "candidates": dict(Counter(r["tool"] for r in out))}
+
+
+def placeholders_in(text: str) -> bool:
+    from .formats import placeholders
+
+    return bool(placeholders(text)) or "%" in text or "{" in text

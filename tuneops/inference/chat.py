@@ -24,9 +24,20 @@ tokenizer's and ``generation_config``'s EOS ids (``stop_ids``); no family name a
 
 A tokenizer without a chat template gets its family's default (``tuneops.families``: Gemma's own
 template for Gemma) or ChatML (``CHATML``), written into the saved tokenizer by the model stage.
+
+Tool calling (OpenAI rows with ``tools``, assistant ``tool_calls``, ``tool`` results, or the legacy
+``functions`` / ``function_call`` / ``function`` messages, which are read as their modern equivalents:
+``openai_messages``) renders through ``tuneops.inference.toolcalls``: the model's own template with
+``tools=...``, in the tool format recorded in the tokenizer (``tool_format``: the ``tool_format`` key of
+``tokenizer_config.json``, which the model stage writes: ``ensure_tool_format``). A template without
+tool syntax gets tuneops' default (Hermes-style ``<tool_call>`` blocks in the model's own turns,
+``toolcalls.with_default_tools``) written into it, so training and serving use the same one. Labels of a
+reply with tool calls cover exactly what the template writes for the reply (its content, the calls
+with their markers) and its end-of-turn marker; tool declarations and tool results are prompt.
 """
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -52,11 +63,88 @@ def _plain(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [{"role": m["role"], "content": m["content"]} for m in messages]
 
 
-def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False) -> str:
-    """The conversation as the model's chat template writes it (BOS included when the template has it)."""
+# -- tool calling ------------------------------------------------------------------------------------
+
+TOOL_FORMAT_KEY = "tool_format"   # tokenizer_config.json: the toolcalls format the model writes calls in
+
+
+def record_tools(record: dict[str, Any]) -> list[dict[str, Any]] | None:
+    """The functions a chat record may call, as OpenAI ``tools`` (legacy ``functions`` wrapped)."""
+    tools = [t for t in record.get("tools") or [] if isinstance(t, dict) and isinstance(t.get("function"), dict)]
+    tools += [{"type": "function", "function": f} for f in record.get("functions") or [] if isinstance(f, dict)]
+    return tools or None
+
+
+def uses_tools(messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> bool:
+    return bool(tools) or any(m.get("tool_calls") or m.get("function_call") or m.get("role") in ("tool", "function")
+                              for m in messages)
+
+
+def openai_messages(messages: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The legacy function-calling messages as today's: an assistant ``function_call`` becomes one
+    ``tool_calls`` entry (id ``call_<i>``), a ``function`` message the ``tool`` result of that call."""
+    out: list[dict[str, Any]] = []
+    last_id: str | None = None
+    for i, m in enumerate(messages):
+        if m.get("role") == "assistant" and m.get("function_call") and not m.get("tool_calls"):
+            last_id = f"call_{i}"
+            m = {k: v for k, v in m.items() if k != "function_call"}
+            m["tool_calls"] = [{"id": last_id, "type": "function", "function": messages[i]["function_call"]}]
+        elif m.get("role") == "function":
+            m = {**{k: v for k, v in m.items() if k != "role"}, "role": "tool", "tool_call_id": last_id or "call"}
+        out.append(m)
+    return out
+
+
+def ensure_tool_format(tokenizer: Any, family_format: str | None = None) -> tuple[Any, bool]:
+    """The tokenizer's tool format, recorded on it (``init_kwargs[TOOL_FORMAT_KEY]``, saved into
+    ``tokenizer_config.json``): the recorded one; else the family's (``Family.tool_format``) when the
+    template carries it, else the one its template writes (``toolcalls.detect``); else tuneops' default,
+    written into the template (``toolcalls.with_default_tools``). Returns (format, whether the default
+    syntax was added)."""
+    from . import toolcalls
+
+    recorded = (getattr(tokenizer, "init_kwargs", None) or {}).get(TOOL_FORMAT_KEY)
+    if recorded:
+        return toolcalls.get(recorded), False
+    fmt = None
+    if family_format:
+        candidate = toolcalls.get(family_format)
+        fmt = candidate if toolcalls.supports(candidate, tokenizer) else None
+    fmt = fmt or toolcalls.detect(tokenizer)
+    added = fmt is None
+    if added:
+        tokenizer.chat_template = toolcalls.with_default_tools(tokenizer.chat_template)
+        fmt = toolcalls.DEFAULT_SYNTAX
+    tokenizer.init_kwargs[TOOL_FORMAT_KEY] = fmt.name
+    return fmt, added
+
+
+def tool_format(tokenizer: Any) -> Any:
+    """The ``toolcalls.ToolFormat`` the tokenizer's model writes calls in (``ensure_tool_format``)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ChatFormatError("the tokenizer has no chat template: prepare the model with `tuneops model` "
                               "(it writes the family default or ChatML into the tokenizer)")
+    return ensure_tool_format(tokenizer)[0]
+
+
+def _draw(fmt: Any, tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None,
+          add_generation_prompt: bool) -> str:
+    try:
+        return fmt.render(tokenizer, messages, tools, add_generation_prompt=add_generation_prompt)
+    except Exception as exc:           # jinja2 TemplateError, raise_exception() of the template, ToolCallError
+        raise ChatFormatError(f"chat template: {exc}") from None
+
+
+def render(tokenizer: Any, messages: list[dict[str, Any]], add_generation_prompt: bool = False,
+           tools: list[dict[str, Any]] | None = None) -> str:
+    """The conversation as the model's chat template writes it (BOS included when the template has
+    it), with ``tools`` and tool calls / results in the model's tool format."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ChatFormatError("the tokenizer has no chat template: prepare the model with `tuneops model` "
+                              "(it writes the family default or ChatML into the tokenizer)")
+    if uses_tools(messages, tools):
+        return _draw(tool_format(tokenizer), tokenizer, openai_messages(messages), tools, add_generation_prompt)
     try:
         return tokenizer.apply_chat_template(_plain(messages), tokenize=False,
                                              add_generation_prompt=add_generation_prompt)
@@ -105,24 +193,49 @@ def _locate(text: str, content: str, lo: int) -> tuple[int, int]:
     return -1, -1
 
 
-def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]],
+                    tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character spans that carry loss: each assistant reply
-    with ``weight != 0`` plus its end-of-turn marker."""
-    msgs = _plain(messages)
-    text = render(tokenizer, msgs)
+    with ``weight != 0`` (its content and tool calls as the template writes them) plus its
+    end-of-turn marker."""
+    if uses_tools(messages, tools):
+        fmt = tool_format(tokenizer)
+        msgs = fmt.normalise(openai_messages(messages), tools)    # what the template sees (idempotent)
+        weights = [m.get("weight", 1) for m in msgs]             # (normalise keeps the keys; it may add a system turn)
+
+        def draw(ms: list[dict[str, Any]], gen: bool = False) -> str:
+            return _draw(fmt, tokenizer, ms, tools, gen)
+    else:
+        fmt, msgs = None, _plain(messages)
+        weights = [m.get("weight", 1) for m in messages]
+
+        def draw(ms: list[dict[str, Any]], gen: bool = False) -> str:
+            return render(tokenizer, ms, add_generation_prompt=gen)
+    text = draw(msgs)
     marker = end_marker(tokenizer)
     spans: list[tuple[int, int]] = []
     cursor = 0
-    for i, m in enumerate(messages):
+    for i, m in enumerate(msgs):
         if m["role"] == "system":
             continue
         if m["role"] != "assistant":
-            start, stop = _locate(text, m["content"], cursor)
-            cursor = stop if start >= 0 else cursor
+            if m["role"] in ("user",):         # (tool results may be re-quoted by the template: not located)
+                start, stop = _locate(text, m["content"], cursor)
+                cursor = stop if start >= 0 else cursor
             continue
-        prompt = render(tokenizer, msgs[:i], add_generation_prompt=True)
+        prompt = draw(msgs[:i], True)
         lo = max(cursor, len(os.path.commonprefix([prompt, text])))
-        if m["content"].strip():
+        if m.get("tool_calls"):                # the reply as the template writes it, less its end marker
+            from .toolcalls import assistant_text
+
+            try:
+                reply = assistant_text(fmt, tokenizer, msgs[:i + 1], tools)
+            except Exception as exc:  # noqa: BLE001 - a template error
+                raise ChatFormatError(f"messages[{i}]: chat template: {exc}") from None
+            if marker and marker in reply:
+                reply = reply[:reply.index(marker)]
+            start, stop = _locate(text, reply, lo)
+        elif m["content"].strip():
             start, stop = _locate(text, m["content"], lo)
         else:                                  # an empty reply: only its end marker
             start = stop = text.find(marker, lo) if marker else lo
@@ -135,15 +248,16 @@ def assistant_spans(tokenizer: Any, messages: list[dict[str, Any]]) -> tuple[str
                                       f"its end-of-turn marker {marker!r}")
             stop += len(marker)
         cursor = stop
-        if m.get("weight", 1) != 0:
+        if weights[i] != 0:
             spans.append((start, stop))
     return text, spans
 
 
-def tokenize(messages: list[dict[str, Any]], tokenizer: Any, max_len: int) -> dict[str, list[int]]:
+def tokenize(messages: list[dict[str, Any]], tokenizer: Any, max_len: int,
+             tools: list[dict[str, Any]] | None = None) -> dict[str, list[int]]:
     """Token ids of the rendered conversation and labels (IGNORE_INDEX outside the assistant
     spans), truncated to ``max_len``. A token is labelled when it overlaps a span."""
-    text, spans = assistant_spans(tokenizer, messages)
+    text, spans = assistant_spans(tokenizer, messages, tools)
     if getattr(tokenizer, "is_fast", False):
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         ids = list(enc["input_ids"])
@@ -161,13 +275,13 @@ def tokenize(messages: list[dict[str, Any]], tokenizer: Any, max_len: int) -> di
     return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels}
 
 
-def token_length(messages: list[dict[str, Any]], tokenizer: Any) -> int:
-    return len(tokenizer(render(tokenizer, messages), add_special_tokens=False)["input_ids"])
+def token_length(messages: list[dict[str, Any]], tokenizer: Any, tools: list[dict[str, Any]] | None = None) -> int:
+    return len(tokenizer(render(tokenizer, messages, tools=tools), add_special_tokens=False)["input_ids"])
 
 
-def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]]) -> list[int]:
+def prompt_ids(tokenizer: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The conversation so far plus the template's generation prompt, as token ids."""
-    return list(tokenizer(render(tokenizer, messages, add_generation_prompt=True),
+    return list(tokenizer(render(tokenizer, messages, add_generation_prompt=True, tools=tools),
                           add_special_tokens=False)["input_ids"])
 
 
@@ -207,9 +321,23 @@ def load_generation_config(*folders: Path | str | None) -> Any:
 
 
 def prompt_and_reference(messages: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], str]:
-    """Conversation up to the last assistant turn, and that turn's content (for generations)."""
+    """Conversation up to the last assistant turn, and that turn's content (for generations; a
+    reply with tool calls: its content, then the calls as JSON ``[{"name", "arguments"}]``)."""
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return messages[:last], messages[last]["content"]
+    reply = openai_messages(messages)[last]
+    ref = reply.get("content") or ""
+    if reply.get("tool_calls"):
+        calls = []
+        for tc in reply["tool_calls"]:
+            fn = tc.get("function", tc)
+            args = fn.get("arguments")
+            try:
+                args = json.loads(args) if isinstance(args, str) else args
+            except json.JSONDecodeError:
+                pass
+            calls.append({"name": fn.get("name"), "arguments": args})
+        ref = (ref + "\n" if ref else "") + json.dumps(calls, ensure_ascii=False)
+    return messages[:last], ref
 
 
 def ensure_template(tokenizer: Any, default: str | None = None) -> bool:

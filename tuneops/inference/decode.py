@@ -129,24 +129,27 @@ def generate_ids(runtime: Any, prompts: Sequence[Sequence[int]], max_new_tokens:
 
 
 def reply_ids(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]],
-              max_new_tokens: int) -> list[list[int]]:
+              max_new_tokens: int, tools: Sequence[list[dict[str, Any]] | None] | None = None) -> list[list[int]]:
     """Greedy replies to conversations in the model's chat format, as token ids, in one left-padded
     batch; a reply stops at the template's end-of-turn marker or an EOS of the tokenizer /
     ``generation_config`` (the stop token is its last id when it was reached). ``model``: a runtime,
-    or a PyTorch causal LM (run as ``TorchCausalLM``)."""
+    or a PyTorch causal LM (run as ``TorchCausalLM``). ``tools``: per conversation, the functions it
+    may call (OpenAI ``tools``), declared in the prompt in the model's tool format."""
     from .chat import prompt_ids, stop_ids
     from .runtimes import as_runtime
 
     if not conversations:
         return []
     runtime = as_runtime(model)
-    prompts = [prompt_ids(tokenizer, m) for m in conversations]
+    per_row = list(tools) if tools is not None else [None] * len(conversations)
+    prompts = [prompt_ids(tokenizer, m, tools=t) for m, t in zip(conversations, per_row)]
     stop = stop_ids(tokenizer, getattr(model, "generation_config", None))
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     return generate_ids(runtime, prompts, max_new_tokens, stop, pad_id=pad)
 
 
-def replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]], max_new_tokens: int) -> list[str]:
+def replies(model: Any, tokenizer: Any, conversations: list[list[dict[str, Any]]], max_new_tokens: int,
+            tools: Sequence[list[dict[str, Any]] | None] | None = None) -> list[str]:
     """Greedy reply texts (special tokens, the stop token among them, removed) of ``reply_ids``."""
     return [tokenizer.decode(ids, skip_special_tokens=True).strip()
-            for ids in reply_ids(model, tokenizer, conversations, max_new_tokens)]
+            for ids in reply_ids(model, tokenizer, conversations, max_new_tokens, tools)]

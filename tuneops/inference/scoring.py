@@ -7,11 +7,12 @@ from __future__ import annotations
 import math
 from typing import Any, Callable, Iterator
 
-from .chat import IGNORE_INDEX, Collator, tokenize
+from .chat import IGNORE_INDEX, Collator, record_tools, tokenize
 
 
 def encode(rows: list[dict[str, Any]], tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
-    return [tokenize(r["messages"], tokenizer, max_len) for r in rows]
+    """Chat rows (with their ``tools`` / legacy ``functions``) as token ids and labels."""
+    return [tokenize(r["messages"], tokenizer, max_len, tools=record_tools(r)) for r in rows]
 
 
 def by_length(features: list[dict[str, list[int]]]) -> list[dict[str, list[int]]]:

@@ -1,5 +1,7 @@
 """Tool-call formats of real chat templates: how a model is told about tools, how it writes a call,
-and how tuneops reads the call back out of generated text (issue 32). Nothing imports this yet.
+and how tuneops reads the call back out of generated text (issue 32). Training renders tool rows
+through it (``tuneops.inference.chat``); the model stage records each model's format
+(``chat.ensure_tool_format``).
 
 A ``ToolFormat`` is data plus three operations:
 
@@ -34,6 +36,16 @@ phi4-mini  Phi-4-mini-instruct                          ``<|tool_call|>[{"name":
 ``detect(tokenizer)`` finds the format of a tokenizer's own template by round trip (render a probe
 call, see which format parses it back), without reading the template's text for family markers;
 ``None`` means the template has no tool syntax and the documented default applies.
+``supports(fmt, tokenizer)`` checks a format a family spec names (Phi-4-mini's cannot be detected: its
+template takes no ``tools``).
+
+The default for a template without tool syntax, as the model stage writes it into a model's saved
+template: ``with_default_tools(template)``, the model's own template behind a Jinja preamble that
+rewrites the conversation into plain turns in the Hermes syntax (tools in the system message, calls as
+``<tool_call>`` blocks in the assistant's content, results as ``<tool_response>`` blocks in a user
+turn), so every family keeps its own turn markers (Gemma ``<start_of_turn>``, Phi-3 ``<|user|>``, ChatML)
+and the calls parse with ``HERMES`` (``DEFAULT_SYNTAX``). Over ChatML it writes exactly what
+``DEFAULT_TEMPLATE`` writes; a conversation without tools renders exactly as the template did.
 
 Decoding note: several markers are special tokens (Llama's ``<|python_tag|>``, Mistral's
 ``[TOOL_CALLS]``, Phi-4's ``<|tool_call|>``); text handed to ``parse`` must be decoded with
@@ -103,6 +115,55 @@ DEFAULT_TEMPLATE = (
     "    {{- '<|im_start|>assistant\\n' }}\n"
     "{%- endif %}\n"
 )
+
+# The preamble of with_default_tools: the conversation rewritten into plain turns (the same text as
+# DEFAULT_TEMPLATE writes), then `messages` rebound and `tools` cleared for the model's own template.
+_DEFAULT_TOOLS_PREAMBLE = (
+    "{%- set _tuneops = namespace(msgs=[], tools='', last_tool=false, text='') -%}"
+    "{%- if tools -%}"
+    "{%- set _tuneops.tools = '# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' -%}"
+    "{%- for _tool in tools -%}{%- set _tuneops.tools = _tuneops.tools + '\\n' + (_tool | tojson) -%}{%- endfor -%}"
+    "{%- set _tuneops.tools = _tuneops.tools + '\\n</tools>\\n\\nFor each function call, return a json object with "
+    "function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\"name\": <function-name>, "
+    "\"arguments\": <args-json-object>}\\n</tool_call>' -%}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set _tuneops.msgs = [{'role': 'system', 'content': messages[0]['content'] + '\\n\\n' + _tuneops.tools}] -%}"
+    "{%- else -%}{%- set _tuneops.msgs = [{'role': 'system', 'content': _tuneops.tools}] -%}{%- endif -%}"
+    "{%- endif -%}"
+    "{%- for _m in messages -%}"
+    "{%- if tools and loop.first and _m['role'] == 'system' -%}"
+    "{%- elif _m['role'] == 'assistant' and _m.tool_calls -%}"
+    "{%- set _tuneops.text = _m['content'] if _m['content'] else '' -%}"
+    "{%- for _c in _m.tool_calls -%}"
+    "{%- set _f = _c.function if _c.function is defined else _c -%}"
+    "{%- set _a = _f.arguments if _f.arguments is string else (_f.arguments | tojson) -%}"
+    "{%- set _tuneops.text = _tuneops.text + ('\\n' if _tuneops.text else '') + '<tool_call>\\n{\"name\": \"' + "
+    "_f.name + '\", \"arguments\": ' + _a + '}\\n</tool_call>' -%}"
+    "{%- endfor -%}"
+    "{%- set _tuneops.msgs = _tuneops.msgs + [{'role': 'assistant', 'content': _tuneops.text}] -%}"
+    "{%- elif _m['role'] == 'tool' -%}"
+    "{%- set _r = '<tool_response>\\n' + _m['content'] + '\\n</tool_response>' -%}"
+    "{%- if _tuneops.last_tool -%}"
+    "{%- set _tuneops.msgs = _tuneops.msgs[:-1] + [{'role': 'user', 'content': _tuneops.msgs[-1]['content'] + "
+    "'\\n' + _r}] -%}"
+    "{%- else -%}{%- set _tuneops.msgs = _tuneops.msgs + [{'role': 'user', 'content': _r}] -%}{%- endif -%}"
+    "{%- else -%}{%- set _tuneops.msgs = _tuneops.msgs + [_m] -%}"
+    "{%- endif -%}"
+    "{%- set _tuneops.last_tool = _m['role'] == 'tool' -%}"
+    "{%- endfor -%}"
+    "{%- set messages = _tuneops.msgs -%}{%- set tools = none %}"
+)
+DEFAULT_TOOLS_MARK = "{#- tuneops default tool syntax (tuneops.inference.toolcalls.with_default_tools) -#}"
+
+
+def with_default_tools(template: str) -> str:
+    """``template`` with tuneops' default tool syntax (the module doc): what the model stage writes
+    into a model whose template has none. Idempotent."""
+    if template.startswith(DEFAULT_TOOLS_MARK):
+        return template
+    return DEFAULT_TOOLS_MARK + _DEFAULT_TOOLS_PREAMBLE + template
+
 
 PROBE_TOOL = {"type": "function", "function": {
     "name": "tuneops_probe_fn", "description": "probe",
@@ -340,6 +401,7 @@ DEFAULT = ToolFormat(
         "(DEFAULT_TEMPLATE); a conversation without tools renders as tuneops.inference.chat.CHATML.")
 
 FORMATS: dict[str, ToolFormat] = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, PHI4_MINI, DEFAULT)}
+DEFAULT_SYNTAX = HERMES     # the format of a template given tuneops' default syntax (with_default_tools)
 
 
 def get(name: str) -> ToolFormat:
@@ -372,6 +434,18 @@ def assistant_text(fmt: ToolFormat, tokenizer: Any, messages: list[dict[str, Any
     other = fmt.render(tokenizer, messages[:-1] + [{"role": messages[-1]["role"], "content": "\x00"}], tools,
                        chat_template=chat_template)
     return full[len(os.path.commonprefix([full, other])):]
+
+
+def supports(fmt: ToolFormat, tokenizer: Any, chat_template: str | None = None) -> bool:
+    """The template writes ``fmt``: a probe conversation's prompt declares the probe tool, and the
+    reply it renders parses back to the probe call."""
+    try:
+        prompt = fmt.render(tokenizer, probe_messages()[:-1], [PROBE_TOOL], add_generation_prompt=True,
+                            chat_template=chat_template)
+        text = assistant_text(fmt, tokenizer, probe_messages(), [PROBE_TOOL], chat_template=chat_template)
+        return PROBE_TOOL["function"]["name"] in prompt and fmt.parse(_strip_turn_end(text, tokenizer)) == [PROBE_CALL]
+    except Exception:  # noqa: BLE001 - a template that cannot render it does not write this format
+        return False
 
 
 def detect(tokenizer: Any, chat_template: str | None = None) -> ToolFormat | None:
