@@ -46,7 +46,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # Debian data packages for the bundled scenarios (WordNet 3.0, BSD fortunes): offline sources.
 DEB_DATA := wordnet-base fortunes-min
 # Debian tools for the tests only (`make test*`, not `make run`): headless Chromium renders the
-# HTML run report (tests/test_report.py) and the `dvc plots` page (tests/test_dvc.py).
+# HTML run report (tests/registry/test_report.py) and the `dvc plots` page (tests/test_dvc.py).
 DEB_TOOLS := chromium
 system-deps:
 	@dpkg -s $(DEB_DATA) >/dev/null 2>&1 || { apt-get update -qq && \

@@ -9,7 +9,7 @@ import pytest
 
 from tuneops.config import ConfigError, apply_overrides, load_config
 
-from .conftest import REPO, make_project
+from tests.conftest import REPO, make_project
 
 
 def test_repo_params_validate_and_resolve_paths():

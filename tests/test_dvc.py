@@ -19,7 +19,7 @@ import yaml
 from tuneops import stages
 from tuneops.io import md5_file, read_json
 
-from .conftest import TEST_ROOT, git_dvc_project, sh
+from tests.conftest import TEST_ROOT, git_dvc_project, sh
 
 ARTIFACTS = TEST_ROOT / "artifacts"
 
@@ -96,7 +96,7 @@ def test_dvc_metrics_and_params_show_the_run(project):
 
 
 def test_dvc_plots_render_offline_in_headless_chromium(project):
-    from .test_report import CHROMIUM, headless
+    from tests.registry.test_report import CHROMIUM, headless
 
     out = project / ".tuneops" / "plots"
     sh(["dvc", "plots", "show", "-o", str(out)], project)
@@ -164,7 +164,7 @@ def test_a_train_param_change_reruns_exactly_train_and_what_follows(project):
 
 @pytest.mark.slow   # a full dvc repro and two experiments (~4 min)
 def test_dvc_repro_from_scratch_and_two_experiments_compare():
-    from .test_report import CHROMIUM, headless
+    from tests.registry.test_report import CHROMIUM, headless
 
     root = git_dvc_project("dvc-exp", ("train.max_steps=4", "evaluate.max_samples=8", "evaluate.generations=0",
                                        "optimize.ppl_samples=4", "optimize.parity_samples=1"))

@@ -24,7 +24,7 @@ import pytest
 
 from tuneops import stages
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 PACKAGES = ("tuneops", "tasks", "flows")
 UPWARD = ("tasks", "flows")          # what tuneops/ may reach only through stages.ENTRY_POINTS

@@ -5,7 +5,7 @@ import yaml
 
 from tuneops import stages
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 
 def _dvc() -> dict:

@@ -13,7 +13,7 @@ import pytest
 
 from tuneops import procs
 
-from .conftest import REPO, make_project, wait_for
+from tests.conftest import REPO, make_project, wait_for
 
 # A child that ignores SIGTERM and SIGINT and starts a grandchild in another session (as a Prefect
 # worker starts its flow runs): only the bounded wait and the kill of the whole tree stop them.

@@ -16,7 +16,7 @@ import pytest
 
 from tuneops import cli, stages
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 # Run elsewhere (expensive or needs servers), with the test that covers it.
 COVERED_ELSEWHERE = {

@@ -1,4 +1,4 @@
-"""Nothing lost, nothing wrong (the default-suite part; tests/test_faults.py has the slow,
+"""Nothing lost, nothing wrong (the default-suite part; tests/registry/test_faults.py has the slow,
 full versions):
 
 - the project lock: a second writer refuses naming the holder (``orchestrate.lock: fail``) or
@@ -27,7 +27,7 @@ import pytest
 from tuneops import stages
 from tuneops.cli import main as cli
 
-from .conftest import REPO, STATE, make_project
+from tests.conftest import REPO, STATE, make_project
 
 SECRET = "hunter2-planted-secret"
 DB_URL = f"postgresql+asyncpg://tuneops:{SECRET}@db.example:5432/prefect"
@@ -176,7 +176,7 @@ def _consistent(root: Path, expect_versions: int) -> dict:
 def test_register_killed_between_its_writes_converges_on_rerun(reg_project):
     """SIGKILL right after the version was created (no alias, no card yet): the rerun finishes
     the same version. Kill points in the default suite: 1; the next test (slow) tries
-    ``register:alias``; tests/test_faults.py (slow) every register point and every stage
+    ``register:alias``; tests/registry/test_faults.py (slow) every register point and every stage
     boundary of `tuneops run`."""
     root = reg_project
     killed = tuneops(root, "register", TUNEOPS_KILL_AT="register:version")

@@ -18,7 +18,7 @@ import pytest
 
 from tuneops.io import free_port
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 REPO = Path(__file__).resolve().parents[1]
 

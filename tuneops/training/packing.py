@@ -5,7 +5,7 @@ Rows carry ``position_ids`` that restart at 0 for every packed example and no
 turns restarting position ids into a block-diagonal causal mask for SDPA/eager attention
 (flash-attention uses them as varlen boundaries), so no token attends across examples.
 The first label of every example is ignored, so no loss crosses a boundary either.
-(tests/test_training.py checks packed logits equal each example's own logits.)
+(tests/training/test_training.py checks packed logits equal each example's own logits.)
 """
 from __future__ import annotations
 

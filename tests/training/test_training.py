@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 ALL_METHODS = "[full, lora, qlora, dora, ia3, prompt_tuning]"
 
@@ -183,7 +183,7 @@ def test_sigkill_resumes_from_the_last_complete_checkpoint(project):
             f"paths.plan=artifacts/select/plan-{tag}.json", f"paths.train_dir=artifacts/train-{tag}",
             f"paths.checkpoint_dir=.tuneops/ck-{tag}"]
     argv = [sys.executable, "-m", "tuneops"] + [a for s in sets for a in ("--set", s)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     subprocess.run(argv[:3] + ["select"] + argv[3:], cwd=project, env=env, check=True, capture_output=True)
     kill_at = random.Random().choice([2, 4, 6])
     cfg = _cfg(project, tag, *sets)

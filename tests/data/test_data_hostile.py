@@ -12,7 +12,7 @@ import tracemalloc
 
 import pytest
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 G = json.dumps({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]})
 BIG = json.dumps({"messages": [{"role": "user", "content": "x" * 10_000_000}, {"role": "assistant", "content": "ok"}]})

@@ -6,7 +6,7 @@
   consistent: exactly one new version, with its tags, card and the alias its gate decided;
   the champion history matches the alias moves; at the end ``rollback`` goes to the previous
   champion. ``TUNEOPS_FAULT_POINTS=a,b`` limits the points (each costs two tiny runs).
-- A task head (sequence classification on MiniLM, as tests/test_heads.py), trained once: `tuneops
+- A task head (sequence classification on MiniLM, as tests/training/test_heads.py), trained once: `tuneops
   register` SIGKILLed at each ``register`` point and run again, on the champion path (a fresh model
   name: no champion yet) and on the challenger path (a champion exists, the gate asks more than a
   tie). The rerun finishes the same version, as for a language model: one register flow.
@@ -28,9 +28,9 @@ import pytest
 
 from tuneops import faults, stages
 
-from .conftest import REPO, make_project
-from .test_heads import MINILM
-from .test_robustness import KILLED, _consistent, _registry, _registry_exists, tuneops
+from tests.conftest import REPO, make_project
+from tests.training.test_heads import MINILM
+from tests.test_robustness import KILLED, _consistent, _registry, _registry_exists, tuneops
 
 pytestmark = pytest.mark.slow
 

@@ -17,7 +17,7 @@ import yaml
 from tuneops import stages
 from tuneops.cli import main as cli
 
-from .conftest import git_dvc_project
+from tests.conftest import git_dvc_project
 
 # ~3 min (three registered versions); champion vs a worse model is also in tests/test_stages.py
 pytestmark = pytest.mark.slow

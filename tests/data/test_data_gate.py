@@ -11,7 +11,7 @@ import pytest
 from tuneops.config import load_config
 from tuneops.io import read_jsonl, write_jsonl
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 GOOD = {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]}
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import TEST_ROOT
+from tests.conftest import TEST_ROOT
 
 ARTIFACTS = TEST_ROOT / "artifacts"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

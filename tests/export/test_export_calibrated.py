@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from .family_models import CASES, build_model, build_tokenizer
+from tests.family_models import CASES, build_model, build_tokenizer
 
 
 def test_gptq_output_error_is_lower_than_round_to_nearest():

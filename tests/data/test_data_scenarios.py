@@ -10,7 +10,7 @@ from tuneops.config import ConfigError, load_config
 from tuneops.data import SCENARIOS
 from tuneops.io import read_json, read_jsonl
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 BUNDLED = [name for name in SCENARIOS if name != "user"]
 # tool rows declare three functions (~450 tokens rendered): the scenario is run with a longer budget
@@ -62,7 +62,7 @@ def test_translation_pairs_and_other_locales(stage):
 
 
 def test_scenario_and_format_must_agree(tmp_path):
-    from .conftest import REPO
+    from tests.conftest import REPO
 
     with pytest.raises(ConfigError, match=r"data: scenario 'topics' produces format 'classification'"):
         load_config(REPO / "params.yaml", ["data.scenario=topics", "data.format=chat"])

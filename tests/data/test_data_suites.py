@@ -12,7 +12,7 @@ from tuneops.data import FORMATS
 from tuneops.data.gate import SUITES_DIR, Settings, _base_features, _derive, _parameters, load_suite
 from tuneops.data.records import Row
 
-from .test_data_formats import CASES
+from tests.data.test_data_formats import CASES
 
 
 def test_one_suite_per_format_plus_leakage():

@@ -22,8 +22,8 @@ import pytest
 from tuneops import stages
 from tuneops.io import free_port, read_jsonl
 
-from .conftest import REPO, TEST_ROOT, make_project
-from .conftest import wait_for as _wait
+from tests.conftest import REPO, TEST_ROOT, make_project
+from tests.conftest import wait_for as _wait
 
 ARTIFACTS = TEST_ROOT / "artifacts"
 TERMINAL = {"COMPLETED", "FAILED", "CRASHED", "CANCELLED"}

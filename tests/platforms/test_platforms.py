@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import make_project
+from tests.conftest import make_project
 
-CONFIGS = Path(__file__).parent / "fixtures" / "model_configs"
-REPO = Path(__file__).resolve().parents[1]
+CONFIGS = Path(__file__).parents[1] / "fixtures" / "model_configs"
+REPO = Path(__file__).resolve().parents[2]
 
 
 def _plan(model: str, method: str, gpus: int = 1, mem: float = 80.0, nodes: int = 1, **goals) -> dict:

@@ -14,7 +14,7 @@ import yaml
 from tuneops.config import ConfigError, load_config
 from tuneops.io import md5_file, read_json
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 
 def _sh(cmd: list[str], cwd) -> None:

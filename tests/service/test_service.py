@@ -26,8 +26,8 @@ import pytest
 
 from tuneops.io import free_port
 
-from .conftest import REPO, TEST_ROOT, make_project
-from .conftest import wait_for as _wait
+from tests.conftest import REPO, TEST_ROOT, make_project
+from tests.conftest import wait_for as _wait
 
 openai = pytest.importorskip("openai")
 

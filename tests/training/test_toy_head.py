@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from .conftest import REPO
+from tests.conftest import REPO
 
 TOY = "toy_length"
 GEMMA = REPO / "tests" / "fixtures" / "model_configs" / "gemma3-270m.json"

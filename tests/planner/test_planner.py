@@ -13,7 +13,7 @@ import pytest
 from tuneops.planner import (RULES, Goals, Hardware, MemoryModelConstants, ModelSpec, PlanError, Setup, estimate,
                              explain, load_table, main, make_plan)
 
-CONFIGS = Path(__file__).parent / "fixtures" / "model_configs"
+CONFIGS = Path(__file__).parents[1] / "fixtures" / "model_configs"
 GIB = 2**30
 CPU24 = Hardware(gpus=0, host_ram_gb=24.0, nodes=1, cpu_cores=2)
 PARAMS_SELECT = {  # params.yaml `select`, as decided
@@ -416,7 +416,7 @@ def test_hardware_detect_on_this_machine():
 
 def test_planner_imports_without_torch():
     code = "import sys, tuneops.planner; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parent.parent)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[2])
 
 
 # --- CLI -----------------------------------------------------------------------------------

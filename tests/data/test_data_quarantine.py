@@ -11,7 +11,7 @@ import pytest
 from tuneops.config import load_config
 from tuneops.io import md5_file, read_json, read_jsonl, write_jsonl
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 BAD = {
     11: "{\"messages\": [{\"role\": \"user\", \"content\": \"cut",                                    # json

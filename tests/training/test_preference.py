@@ -12,7 +12,7 @@ import pytest
 from tuneops.training import preference as pref
 
 LN2 = math.log(2)
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 CACHE = REPO / ".tuneops" / "pytest" / "state" / "cache"      # conftest's state dir: the tokenizer cache
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 

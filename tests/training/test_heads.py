@@ -11,7 +11,7 @@ import pytest
 
 from tuneops.io import read_json, write_jsonl
 
-from .conftest import make_project
+from tests.conftest import make_project
 
 # MiniLM learns fast; few steps, small slices (the encoder is 22.7M params, inputs are short)
 MINILM = ("model.source=minilm", "train.threads=1", "train.save_steps=0", "select.method=lora",
@@ -36,7 +36,7 @@ def minilm_dir(tmp_path_factory) -> Path:
     from tuneops import models
     from tuneops.config import load_config
 
-    from .conftest import REPO
+    from tests.conftest import REPO
 
     cfg = load_config(REPO / "params.yaml", ["model.source=minilm"])
     out = tmp_path_factory.mktemp("minilm") / "base"
@@ -113,7 +113,7 @@ def test_head_choice_and_encoder_errors(minilm_dir):
     from tasks.select import choose_head
     from tuneops.planner import Goals, Hardware, ModelSpec, PlanError, make_plan
 
-    from .conftest import REPO
+    from tests.conftest import REPO
 
     enc = ModelSpec.from_path(minilm_dir)
     gemma = ModelSpec.from_path(REPO / "tests" / "fixtures" / "model_configs" / "gemma3-270m.json")

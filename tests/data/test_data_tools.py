@@ -14,7 +14,7 @@ from tests.family_models import CASES, build_tokenizer
 from tuneops.data import formats, toolrows
 from tuneops.data.gate import Settings, validate_dataset
 
-FIXTURE = Path(__file__).parent / "fixtures" / "openai" / "function_calling.jsonl"
+FIXTURE = Path(__file__).parents[1] / "fixtures" / "openai" / "function_calling.jsonl"
 ROWS = [json.loads(line) for line in FIXTURE.read_text(encoding="utf-8").splitlines()]
 WEATHER = ROWS[0]["tools"][0]
 
