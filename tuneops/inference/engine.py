@@ -48,10 +48,10 @@ class ChatEngine:
         gen_cfg = load_generation_config(tokenizer_dir, self.onnx_path.parent, *generation_dirs)
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
 
-    def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from .chat import prompt_ids
 
-        return prompt_ids(self.tokenizer, messages)
+        return prompt_ids(self.tokenizer, messages, tools=tools)
 
     def deltas(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
