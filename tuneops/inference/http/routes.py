@@ -5,8 +5,13 @@ Chat request fields: ``model``, ``messages`` (roles system / developer / user / 
 a string or a list of text parts), ``max_tokens`` or ``max_completion_tokens``, ``temperature``
 (0 = greedy), ``top_p``, ``seed``, ``stop`` (a string or up to 4), ``n`` (1 only), ``stream``
 (server-sent ``chat.completion.chunk`` events ending in ``data: [DONE]``) with
-``stream_options.include_usage``. Other OpenAI fields are ignored, except the ones that would
-change the answer (tools, logprobs, a non-text response_format), which are refused with 400.
+``stream_options.include_usage``, ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (calls come back as
+``message.tool_calls`` with ``finish_reason: "tool_calls"``; streamed as OpenAI streams them), and
+``response_format`` (``json_object``, ``json_schema``). A forced tool call (``tool_choice`` ``required``
+or a named function) and a JSON response format are decoded under a grammar
+(``tuneops.inference.constrain``, llguidance): valid by construction. Other OpenAI fields are ignored,
+except the ones that would change the answer (legacy functions, logprobs, logit_bias), which are
+refused with 400.
 The request is validated by a pydantic schema (``ChatRequest``) before anything runs: the body is
 capped at ``serve.max_request_mb`` before it is read, JSON nested deeper than ``MAX_DEPTH`` is
 refused before it is parsed, ``seed`` is an integer in [0, 2^63-1], ``temperature`` a number in
