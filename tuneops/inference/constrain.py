@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import threading
+import weakref
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -22,7 +23,7 @@ import numpy as np
 from .sampling import Picker
 
 _COMPACT = {"whitespace_flexible": False}
-_TOKENIZERS: dict[tuple[int, tuple[int, ...]], Any] = {}
+_TOKENIZERS: "weakref.WeakKeyDictionary[Any, dict[tuple[int, ...], Any]]" = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
 
@@ -35,13 +36,12 @@ def ll_tokenizer(tokenizer: Any, stop: Iterable[int]) -> Any:
     import llguidance.hf
 
     eos = tuple(sorted(int(t) for t in stop))
-    key = (id(tokenizer), eos)
-    with _LOCK:
-        lt = _TOKENIZERS.get(key)
+    with _LOCK:            # one per tokenizer object (an unloaded engine's goes with it)
+        cached = _TOKENIZERS.setdefault(tokenizer, {})
+        lt = cached.get(eos)
         if lt is None:
             n_vocab = max(len(tokenizer), max(eos, default=0) + 1)
-            lt = _TOKENIZERS[key] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab,
-                                                                  eos_token=list(eos) or None)
+            lt = cached[eos] = llguidance.hf.from_tokenizer(tokenizer, n_vocab=n_vocab, eos_token=list(eos) or None)
         return lt
 
 
