@@ -480,6 +480,11 @@ def _fuzz_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
                           ({"type": "function", "function": {"name": "f"}}, None)):
         add(f"tool_choice={str(choice)[:40]}", {**good, "tools": tools, "tool_choice": choice}, "bad", "tool_choice")
     add("parallel_tool_calls=1", {**good, "tools": [fn], "parallel_tool_calls": 1}, "bad", "parallel_tool_calls")
+    for choice in ("required", {"type": "function", "function": {"name": "g"}}):
+        add(f"undecodable tool schema, tool_choice={str(choice)[:30]}",
+            {**good, "tools": [fn, {"type": "function", "function": {"name": "g", "parameters": {
+                "type": "object", "properties": {"a": {"$ref": "#/$defs/none"}}}}}], "tool_choice": choice},
+            "bad", "tools[1].function.parameters")
     for choice in ("none", "auto", "required", {"type": "function", "function": {"name": "f"}}):
         add(f"tools ok, tool_choice={str(choice)[:30]}", {**good, "tools": [fn], "tool_choice": choice}, "ok")
     add("tools streamed", {**good, "tools": [fn], "tool_choice": "required", "stream": True}, "ok")

@@ -148,6 +148,20 @@ def json_schema_of(value: Any, sub: str = "") -> dict[str, Any]:
     return value
 
 
+def decodable(schema: dict[str, Any], sub: str = "") -> dict[str, Any]:
+    """``schema`` if the constrained decoder (llguidance) compiles it: a dangling ``$ref``, an
+    unsatisfiable schema or a regex it cannot parse is a 400, before any model is looked up."""
+    import llguidance
+
+    try:
+        err = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema))
+    except Exception as exc:  # noqa: BLE001 - llguidance's own errors
+        err = str(exc) or type(exc).__name__
+    if err:
+        raise BadValue(f"the constrained decoder cannot use this schema: {str(err)[:160]}", sub, "invalid_schema")
+    return schema
+
+
 def _tool_calls(v: Any) -> list[dict[str, Any]]:
     if not isinstance(v, list):
         raise BadValue(f"expected a list of tool calls (got {short(v)})")
@@ -341,7 +355,7 @@ class ChatRequest(BaseModel):
             raise BadValue(f"expected a name of 1-64 letters, digits, _ or - (got {short(name)})", ".json_schema.name")
         if "schema" not in spec:
             raise BadValue("required: the JSON Schema the reply must satisfy", ".json_schema.schema")
-        schema = json_schema_of(spec["schema"], ".json_schema.schema")
+        schema = decodable(json_schema_of(spec["schema"], ".json_schema.schema"), ".json_schema.schema")
         strict = spec.get("strict")
         if strict is not None and not isinstance(strict, bool):
             raise BadValue(f"expected a boolean (got {short(strict)})", ".json_schema.strict")
@@ -413,6 +427,10 @@ class ChatRequest(BaseModel):
                 raise BadValue(f"function {short(name)} is not in tools", "tool_choice")
         elif choice == "required" and not self.tools:
             raise BadValue('"required" needs tools to call', "tool_choice")
+        if choice == "required" or isinstance(choice, dict):         # the calls are decoded under a grammar
+            for i, t in enumerate(self.tools or []):
+                if choice == "required" or t["function"]["name"] == choice["function"]["name"]:
+                    decodable(t["function"]["parameters"], f"tools[{i}].function.parameters")
         if self.tools and self.response_format and choice not in (None, "none", "auto"):
             raise BadValue("a forced tool call and a response_format cannot both constrain the reply",
                            "response_format")
