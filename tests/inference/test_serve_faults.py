@@ -375,7 +375,9 @@ def _fuzz_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
                     f'"stream": {str(stream).lower()}, "{key}": {lit}}}'.encode(), "bad", key)
         for p in (5e-324, 1e-300, 0.5, 1):
             add(f"top_p={p} stream={stream}", {**good, "top_p": p, "temperature": 1, "seed": 3, "stream": stream}, "ok")
-    for role in (["user"], {"role": "user"}, 5, None, True, "", "tool", "USER", "user\n", "\ud800", "x" * 5000):
+    add("role='tool' with no call before it", {**good, "messages": [{"role": "tool", "content": "Hi"}]}, "bad",
+        "messages[0].tool_call_id")
+    for role in (["user"], {"role": "user"}, 5, None, True, "", "function", "USER", "user\n", "\ud800", "x" * 5000):
         add(f"role={str(role)[:12]!r}", {**good, "messages": [{"role": role, "content": "Hi"}]}, "bad",
             "messages[0].role")
     add("no role", {**good, "messages": [{"content": "Hi"}]}, "bad", "messages[0].role")
@@ -438,12 +440,71 @@ def _fuzz_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
                                                                        "stream_options.include_usage")):
         add(f"stream_options={v!r}", {**good, "stream": True, "stream_options": v}, "bad", param)
     add("include_usage", {**good, "stream": True, "stream_options": {"include_usage": True}}, "ok")
-    for fmt in ("json_object", "text", 5, [], True, {"type": "json_object"}, {"type": "json_schema", "json_schema": {}},
-                {"type": 5}):
+    for fmt in ("json_object", "text", 5, [], True):
         add(f"response_format={str(fmt)[:20]}", {**good, "response_format": fmt}, "bad", "response_format")
+    for fmt, param in (({"type": 5}, "response_format.type"), ({"type": "xml"}, "response_format.type"),
+                       ({"type": "json_schema"}, "response_format.json_schema"),
+                       ({"type": "json_schema", "json_schema": {}}, "response_format.json_schema.name"),
+                       ({"type": "json_schema", "json_schema": {"name": "a b", "schema": {}}},
+                        "response_format.json_schema.name"),
+                       ({"type": "json_schema", "json_schema": {"name": "r"}}, "response_format.json_schema.schema"),
+                       *(({"type": "json_schema", "json_schema": {"name": "r", "schema": bad}},
+                          "response_format.json_schema.schema")
+                         for bad in ({"type": "nonsense"}, {"type": "object", "properties": 5}, [], "x",
+                                     {"minLength": -1}, {"$ref": "#/$defs/missing"}, {"enum": []},
+                                     {"type": "object", "required": "a"}, {"pattern": "("})),
+                       ({"type": "json_schema", "json_schema": {"name": "r", "schema": {}, "strict": "yes"}},
+                        "response_format.json_schema.strict")):
+        add(f"response_format={str(fmt)[:60]}", {**good, "response_format": fmt}, "bad", param)
     add("response_format text", {**good, "response_format": {"type": "text"}}, "ok")
-    for key, v in (("tools", [{"type": "function", "function": {"name": "f"}}]), ("logprobs", True),
-                   ("top_logprobs", 3), ("logit_bias", {"1": 5}), ("functions", [{}])):
+    add("response_format json_object", {**good, "response_format": {"type": "json_object"}}, "ok")
+    add("response_format json_schema", {**good, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "r", "strict": True, "schema": {"type": "object", "properties": {"a": {"type": "boolean"}},
+                                                "required": ["a"], "additionalProperties": False}}}}, "ok")
+    fn = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer", "minimum": 0, "maximum": 9}}, "required": ["x"], "additionalProperties": False}}}
+    for tools, param in ((5, "tools"), ({}, "tools"), ([5], "tools[0]"), ([{"type": "web"}], "tools[0]"),
+                         ([{"type": "function"}], "tools[0].function"),
+                         ([{"type": "function", "function": {"name": "a b"}}], "tools[0].function.name"),
+                         ([{"type": "function", "function": {"name": "x" * 65}}], "tools[0].function.name"),
+                         ([fn, fn], "tools[1].function.name"),
+                         ([{"type": "function", "function": {"name": "f", "description": 5}}],
+                          "tools[0].function.description"),
+                         *(([fn, {"type": "function", "function": {"name": "g", "parameters": bad}}],
+                            "tools[1].function.parameters")
+                           for bad in ({"type": "nonsense"}, [], "x", {"type": "string"},
+                                       {"type": "object", "properties": {"a": {"minimum": "0"}}}))):
+        add(f"tools={str(tools)[:60]}", {**good, "tools": tools}, "bad", param)
+    for choice, tools in (("always", [fn]), (5, [fn]), ({"type": "function"}, [fn]),
+                          ({"type": "function", "function": {"name": "g"}}, [fn]), ("required", None),
+                          ({"type": "function", "function": {"name": "f"}}, None)):
+        add(f"tool_choice={str(choice)[:40]}", {**good, "tools": tools, "tool_choice": choice}, "bad", "tool_choice")
+    add("parallel_tool_calls=1", {**good, "tools": [fn], "parallel_tool_calls": 1}, "bad", "parallel_tool_calls")
+    for choice in ("required", {"type": "function", "function": {"name": "g"}}):
+        add(f"undecodable tool schema, tool_choice={str(choice)[:30]}",
+            {**good, "tools": [fn, {"type": "function", "function": {"name": "g", "parameters": {
+                "type": "object", "properties": {"a": {"$ref": "#/$defs/none"}}}}}], "tool_choice": choice},
+            "bad", "tools[1].function.parameters")
+    for choice in ("none", "auto", "required", {"type": "function", "function": {"name": "f"}}):
+        add(f"tools ok, tool_choice={str(choice)[:30]}", {**good, "tools": [fn], "tool_choice": choice}, "ok")
+    add("tools streamed", {**good, "tools": [fn], "tool_choice": "required", "stream": True}, "ok")
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"x": 1}'}}
+    add("tool history", {**good, "tools": [fn], "messages": [*HELLO, {"role": "assistant", "tool_calls": [call]},
+                                                            {"role": "tool", "tool_call_id": "call_1", "content": "4"}]},
+        "ok")
+    for msgs, param in (([*HELLO, {"role": "tool", "tool_call_id": "call_1", "content": "4"}],
+                         "messages[1].tool_call_id"),
+                        ([*HELLO, {"role": "assistant", "tool_calls": [call]}, {"role": "tool", "content": "4"}],
+                         "messages[2].tool_call_id"),
+                        ([*HELLO, {"role": "assistant", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_2", "content": "4"}], "messages[2].tool_call_id"),
+                        ([*HELLO, {"role": "assistant", "tool_calls": [{**call, "function": {"name": "f",
+                                                                                          "arguments": "{x"}}]}],
+                         "messages[1].tool_calls[0].function.arguments"),
+                        ([*HELLO, {"role": "assistant", "tool_calls": [{"id": "c"}]}], "messages[1].tool_calls[0]"),
+                        ([{"role": "user", "content": "x", "tool_calls": [call]}], "messages[0].tool_calls")):
+        add(f"tool messages {param}", {**good, "tools": [fn], "messages": msgs}, "bad", param)
+    for key, v in (("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}), ("functions", [{}])):
         add(f"{key}", {**good, key: v}, "bad", key)
     for msgs, param in (([], "messages"), ({}, "messages"), ("hi", "messages"), (None, "messages"),
                         ([5], "messages[0]"), ([[]], "messages[0]"), ([None], "messages[0]")):

@@ -48,15 +48,17 @@ class ChatEngine:
         gen_cfg = load_generation_config(tokenizer_dir, self.onnx_path.parent, *generation_dirs)
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
 
-    def prompt(self, messages: list[dict[str, Any]]) -> list[int]:
+    def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from .chat import prompt_ids
 
-        return prompt_ids(self.tokenizer, messages)
+        return prompt_ids(self.tokenizer, messages, tools=tools)
 
     def deltas(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
-               result: Generation | None = None, cancel: Any = None, top_k: int = 0) -> Iterator[str]:
-        """Reply text pieces; ``result`` receives the token counts and finish reason. Text that
+               result: Generation | None = None, cancel: Any = None, top_k: int = 0,
+               constraint: Any = None) -> Iterator[str]:
+        """Reply text pieces; ``result`` receives the token counts and finish reason. ``constraint``
+        (``tuneops.inference.constrain.Constraint``) limits every token to what its grammar allows. Text that
         could be the start of a ``stop`` string is held back until it is known not to be.
         ``cancel`` (a ``threading.Event``) is looked at before every token: once set, generation
         stops there and ``Cancelled`` is raised."""
@@ -68,6 +70,10 @@ class ChatEngine:
         text, sent, finish = "", 0, None
         sample = temperature >= MIN_TEMPERATURE
         pick = sampler(sample, temperature if sample else 1.0, top_k, top_p, seed)
+        if constraint is not None:
+            from .constrain import masked
+
+            pick = masked(pick, constraint, self.stop)
         tokens = stream(self.lm, ids, max_tokens, self.stop, pick)
         for token in tokens:
             if cancel is not None and cancel.is_set():

@@ -5,8 +5,13 @@ Chat request fields: ``model``, ``messages`` (roles system / developer / user / 
 a string or a list of text parts), ``max_tokens`` or ``max_completion_tokens``, ``temperature``
 (0 = greedy), ``top_p``, ``seed``, ``stop`` (a string or up to 4), ``n`` (1 only), ``stream``
 (server-sent ``chat.completion.chunk`` events ending in ``data: [DONE]``) with
-``stream_options.include_usage``. Other OpenAI fields are ignored, except the ones that would
-change the answer (tools, logprobs, a non-text response_format), which are refused with 400.
+``stream_options.include_usage``, ``tools`` / ``tool_choice`` / ``parallel_tool_calls`` (calls come back as
+``message.tool_calls`` with ``finish_reason: "tool_calls"``; streamed as OpenAI streams them), and
+``response_format`` (``json_object``, ``json_schema``). A forced tool call (``tool_choice`` ``required``
+or a named function) and a JSON response format are decoded under a grammar
+(``tuneops.inference.constrain``, llguidance): valid by construction. Other OpenAI fields are ignored,
+except the ones that would change the answer (legacy functions, logprobs, logit_bias), which are
+refused with 400.
 The request is validated by a pydantic schema (``ChatRequest``) before anything runs: the body is
 capped at ``serve.max_request_mb`` before it is read, JSON nested deeper than ``MAX_DEPTH`` is
 refused before it is parsed, ``seed`` is an integer in [0, 2^63-1], ``temperature`` a number in
@@ -62,18 +67,72 @@ def admit(scheduler: Scheduler) -> Ticket:
 
 
 
-def prompt_of(engine: ChatEngine, req: dict[str, Any], settings: Any) -> list[int]:
+def tool_mode(req: dict[str, Any]) -> bool:
+    """Whether the reply is read for tool calls (``tools`` given and ``tool_choice`` is not ``none``)."""
+    return bool(req["tools"]) and req["tool_choice"] != "none"
+
+
+def constraint_of(engine: ChatEngine, req: dict[str, Any]) -> Any:
+    """The decoding constraint of a request: the tool-call format's grammar when ``tool_choice`` is
+    ``required`` or names a function, the JSON schema of ``response_format``; else ``None``. A schema
+    llguidance cannot compile is a 400 naming it."""
+    from .. import constrain
+    from ..chat import ChatFormatError, tool_format
+
+    choice, rf = req["tool_choice"], req["response_format"]
+    forced = bool(req["tools"]) and (choice == "required" or isinstance(choice, dict))
+    param = "tools" if forced else "response_format.json_schema.schema"
+    try:
+        if forced:
+            fns = [t["function"] for t in req["tools"]
+                   if choice == "required" or t["function"]["name"] == choice["function"]["name"]]
+            return constrain.tool_calls(tool_format(engine.tokenizer), fns, req["parallel_tool_calls"]
+                                        and choice == "required", engine.tokenizer, engine.stop)
+        if rf and rf["type"] == "json_schema":
+            return constrain.json_schema(rf["schema"], engine.tokenizer, engine.stop)
+        if rf and rf["type"] == "json_object":
+            return constrain.json_object(engine.tokenizer, engine.stop)
+    except constrain.GrammarError as exc:
+        raise ApiError(400, f"{param}: the constrained decoder cannot compile this schema: {str(exc)[:300]}",
+                       param, "invalid_schema") from None
+    except ChatFormatError as exc:
+        raise ApiError(400, f"tools: {str(exc)[:500]}", "tools", "invalid_messages") from None
+    return None
+
+
+def tool_calls_of(engine: ChatEngine, req: dict[str, Any], text: str) -> tuple[str, list[dict[str, Any]]]:
+    """``(content, calls)`` of a finished reply; calls in OpenAI's shape (ids ``call_<random>``,
+    arguments a JSON string). A reply whose call is malformed stays content."""
+    from ..chat import tool_format
+    from ..toolcalls import ToolCallError
+
+    if not tool_mode(req):
+        return text, []
+    try:
+        content, calls = tool_format(engine.tokenizer).split(text)
+    except ToolCallError:
+        return text, []
+    names = {t["function"]["name"] for t in req["tools"]}
+    if not calls or any(c["name"] not in names for c in calls):
+        return text, []
+    return content, [{"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+                      "function": {"name": c["name"], "arguments": json.dumps(c["arguments"], ensure_ascii=False)}}
+                     for c in calls]
+
+
+def prompt_of(engine: ChatEngine, req: dict[str, Any], settings: Any) -> tuple[list[int], Any]:
+    """The prompt's token ids (tools declared in the model's tool format) and the decoding constraint."""
     from ..chat import ChatFormatError
 
     try:
-        ids = engine.prompt(req["messages"])
+        ids = engine.prompt(req["messages"], req["tools"])
     except ChatFormatError as exc:
         raise ApiError(400, f"messages: {str(exc)[:500]}", "messages", "invalid_messages") from None
     if len(ids) > settings.max_input_tokens:
         raise ApiError(400, f"This model's maximum input length is {settings.max_input_tokens} tokens "
                             f"(serve.max_input_tokens); your messages are {len(ids)} tokens", "messages",
                        "context_length_exceeded")
-    return ids
+    return ids, constraint_of(engine, req)
 
 
 # -- running a request ----------------------------------------------------------------------------------
@@ -110,13 +169,14 @@ def run(ticket: Ticket, job: Callable[[Callable[[Any], None]], Any]) -> "asyncio
     return queue
 
 
-def generate(engine: ChatEngine, ids: list[int], req: dict[str, Any],
-             ticket: Ticket) -> "asyncio.Queue[tuple[str, Any]]":
+def generate(engine: ChatEngine, ids: list[int], req: dict[str, Any], ticket: Ticket,
+             constraint: Any = None) -> "asyncio.Queue[tuple[str, Any]]":
     """``run`` a generation: ``("piece", text)`` as it is decoded, then ``("done", Generation)``."""
 
     def job(put: Callable[[Any], None]) -> Generation:
         g = Generation()
-        for piece in engine.deltas(ids, req["max_tokens"], result=g, cancel=ticket.cancelled, **_sample_kw(req)):
+        for piece in engine.deltas(ids, req["max_tokens"], result=g, cancel=ticket.cancelled,
+                                   constraint=constraint, **_sample_kw(req)):
             ticket.beat()
             put(("piece", piece))
         return g
@@ -168,11 +228,16 @@ def _sample_kw(req: dict[str, Any]) -> dict[str, Any]:
     return {"temperature": req["temperature"], "top_p": req["top_p"], "seed": req["seed"], "stop": req["stop"]}
 
 
-def completion(model_id: str, g: Generation) -> dict[str, Any]:
+def completion(model_id: str, g: Generation, engine: ChatEngine | None = None,
+               req: dict[str, Any] | None = None) -> dict[str, Any]:
+    content, calls = tool_calls_of(engine, req, g.text) if req is not None else (g.text, [])
+    message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
+    if calls:
+        message["tool_calls"] = calls
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model_id, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": g.text, "refusal": None},
-                         "logprobs": None, "finish_reason": g.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": None,
+                         "finish_reason": "tool_calls" if calls else g.finish_reason}],
             "usage": _usage(g)}
 
 
@@ -180,11 +245,24 @@ def error_event(error: ApiError) -> str:
     return "data: " + json.dumps(error.body) + "\n\n"
 
 
+ARGUMENT_PIECE = 16          # characters of a streamed tool call's arguments per chunk
+
+
 async def chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: dict[str, Any],
-                 ticket: Ticket) -> AsyncIterator[str]:
+                 ticket: Ticket, engine: ChatEngine | None = None) -> AsyncIterator[str]:
     """Server-sent events of a ``generate`` queue: a role chunk, content chunks, the finish chunk
     (and usage), ``[DONE]``; a generation that fails or is cancelled after the stream started
-    ends it with an error event and ``[DONE]``."""
+    ends it with an error event and ``[DONE]``. With tools, text that is or may become a tool call
+    is held back; the calls are streamed at the end as OpenAI streams them: per call a delta with
+    its ``index``, ``id``, ``type``, ``function.name`` and empty ``arguments``, then the arguments
+    in pieces; the finish reason is ``tool_calls``."""
+    tools = engine is not None and tool_mode(req)
+    fmt = None
+    if tools:
+        from ..chat import tool_format
+
+        fmt = tool_format(engine.tokenizer)
+    text, sent = "", 0
     cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
     def event(choices: list[dict[str, Any]], **extra: Any) -> str:
@@ -200,12 +278,31 @@ async def chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: di
             kind, value = await queue.get()
             if kind == "start":
                 yield event(choice({"role": "assistant", "content": ""}))
-            elif kind == "piece":
+            elif kind == "piece" and not tools:
                 yield event(choice({"content": value}))
+            elif kind == "piece":
+                text += value
+                safe = len(fmt.content_prefix(text))
+                if safe > sent:
+                    yield event(choice({"content": text[sent:safe]}))
+                    sent = safe
             else:
                 break
         if kind == "done":
-            yield event(choice({}, value.finish_reason))
+            finish_reason = value.finish_reason
+            if tools:
+                content, calls = tool_calls_of(engine, req, value.text)
+                if not calls and len(value.text) > sent:
+                    yield event(choice({"content": value.text[sent:]}))
+                for k, call in enumerate(calls):
+                    fn = call["function"]
+                    yield event(choice({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                        "function": {"name": fn["name"], "arguments": ""}}]}))
+                    for at in range(0, len(fn["arguments"]), ARGUMENT_PIECE):
+                        piece = fn["arguments"][at:at + ARGUMENT_PIECE]
+                        yield event(choice({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}))
+                finish_reason = "tool_calls" if calls else finish_reason
+            yield event(choice({}, finish_reason))
             if req["include_usage"]:
                 yield event([], usage=_usage(value))
         else:
@@ -275,12 +372,12 @@ def add_routes(router: Any, get_model: Callable[[str, Any], Any], scheduler: Sch
     async def chat_completions(request: Request, owner: str = Depends(who)) -> Any:
         req = chat_request(await body_of(request), settings)
         engine = await model_for(owner, req["model"], "chat")
-        ids = await run_in_threadpool(prompt_of, engine, req, settings)      # tokenizing: off the event loop
+        ids, constraint = await run_in_threadpool(prompt_of, engine, req, settings)   # off the event loop
         ticket = admit(scheduler)
-        queue = generate(engine, ids, req, ticket)
+        queue = generate(engine, ids, req, ticket, constraint)
         if req["stream"]:
-            return EventStream(chunks(engine.id, queue, req, ticket), ticket)
-        return completion(engine.id, await finish(request.receive, queue, ticket))
+            return EventStream(chunks(engine.id, queue, req, ticket, engine), ticket)
+        return completion(engine.id, await finish(request.receive, queue, ticket), engine, req)
 
     @router.post("/v1/classify")
     async def classify(request: Request, owner: str = Depends(who)) -> Any:

@@ -9,7 +9,7 @@ import re
 from typing import Any
 
 from fastapi import Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 from ..sampling import MIN_TEMPERATURE
 from .errors import ApiError, short
@@ -83,8 +83,10 @@ def parse_body(raw: bytes) -> Any:
 
 # -- request checks -----------------------------------------------------------------------------------
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-REFUSED = ("tools", "functions", "tool_choice", "function_call", "logit_bias", "audio", "prediction")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
+REFUSED = ("functions", "function_call", "logit_bias", "audio", "prediction")
+FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
+MAX_TOOLS = 128
 _SURROGATE = re.compile("[\ud800-\udfff]")
 
 
@@ -129,11 +131,84 @@ def _number(value: Any, kind: type, low: float, high: float) -> Any:
     return kind(value)
 
 
+def json_schema_of(value: Any, sub: str = "") -> dict[str, Any]:
+    """``value`` if it is a valid JSON Schema (the metaschema of its ``$schema``, else 2020-12)."""
+    import jsonschema
+
+    if not isinstance(value, dict):
+        raise BadValue(f"expected a JSON Schema object (got {short(value)})", sub)
+    try:
+        jsonschema.validators.validator_for(value, jsonschema.Draft202012Validator).check_schema(value)
+    except jsonschema.SchemaError as exc:
+        where = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in exc.path)
+        raise BadValue(f"not a valid JSON Schema: {exc.message[:120]} (at {where or 'the root'})", sub,
+                       "invalid_schema") from None
+    except Exception as exc:  # noqa: BLE001 - an unresolvable $schema, a metaschema that cannot be used
+        raise BadValue(f"not a valid JSON Schema: {str(exc)[:120]}", sub, "invalid_schema") from None
+    return value
+
+
+def decodable(schema: dict[str, Any], sub: str = "") -> dict[str, Any]:
+    """``schema`` if the constrained decoder (llguidance) compiles it: a dangling ``$ref``, an
+    unsatisfiable schema or a regex it cannot parse is a 400, before any model is looked up."""
+    import llguidance
+
+    try:
+        err = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema))
+    except Exception as exc:  # noqa: BLE001 - llguidance's own errors
+        err = str(exc) or type(exc).__name__
+    if err:
+        raise BadValue(f"the constrained decoder cannot use this schema: {str(err)[:160]}", sub, "invalid_schema")
+    return schema
+
+
+def _tool_calls(v: Any) -> list[dict[str, Any]]:
+    if not isinstance(v, list):
+        raise BadValue(f"expected a list of tool calls (got {short(v)})")
+    out = []
+    for j, tc in enumerate(v):
+        fn = tc.get("function") if isinstance(tc, dict) else None
+        if not isinstance(fn, dict):
+            raise BadValue('expected {"id", "type": "function", "function": {"name", "arguments"}}', f"[{j}]")
+        name, args = fn.get("name"), fn.get("arguments", "{}")
+        if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+            raise BadValue(f"expected a function name of 1-64 letters, digits, _ or - (got {short(name)})",
+                           f"[{j}].function.name")
+        if not isinstance(args, str):
+            raise BadValue(f"expected the arguments as a JSON string (got {short(args)})", f"[{j}].function.arguments")
+        try:
+            parsed = json.loads(args)
+        except ValueError:
+            raise BadValue(f"not JSON: {short(args)}", f"[{j}].function.arguments") from None
+        if not isinstance(parsed, dict):
+            raise BadValue(f"expected a JSON object (got {short(args)})", f"[{j}].function.arguments")
+        call_id = tc.get("id", f"call_{j}")
+        if not isinstance(call_id, str) or not call_id:
+            raise BadValue(f"expected a string (got {short(call_id)})", f"[{j}].id")
+        out.append({"id": valid_text(call_id, f"[{j}].id"), "type": "function",
+                    "function": {"name": name, "arguments": valid_text(args, f"[{j}].function.arguments")}})
+    return out
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Any = Field(None, validate_default=True)
     content: Any = None
+    tool_calls: Any = None
+    tool_call_id: Any = None
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _calls(cls, v: Any) -> Any:
+        return None if v is None else _tool_calls(v) or None
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _call_id(cls, v: Any) -> Any:
+        if v is not None and (not isinstance(v, str) or not v):
+            raise BadValue(f"expected a string (got {short(v)})")
+        return None if v is None else valid_text(v)
 
     @field_validator("role")
     @classmethod
@@ -159,6 +234,7 @@ class ChatRequest(BaseModel):
     tools: Any = None
     functions: Any = None
     tool_choice: Any = None
+    parallel_tool_calls: Any = None
     function_call: Any = None
     logit_bias: Any = None
     audio: Any = None
@@ -201,16 +277,89 @@ class ChatRequest(BaseModel):
             raise BadValue("not supported by this server", code="unsupported_parameter")
         return v
 
+    @field_validator("tools")
+    @classmethod
+    def _tools(cls, v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, list) or len(v) > MAX_TOOLS:
+            raise BadValue(f'expected a list of up to {MAX_TOOLS} {{"type": "function", "function": {{...}}}} '
+                           f"(got {short(v)})")
+        seen: set[str] = set()
+        out = []
+        for i, tool in enumerate(v):
+            if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+                raise BadValue(f'expected {{"type": "function", "function": {{"name", "parameters"}}}} '
+                               f"(got {short(tool)})", f"[{i}]")
+            fn = tool.get("function")
+            if not isinstance(fn, dict):
+                raise BadValue(f"expected an object with a name (got {short(fn)})", f"[{i}].function")
+            name = fn.get("name")
+            if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+                raise BadValue(f"expected a function name of 1-64 letters, digits, _ or - (got {short(name)})",
+                               f"[{i}].function.name")
+            if name in seen:
+                raise BadValue(f"function {name!r} is declared twice", f"[{i}].function.name")
+            seen.add(name)
+            desc = fn.get("description")
+            if desc is not None and not isinstance(desc, str):
+                raise BadValue(f"expected a string (got {short(desc)})", f"[{i}].function.description")
+            params = fn.get("parameters")
+            if params is not None:
+                json_schema_of(params, f"[{i}].function.parameters")
+                if params.get("type", "object") != "object":
+                    raise BadValue("the parameters of a function are an object schema (\"type\": \"object\")",
+                                   f"[{i}].function.parameters", "invalid_schema")
+            clean = {"name": name, **({"description": valid_text(desc)} if desc else {}),
+                     "parameters": params if params is not None else {"type": "object", "properties": {}}}
+            out.append({"type": "function", "function": clean})
+        return out or None
+
+    @field_validator("tool_choice")
+    @classmethod
+    def _tool_choice(cls, v: Any) -> Any:
+        if v is None or v in ("none", "auto", "required"):
+            return v
+        fn = v.get("function") if isinstance(v, dict) and v.get("type") == "function" else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise BadValue('expected "none", "auto", "required" or {"type": "function", "function": {"name": ...}} '
+                           f"(got {short(v)})")
+        return {"type": "function", "function": {"name": fn["name"]}}
+
+    @field_validator("parallel_tool_calls")
+    @classmethod
+    def _parallel(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, bool):
+            raise BadValue(f"expected a boolean (got {short(v)})")
+        return v
+
     @field_validator("response_format")
     @classmethod
     def _response_format(cls, v: Any) -> Any:
         if v is None:
             return v
         if not isinstance(v, dict):
-            raise BadValue(f'expected an object such as {{"type": "text"}} (got {short(v)})')
-        if v.get("type", "text") != "text":
-            raise BadValue("only 'text' is supported", code="unsupported_parameter")
-        return v
+            raise BadValue(f'expected an object such as {{"type": "json_object"}} (got {short(v)})')
+        kind = v.get("type", "text")
+        if kind == "text":
+            return None
+        if kind == "json_object":
+            return {"type": "json_object"}
+        if kind != "json_schema":
+            raise BadValue(f'expected "text", "json_object" or "json_schema" (got {short(kind)})', ".type")
+        spec = v.get("json_schema")
+        if not isinstance(spec, dict):
+            raise BadValue(f'expected {{"name", "schema", "strict"}} (got {short(spec)})', ".json_schema")
+        name = spec.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+            raise BadValue(f"expected a name of 1-64 letters, digits, _ or - (got {short(name)})", ".json_schema.name")
+        if "schema" not in spec:
+            raise BadValue("required: the JSON Schema the reply must satisfy", ".json_schema.schema")
+        schema = decodable(json_schema_of(spec["schema"], ".json_schema.schema"), ".json_schema.schema")
+        strict = spec.get("strict")
+        if strict is not None and not isinstance(strict, bool):
+            raise BadValue(f"expected a boolean (got {short(strict)})", ".json_schema.strict")
+        return {"type": "json_schema", "name": name, "schema": schema, "strict": bool(strict)}
 
     @field_validator("n")
     @classmethod
@@ -269,6 +418,39 @@ class ChatRequest(BaseModel):
         return v
 
 
+    @model_validator(mode="after")
+    def _consistent(self) -> "ChatRequest":
+        choice = self.tool_choice
+        if isinstance(choice, dict):
+            name = choice["function"]["name"]
+            if name not in {t["function"]["name"] for t in self.tools or []}:
+                raise BadValue(f"function {short(name)} is not in tools", "tool_choice")
+        elif choice == "required" and not self.tools:
+            raise BadValue('"required" needs tools to call', "tool_choice")
+        if choice == "required" or isinstance(choice, dict):         # the calls are decoded under a grammar
+            for i, t in enumerate(self.tools or []):
+                if choice == "required" or t["function"]["name"] == choice["function"]["name"]:
+                    decodable(t["function"]["parameters"], f"tools[{i}].function.parameters")
+        if self.tools and self.response_format and choice not in (None, "none", "auto"):
+            raise BadValue("a forced tool call and a response_format cannot both constrain the reply",
+                           "response_format")
+        calls: dict[str, int] = {}
+        for i, m in enumerate(self.messages or []):
+            if m.role == "assistant" and m.tool_calls:
+                calls = {tc["id"]: i for tc in m.tool_calls}
+            elif m.role == "tool":
+                if m.tool_call_id is None:
+                    raise BadValue("required: the id of the call this message answers", f"messages[{i}].tool_call_id")
+                if m.tool_call_id not in calls:
+                    raise BadValue(f"no preceding assistant tool call has id {short(m.tool_call_id)}",
+                                   f"messages[{i}].tool_call_id")
+            else:
+                calls = {}
+            if m.role != "assistant" and m.tool_calls:
+                raise BadValue("only assistant messages have tool calls", f"messages[{i}].tool_calls")
+        return self
+
+
 def _param(loc: tuple[Any, ...]) -> str:
     out = ""
     for p in loc:
@@ -295,7 +477,17 @@ def chat_request(body: Any, settings: Any) -> dict[str, Any]:
         raise ApiError(400, f"{param}: {msg}", param, getattr(exc, "code", "invalid_value")) from None
     max_tokens = next((t for t in (r.max_completion_tokens, r.max_tokens) if t is not None),
                       settings.default_max_tokens)
-    return {"model": r.model, "messages": [{"role": m.role, "content": m.content} for m in r.messages],
+    messages = []
+    for m in r.messages:
+        msg: dict[str, Any] = {"role": m.role, "content": m.content}
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        if m.role == "tool":
+            msg["tool_call_id"] = m.tool_call_id
+        messages.append(msg)
+    choice = r.tool_choice or ("auto" if r.tools else "none")
+    return {"model": r.model, "messages": messages, "tools": r.tools, "tool_choice": choice,
+            "parallel_tool_calls": r.parallel_tool_calls is not False, "response_format": r.response_format,
             "max_tokens": max_tokens, "stop": r.stop or [], "seed": r.seed,
             "temperature": settings.temperature if r.temperature is None else r.temperature,
             "top_p": r.top_p or 1.0, "stream": bool(r.stream),
