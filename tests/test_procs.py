@@ -12,6 +12,7 @@ import psutil
 import pytest
 
 from tuneops import procs
+from tuneops.io import free_port
 
 from tests.conftest import REPO, make_project, wait_for
 
@@ -80,7 +81,7 @@ def test_sigterm_to_api_worker_leaves_no_prefect_worker():
 
     root = make_project("procs-worker")
     cfg = load_config(root / "params.yaml")
-    rec = server.start_prefect(cfg, server.free_port())
+    rec = server.start_prefect(cfg, free_port())
     log = root / "worker.log"
     try:
         env = {**server.client_env(cfg, rec["url"]), "PYTHONPATH": str(REPO)}
