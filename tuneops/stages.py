@@ -98,7 +98,8 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/inference/toolcalls.py", "tuneops/inference/finetuned.py",
                     "tuneops/models.py", "tuneops/inference/runtimes.py", "tuneops/inference/pyfunc.py",
                     "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
-                    "tuneops/inference/engine.py", "tuneops/inference/layout.py", "tuneops/inference/scheduler.py",
+                    "tuneops/inference/engine.py", "tuneops/inference/constrain.py", "tuneops/inference/layout.py",
+                    "tuneops/inference/scheduler.py",
                     "tuneops/faults.py", "tuneops/secrets.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py")),
 )
