@@ -326,13 +326,6 @@ class ChatRequest(BaseModel):
                            f"(got {short(v)})")
         return {"type": "function", "function": {"name": fn["name"]}}
 
-    @field_validator("parallel_tool_calls")
-    @classmethod
-    def _parallel(cls, v: Any) -> Any:
-        if v is not None and not isinstance(v, bool):
-            raise BadValue(f"expected a boolean (got {short(v)})")
-        return v
-
     @field_validator("response_format")
     @classmethod
     def _response_format(cls, v: Any) -> Any:
@@ -398,9 +391,9 @@ class ChatRequest(BaseModel):
     def _top_p(cls, v: Any) -> Any:
         return _number(v, float, 0, 1)
 
-    @field_validator("stream")
+    @field_validator("stream", "parallel_tool_calls")
     @classmethod
-    def _stream(cls, v: Any) -> Any:
+    def _boolean(cls, v: Any) -> Any:
         if v is not None and not isinstance(v, bool):
             raise BadValue(f"expected a boolean (got {short(v)})")
         return v
