@@ -15,12 +15,13 @@ import copy
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from .errors import ConfigError, InvalidInput  # noqa: F401  (ConfigError: re-exported, callers import it from here)
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -240,6 +241,47 @@ class TrainParams(_Section):
     save_total_limit: int = Field(default=2, ge=1)
     resume: bool = True
     keep_checkpoints: bool = False
+    # the objective (tuneops/training/objectives.py OBJECTIVES): sft | dpo | ipo | ... (pairs: preference data)
+    objective: str = "sft"
+    beta: float = Field(default=0.1, gt=0)         # pair objectives: strength of the pull towards the reference
+    loss_type: str = "auto"                        # auto = the objective's TRL loss_type, or one TRL names
+    reference: Literal["start", "base", "precomputed"] = "start"   # pair objectives: the reference model
+    start_from: str | None = None                  # null = the base | models:/NAME@ALIAS or models:/NAME/VERSION
+                                                   # (a registered fine-tuned model: train on from it; pairs:
+                                                   # it is also the reference when reference is start)
+
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        from .training.objectives import OBJECTIVES
+
+        return _known(v, OBJECTIVES, "tuneops/training/objectives.py")
+
+    @field_validator("beta", mode="before")
+    @classmethod
+    def _numeric_beta(cls, v: Any) -> Any:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ValueError(f"must be a number > 0, e.g. 0.1, not a {type(v).__name__}")
+        return v
+
+    @field_validator("start_from")
+    @classmethod
+    def _model_uri(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"models:/[A-Za-z0-9][A-Za-z0-9_.-]*(@[A-Za-z0-9_-]+|/[0-9]+)", v):
+            raise ValueError("must be null or a registered model, models:/NAME@ALIAS or models:/NAME/VERSION")
+        return v
+
+    @field_validator("loss_type")
+    @classmethod
+    def _loss_type_fits(cls, v: str, info: ValidationInfo) -> str:
+        from .training.objectives import get, loss_type
+
+        if "objective" in info.data:          # (an unknown objective is reported on its own)
+            try:
+                loss_type(get(info.data["objective"]), v)
+            except ValueError as exc:
+                raise ValueError(str(exc).removeprefix("train.loss_type: ")) from None
+        return v
 
 
 class EvaluateParams(_Section):
