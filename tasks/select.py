@@ -58,6 +58,8 @@ def run(cfg: Config) -> dict[str, Any]:
         scenario=fmt,
         tokens=report.get("train_tokens"),
         task_head=head,
+        objective=cfg.train.objective,
+        reference=cfg.train.reference,
     ).to_dict()
     if not heads.get(head).generative:
         labels = report.get("labels")

@@ -17,6 +17,11 @@ ner                ``{"tokens": [str, ...], "tags": ["O"|"B-TYPE"|"I-TYPE", ...]
 translation        ``{"source": str, "target": str, "source_lang": "en", "target_lang": "pl"}``
 qa                 ``{"question": str, "answer": str, "context": str (optional),
                    "answer_start": int (optional: the answer is context[start:start+len])}``
+preference         OpenAI DPO ``{"input": {"messages": [...], "tools": [...]}, "preferred_output":
+                   [{assistant}], "non_preferred_output": [{assistant}]}``, or TRL's
+                   ``{"prompt", "chosen", "rejected"}`` (text or messages; or implicit
+                   prompt: ``chosen`` / ``rejected`` whole conversations); each side is
+                   checked as a chat record (``preference_parts``)
 =================  ================================================================
 
 Extra keys are allowed in every format. CSV (a header row) and Parquet hold the flat
@@ -91,6 +96,17 @@ def normalise(text: str) -> str:
 
 def _near(text: str) -> str:
     return normalise(text) or text.strip()
+
+
+def _plain(v: Any) -> str:
+    """A key value as text: nested messages by their contents (not their keys), None as ''."""
+    if v is None:
+        return ""
+    if isinstance(v, dict):
+        return " ".join(_plain(x) for x in v.values())
+    if isinstance(v, list):
+        return " ".join(_plain(x) for x in v)
+    return str(v)
 
 
 # -- the checkers --------------------------------------------------------------------------
@@ -245,6 +261,175 @@ def _qa(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
                     f"context[{start}:{start + len(answer)}] is {found[:60]!r}, not the answer {answer[:60]!r}"))
 
 
+# -- preference pairs (DPO): the chat checks on each side ------------------------------------
+
+def _as_reply(value: Any, name: str, out: list[Issue]) -> dict[str, Any] | None:
+    """Exactly one assistant message (a list of one, as OpenAI writes it, or the message alone);
+    its content is checked with the conversation (``_chat``)."""
+    if isinstance(value, dict):
+        value = [value]
+    if value is None:
+        out.append((name, "required", f"missing '{name}'"))
+        return None
+    if not isinstance(value, list) or not value:
+        out.append((name, "type", f"'{name}' must be a list with one assistant message"))
+        return None
+    roles = [m.get("role") if isinstance(m, dict) else type(m).__name__ for m in value]
+    if len(value) != 1 or roles[0] != "assistant":
+        out.append((name, "one_assistant", f"needs exactly one assistant message (got {len(value)} message(s), "
+                                           f"roles {roles})"))
+        return None
+    return value[0]
+
+
+def _as_messages(value: Any, name: str, out: list[Issue]) -> list[Any] | None:
+    if value is None:
+        out.append((name, "required", f"missing '{name}'"))
+        return None
+    if not isinstance(value, list) or not value:
+        out.append((name, "type", f"'{name}' must be a non-empty list of messages"))
+        return None
+    return value
+
+
+def _reply_text(value: Any, name: str, out: list[Issue]) -> dict[str, Any] | None:
+    v = _text({name: value}, name, out)
+    return None if v is None else {"role": "assistant", "content": v}
+
+
+def preference_parts(obj: dict[str, Any], out: list[Issue]) -> dict[str, Any] | None:
+    """A preference row's parts, whatever its form, or None (with the issues in ``out``):
+    ``prompt`` (messages), ``chosen`` / ``rejected`` (one assistant message each), ``tools``, the
+    row's ``source`` form and the ``names`` its fields have (for the problems). Forms: OpenAI DPO
+    (``input.messages`` [+ ``input.tools``], ``preferred_output``, ``non_preferred_output``); TRL
+    ``prompt`` / ``chosen`` / ``rejected`` as text (the prompt becomes one user turn) or as messages;
+    TRL implicit prompt (``chosen`` / ``rejected`` whole conversations sharing every turn but the last)."""
+    n0 = len(out)
+    if "input" in obj or "preferred_output" in obj or "non_preferred_output" in obj:
+        inp = obj.get("input")
+        prompt = tools = None
+        if not isinstance(inp, dict):
+            out.append(("input", "required" if inp is None else "type", "'input' must be an object with 'messages'"))
+        else:
+            prompt, tools = _as_messages(inp.get("messages"), "input.messages", out), inp.get("tools")
+        chosen = _as_reply(obj.get("preferred_output"), "preferred_output", out)
+        rejected = _as_reply(obj.get("non_preferred_output"), "non_preferred_output", out)
+        source, names = "openai", {"prompt": "input.messages", "chosen": "preferred_output",
+                                   "rejected": "non_preferred_output", "tools": "input.tools"}
+    elif "chosen" in obj or "rejected" in obj:
+        c, r, p, tools = obj.get("chosen"), obj.get("rejected"), obj.get("prompt"), obj.get("tools")
+        names = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", "tools": "tools"}
+        if isinstance(p, str) or (p is None and isinstance(c, str)):
+            source = "trl_text"
+            q = _text(obj, "prompt", out)
+            prompt = None if q is None else [{"role": "user", "content": q}]
+            chosen, rejected = _reply_text(c, "chosen", out), _reply_text(r, "rejected", out)
+        elif p is not None:
+            source = "trl_messages"
+            prompt = _as_messages(p, "prompt", out)
+            chosen, rejected = _as_reply(c, "chosen", out), _as_reply(r, "rejected", out)
+        else:                                   # implicit prompt: whole conversations
+            source = "trl_implicit"
+            cm, rm = _as_messages(c, "chosen", out), _as_messages(r, "rejected", out)
+            prompt = chosen = rejected = None
+            if cm is not None and rm is not None:
+                for key, msgs in (("chosen", cm), ("rejected", rm)):
+                    last = msgs[-1].get("role") if isinstance(msgs[-1], dict) else None
+                    if last != "assistant":
+                        out.append((f"{key}[{len(msgs) - 1}].role", "one_assistant",
+                                    f"the last message of '{key}' must be the assistant reply"))
+                if len(out) == n0:
+                    if cm[:-1] != rm[:-1]:
+                        i = next((i for i, (a, b) in enumerate(zip(cm[:-1], rm[:-1])) if a != b),
+                                 min(len(cm), len(rm)) - 1)
+                        out.append((f"rejected[{i}]", "prompt_prefix",
+                                    "chosen and rejected must share every turn but the last (they differ here)"))
+                    elif len(cm) < 2:
+                        out.append(("chosen", "prompt_prefix", "no prompt: the conversations have only the "
+                                                               "assistant reply"))
+                    else:
+                        prompt, chosen, rejected = cm[:-1], cm[-1], rm[-1]
+                names = {**names, "chosen": "chosen", "rejected": "rejected"}
+    else:
+        out.append(("(record)", "format", "not a preference row: expected OpenAI's 'input' / 'preferred_output' / "
+                                          "'non_preferred_output' or TRL's 'prompt' / 'chosen' / 'rejected'"))
+        return None
+    if prompt is None or chosen is None or rejected is None or len(out) > n0:
+        return None
+    implicit = source == "trl_implicit"
+    last = prompt[-1].get("role") if isinstance(prompt[-1], dict) else None
+    if last == "assistant":
+        out.append((f"{names['chosen'] if implicit else names['prompt']}[{len(prompt) - 1}].role", "prompt_end",
+                    "the prompt must end with a user (or tool) turn, not an assistant turn"))
+        return None
+    # each side is a chat conversation: the chat record's checks (roles, order, content, tool calls
+    # and declarations), with the problems named by the row's own fields
+    for side in ("chosen", "rejected"):
+        conv = [*prompt, chosen if side == "chosen" else rejected]
+        where = [f"{names[side] if implicit else names['prompt']}[{j}]" for j in range(len(prompt))]
+        where.append(f"{names[side]}[{len(prompt)}]" if implicit else names[side] if source == "trl_text"
+                     else f"{names[side]}[0]")
+        if source == "trl_text":
+            where[0] = "prompt"
+        issues: list[Issue] = []
+        _chat({"messages": conv, **({"tools": tools} if tools is not None else {})}, issues, {})
+        for f, rule, msg in issues:
+            m = re.match(r"messages\[(\d+)\]", f)
+            if m:
+                f = where[int(m.group(1))] + f[m.end():]
+                if source == "trl_text":         # the text fields themselves
+                    f = f.removesuffix(".content")
+            elif f.startswith("tools"):
+                f = names["tools"] + f[len("tools"):]
+            elif f == "messages":
+                f = names[side]
+            if (f, rule, msg) not in out:
+                out.append((f, rule, msg))
+    if len(out) == n0 and _reply_key(chosen) == _reply_key(rejected):
+        out.append((names["rejected"], "identical", f"the {names['rejected']} reply is the same as the "
+                                                   f"{names['chosen']} one: no preference to learn"))
+    if len(out) > n0:
+        return None
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected, "tools": tools, "source": source,
+            "names": names}
+
+
+def _reply_key(m: dict[str, Any]) -> str:
+    return json.dumps([(m.get("content") or "").strip(), m.get("tool_calls")], sort_keys=True, default=str)
+
+
+def _preference(obj: dict[str, Any], out: list[Issue], opts: dict[str, Any]) -> None:
+    preference_parts(obj, out)
+
+
+def preference_openai(r: dict[str, Any]) -> dict[str, Any]:
+    """A valid preference row in OpenAI's DPO form (what validate writes as the clean row's ``pair``)."""
+    parts = preference_parts(r, [])
+    assert parts is not None, "preference_openai takes a row that passed the checks"
+    inp: dict[str, Any] = {"messages": parts["prompt"]}
+    if parts["tools"]:
+        inp["tools"] = parts["tools"]
+    return {"input": inp, "preferred_output": [parts["chosen"]], "non_preferred_output": [parts["rejected"]]}
+
+
+def _preference_chat(r: dict[str, Any], side: str = "chosen") -> Messages:
+    o = preference_openai(r)
+    return [*o["input"]["messages"], (o["preferred_output"] if side == "chosen" else o["non_preferred_output"])[0]]
+
+
+def _preference_token_issues(r: dict[str, Any], tokenizer: Any, max_len: int) -> list[Issue]:
+    """Token-level rules with the model's tokenizer: the chat template renders the prompt as the same
+    prefix of both sides (``prompt_prefix``), both sides fit ``model.max_seq_len`` (``max_tokens``)."""
+    from tuneops.training import preference
+
+    pair, _ = preference.parse(r)
+    try:
+        preference.encode(pair, tokenizer, max_len)
+    except preference.PairError as exc:
+        return [(exc.field, exc.rule, exc.message)]
+    return []
+
+
 # -- rendering as chat (what training sees) --------------------------------------------------
 
 def _qa_chat(r: dict[str, Any]) -> Messages:
@@ -264,11 +449,23 @@ class Format:
     # the functions a record's conversation may call, rendered with it (OpenAI ``tools``; legacy
     # ``functions`` as tools); None for formats without tool calling
     tools: Callable[[dict[str, Any]], list[dict[str, Any]] | None] = lambda r: None
+    # every conversation a record trains on (preference: prompt + chosen and prompt + rejected; the
+    # token length checked against model.max_seq_len is the longest); None: [to_chat(r)]
+    conversations: Callable[[dict[str, Any]], list[Messages]] | None = None
+    # the record in one canonical form for duplicate / leakage keys and the clean row (None: as it is)
+    canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None
+    # rules that need the model's tokenizer: (record, tokenizer, max_seq_len) -> issues
+    token_issues: Callable[[dict[str, Any], Any, int], list[Issue]] | None = None
 
     def key_values(self, r: dict[str, Any]) -> list[Any]:
         if self.name == "chat":
             return [[m.get("role"), m.get("content"), m.get("weight", 1)] for m in r["messages"]]
+        if self.canonical is not None:
+            r = self.canonical(r)
         return [r.get(f) for f in self.fields]
+
+    def sides(self, r: dict[str, Any]) -> list[Messages]:
+        return self.conversations(r) if self.conversations is not None else [self.to_chat(r)]
 
     def exact_key(self, r: dict[str, Any]) -> str:
         if self.name == "chat":       # (tool calls, results and declarations: toolrows.key_text)
@@ -282,7 +479,7 @@ class Format:
         if self.name == "chat":
             return _near(" ".join(f"{m['role']} {m.get('content') or ''}{toolrows.key_text(m)}" for m in r["messages"])
                          + toolrows.declared_text(r))
-        return "\x1f".join(_near(" ".join(map(str, v)) if isinstance(v, list) else "" if v is None else str(v))
+        return "\x1f".join(_near(" ".join(map(_plain, v)) if isinstance(v, list) else _plain(v))
                            for v in self.key_values(r))
 
     def size(self, r: dict[str, Any]) -> int:
@@ -309,6 +506,11 @@ FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (
                                                   f"\n\n{r['source']}"},
                       {"role": "assistant", "content": r["target"]}]),
     Format("qa", _qa, ("context", "question", "answer", "answer_start"), "(record)", _qa_chat),
+    # DPO pairs (OpenAI's DPO rows, TRL's prompt/chosen/rejected); trains as prompt + chosen under SFT
+    Format("preference", _preference, ("input", "preferred_output", "non_preferred_output"), "(record)",
+           _preference_chat, csv=False, tools=lambda r: toolrows.record_tools(preference_openai(r)["input"]),
+           conversations=lambda r: [_preference_chat(r, "chosen"), _preference_chat(r, "rejected")],
+           canonical=preference_openai, token_issues=_preference_token_issues),
 )}
 
 

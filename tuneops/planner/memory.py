@@ -52,6 +52,10 @@ Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 1
   the dense fp32 gradient of the NLL and the fp32 gradient of the logits are alive together when
   backward starts (measured 11.9 bytes/value for Gemma 3 270M on CPU; the 16-bit logits and their
   fp32 upcast are freed before backward). Gemma 3's 262,144-token vocabulary makes this dominant.
+Pair objectives (DPO and its kin, ``tuneops/training/objectives.py``): each example is a chosen and a
+  rejected sequence in one batch, so activations and logits are for 2b sequences; the reference is
+  free for PEFT methods (the adapter disabled) and one frozen copy of the weights for full
+  fine-tuning (``reference_bytes``), none when its log-probs are precomputed.
 Overhead: CUDA context and allocator on a GPU; on CPU the RSS of the training process before its
 model (``cpu_baseline_gb``: torch + transformers + peft), plus ``cpu_distributed_gb`` for a
 DeepSpeed/gloo rank (ZeRO stage > 0, offload or more than one process).
@@ -86,7 +90,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 from .model import ModelSpec
-from ..training import heads
+from ..training import heads, objectives
 from ..training.heads import CAUSAL_LM
 from ..training.methods import spec
 
@@ -144,6 +148,8 @@ class Setup:
     lora_r: int = 8
     targets: tuple[str, ...] = ()
     on_gpu: bool = True
+    objective: str = "sft"      # tuneops/training/objectives.py: pair objectives put 2 sequences per example through
+    reference: str = "start"    # pair objectives: start | base | precomputed (no reference model in memory)
 
 
 @dataclass(frozen=True)
@@ -200,7 +206,8 @@ def activation_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) ->
     h, q, kv = model.hidden, model.heads * model.head_dim, model.kv_heads * model.head_dim
     m = spec(setup.method)
     s = setup.seq_len + (c.prompt_virtual_tokens if m.virtual_tokens else 0)
-    tokens, scale = setup.micro_batch * s, setup.compute_bytes / 2
+    # a pair objective runs chosen and rejected of each example in one batch: twice the sequences
+    tokens, scale = setup.micro_batch * s * objectives.get(setup.objective).sequences_per_example, setup.compute_bytes / 2
     mlp_factor = c.mlp_factor_plain if model.is_encoder else c.mlp_factor_gated
     norms = c.norm_bytes * (model.norms_per_layer * h + (q + kv if model.qk_norm else 0))
     per_token_layer = scale * ((3 * h + 4 * q + 4 * kv) + c.attention_score_bytes * model.heads * s
@@ -220,6 +227,19 @@ def activation_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) ->
     outputs = (tokens if head.per_token else setup.micro_batch) * (model.vocab if head.generative else model.num_labels)
     logits = c.logits_bytes * outputs
     return layers + logits, logits
+
+
+def reference_bytes(model: ModelSpec, setup: Setup) -> float:
+    """The reference model of a pair objective (``tuneops/training/preference.py build_models``).
+    PEFT methods: none (the policy with its adapter disabled, or the frozen copy of the start
+    adapter, is the reference); full fine-tuning: a frozen copy of the start model's weights in
+    compute precision; ``precomputed``: none (log-probs computed once before training). Its
+    no-grad forward keeps no activations for backward and runs before the policy's forward, so its
+    transient logits do not add to the policy's peak."""
+    o = objectives.get(setup.objective)
+    if not o.pairs or setup.reference == "precomputed" or spec(setup.method).trains != "all":
+        return 0.0
+    return setup.compute_bytes * model.params
 
 
 def largest_param(model: ModelSpec) -> int:
@@ -281,6 +301,7 @@ def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = No
     activations and overhead."""
     c = c or MemoryModelConstants()
     weights, grads, optim = model_state_bytes(model, setup, c)
+    weights += reference_bytes(model, setup)    # (TRL shards it like the policy at ZeRO 3, else keeps it whole)
     n, w = setup.world_size, setup.compute_bytes
     host = 0.0
     if spec(setup.method).trains == "all" and w == 4 and (setup.zero_stage >= 1 or setup.offload_optimizer):

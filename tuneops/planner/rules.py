@@ -20,6 +20,8 @@ from ..training import heads
 from .table import ScenarioTable, load_table
 
 RULES: dict[str, str] = {
+    "R0-objective": "A pair objective (train.objective dpo, ...) needs preference data; memory counts chosen + rejected "
+                    "per example and the reference model (a weights copy for full fine-tuning unless precomputed).",
     "R1-candidates": "Candidates are select.allowed_methods, or only the forced select.method.",
     "R2-fit": "A method fits if some ZeRO/offload rung fits at micro-batch 1, within memory_headroom x device "
               "memory (offloaded states within host RAM). Except for quality=best, methods that fit without "
@@ -76,6 +78,9 @@ class Plan:
     hardware: Hardware
     reasons: list[dict[str, str]] = field(default_factory=list)
     steps_per_epoch: int | None = None
+    objective: str = "sft"                 # tuneops/training/objectives.py (train.objective)
+    reference: str | None = None           # pair objectives: train.reference (start | base | precomputed)
+    step_compute_vs_sft: float = 1.0      # predicted compute of one step relative to SFT on the same examples
 
     @property
     def predicted_peak_gb_per_device(self) -> float:
@@ -107,12 +112,13 @@ class _Fit:
 
 def make_plan(model: ModelSpec, hw: Hardware, seq_len: int, goals: Goals, scenario: str = "chat",
               tokens: int | None = None, *, constants: MemoryModelConstants | None = None,
-              task_head: str | None = None) -> Plan:
+              task_head: str | None = None, objective: str = "sft", reference: str = "start") -> Plan:
     """Plan a fine-tuning run. Raises ``PlanError`` when nothing (or the forced method) fits or the
     request is invalid, ``ValueError`` when select.lora.target_modules names a module the model lacks.
     ``task_head`` overrides the scenario table's head (e.g. ``causal_lm``: classification as chat prompts)."""
     c, table = constants or MemoryModelConstants(), load_table()
     head = _check_inputs(model, seq_len, scenario, tokens, table, task_head)
+    obj = _check_objective(objective, reference, scenario, head)
     usable = goals.memory_headroom * hw.device_memory_gb
     reasons: list[dict[str, str]] = []
 
@@ -122,7 +128,13 @@ def make_plan(model: ModelSpec, hw: Hardware, seq_len: int, goals: Goals, scenar
     candidates = (goals.method,) if goals.method != "auto" else goals.allowed_methods
     say("R1-candidates", f"candidates: {', '.join(candidates)}"
         + (" (forced by select.method)" if goals.method != "auto" else " (select.allowed_methods)"))
-    fits = {m: _search(model, hw, m, goals, seq_len, head, usable, c) for m in METHODS}
+    if obj.pairs:
+        say("R0-objective", f"objective {obj.name} (TRL loss_type {obj.loss_type}): chosen + rejected of each pair in "
+            f"one batch ({obj.sequences_per_example} sequences per example); reference {reference}: "
+            + ("log-probs precomputed once, no reference model in memory" if reference == "precomputed" else
+               "the adapter disabled for PEFT methods, a frozen copy of the weights for full fine-tuning")
+            + f"; a step costs ~{obj.step_compute(reference):.2f}x an SFT step on the same examples")
+    fits = {m: _search(model, hw, m, goals, seq_len, head, usable, c, obj.name, reference) for m in METHODS}
     say("R2-fit", f"need per device at micro-batch 1 with checkpointing (GiB; {usable:.1f} usable = {goals.memory_headroom:g} x "
         f"{hw.device_memory_gb:g}): " + ", ".join(
             f"{m} {fits[m].need_gb:.1f} {'fits' if fits[m].setup else 'does not fit'}" for m in candidates))
@@ -150,7 +162,27 @@ def make_plan(model: ModelSpec, hw: Hardware, seq_len: int, goals: Goals, scenar
         launcher=launcher, nproc_per_node=hw.nproc_per_node, nodes=hw.nodes, world_size=hw.world_size,
         seq_len=seq_len, scenario=scenario, task_head=head, trainable_params=trainable_params(model, setup, c),
         usable_gb_per_device=round(usable, 3), estimate=est, model=model, hardware=hw, reasons=reasons,
-        steps_per_epoch=math.ceil(tokens / (effective * seq_len)) if tokens else None)
+        steps_per_epoch=math.ceil(tokens / (effective * seq_len)) if tokens else None,
+        objective=obj.name, reference=reference if obj.pairs else None,
+        step_compute_vs_sft=round(obj.step_compute(reference), 3))
+
+
+def _check_objective(objective: str, reference: str, scenario: str, head: str) -> Any:
+    """The objective's spec; a pair objective needs preference data and the causal LM."""
+    from ..training import objectives
+
+    try:
+        obj = objectives.get(objective)
+    except ValueError as exc:
+        raise PlanError(str(exc)) from None
+    if reference not in objectives.REFERENCES:
+        raise PlanError(f"train.reference: {reference!r} is not one of {', '.join(objectives.REFERENCES)}")
+    if obj.data_format is not None and scenario != obj.data_format:
+        raise PlanError(f"train.objective {obj.name}: trains on {obj.data_format} data (chosen / rejected pairs); the "
+                        f"data is {scenario} (use data.scenario preference or data.format preference)")
+    if obj.pairs and not heads.get(head).generative:
+        raise PlanError(f"train.objective {obj.name}: trains the causal LM, not a {head} head")
+    return obj
 
 
 def _check_inputs(model: ModelSpec, seq_len: int, scenario: str, tokens: int | None, table: ScenarioTable,
@@ -199,10 +231,12 @@ def _rungs(hw: Hardware, method: str, goals: Goals | None = None) -> list[tuple[
     return rungs + ([(3, True, True)] if spec(method).param_offload else [])
 
 
-def _base_setup(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_len: int, head: str) -> Setup:
+def _base_setup(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_len: int, head: str,
+                objective: str = "sft", reference: str = "start") -> Setup:
     peft_targets = spec(method).uses_lora_targets
     return Setup(method=method, compute_bytes=4 if hw.is_cpu else 2, world_size=hw.world_size,
                  seq_len=seq_len, task_head=head, lora_r=goals.lora.r, on_gpu=not hw.is_cpu,
+                 objective=objective, reference=reference,
                  targets=tuple(model.resolve_targets(goals.lora.target_modules)) if peft_targets else ())
 
 
@@ -218,11 +252,11 @@ def _device_gb(est: Any, hw: Hardware) -> float:
 
 
 def _search(model: ModelSpec, hw: Hardware, method: str, goals: Goals, seq_len: int, head: str,
-            usable: float, c: MemoryModelConstants) -> _Fit:
+            usable: float, c: MemoryModelConstants, objective: str = "sft", reference: str = "start") -> _Fit:
     """First setup that fits at micro-batch 1, trying in order: ZeRO stages without offload, the
     same with checkpointing (skipped: minimize=memory always checkpoints), then offload rungs
     without and with checkpointing. Offloaded states must fit in host RAM."""
-    base = _base_setup(model, hw, method, goals, seq_len, head)
+    base = _base_setup(model, hw, method, goals, seq_len, head, objective, reference)
     intrinsic = estimate(model, replace(base, checkpointing=True), c).total
     rungs = _rungs(hw, method, goals)
     ckpts = (True,) if goals.minimize == "memory" else (False, True)

@@ -20,7 +20,7 @@ from tuneops.inference.chat import Collator
 from tuneops.config import Config
 from tuneops.io import md5_file, read_jsonl, write_json
 
-from . import checkpoints, heads, methods
+from . import checkpoints, heads, methods, objectives
 from .packing import PackedCollator, pack
 
 
@@ -97,6 +97,17 @@ def _features(cfg: Config, tokenizer: Any, packing: bool, plan: dict[str, Any]) 
         return heads.encode(rows, tokenizer, cfg.model.max_seq_len, plan)
     feats = encode(rows, tokenizer, cfg.model.max_seq_len)
     return pack(feats, cfg.model.max_seq_len) if packing else feats
+
+
+class _TrlTokens:
+    """``tokens`` as the step callback reads it: the real tokens TRL's DPOTrainer has counted."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    @property
+    def tokens(self) -> int:
+        return int(getattr(self.trainer, "_total_train_tokens", 0))
 
 
 class _CountingCollator(Collator):
@@ -194,6 +205,72 @@ def _mlflow_callback(collator: Any, world_size: int) -> Any:
     return MlflowSteps()
 
 
+def _pair_args(cfg: Config, obj: Any) -> tuple[Any, dict[str, Any]]:
+    """DPOConfig and its objective arguments: beta, the TRL loss type, precomputed reference
+    log-probs; rows are already tokenized and checked against model.max_seq_len by validate."""
+    from trl import DPOConfig
+
+    t = cfg.train
+    return DPOConfig, {"beta": float(t.beta), "loss_type": objectives.loss_type(obj, t.loss_type),
+                       "precompute_ref_log_probs": t.reference == "precomputed",
+                       "max_length": None, "disable_dropout": True}
+
+
+def pair_features(path: Path, tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
+    """Validated preference rows (clean JSONL: each line's ``pair`` in OpenAI's DPO form) as the
+    chat layer's prompt / chosen / rejected ids."""
+    from . import preference
+
+    pairs = []
+    for i, row in enumerate(read_jsonl(path), 1):
+        pair, issues = preference.parse(row.get("pair"), i)
+        if pair is None:
+            raise ValueError(f"{path}:{i}: not a validated preference row ({issues[:1]}); rerun validate")
+        pairs.append(pair)
+    return preference.features(pairs, tokenizer, max_len)
+
+
+def _load_base(cfg: Config, plan: dict[str, Any]) -> Any:
+    model = methods.method_for(plan).load(cfg.path("base_model_dir"), plan)
+    model.config.use_cache = False
+    return model
+
+
+def start_adapter(cfg: Config) -> Path:
+    """``train.start_from`` (a registered model, ``models:/NAME@ALIAS`` or ``/VERSION``) as a local
+    adapter folder: the version's logged adapter, downloaded from the MLflow store once per version."""
+    import mlflow
+
+    from tuneops.errors import TuneopsError
+
+    uri = cfg.train.start_from
+    tracking.setup(cfg)
+    try:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri.rstrip("/") + "/artifacts/adapter"))
+    except Exception as exc:      # noqa: BLE001 - MLflow raises several types for a missing model or alias
+        raise TuneopsError(f"train.start_from: {uri}: no registered model version with a LoRA adapter "
+                           f"({str(exc).splitlines()[0][:200]})") from None
+    if not (local / "adapter_config.json").is_file():
+        raise TuneopsError(f"train.start_from: {uri}: the version has no adapter (adapter_config.json) to start from")
+    return local
+
+
+def _continue(cfg: Config, plan: dict[str, Any], start: Path) -> Any:
+    """SFT from a registered adapter: the same adapter trained further (PEFT methods), or merged
+    into the weights first (full fine-tuning)."""
+    from peft import PeftModel
+
+    m = methods.method_for(plan)
+    base = _load_base(cfg, plan)
+    if m.wrap is None:
+        return PeftModel.from_pretrained(base, str(start)).merge_and_unload()
+    if m.prepare is not None:
+        base = m.prepare(base, plan)
+    model = PeftModel.from_pretrained(base, str(start), is_trainable=True)
+    methods.disable_cpu_bf16_repack(model)
+    return model
+
+
 def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     """Train on this rank; rank 0 writes the outputs and returns the metrics."""
     import torch
@@ -239,8 +316,11 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     ds = ds_config(plan, t.max_grad_norm) if uses_deepspeed(plan) else None
     if ds is not None and mode == "universal":
         ds["checkpoint"] = {"load_universal": True}
+    obj = objectives.of(plan)
+    # a pair objective (dpo, ...): TRL's DPOConfig (a TrainingArguments) with the objective's loss
+    args_cls, pair_args = (TrainingArguments, {}) if not obj.pairs else _pair_args(cfg, obj)
     # TrainingArguments before the model: with ZeRO-3 it makes from_pretrained partition while loading.
-    args = TrainingArguments(
+    args = args_cls(
         output_dir=str(ckpt_root), max_steps=t.max_steps, learning_rate=t.learning_rate,
         weight_decay=t.weight_decay, warmup_steps=t.warmup_steps, lr_scheduler_type=t.lr_scheduler,
         max_grad_norm=t.max_grad_norm, logging_steps=t.logging_steps, seed=t.seed, data_seed=t.seed,
@@ -251,18 +331,34 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
         use_cpu=not gpu, dataloader_pin_memory=False, remove_unused_columns=False, disable_tqdm=rank != 0,
         bf16=gpu and precision == "bf16", fp16=gpu and precision == "fp16",
         ddp_backend="gloo" if (world_size > 1 and not gpu) else None, deepspeed=ds,
-        accelerator_config={"use_configured_state": True} if (ds or world_size > 1) else None,
+        accelerator_config={"use_configured_state": True} if (ds or world_size > 1) else None, **pair_args,
     )
     from tuneops.models import load_tokenizer
 
     tokenizer = load_tokenizer(cfg.path("base_model_dir"))
-    features = _features(cfg, tokenizer, t.packing, plan)
-    model = methods.build(cfg.path("base_model_dir"), plan)
+    start = start_adapter(cfg) if t.start_from else None
+    if obj.pairs:
+        from . import preference
+
+        features = pair_features(cfg.path("clean_train_data"), tokenizer, cfg.model.max_seq_len)
+        m = methods.method_for(plan)
+        pm = preference.build_models(
+            lambda: _load_base(cfg, plan), peft_config=(lambda mdl: m.config(mdl, plan)) if m.config else None,
+            start_adapter=start, reference=t.reference, adapter="continue",   # (the SFT adapter trained on: serveable)
+            prepare=(lambda mdl: m.prepare(mdl, plan)) if m.prepare else None)
+        callbacks = [checkpoints.callback(rank, plan)]
+        # TRL adds the adapter and the reference itself; the real tokens it counts feed tokens/s
+        trainer = preference.trainer(pm, features, tokenizer, args, callbacks=callbacks)
+        model, collator = trainer.model, _TrlTokens(trainer)
+    else:
+        features = _features(cfg, tokenizer, t.packing, plan)
+        model = methods.build(cfg.path("base_model_dir"), plan) if start is None else _continue(cfg, plan, start)
+        collator = (heads.HeadCollator(tokenizer.pad_token_id, methods.label_prefix(plan)) if heads.is_head(plan)
+                    else PackedCollator(tokenizer.pad_token_id) if t.packing else _CountingCollator(tokenizer.pad_token_id))
+        callbacks = [checkpoints.callback(rank, plan)]
+        trainer = None
     trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
     total = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters())
-    collator = (heads.HeadCollator(tokenizer.pad_token_id, methods.label_prefix(plan)) if heads.is_head(plan)
-                else PackedCollator(tokenizer.pad_token_id) if t.packing else _CountingCollator(tokenizer.pad_token_id))
-    callbacks = [checkpoints.callback(rank, plan)]
 
     run_file = ckpt_root / "mlflow_run.json"
     run_ctx = None
@@ -283,12 +379,19 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                 "max_seq_len": cfg.model.max_seq_len, "trainable_params": trainable, "total_params": total,
                 "data.train.md5": data_md5, "params_hash": cfg.sections_hash(), "checkpoint_key": key,
                 **{f"train.{k}": v for k, v in t.model_dump().items()},
-                **{f"peft.{k}": v for k, v in (plan.get("peft") or {}).items()}})
-        callbacks.append(_mlflow_callback(collator, world_size))
+                **{f"peft.{k}": v for k, v in (plan.get("peft") or {}).items()},
+                **({"objective": obj.name, "loss_type": args.loss_type[0] if isinstance(args.loss_type, list)
+                    else args.loss_type, **{f"reference.{k}": v for k, v in pm.record.items()}} if obj.pairs
+                   else {"objective": obj.name})})
+        if trainer is None:
+            callbacks.append(_mlflow_callback(collator, world_size))
+        else:
+            trainer.add_callback(_mlflow_callback(collator, world_size))
     try:
-        # similar lengths per batch: less padding, same examples per step (packing has none to save)
-        trainer = _trainer(t.group_by_length and not t.packing)(
-            model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks)
+        if trainer is None:
+            # similar lengths per batch: less padding, same examples per step (packing has none to save)
+            trainer = _trainer(t.group_by_length and not t.packing)(
+                model=model, args=args, train_dataset=features, data_collator=collator, callbacks=callbacks)
         if methods.spec(plan["method"]).nf4_base:
             methods.disable_cpu_bf16_repack(trainer.model)
         t0 = time.perf_counter()
@@ -328,7 +431,14 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                 "zero_stage": plan["zero_stage"], "packing": t.packing,
                 **({"task_head": plan["task_head"], "labels": plan["labels"]} if heads.is_head(plan) else {}),
                 "peak_memory_mb": peak, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                "objective": obj.name, **({"start_from": t.start_from} if t.start_from else {}),
             }
+            if obj.pairs:       # the reference choice and the last logged preference metrics
+                from .preference import PREFERENCE_METRICS
+
+                last = next((h for h in reversed(history) if "rewards/margins" in h), {})
+                metrics.update(beta=float(t.beta), loss_type=args.loss_type, reference=pm.record,
+                               **{f"final_{k.replace('/', '_')}": last[k] for k in PREFERENCE_METRICS if k in last})
             mlflow.log_metrics({"runtime_s": runtime, "final_train_loss": result.training_loss,
                                 "tokens_per_s_total": metrics["tokens_per_s"]})
             write_json(train_dir / "history.json", history)

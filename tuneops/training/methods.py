@@ -77,45 +77,64 @@ def disable_cpu_bf16_repack(model: Any) -> int:
     return n
 
 
-def _lora(model: Any, plan: dict[str, Any]) -> Any:
-    from peft import LoraConfig, get_peft_model
+def _lora_config(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import LoraConfig
 
     from tuneops.families import check_targets
 
     p = plan["peft"]
     check_targets(model, list(p["target_modules"]))
-    return get_peft_model(model, LoraConfig(
+    return LoraConfig(
         r=p["r"], lora_alpha=p["alpha"], lora_dropout=p["dropout"], target_modules=list(p["target_modules"]),
-        use_dora=spec(plan["method"]).dora, task_type=heads.of(plan).peft_task))
+        use_dora=spec(plan["method"]).dora, task_type=heads.of(plan).peft_task)
+
+
+def _lora(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, _lora_config(model, plan))
+
+
+def _kbit_prepare(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(
+        model, use_gradient_checkpointing=bool(plan.get("gradient_checkpointing")),
+        gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def _qlora(model: Any, plan: dict[str, Any]) -> Any:
-    from peft import prepare_model_for_kbit_training
-
-    model = prepare_model_for_kbit_training(
-        model, use_gradient_checkpointing=bool(plan.get("gradient_checkpointing")),
-        gradient_checkpointing_kwargs={"use_reentrant": False})
-    model = _lora(model, plan)
+    model = _lora(_kbit_prepare(model, plan), plan)
     disable_cpu_bf16_repack(model)
     return model
 
 
-def _ia3(model: Any, plan: dict[str, Any]) -> Any:
-    from peft import IA3Config, get_peft_model
+def _ia3_config(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import IA3Config
 
     p = plan["peft"]
-    return get_peft_model(model, IA3Config(
-        target_modules=list(p["target_modules"]), feedforward_modules=list(p.get("feedforward_modules") or []),
-        task_type=heads.of(plan).peft_task))
+    return IA3Config(target_modules=list(p["target_modules"]), feedforward_modules=list(p.get("feedforward_modules") or []),
+                     task_type=heads.of(plan).peft_task)
+
+
+def _ia3(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import get_peft_model
+
+    return get_peft_model(model, _ia3_config(model, plan))
+
+
+def _prompt_tuning_config(model: Any, plan: dict[str, Any]) -> Any:
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    p = plan["peft"]
+    return PromptTuningConfig(num_virtual_tokens=int(p["num_virtual_tokens"]), prompt_tuning_init=PromptTuningInit.RANDOM,
+                              task_type=heads.of(plan).peft_task)
 
 
 def _prompt_tuning(model: Any, plan: dict[str, Any]) -> Any:
-    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+    from peft import get_peft_model
 
-    p = plan["peft"]
-    return get_peft_model(model, PromptTuningConfig(
-        num_virtual_tokens=int(p["num_virtual_tokens"]), prompt_tuning_init=PromptTuningInit.RANDOM,
-        task_type=heads.of(plan).peft_task))
+    return get_peft_model(model, _prompt_tuning_config(model, plan))
 
 
 @dataclass(frozen=True)
@@ -135,6 +154,10 @@ class Method:
     # its rules read (declared in tuneops/planner/scenario_table.yaml)
     guide: str = ""
     properties: tuple[str, ...] = ()
+    # the adapter's peft config alone, and what runs on the loaded base before it (QLoRA's kbit
+    # preparation): for trainers that add the adapter themselves (TRL's DPOTrainer, preference.py)
+    config: Callable[[Any, dict[str, Any]], Any] | None = None
+    prepare: Callable[[Any, dict[str, Any]], Any] | None = None
 
     @property
     def artifact(self) -> str:
@@ -169,17 +192,20 @@ class Method:
 METHODS: dict[str, Method] = {m.name: m for m in (
     Method("full", _load_plain, None, trains="all", label="full fine-tuning",
            guide="Full fine-tuning: best quality, most memory", properties=("best_quality", "quality", "most_memory")),
-    Method("lora", _load_plain, _lora, guide="LoRA: cheaper", properties=("cheaper", "fewer_parameters")),
+    Method("lora", _load_plain, _lora, guide="LoRA: cheaper", properties=("cheaper", "fewer_parameters"),
+           config=_lora_config),
     Method("dora", _load_plain, _lora, dora=True,        # LoRA + use_dora: a flag, not a copy
            guide="DoRA: less memory, fewer parameters, quality",
-           properties=("less_memory", "fewer_parameters", "quality")),
+           properties=("less_memory", "fewer_parameters", "quality"), config=_lora_config),
     Method("qlora", _load_4bit, _qlora, nf4_base=True,
            guide="QLoRA: cheaper, much less memory, fewer trainable parameters",
-           properties=("cheaper", "less_memory", "much_less_memory", "fewer_parameters")),
+           properties=("cheaper", "less_memory", "much_less_memory", "fewer_parameters"),
+           config=_lora_config, prepare=_kbit_prepare),
     Method("ia3", _load_plain, _ia3, trains="ia3", guide="PEFT (IA3): fewer parameters",
-           properties=("fewer_parameters",)),
+           properties=("fewer_parameters",), config=_ia3_config),
     Method("prompt_tuning", _load_plain, _prompt_tuning, trains="prompt",
-           guide="PEFT (prompt tuning): fewer parameters", properties=("fewer_parameters",)),
+           guide="PEFT (prompt tuning): fewer parameters", properties=("fewer_parameters",),
+           config=_prompt_tuning_config),
 )}
 
 

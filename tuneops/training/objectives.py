@@ -19,8 +19,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .preference import LOSS_TYPES, REFERENCES
-
+# TRL 1.16 DPOConfig.loss_type values; ORPO / CPO (SimPO) live in trl.experimental (own trainers).
+LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
+              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
+REFERENCES = ("start", "base", "precomputed")     # train.reference (tuneops/training/preference.py build_models)
 SFT = "sft"
 PREFERENCE_FORMAT = "preference"
 

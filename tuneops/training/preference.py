@@ -49,14 +49,11 @@ from typing import Any, Callable, Iterable
 
 from tuneops.data.records import Problem
 
+from .objectives import LOSS_TYPES, REFERENCES  # noqa: F401  (the one definition; re-exported)
+
 ROLES = ("system", "user", "assistant", "tool")
 Issue = tuple[str, str, str]
 Messages = list[dict[str, Any]]
-
-# TRL 1.16 DPOConfig.loss_type values; ORPO / CPO (SimPO) live in trl.experimental (own trainers).
-LOSS_TYPES = ("sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
-              "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm")
-REFERENCES = ("start", "base", "precomputed")
 
 
 @dataclass
@@ -79,161 +76,26 @@ class Pair:
         return {"input": inp, "preferred_output": [self.chosen], "non_preferred_output": [self.rejected]}
 
 
-# -- record checks ------------------------------------------------------------------------------
-
-def _message(m: Any, name: str, out: list[Issue]) -> dict[str, Any] | None:
-    if not isinstance(m, dict):
-        out.append((name, "type", "each message must be an object"))
-        return None
-    role = m.get("role")
-    if role not in ROLES:
-        out.append((f"{name}.role", "enum", f"role must be one of {', '.join(ROLES)} (got {role!r})"))
-        return None
-    content = m.get("content")
-    if content is None and role == "assistant" and m.get("tool_calls"):
-        return {"role": role, "content": "", "tool_calls": m["tool_calls"]}
-    if content is None:
-        out.append((f"{name}.content", "required", "missing 'content'"))
-        return None
-    if not isinstance(content, str):
-        out.append((f"{name}.content", "type", f"content must be a string (got {type(content).__name__})"))
-        return None
-    if not content.strip():
-        out.append((f"{name}.content", "non_empty", "content is empty or whitespace"))
-        return None
-    return {k: v for k, v in m.items() if k in ("role", "content", "name", "tool_calls", "tool_call_id")}
-
-
-def _messages(value: Any, name: str, out: list[Issue]) -> Messages | None:
-    if value is None:
-        out.append((name, "required", f"missing '{name}'"))
-        return None
-    if not isinstance(value, list) or not value:
-        out.append((name, "type", f"'{name}' must be a non-empty list of messages"))
-        return None
-    msgs = [_message(m, f"{name}[{i}]", out) for i, m in enumerate(value)]
-    return None if any(m is None for m in msgs) else msgs
-
-
-def _one_assistant(value: Any, name: str, out: list[Issue]) -> dict[str, Any] | None:
-    """Exactly one assistant message (a list of one, as OpenAI writes it, or the message alone)."""
-    if isinstance(value, dict):
-        value = [value]
-    msgs = _messages(value, name, out)
-    if msgs is None:
-        return None
-    roles = [m["role"] for m in msgs]
-    if len(msgs) != 1 or roles[0] != "assistant":
-        out.append((name, "one_assistant", f"needs exactly one assistant message (got {len(msgs)} message(s), "
-                                           f"roles {roles})"))
-        return None
-    return msgs[0]
-
-
-def _prompt_ok(prompt: Messages, name: str, out: list[Issue]) -> bool:
-    last = prompt[-1]["role"]
-    if last == "assistant":
-        out.append((f"{name}[{len(prompt) - 1}].role", "prompt_end",
-                    "the prompt must end with a user (or tool) turn, not an assistant turn"))
-        return False
-    return True
-
-
-def _tools(value: Any, out: list[Issue]) -> list[dict[str, Any]] | None:
-    if value is None:
-        return None
-    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
-        out.append(("input.tools", "type", "'tools' must be a list of tool objects"))
-        return None
-    return value
-
+# -- record checks: the one definition is the ``preference`` data format ---------------------------
 
 def parse(obj: Any, line: int = 0) -> tuple[Pair | None, list[Issue]]:
-    """One row (OpenAI DPO or TRL) as a :class:`Pair`, or the issues ``(field, rule, message)``."""
-    out: list[Issue] = []
+    """One row (OpenAI DPO or TRL) as a :class:`Pair`, or the issues ``(field, rule, message)``:
+    the ``preference`` format's checks (``tuneops.data.formats.preference_parts``: each side is
+    checked as a chat record), the same for the data gate, ``tuneops data add``, ingest and the
+    jobs API."""
+    from tuneops.data import formats
+
     if not isinstance(obj, dict):
         return None, [("(record)", "type", f"expected a JSON object, got {type(obj).__name__}")]
-    if "input" in obj or "preferred_output" in obj or "non_preferred_output" in obj:
-        inp = obj.get("input")
-        if not isinstance(inp, dict):
-            out.append(("input", "required" if inp is None else "type", "'input' must be an object with 'messages'"))
-            prompt = tools = None
-        else:
-            prompt = _messages(inp.get("messages"), "input.messages", out)
-            tools = _tools(inp.get("tools"), out)
-            if prompt is not None:
-                _prompt_ok(prompt, "input.messages", out)
-        chosen = _one_assistant(obj.get("preferred_output"), "preferred_output", out)
-        rejected = _one_assistant(obj.get("non_preferred_output"), "non_preferred_output", out)
-        source, names = "openai", ("preferred_output", "non_preferred_output")
-    elif "chosen" in obj or "rejected" in obj:
-        names = ("chosen", "rejected")
-        c, r, p = obj.get("chosen"), obj.get("rejected"), obj.get("prompt")
-        tools = _tools(obj.get("tools"), out)
-        if isinstance(p, str) or (p is None and isinstance(c, str)):
-            source = "trl_text"
-            if p is None:
-                out.append(("prompt", "required", "text rows need a 'prompt' (the implicit-prompt form needs "
-                                                  "messages)"))
-                prompt = None
-            elif not p.strip():
-                out.append(("prompt", "non_empty", "prompt is empty or whitespace"))
-                prompt = None
-            else:
-                prompt = [{"role": "user", "content": p}]
-            sides = []
-            for key, v in (("chosen", c), ("rejected", r)):
-                if v is None:
-                    out.append((key, "required", f"missing '{key}'"))
-                elif not isinstance(v, str):
-                    out.append((key, "type", f"{key} must be a string like the prompt (got {type(v).__name__})"))
-                elif not v.strip():
-                    out.append((key, "non_empty", f"{key} is empty or whitespace"))
-                else:
-                    sides.append({"role": "assistant", "content": v})
-                    continue
-                sides.append(None)
-            chosen, rejected = sides
-        elif p is not None:
-            source = "trl_messages"
-            prompt = _messages(p, "prompt", out)
-            if prompt is not None:
-                _prompt_ok(prompt, "prompt", out)
-            chosen = _one_assistant(c, "chosen", out)
-            rejected = _one_assistant(r, "rejected", out)
-        else:                                   # implicit prompt: whole conversations
-            source = "trl_implicit"
-            cm, rm = _messages(c, "chosen", out), _messages(r, "rejected", out)
-            prompt = chosen = rejected = None
-            if cm is not None and rm is not None:
-                for key, msgs in (("chosen", cm), ("rejected", rm)):
-                    if msgs[-1]["role"] != "assistant":
-                        out.append((f"{key}[{len(msgs) - 1}].role", "one_assistant",
-                                    f"the last message of '{key}' must be the assistant reply"))
-                if not out:
-                    if cm[:-1] != rm[:-1]:
-                        i = next((i for i, (a, b) in enumerate(zip(cm[:-1], rm[:-1])) if a != b),
-                                 min(len(cm), len(rm)) - 1)
-                        out.append((f"rejected[{i}]", "prompt_prefix",
-                                    "chosen and rejected must share every turn but the last (they differ here)"))
-                    else:
-                        prompt, chosen, rejected = cm[:-1], cm[-1], rm[-1]
-                        if not prompt:
-                            out.append(("chosen", "prompt_prefix", "no prompt: the conversations have only the "
-                                                                   "assistant reply"))
-                            prompt = None
-                        else:
-                            _prompt_ok(prompt, "chosen", out)
-    else:
-        return None, [("(record)", "format", "not a preference row: expected OpenAI's 'input' / "
-                                             "'preferred_output' / 'non_preferred_output' or TRL's 'prompt' / "
-                                             "'chosen' / 'rejected'")]
-    if chosen is not None and rejected is not None and _norm(chosen) == _norm(rejected):
-        out.append((names[1], "identical", f"the {names[1]} reply is the same as the {names[0]} one: "
-                                           "no preference to learn"))
-    if out or prompt is None or chosen is None or rejected is None:
+    out: list[Issue] = []
+    parts = formats.preference_parts(obj, out)
+    if parts is None:
         return None, out
-    return Pair(prompt, chosen, rejected, tools, source, line), out
+    keep = ("role", "content", "name", "tool_calls", "tool_call_id")
+    clean = lambda m: {k: v for k, v in m.items() if k in keep and v is not None} | (  # noqa: E731
+        {"content": m.get("content") or ""} if m.get("role") == "assistant" else {})
+    return Pair([clean(m) for m in parts["prompt"]], clean(parts["chosen"]), clean(parts["rejected"]),
+                parts["tools"], parts["source"], line), []
 
 
 def _norm(m: dict[str, Any]) -> str:
@@ -376,7 +238,8 @@ def build_models(load_base: Callable[[], Any], *, peft_config: Any = None, start
 
     ``load_base()`` returns a fresh base model (the method's loader: fp32, or 4-bit for QLoRA);
     ``start_adapter`` is an SFT LoRA adapter folder the run starts from (None: the base);
-    ``peft_config`` the adapter to train (None: full fine-tuning); ``reference``: ``start`` |
+    ``peft_config`` the adapter to train (None: full fine-tuning; a callable: made from the loaded
+    policy); ``reference``: ``start`` |
     ``base`` | ``precomputed`` (the start model's log-probs, computed once before training);
     ``adapter`` (with a start adapter and a peft config): ``new`` merges the SFT adapter into the
     weights and trains a fresh adapter on top, ``continue`` trains the SFT adapter itself (TRL keeps
@@ -394,6 +257,8 @@ def build_models(load_base: Callable[[], Any], *, peft_config: Any = None, start
     record: dict[str, Any] = {"reference": reference, "start": start, "adapter": adapter if start_adapter else "new",
                               "objective": "dpo"}
     policy = load_base()
+    if callable(peft_config):      # the method's config from the loaded model (its module names)
+        peft_config = peft_config(policy)
     if start_adapter is not None:
         if peft_config is not None and adapter == "continue":
             if prepare is not None:
