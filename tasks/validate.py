@@ -63,6 +63,8 @@ def write_clean(split: SplitResult, fmt: str, dest: Path) -> Path:
                         line["tools"] = spec.tools(row.obj)
                     if head.record_fields:      # the task heads train on the record itself
                         line["record"] = {k: row.obj[k] for k in head.record_fields}
+                    if spec.canonical is not None:      # preference: the pair (OpenAI DPO form) the pair objectives read
+                        line["pair"] = spec.canonical(row.obj)
                     f.write(json.dumps(line, ensure_ascii=False).encode() + b"\n")
     os.replace(tmp, dest)
     return dest

@@ -483,9 +483,9 @@ class Format:
                            for v in self.key_values(r))
 
     def size(self, r: dict[str, Any]) -> int:
-        """Characters of the conversation: content, tool calls and results (ingest.max_chars; the
+        """Characters of the (longest) conversation: content, tool calls and results (ingest.max_chars; the
         declared tools are not counted here, the token length in validate counts everything)."""
-        return sum(len(m.get("content") or "") + len(toolrows.key_text(m)) for m in self.to_chat(r))
+        return max(sum(len(m.get("content") or "") + len(toolrows.key_text(m)) for m in conv) for conv in self.sides(r))
 
 
 FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (

@@ -429,6 +429,7 @@ def validate_dataset(paths: dict[str, Path | str], tokenizer: Any, s: Settings) 
         reader = RecordReader(path, s.max_record_bytes)
         sr = SplitResult(name, str(path), reader.kind, max_problems=s.max_problems)
         good: list[Row] = []
+        sides: list[list[int]] = []        # per good row: its conversations' indices in the counter
         counter = TokenCounter(tokenizer)
         if reader.kind == "csv" and not spec.csv:
             sr.fatal.append(Problem(sr.path, 0, "(file)", "format",
@@ -442,7 +443,15 @@ def validate_dataset(paths: dict[str, Path | str], tokenizer: Any, s: Settings) 
                     sr.rejected_rows[row.line] = row
                 else:
                     try:
-                        counter.add(spec.to_chat(row.obj), spec.tools(row.obj))
+                        if spec.token_issues is not None:     # rules that need the model's tokenizer
+                            tok = tokenizer.get() if isinstance(tokenizer, LazyTokenizer) else tokenizer
+                            issues = spec.token_issues(row.obj, tok, s.max_seq_len)
+                            if issues:
+                                sr.rejected[row.line] = [Problem(sr.path, row.line, *i) for i in issues]
+                                sr.rejected_rows[row.line] = row
+                                continue
+                        # every conversation the record trains on; its length is the longest one's
+                        sides.append([counter.add(c, spec.tools(row.obj)) for c in spec.sides(row.obj)])
                     except ChatFormatError as exc:     # the model's template cannot render the record
                         sr.rejected[row.line] = [Problem(sr.path, row.line, spec.field, "chat_template", str(exc))]
                         sr.rejected_rows[row.line] = row
@@ -452,7 +461,8 @@ def validate_dataset(paths: dict[str, Path | str], tokenizer: Any, s: Settings) 
             sr.fatal.extend(reader.problems)
         if sr.fatal:               # an unusable file: nothing of it is checked further
             good = []
-        lens = counter.lengths()
+        every = counter.lengths()
+        lens = [max(every[i] for i in idx) for idx in sides]
         splits[name], candidates[name] = sr, good
         if good:
             base[name] = _base_features(good, spec, lens)

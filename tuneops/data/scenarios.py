@@ -51,6 +51,9 @@ REGISTRY: dict[str, Scenario] = {s.name: s for s in (
     # max_per_label each (rows are ~500 tokens with the three tools declared: model.max_seq_len 512)
     Scenario("tools", "chat", lambda p: sources.tool_calls(p.seed, 2 * p.max_per_label, p.language),
              stratify="tool"),
+    # preference pairs (DPO): chatterbot-corpus prompts, chosen = the corpus's reply, rejected = a reply the
+    # corpus gives to a prompt of another category (chatterbot.preference_pairs: how, and why honest)
+    Scenario("preference", "preference", lambda p: chatterbot.preference_pairs(p.language, p.seed)),
     Scenario(USER, None, None),         # split by ingest from data.user.path (read_user_file / split_user_file)
 )}
 
