@@ -8,7 +8,7 @@ tokens/s = real (non-pad) tokens of the chosen + rejected sequences that TRL cou
 before ``trainer.train()`` (loading, checks, tokenization, reference construction). The table
 shows medians and the ratio of medians (goal in the issue: >= 0.95x of bare TRL).
 
-Data: pairs built offline from chatterbot-corpus (``preference.chatterbot_pairs``).
+Data: pairs built offline from chatterbot-corpus (``tuneops.data.chatterbot.preference_pairs``).
 
     .venv/bin/python bench/bench_dpo.py                       # tiny random Gemma-3, ~3 min on 2 cores
     .venv/bin/python bench/bench_dpo.py --model smollm2       # SmolLM2-135M-Instruct (GGUF converted once)
@@ -53,9 +53,9 @@ def model_dir(name: str) -> Path:
 
 
 def rows(n: int) -> list[dict]:
-    from tuneops.training.preference import chatterbot_pairs
+    from tuneops.data.chatterbot import preference_pairs
 
-    return chatterbot_pairs(seed=0)[0][:n]
+    return preference_pairs(seed=0)[0][:n]
 
 
 def arm(which: str, mdir: Path, data: Path, a: argparse.Namespace) -> dict:

@@ -52,6 +52,59 @@ def run_head(cfg: Config, info: dict[str, Any], out: Any) -> dict[str, Any]:
     return {"evaluate_dir": str(out), **metrics}
 
 
+def run_pairs(cfg: Config, info: dict[str, Any], out: Any) -> dict[str, Any]:
+    """A pair objective (train.objective dpo, ...): on the held-out pairs, for the base and the
+    fine-tuned model, preference accuracy (share with a positive implicit reward margin against the
+    run's reference), mean margin, log-prob accuracy and the chosen replies' perplexity
+    (tuneops/training/preference.py pair_scores); register logs them to the training run in MLflow."""
+    from tuneops.training import objectives, preference
+
+    e, obj = cfg.evaluate, objectives.get(info["objective"])
+    base_dir, train_dir = cfg.path("base_model_dir"), cfg.path("train_dir")
+    tokenizer = load_tokenizer(base_dir)
+    feats = preference.pair_features(cfg.path("clean_eval_data"), tokenizer, cfg.model.max_seq_len)[: e.max_samples]
+    beta, pad = float(info.get("beta", 0.1)), tokenizer.pad_token_id
+    ref_adapter = train_dir / "adapter" / "ref"       # started from an SFT adapter: TRL's frozen copy of it
+    use_start = ref_adapter.is_dir() and (info.get("reference") or {}).get("reference") != "base"
+    base = load_causal_lm(base_dir)
+    if use_start:
+        from peft import PeftModel
+
+        ref = PeftModel.from_pretrained(base, str(ref_adapter)).merge_and_unload()
+        reference = dict(zip(("chosen", "rejected"), (preference.side_logps(ref, feats, s, e.batch_size, pad)[0]
+                                                      for s in ("chosen", "rejected"))))
+        del ref
+        base = load_causal_lm(base_dir)
+    else:
+        reference = None      # the base is the reference: its own margins are 0
+    scores, per = {}, {}
+    scores["base"], per["base"] = preference.pair_scores(base, reference, feats, beta, e.batch_size, pad)
+    reference = reference or {"chosen": per["base"]["chosen"], "rejected": per["base"]["rejected"]}
+    del base
+    model = finetuned.load(base_dir, train_dir)
+    scores["finetuned"], per["finetuned"] = preference.pair_scores(model, reference, feats, beta, e.batch_size, pad)
+    del model
+    metric = obj.primary_metric
+    metrics = {
+        "objective": obj.name, "beta": beta, "samples": len(feats),
+        "reference": "the start (SFT) adapter" if use_start else "the base model",
+        "eval_data_md5": md5_file(cfg.path("clean_eval_data")),
+        **{f"base_{k}": v for k, v in scores["base"].items()},
+        **{f"finetuned_{k}": v for k, v in scores["finetuned"].items()},
+        # perplexity of the chosen replies: what register's language-model tags and metrics read
+        "base_loss": scores["base"]["chosen_loss"], "base_perplexity": scores["base"]["chosen_perplexity"],
+        "finetuned_loss": scores["finetuned"]["chosen_loss"],
+        "finetuned_perplexity": scores["finetuned"]["chosen_perplexity"],
+        "primary_metric": metric, "primary_direction": obj.direction,
+        f"{metric}_change": scores["finetuned"][metric] - scores["base"][metric],
+    }
+    write_json(out / "metrics.json", metrics)
+    write_json(out / "comparison.json", comparison(metric, scores["base"][metric], scores["finetuned"][metric]))
+    write_jsonl(out / "pairs.jsonl", ({"pair": i, **{f"{m}_{k}": per[m][k][i] for m in per for k in per[m]}}
+                                      for i in range(len(feats))))
+    return {"evaluate_dir": str(out), **metrics}
+
+
 def comparison(metric: str, base: float, finetuned: float) -> list[dict[str, Any]]:
     """``comparison.json``: base vs fine-tuned on the primary metric (the plot dvc.yaml declares)."""
     return [{"model": "base", "metric": metric, "value": base},
@@ -68,6 +121,8 @@ def run(cfg: Config) -> dict[str, Any]:
     info = read_json(train_dir / "metrics.json")
     if is_head(finetuned.head_plan(info)):
         return run_head(cfg, info, out)
+    if info.get("objective", "sft") != "sft":       # a pair objective (dpo, ...): preference metrics
+        return run_pairs(cfg, info, out)
     tokenizer = load_tokenizer(base_dir)
     rows = read_jsonl(cfg.path("clean_eval_data"))[: e.max_samples]
     features = encode(rows, tokenizer, cfg.model.max_seq_len)

@@ -71,7 +71,7 @@ STAGES: tuple[StageSpec, ...] = (
     StageSpec("train", "fine-tune (LoRA via peft + transformers Trainer), metrics to MLflow",
               params=("train", "model", "select", "tracking", "register.model_name"),
               deps=("base_model_dir", "clean_train_data", "plan"), outs=("train_dir",),
-              code=("tasks/train.py", "tuneops/training", "tuneops/inference/chat.py",
+              code=("tasks/train.py", "tuneops/training", "tuneops/data", "tuneops/inference/chat.py",
                     "tuneops/inference/toolcalls.py", "tuneops/inference/scoring.py",
                     "tuneops/models.py", "tuneops/registry/tracking.py", "tuneops/families.py", "tuneops/secrets.py")),
     StageSpec("evaluate", "perplexity of base vs fine-tuned on the held-out split, sample generations",
@@ -81,7 +81,8 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/inference/toolcalls.py", "tuneops/inference/finetuned.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/runtimes.py",
                     "tuneops/inference/sampling.py", "tuneops/models.py", "tuneops/training/heads.py",
-                    "tuneops/training/methods.py", "tuneops/families.py")),
+                    "tuneops/training/methods.py", "tuneops/families.py", "tuneops/training/preference.py",
+                    "tuneops/training/objectives.py", "tuneops/data")),
     StageSpec("optimize", "merge adapter, fp32 ONNX graph with KV cache (onnxruntime-genai builder or "
               "torch.onnx), ORT parity, quantized variants per target profile (INT8/INT4/QDQ), gates, coverage reports",
               params=("optimize", "model.max_seq_len"),

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from tuneops.data.chatterbot import preference_pairs
 from tuneops.training import preference as pref
 
 LN2 = math.log(2)
@@ -301,7 +302,7 @@ def test_policy_differs_from_base_after_merging_the_sft_adapter(tiny_dir, sft_ad
 # -- bundled pairs -------------------------------------------------------------------------------------
 
 def test_chatterbot_pairs_are_valid_and_honest(tok):
-    rows, info = pref.chatterbot_pairs(seed=0)
+    rows, info = preference_pairs(seed=0)
     assert len(rows) > 300 and info["skipped"]["repeated_prompt"] > 0
     pairs, problems = pref.check(enumerate(rows, 1), "chatterbot-dpo", tok, 256)
     # the builder knows no tokenizer: the few pairs over model.max_seq_len are caught by the checks
@@ -323,4 +324,4 @@ def test_chatterbot_pairs_are_valid_and_honest(tok):
         assert rejected.strip().lower() not in replies[q]       # rejected: never a reply to this prompt
         assert cat_of_reply[rejected] - {r["category"]}         # ... taken from another category
         assert len(cat_of_reply[rejected]) == 1                 # ... and never a generic reply
-    assert pref.chatterbot_pairs(seed=0)[0] == rows             # fixed seed: reproducible
+    assert preference_pairs(seed=0)[0] == rows             # fixed seed: reproducible

@@ -417,19 +417,6 @@ def _preference_chat(r: dict[str, Any], side: str = "chosen") -> Messages:
     return [*o["input"]["messages"], (o["preferred_output"] if side == "chosen" else o["non_preferred_output"])[0]]
 
 
-def _preference_token_issues(r: dict[str, Any], tokenizer: Any, max_len: int) -> list[Issue]:
-    """Token-level rules with the model's tokenizer: the chat template renders the prompt as the same
-    prefix of both sides (``prompt_prefix``), both sides fit ``model.max_seq_len`` (``max_tokens``)."""
-    from tuneops.training import preference
-
-    pair, _ = preference.parse(r)
-    try:
-        preference.encode(pair, tokenizer, max_len)
-    except preference.PairError as exc:
-        return [(exc.field, exc.rule, exc.message)]
-    return []
-
-
 # -- rendering as chat (what training sees) --------------------------------------------------
 
 def _qa_chat(r: dict[str, Any]) -> Messages:
@@ -454,8 +441,9 @@ class Format:
     conversations: Callable[[dict[str, Any]], list[Messages]] | None = None
     # the record in one canonical form for duplicate / leakage keys and the clean row (None: as it is)
     canonical: Callable[[dict[str, Any]], dict[str, Any]] | None = None
-    # rules that need the model's tokenizer: (record, tokenizer, max_seq_len) -> issues
-    token_issues: Callable[[dict[str, Any], Any, int], list[Issue]] | None = None
+    # rules that need the model's tokenizer and chat layer: "module:function" taking (record, tokenizer,
+    # max_seq_len) -> issues, imported by the gate when it runs (ingest never needs the chat layer)
+    token_issues: str | None = None
 
     def key_values(self, r: dict[str, Any]) -> list[Any]:
         if self.name == "chat":
@@ -510,7 +498,7 @@ FORMAT_SPECS: dict[str, Format] = {f.name: f for f in (
     Format("preference", _preference, ("input", "preferred_output", "non_preferred_output"), "(record)",
            _preference_chat, csv=False, tools=lambda r: toolrows.record_tools(preference_openai(r)["input"]),
            conversations=lambda r: [_preference_chat(r, "chosen"), _preference_chat(r, "rejected")],
-           canonical=preference_openai, token_issues=_preference_token_issues),
+           canonical=preference_openai, token_issues="tuneops.training.preference:token_issues"),
 )}
 
 

@@ -280,6 +280,14 @@ class LazyTokenizer:
         return self._tok
 
 
+def _token_rules(ref: str) -> Any:
+    """A format's tokenizer rules (``Format.token_issues``, "module:function")."""
+    import importlib
+
+    module, _, name = ref.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def _base_features(rows: list[Row], spec: formats.Format, token_lens: list[int]) -> Any:
     """Per-record columns that do not depend on which other rows are in the set."""
     import pandas as pd
@@ -445,7 +453,7 @@ def validate_dataset(paths: dict[str, Path | str], tokenizer: Any, s: Settings) 
                     try:
                         if spec.token_issues is not None:     # rules that need the model's tokenizer
                             tok = tokenizer.get() if isinstance(tokenizer, LazyTokenizer) else tokenizer
-                            issues = spec.token_issues(row.obj, tok, s.max_seq_len)
+                            issues = _token_rules(spec.token_issues)(row.obj, tok, s.max_seq_len)
                             if issues:
                                 sr.rejected[row.line] = [Problem(sr.path, row.line, *i) for i in issues]
                                 sr.rejected_rows[row.line] = row

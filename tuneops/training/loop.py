@@ -216,20 +216,6 @@ def _pair_args(cfg: Config, obj: Any) -> tuple[Any, dict[str, Any]]:
                        "max_length": None, "disable_dropout": True}
 
 
-def pair_features(path: Path, tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
-    """Validated preference rows (clean JSONL: each line's ``pair`` in OpenAI's DPO form) as the
-    chat layer's prompt / chosen / rejected ids."""
-    from . import preference
-
-    pairs = []
-    for i, row in enumerate(read_jsonl(path), 1):
-        pair, issues = preference.parse(row.get("pair"), i)
-        if pair is None:
-            raise ValueError(f"{path}:{i}: not a validated preference row ({issues[:1]}); rerun validate")
-        pairs.append(pair)
-    return preference.features(pairs, tokenizer, max_len)
-
-
 def _load_base(cfg: Config, plan: dict[str, Any]) -> Any:
     model = methods.method_for(plan).load(cfg.path("base_model_dir"), plan)
     model.config.use_cache = False
@@ -340,7 +326,7 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     if obj.pairs:
         from . import preference
 
-        features = pair_features(cfg.path("clean_train_data"), tokenizer, cfg.model.max_seq_len)
+        features = preference.pair_features(cfg.path("clean_train_data"), tokenizer, cfg.model.max_seq_len)
         m = methods.method_for(plan)
         pm = preference.build_models(
             lambda: _load_base(cfg, plan), peft_config=(lambda mdl: m.config(mdl, plan)) if m.config else None,

@@ -1,7 +1,7 @@
-"""Preference tuning (DPO and its kin) through TRL's ``DPOTrainer``: a spike for issue 33.
-
-Nothing imports this module yet; it is the tested groundwork the ``preference`` format, the
-``train.objective: dpo`` spec and the jobs API's ``method.type: "dpo"`` will call.
+"""Preference tuning (DPO and its kin) through TRL's ``DPOTrainer`` (issue 33): what the pair
+objectives (``tuneops/training/objectives.py``, ``train.objective: dpo``) run in the train stage
+(``loop.py``), how evaluate scores held-out pairs, and the ``preference`` data format's
+tokenizer rules.
 
 * **Rows -> one internal form** (:class:`Pair`: prompt messages, one chosen and one rejected
   assistant message, optional tools). Accepted rows:
@@ -35,8 +35,7 @@ Nothing imports this module yet; it is the tested groundwork the ``preference`` 
   into the weights first, so "adapter disabled" is the SFT model; with ``adapter="continue"`` the
   SFT adapter itself is trained and TRL keeps a frozen copy of it as the ``ref`` adapter.
 
-* **Bundled pairs** (:func:`chatterbot_pairs`): honest preference pairs built offline from
-  chatterbot-corpus (see bench/results/dpo-cpu.md for the reasoning).
+* **Bundled pairs**: ``preference_pairs`` of the data layer's chatterbot module (the ``preference`` scenario).
 """
 from __future__ import annotations
 
@@ -207,8 +206,38 @@ def encode(pair: Pair, tokenizer: Any, max_len: int | None = None) -> dict[str, 
     return {"prompt_ids": c_ids[:p], "chosen_ids": c_ids[p:c_hi], "rejected_ids": r_ids[p:r_hi]}
 
 
+def token_issues(row: dict[str, Any], tokenizer: Any, max_len: int) -> list[Issue]:
+    """The ``preference`` format's rules that need the model's tokenizer (the data gate runs them):
+    the chat template renders the prompt as the same prefix of both sides (``prompt_prefix``),
+    prompt + each reply fit ``model.max_seq_len`` (``max_tokens``)."""
+    pair, issues = parse(row)
+    if pair is None:
+        return issues
+    try:
+        encode(pair, tokenizer, max_len)
+    except PairError as exc:
+        return [(exc.field, exc.rule, exc.message)]
+    return []
+
+
 def features(pairs: list[Pair], tokenizer: Any, max_len: int | None = None) -> list[dict[str, list[int]]]:
     return [encode(p, tokenizer, max_len) for p in pairs]
+
+
+def pair_features(path: Path, tokenizer: Any, max_len: int) -> list[dict[str, list[int]]]:
+    """Validated preference rows (clean JSONL: each line's ``pair`` in OpenAI's DPO form) as the
+    chat layer's prompt / chosen / rejected ids."""
+    pairs = []
+    for i, row in enumerate(_read_clean(path), 1):
+        pair, issues = parse(row.get("pair"), i)
+        if pair is None:
+            raise ValueError(f"{path}:{i}: not a validated preference row ({issues[:1]}); rerun validate")
+        pairs.append(pair)
+    return features(pairs, tokenizer, max_len)
+
+
+def _read_clean(path: Path) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 # -- reference model ----------------------------------------------------------------------------------
@@ -373,11 +402,63 @@ def scores(t: Any, feats: list[dict[str, list[int]]]) -> dict[str, float]:
             "reward_chosen": m["eval_rewards/chosen"], "reward_rejected": m["eval_rewards/rejected"]}
 
 
-# -- bundled pairs (offline) -------------------------------------------------------------------------
+# -- held-out evaluation ---------------------------------------------------------------------------------
 
-def chatterbot_pairs(language: str = "english", seed: int = 0) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-    """The bundled preference pairs (``tuneops.data.chatterbot.preference_pairs``; the ``preference``
-    scenario)."""
-    from tuneops.data.chatterbot import preference_pairs
+def side_logps(model: Any, feats: list[dict[str, list[int]]], side: str, batch_size: int,
+               pad_id: int) -> tuple[list[float], list[int]]:
+    """Sum of the log-probs of each pair's ``side`` reply tokens (the chat layer's labelled tokens:
+    reply + end-of-turn marker) given its prompt, and the number of those tokens."""
+    import torch
 
-    return preference_pairs(language, seed)
+    sums: list[float] = []
+    counts: list[int] = []
+    model.eval()
+    for i in range(0, len(feats), batch_size):
+        chunk = feats[i:i + batch_size]
+        seqs = [f["prompt_ids"] + f[f"{side}_ids"] for f in chunk]
+        width = max(map(len, seqs))
+        ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        labels = torch.full((len(seqs), width), -100, dtype=torch.long)
+        for j, (f, s) in enumerate(zip(chunk, seqs)):
+            ids[j, :len(s)] = torch.tensor(s)
+            mask[j, :len(s)] = 1
+            labels[j, len(f["prompt_ids"]):len(s)] = torch.tensor(s[len(f["prompt_ids"]):])
+        with torch.no_grad():
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        lab = labels[:, 1:]
+        valid = lab != -100
+        tok = (logits.gather(-1, lab.clamp(min=0).unsqueeze(-1)).squeeze(-1) - torch.logsumexp(logits, -1)) * valid
+        sums += tok.sum(-1).tolist()
+        counts += valid.sum(-1).tolist()
+        del logits
+    return sums, counts
+
+
+def pair_scores(model: Any, reference: dict[str, list[float]] | None, feats: list[dict[str, list[int]]],
+                beta: float, batch_size: int, pad_id: int) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Held-out preference metrics of ``model`` against the reference's log-probs (None: the model
+    is its own reference, as the start model is at step 0: every margin is 0):
+
+    * ``preference_accuracy``: share of pairs with a positive implicit reward margin
+      beta * ((log pi(chosen) - log ref(chosen)) - (log pi(rejected) - log ref(rejected))), as
+      TRL's ``rewards/accuracies`` (a tie is not a win);
+    * ``margin``: the mean margin; ``reward_chosen`` / ``reward_rejected``: mean rewards;
+    * ``logp_accuracy``: share of pairs whose chosen reply has the higher log-prob (no reference);
+    * ``chosen_loss`` / ``chosen_perplexity``: per token, on the chosen replies.
+    Returns the metrics and the per-pair log-probs (``chosen``, ``rejected``)."""
+    import math
+
+    c, nc = side_logps(model, feats, "chosen", batch_size, pad_id)
+    r, _ = side_logps(model, feats, "rejected", batch_size, pad_id)
+    ref = reference or {"chosen": c, "rejected": r}
+    rc = [beta * (a - b) for a, b in zip(c, ref["chosen"])]
+    rr = [beta * (a - b) for a, b in zip(r, ref["rejected"])]
+    margins = [a - b for a, b in zip(rc, rr)]
+    n = max(len(feats), 1)
+    loss = -sum(c) / max(sum(nc), 1)
+    return {"preference_accuracy": sum(m > 0 for m in margins) / n, "margin": sum(margins) / n,
+            "reward_chosen": sum(rc) / n, "reward_rejected": sum(rr) / n,
+            "logp_accuracy": sum(a > b for a, b in zip(c, r)) / n,
+            "chosen_loss": loss, "chosen_perplexity": math.exp(min(loss, 50.0))}, \
+        {"chosen": c, "rejected": r, "margins": margins}
