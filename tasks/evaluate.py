@@ -57,7 +57,7 @@ def run_pairs(cfg: Config, info: dict[str, Any], out: Any) -> dict[str, Any]:
     fine-tuned model, preference accuracy (share with a positive implicit reward margin against the
     run's reference), mean margin, log-prob accuracy and the chosen replies' perplexity
     (tuneops/training/preference.py pair_scores); register logs them to the training run in MLflow."""
-    from tuneops.training import objectives, preference
+    from tuneops.training import objectives, preference  # noqa: F811
 
     e, obj = cfg.evaluate, objectives.get(info["objective"])
     base_dir, train_dir = cfg.path("base_model_dir"), cfg.path("train_dir")
@@ -113,6 +113,7 @@ def comparison(metric: str, base: float, finetuned: float) -> list[dict[str, Any
 
 def run(cfg: Config) -> dict[str, Any]:
     from tuneops.io import read_json
+    from tuneops.training import objectives
     from tuneops.training.heads import is_head
 
     e = cfg.evaluate
@@ -121,7 +122,7 @@ def run(cfg: Config) -> dict[str, Any]:
     info = read_json(train_dir / "metrics.json")
     if is_head(finetuned.head_plan(info)):
         return run_head(cfg, info, out)
-    if info.get("objective", "sft") != "sft":       # a pair objective (dpo, ...): preference metrics
+    if objectives.of(info).pairs:       # a pair objective (dpo, ...): preference metrics
         return run_pairs(cfg, info, out)
     tokenizer = load_tokenizer(base_dir)
     rows = read_jsonl(cfg.path("clean_eval_data"))[: e.max_samples]

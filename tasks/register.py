@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from tuneops.training import objectives
 from tuneops import faults
 from tuneops.config import Config
 from tuneops.errors import TuneopsError
@@ -260,8 +261,48 @@ def _head_gate(cfg: Config, name: str, current: Any, tm: dict[str, Any], em: dic
     return alias, reason, gate_tags
 
 
+def _pair_tags(em: dict[str, Any], om: dict[str, Any]) -> dict[str, str]:
+    metric = em["primary_metric"]
+    return {**_lm_tags(em, om), "objective": em["objective"], "eval.primary_metric": metric,
+            "eval.primary_direction": em["primary_direction"],
+            f"eval.base_{metric}": f"{em[f'base_{metric}']:.6f}",
+            f"eval.finetuned_{metric}": f"{em[f'finetuned_{metric}']:.6f}",
+            "eval.finetuned_margin": f"{em['finetuned_margin']:.6f}"}
+
+
+def _pair_metrics(em: dict[str, Any], om: dict[str, Any]) -> dict[str, float]:
+    pairs = {("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): float(v)
+             for k, v in em.items() if k.startswith(("base_", "finetuned_")) and isinstance(v, (int, float))
+             and not isinstance(v, bool)}
+    return {**pairs, **_lm_metrics(em, om)}
+
+
+def _pair_gate(cfg: Config, name: str, current: Any, tm: dict[str, Any], em: dict[str, Any],
+               om: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
+    """A pair objective: the primary metric (preference accuracy on the held-out pairs) against
+    the base and the champion's own recorded value, when the champion was measured the same way on
+    the same eval rows (its tags); otherwise not comparable."""
+    metric = em["primary_metric"]
+    champion_value, gate_tags = None, {}
+    if current is not None:
+        theirs = current.tags.get("eval.primary_metric", "perplexity")
+        same_rows = current.tags.get("eval.data.md5") == str(em.get("eval_data_md5", ""))
+        if theirs != metric or not same_rows or f"eval.finetuned_{metric}" not in current.tags:
+            why = f"is measured by {theirs}, not {metric}" if theirs != metric else "was scored on other eval rows"
+            return "challenger", (f"the champion (version {current.version}) {why}: not comparable "
+                                  "(register other objectives under another register.model_name)"), {}
+        champion_value = float(current.tags[f"eval.finetuned_{metric}"])
+        gate_tags = {f"gate.champion.{metric}": f"{champion_value:.6f}",
+                     f"gate.challenger.{metric}": f"{em[f'finetuned_{metric}']:.6f}"}
+    alias, reason = decide(em[f"finetuned_{metric}"], em[f"base_{metric}"], om["variants"]["fp32"]["accepted"],
+                           champion_value, cfg.register.min_improvement_pct, metric=metric,
+                           higher_is_better=em["primary_direction"] == "higher")
+    return alias, reason, gate_tags
+
+
 LM = Kind("generations.jsonl", _lm_tags, _lm_metrics, _lm_model, _lm_gate)
 HEAD = Kind("predictions.jsonl", _head_tags, _head_metrics, _head_model, _head_gate)
+PAIRS = Kind("pairs.jsonl", _pair_tags, _pair_metrics, _lm_model, _pair_gate)   # dpo and the other pair objectives
 
 
 # --- the flow -------------------------------------------------------------------------------------------
@@ -272,7 +313,7 @@ def run(cfg: Config, upstream: dict[str, Any] | None = None) -> dict[str, Any]:
     tm, em, om = _bound(cfg, upstream)
     plan = read_json(cfg.path("plan"))
     validation = read_json(cfg.path("validation_dir") / "report.json")
-    kind = HEAD if em.get("task_head") else LM
+    kind = HEAD if em.get("task_head") else PAIRS if objectives.of(em).pairs else LM
     name = cfg.register.model_name
 
     tracking.setup(cfg)

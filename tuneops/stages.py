@@ -103,7 +103,8 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/inference/engine.py", "tuneops/inference/constrain.py", "tuneops/inference/layout.py",
                     "tuneops/inference/scheduler.py",
                     "tuneops/faults.py", "tuneops/secrets.py",
-                    "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py")),
+                    "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py",
+                    "tuneops/training/objectives.py")),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
