@@ -295,6 +295,69 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
         assert err.value.body["code"] == "model_not_found"
 
 
+def _dpo_jsonl(n: int, skip: int = 0) -> bytes:
+    """OpenAI DPO rows (input / preferred_output / non_preferred_output) from the bundled pairs."""
+    from tuneops.data.chatterbot import preference_pairs
+
+    rows = preference_pairs(seed=0)[0][skip:skip + n]
+    return b"".join(json.dumps({k: r[k] for k in ("input", "preferred_output", "non_preferred_output")}).encode()
+                    + b"\n" for r in rows)
+
+
+def test_a_dpo_job_with_the_openai_client(svc):
+    """Issue 33: an OpenAI DPO file uploads (checked by the preference format), bad methods and a bad
+    beta are 400s naming the param, and method.type dpo runs to a model whose events and results file
+    carry the rewards, margins and accuracies, and that answers through chat completions."""
+    client = svc.client()
+    bad = _dpo_jsonl(1) + json.dumps({"input": {"messages": [{"role": "user", "content": "Hi"}]},
+                                      "preferred_output": [{"role": "assistant", "content": "Hello."},
+                                                           {"role": "assistant", "content": "Again."}],
+                                      "non_preferred_output": [{"role": "assistant", "content": "Bye."}]}).encode()
+    with pytest.raises(openai.BadRequestError) as err:
+        client.files.create(file=("bad-dpo.jsonl", bad), purpose="fine-tune")
+    assert "bad-dpo.jsonl:2: preferred_output: one_assistant:" in err.value.body["message"]
+    assert "format preference" in err.value.body["message"]
+    f = client.files.create(file=("dpo.jsonl", _dpo_jsonl(60)), purpose="fine-tune")
+    assert f.status == "processed"
+    sft = client.files.create(file=("chat.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")
+    for method, param in (({"type": "reinforcement", "reinforcement": {}}, "method.type"),
+                          ({"type": "dpo", "dpo": {"hyperparameters": {"beta": "high"}}},
+                           "method.dpo.hyperparameters.beta"),
+                          ({"type": "dpo", "dpo": {"hyperparameters": {"beta": -1}}}, "method.dpo.hyperparameters.beta")):
+        with pytest.raises(openai.BadRequestError) as err:
+            client.fine_tuning.jobs.create(model="tiny", training_file=f.id, method=method)
+        assert err.value.status_code == 400 and err.value.body["param"] == param
+    with pytest.raises(openai.BadRequestError) as err:            # a DPO job on SFT rows
+        client.fine_tuning.jobs.create(model="tiny", training_file=sft.id, method={"type": "dpo"})
+    assert err.value.body["param"] == "training_file" and "preference" in err.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as err:            # an SFT job on DPO rows
+        client.fine_tuning.jobs.create(model="tiny", training_file=f.id)
+    assert err.value.body["param"] == "training_file"
+    assert [j for j in client.fine_tuning.jobs.list().data if j.training_file == f.id] == []
+
+    job = client.fine_tuning.jobs.create(
+        model="tiny", training_file=f.id, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "batch_size": "auto",
+                                                           "learning_rate_multiplier": 50, "n_epochs": "auto"}}})
+    assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
+    done = svc.wait_status(client, job.id, {"succeeded"}, 900)
+    events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
+    steps = [e for e in events if e.type == "metrics"]
+    assert steps and all({"rewards_margins", "rewards_accuracies", "rewards_chosen", "rewards_rejected"}
+                         <= set(e.data) for e in steps)
+    assert "reward margin=" in steps[0].message
+    evaluated = next(e for e in events if e.message.startswith("Evaluation:"))
+    assert "preference_accuracy" in evaluated.data and "margin" in evaluated.data
+    results = client.files.content(done.result_files[0]).text.splitlines()
+    assert results[0] == "step,train_loss,learning_rate,rewards_chosen,rewards_rejected,rewards_margins," \
+                         "rewards_accuracies"
+    workdir = svc.root / ".tuneops" / "service" / "jobs" / job.id
+    assert json.loads((workdir / "artifacts" / "train" / "metrics.json").read_text())["objective"] == "dpo"
+    reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4, temperature=0,
+                                           messages=[{"role": "user", "content": "Hello"}])
+    assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens <= 4
+
+
 def test_cancel_stops_a_running_job(svc):
     client = svc.client()
     f = client.files.create(file=("chat2.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")

@@ -63,7 +63,8 @@ def job_obj(j: dict[str, Any]) -> dict[str, Any]:
             "finished_at": j["finished_at"], "status": j["status"], "organization_id": j["owner"],
             "fine_tuned_model": j["fine_tuned_model"] if j["status"] == "succeeded" else None,
             "training_file": j["training_file"], "validation_file": j["validation_file"],
-            "hyperparameters": hp, "method": {"type": "supervised", "supervised": {"hyperparameters": hp}},
+            "hyperparameters": hp, "method": ({"type": "dpo", "dpo": {"hyperparameters": hp}} if "beta" in hp
+                                              else {"type": "supervised", "supervised": {"hyperparameters": hp}}),
             "result_files": j["result_files"] or [], "trained_tokens": j["trained_tokens"], "error": j["error"],
             "seed": j["seed"],
             "estimated_finish": j["estimated_finish"] if j["status"] == "running" else None, "integrations": [], "metadata": j["job_metadata"],
@@ -290,18 +291,41 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
     return app
 
 
+def upload_format(path: Path) -> str:
+    """``preference`` for a file of preference rows (OpenAI DPO: its first record has ``input`` /
+    ``preferred_output`` / ``non_preferred_output``; or TRL ``chosen`` / ``rejected``), else ``chat``
+    (OpenAI SFT). The record checks of that format then say what is wrong with each line."""
+    import json
+
+    try:
+        with path.open("rb") as f:
+            for raw in f:
+                if raw.strip():
+                    first = json.loads(raw[:1 << 20])
+                    break
+            else:
+                return "chat"
+    except (OSError, ValueError, RecursionError):
+        return "chat"
+    keys = set(first) if isinstance(first, dict) else set()
+    return "preference" if keys & {"preferred_output", "non_preferred_output", "chosen", "rejected"} \
+        or ("input" in keys and "messages" not in keys) else "chat"
+
+
 def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str | None]:
-    """The data gate on an upload (chat format, params' rules): (records accepted, details), or a
-    400 whose message lists the problems as ``FILENAME:LINE: FIELD: RULE: message``."""
+    """The data gate on an upload (chat format, or preference for OpenAI DPO rows; params' rules):
+    (records accepted, details), or a 400 whose message lists the problems as
+    ``FILENAME:LINE: FIELD: RULE: message``."""
     from tuneops.data.cli import resolve_tokenizer
     from tuneops.data.gate import LazyTokenizer, Settings, validate_dataset
 
+    fmt = upload_format(path)
     with _gate_lock:
         try:
             result = validate_dataset({"train": path}, LazyTokenizer(lambda: resolve_tokenizer(cfg)),
-                                      Settings.from_config(cfg, fmt="chat"))
+                                      Settings.from_config(cfg, fmt=fmt))
         except Exception as exc:  # noqa: BLE001 - a hostile file is a 400, never a 500
-            raise ApiError(400, f"{filename}: could not be read as chat JSONL: {type(exc).__name__}: "
+            raise ApiError(400, f"{filename}: could not be read as {fmt} JSONL: {type(exc).__name__}: "
                                 f"{J.public_message(cfg, exc)}", "file", "invalid_file") from None
     if result.success:
         total = result.counts()["total"]
@@ -310,7 +334,7 @@ def _validate_upload(cfg: Config, path: Path, filename: str) -> tuple[int, str |
     problems = [{"line": p.line, "field": p.field, "rule": p.rule, "message": p.message} for p in result.problems]
     shown = "\n".join(str(dataclasses.replace(p, path=filename)) for p in result.problems[:20])
     more = f"\n... and {len(problems) - 20} more" if len(problems) > 20 else ""
-    raise ApiError(400, f"{filename} failed validation ({len(problems)} problems; format chat, see data/README.md):\n"
+    raise ApiError(400, f"{filename} failed validation ({len(problems)} problems; format {fmt}, see data/README.md):\n"
                         f"{shown}{more}", "file", "invalid_file", extra={"problems": problems[:200]})
 
 
@@ -336,9 +360,20 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
             raise ApiError(400, f"{key}: file {fid} has purpose {f['purpose']!r}, expected 'fine-tune'", key,
                            "invalid_file")
         files[key] = f
-    if req.method is not None and req.method.type != "supervised":
-        raise ApiError(400, f"method.type: only 'supervised' fine-tuning is offered (got {req.method.type!r})",
-                       "method.type", "unsupported_method")
+    from tuneops.service.requests import METHOD_OBJECTIVES
+    from tuneops.training import objectives
+
+    objective = objectives.get(METHOD_OBJECTIVES[req.method_type])
+    fmt = objective.data_format or "chat"
+    for key, f in files.items():            # the file must be of the kind the method trains on
+        got = upload_format(J.file_path(cfg, f["id"]))
+        if got != fmt:
+            raise ApiError(400, f"{key}: file {f['id']} holds {got} rows; method.type {req.method_type!r} trains on "
+                                f"{fmt} rows ({'OpenAI DPO rows: input, preferred_output, non_preferred_output' if objective.pairs else 'messages'})",
+                           key, "invalid_file")
+    if objective.pairs and req.method is not None and req.method.supervised is not None:
+        raise ApiError(400, "method.supervised: given with method.type 'dpo'; use method.dpo.hyperparameters",
+                       "method.supervised", "invalid_request")
     hp = req.all_hyperparameters()
     suffix = req.suffix
     seed = cfg.train.seed if req.seed is None else req.seed
@@ -355,7 +390,9 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
                        f"training_file: {rows} records, fewer than validate.min_rows={min_rows}",
                        "training_file", "insufficient_records")
     try:
-        resolved, overrides, steps = J.resolve_hyperparameters(cfg, hp, rows - held_out)
+        resolved, overrides, steps = J.resolve_hyperparameters(
+            cfg, hp, rows - held_out, f"method.{req.method_type}.hyperparameters" if objective.pairs else "hyperparameters")
+        overrides.append(f"train.objective={objective.name}")
     except J.JobError as exc:
         raise ApiError(400, str(exc), exc.param, "invalid_hyperparameters") from None
     jid = new_id("ftjob")
@@ -365,7 +402,7 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
            "suffix": suffix, "seed": seed, "job_metadata": meta, "status": "queued", "created_at": now(),
            "fine_tuned_model": name, "total_steps": steps, "result_files": []}
     try:
-        J.prepare_workdir(cfg, job, files["training_file"], files.get("validation_file"), overrides)
+        J.prepare_workdir(cfg, job, files["training_file"], files.get("validation_file"), overrides, fmt)
     except Exception as exc:  # noqa: BLE001 - nothing recorded, nothing submitted, no folder left
         raise ApiError(400, f"the job's params do not validate: {J.public_message(cfg, exc)}", None,
                        "invalid_request") from None

@@ -96,13 +96,14 @@ def ensure_deployment(cfg: Config) -> UUID:
 
 # -- job creation ---------------------------------------------------------------------------------
 
-def resolve_hyperparameters(cfg: Config, hp: dict[str, Any],
-                            train_rows: int) -> tuple[dict[str, Any], list[str], int]:
-    """OpenAI hyperparameters -> (resolved values, params overrides, training steps). ``auto`` = params."""
-    allowed = {"n_epochs", "batch_size", "learning_rate_multiplier"}
+def resolve_hyperparameters(cfg: Config, hp: dict[str, Any], train_rows: int,
+                            where: str = "hyperparameters") -> tuple[dict[str, Any], list[str], int]:
+    """OpenAI hyperparameters -> (resolved values, params overrides, training steps). ``auto`` = params.
+    ``where``: the field they came from (``method.dpo.hyperparameters`` also takes ``beta``)."""
+    allowed = {"n_epochs", "batch_size", "learning_rate_multiplier", *(("beta",) if where != "hyperparameters" else ())}
     unknown = sorted(set(hp) - allowed)
     if unknown:
-        raise JobError(f"unknown hyperparameter(s) {unknown}; supported: {sorted(allowed)}", "hyperparameters")
+        raise JobError(f"unknown hyperparameter(s) {unknown}; supported: {sorted(allowed)}", where)
 
     def value(key: str, kind: type, low: float, high: float) -> Any:
         v = hp.get(key, "auto")
@@ -110,8 +111,8 @@ def resolve_hyperparameters(cfg: Config, hp: dict[str, Any],
             return None
         if isinstance(v, bool) or not isinstance(v, (int, float)) or (kind is int and int(v) != v) \
                 or not low <= v <= high:
-            raise JobError(f"hyperparameters.{key}: expected 'auto' or a {kind.__name__} in [{low:g}, {high:g}] "
-                           f"(got {v!r})", f"hyperparameters.{key}")
+            raise JobError(f"{where}.{key}: expected 'auto' or a {kind.__name__} in [{low:g}, {high:g}] "
+                           f"(got {v!r})", f"{where}.{key}")
         return kind(v)
 
     batch = value("batch_size", int, 1, 256)
@@ -123,9 +124,9 @@ def resolve_hyperparameters(cfg: Config, hp: dict[str, Any],
     if epochs:
         steps = max(1, math.ceil(epochs * train_rows / batch))
         if steps > cfg.service.max_steps:
-            raise JobError(f"hyperparameters.n_epochs: {epochs} epochs of {train_rows} records at batch size {batch} "
+            raise JobError(f"{where}.n_epochs: {epochs} epochs of {train_rows} records at batch size {batch} "
                            f"is {steps} steps, over this service's limit of {cfg.service.max_steps} "
-                           f"(service.max_steps)", "hyperparameters.n_epochs")
+                           f"(service.max_steps)", f"{where}.n_epochs")
     else:
         steps = cfg.train.max_steps
     overrides.append(f"train.max_steps={steps}")
@@ -133,6 +134,10 @@ def resolve_hyperparameters(cfg: Config, hp: dict[str, Any],
         overrides.append(f"train.learning_rate={cfg.train.learning_rate * mult!r}")
     resolved = {"n_epochs": max(1, round(steps * batch / max(train_rows, 1))), "batch_size": batch,
                 "learning_rate_multiplier": mult or 1.0}
+    if "beta" in allowed:             # DPO: OpenAI's beta is train.beta
+        beta = value("beta", float, 1e-6, 100.0)
+        resolved["beta"] = beta or cfg.train.beta
+        overrides.append(f"train.beta={resolved['beta']!r}")
     return resolved, overrides, steps
 
 
@@ -153,7 +158,7 @@ def file_path(cfg: Config, file_id: str) -> Path:
 
 
 def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any], eval_file: dict[str, Any] | None,
-                    overrides: list[str]) -> Path:
+                    overrides: list[str], data_format: str = "chat") -> Path:
     """The job's working directory: its own params.yaml (the service's params + the job's
     settings, secrets redacted; relative paths land in this folder) and a copy of its data.
     Built in a private folder and moved into place only when its params validate: a refused
@@ -173,7 +178,7 @@ def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any]
             user.update(eval_path="data/validation.jsonl", eval_md5=eval_file["md5"])
         raw = apply_overrides(cfg.raw, list(cfg.service.job_overrides) + overrides + [
             f"model.source={job['model']}", f"train.seed={job['seed']}", "orchestrate.cache=false",
-            "train.keep_checkpoints=true", "data.scenario=user", "data.format=chat"])
+            "train.keep_checkpoints=true", "data.scenario=user", f"data.format={data_format}"])
         raw["data"]["user"] = user
         raw["paths"]["state_dir"] = str(cfg.state_dir)                # shared caches and the MLflow registry
         raw["tracking"].update(tracking_uri=tracking.tracking_uri(cfg), experiment=cfg.service.experiment)
@@ -263,15 +268,21 @@ def _training_run(cfg: Config, flow_run_id: str) -> Any:
     return (runs[0] if runs else None), client
 
 
+# a pair objective's (DPO) step metrics as TRL logs them -> their names in events and the results file
+PAIR_STEP_METRICS = (("rewards/chosen", "rewards_chosen"), ("rewards/rejected", "rewards_rejected"),
+                     ("rewards/margins", "rewards_margins"), ("rewards/accuracies", "rewards_accuracies"))
+
+
 def step_history(cfg: Config, flow_run_id: str | None) -> list[dict[str, Any]]:
-    """The training steps logged to MLflow: step, timestamp, train_loss, learning_rate."""
+    """The training steps logged to MLflow: step, timestamp, train_loss, learning_rate (and a pair
+    objective's rewards, margins and accuracies)."""
     if not flow_run_id:
         return []
     run, client = _training_run(cfg, flow_run_id)
     if run is None:
         return []
     rows: dict[int, dict[str, Any]] = {}
-    for key, name in (("loss", "train_loss"), ("learning_rate", "learning_rate")):
+    for key, name in (("loss", "train_loss"), ("learning_rate", "learning_rate"), *PAIR_STEP_METRICS):
         for m in client.get_metric_history(run.info.run_id, key):
             rows.setdefault(m.step, {"step": m.step, "timestamp": m.timestamp // 1000})[name] = m.value
     return [rows[k] for k in sorted(rows) if "train_loss" in rows[k]]
@@ -379,10 +390,13 @@ def _sync(cfg: Config, store: Store, job: dict[str, Any]) -> None:
         rate = (b["timestamp"] - a["timestamp"]) / max(b["step"] - a["step"], 1)
         store.update_job(jid, estimated_finish=int(b["timestamp"] + rate * (total - b["step"])))
     for h in history:
-        store.add_event(jid, f"step-{h['step']}", f"Step {h['step']}/{total}: training loss={h['train_loss']:.4f}",
+        pairs = {n: h[n] for _, n in PAIR_STEP_METRICS if n in h}
+        store.add_event(jid, f"step-{h['step']}", f"Step {h['step']}/{total}: training loss={h['train_loss']:.4f}"
+                        + (f", reward margin={pairs['rewards_margins']:.4f}, reward accuracy="
+                           f"{pairs['rewards_accuracies']:.2f}" if len(pairs) == len(PAIR_STEP_METRICS) else ""),
                         h["timestamp"], type="metrics",
                         data={"step": h["step"], "train_loss": h["train_loss"], "total_steps": total,
-                              **({"learning_rate": h["learning_rate"]} if "learning_rate" in h else {})})
+                              **({"learning_rate": h["learning_rate"]} if "learning_rate" in h else {}), **pairs})
     if kind in ("SCHEDULED", "PENDING", "PAUSED"):
         store.update_job(jid, status="queued")
     elif kind in ("RUNNING", "CANCELLING"):
@@ -420,10 +434,15 @@ def _succeeded(cfg: Config, store: Store, job: dict[str, Any], history: list[dic
     version = client.get_model_version(job["fine_tuned_model"], str(record["version"]))
     train = json.loads((jc.path("train_dir") / "metrics.json").read_text())
     ev = json.loads((jc.path("evaluate_dir") / "metrics.json").read_text())
+    metric = ev.get("primary_metric", "perplexity")
+    extra = {} if metric == "perplexity" else {f"base_{metric}": ev[f"base_{metric}"], metric: ev[f"finetuned_{metric}"],
+                                               "margin": ev.get("finetuned_margin")}
     store.add_event(job["id"], "evaluated",
                     f"Evaluation: perplexity {ev['base_perplexity']:.3f} (base model) -> "
-                    f"{ev['finetuned_perplexity']:.3f} (fine-tuned)", finished,
-                    data={"base_perplexity": ev["base_perplexity"], "perplexity": ev["finetuned_perplexity"]})
+                    f"{ev['finetuned_perplexity']:.3f} (fine-tuned)"
+                    + (f"; {metric} {ev[f'base_{metric}']:.3f} -> {ev[f'finetuned_{metric}']:.3f}" if extra else ""),
+                    finished, data={"base_perplexity": ev["base_perplexity"], "perplexity": ev["finetuned_perplexity"],
+                                    **extra})
     store.add_event(job["id"], "model", f"New fine-tuned model created: {job['fine_tuned_model']} (MLflow version "
                     f"{version.version}, alias {record['alias']}: {record['reason']})", finished,
                     data={"model": job["fine_tuned_model"], "version": version.version, "alias": record["alias"]})
@@ -434,9 +453,12 @@ def _succeeded(cfg: Config, store: Store, job: dict[str, Any], history: list[dic
 
 
 def _results_file(cfg: Config, store: Store, job: dict[str, Any], rows: list[dict[str, Any]]) -> str:
-    """step,train_loss,learning_rate as a CSV file of the job's owner (purpose fine-tune-results)."""
-    text = "step,train_loss,learning_rate\n" + "".join(
-        f"{r['step']},{r['train_loss']:.6f},{r.get('learning_rate', '')}\n" for r in rows)
+    """step,train_loss,learning_rate (and a pair objective's rewards_chosen, rewards_rejected,
+    rewards_margins, rewards_accuracies) as a CSV file of the job's owner (purpose fine-tune-results)."""
+    extra = [n for _, n in PAIR_STEP_METRICS if any(n in r for r in rows)]
+    text = ",".join(["step", "train_loss", "learning_rate", *extra]) + "\n" + "".join(
+        ",".join([str(r["step"]), f"{r['train_loss']:.6f}", str(r.get("learning_rate", "")),
+                  *(f"{r[n]:.6f}" if n in r else "" for n in extra)]) + "\n" for r in rows)
     fid = new_id("file")
     path = file_path(cfg, fid)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -82,9 +82,39 @@ class Supervised(_Strict):
     hyperparameters: Hyperparameters | None = None
 
 
+class DpoHyperparameters(Hyperparameters):
+    beta: Any = None
+
+    @field_validator("beta")
+    @classmethod
+    def _beta(cls, v: Any) -> Any:
+        v = _number(v, float)
+        if v is not None and not v > 0:
+            raise ValueError(f"expected 'auto' or a number > 0 (got {v!r})")
+        return v
+
+
+class Dpo(_Strict):
+    hyperparameters: DpoHyperparameters | None = None
+
+
+# OpenAI's method.type -> the objective it trains (tuneops/training/objectives.py)
+METHOD_OBJECTIVES = {"supervised": "sft", "dpo": "dpo"}
+
+
 class Method(_Strict):
-    type: str = "supervised"
+    type: Any = "supervised"
     supervised: Supervised | None = None
+    dpo: Dpo | None = None
+    reinforcement: Any = None           # OpenAI's; refused by type (method.type), not as an unknown key
+
+    @field_validator("type")
+    @classmethod
+    def _type(cls, v: Any) -> Any:
+        if v not in METHOD_OBJECTIVES:
+            raise ValueError(f"{v!r} is not supported here; supported: {', '.join(METHOD_OBJECTIVES)}"
+                             + (" (reinforcement fine-tuning is not offered yet)" if v == "reinforcement" else ""))
+        return v
 
 
 def _string(v: Any, what: str = "a string") -> Any:
@@ -139,11 +169,18 @@ class JobCreate(_Strict):
         return v
 
     def all_hyperparameters(self) -> dict[str, Any]:
-        """``hyperparameters`` merged with ``method.supervised.hyperparameters`` (which win)."""
+        """``hyperparameters`` merged with ``method.supervised.hyperparameters`` or
+        ``method.dpo.hyperparameters`` (which win)."""
         hp = self.hyperparameters.given() if self.hyperparameters else {}
         if self.method and self.method.supervised and self.method.supervised.hyperparameters:
             hp.update(self.method.supervised.hyperparameters.given())
+        if self.method and self.method.dpo and self.method.dpo.hyperparameters:
+            hp.update(self.method.dpo.hyperparameters.given())
         return hp
+
+    @property
+    def method_type(self) -> str:
+        return self.method.type if self.method is not None else "supervised"
 
 
 PARAM_CODES = {"suffix": "invalid_suffix", "seed": "invalid_seed", "metadata": "invalid_metadata"}
