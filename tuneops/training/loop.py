@@ -366,8 +366,9 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                 "data.train.md5": data_md5, "params_hash": cfg.sections_hash(), "checkpoint_key": key,
                 **{f"train.{k}": v for k, v in t.model_dump().items()},
                 **{f"peft.{k}": v for k, v in (plan.get("peft") or {}).items()},
-                **({"objective": obj.name, "loss_type": args.loss_type[0] if isinstance(args.loss_type, list)
-                    else args.loss_type, **{f"reference.{k}": v for k, v in pm.record.items()}} if obj.pairs
+                **({"objective": obj.name, "beta": float(t.beta), "loss_type": ",".join(args.loss_type)
+                    if isinstance(args.loss_type, list) else args.loss_type,
+                    **{f"reference.{k}": v for k, v in pm.record.items()}} if obj.pairs
                    else {"objective": obj.name})})
         if trainer is None:
             callbacks.append(_mlflow_callback(collator, world_size))
@@ -423,7 +424,8 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                 from .preference import PREFERENCE_METRICS
 
                 last = next((h for h in reversed(history) if "rewards/margins" in h), {})
-                metrics.update(beta=float(t.beta), loss_type=args.loss_type, reference=pm.record,
+                metrics.update(beta=float(t.beta), loss_type=",".join(args.loss_type) if isinstance(args.loss_type, list)
+                               else args.loss_type, reference=pm.record,
                                **{f"final_{k.replace('/', '_')}": last[k] for k in PREFERENCE_METRICS if k in last})
             mlflow.log_metrics({"runtime_s": runtime, "final_train_loss": result.training_loss,
                                 "tokens_per_s_total": metrics["tokens_per_s"]})
