@@ -111,6 +111,23 @@ CASES = {
          "TRAIN:5: answer_start: type: answer_start must be an integer >= 0 (got -1)",
          "TRAIN:6: context: type: context must be a string (got int)"],
     ),
+    "preference": (
+        [{"input": {"messages": [{"role": "user", "content": "Do you like tea?"}]},
+          "preferred_output": [{"role": "assistant", "content": "Yes, with milk."}],
+          "non_preferred_output": [{"role": "assistant", "content": "The train leaves at six."}]},
+         {"prompt": "Say hi", "chosen": "Hi!", "rejected": "Goodbye forever."}],
+        [{"input": {"messages": [{"role": "user", "content": "Hi"}]},
+          "preferred_output": [{"role": "assistant", "content": "Hello."}, {"role": "assistant", "content": "Again."}],
+          "non_preferred_output": [{"role": "assistant", "content": "Bye."}]},
+         {"prompt": "Hi", "chosen": "Hello.", "rejected": " Hello. "},
+         {"chosen": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}],
+          "rejected": [{"role": "user", "content": "Hey"}, {"role": "assistant", "content": "Bye."}]}],
+        ["TRAIN:3: preferred_output: one_assistant: needs exactly one assistant message (got 2 message(s), "
+         "roles ['assistant', 'assistant'])",
+         "TRAIN:4: rejected: identical: the rejected reply is the same as the chosen one: no preference to learn",
+         "TRAIN:5: rejected[0]: prompt_prefix: chosen and rejected must share every turn but the last (they differ "
+         "here)"],
+    ),
 }
 
 
