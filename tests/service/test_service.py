@@ -338,7 +338,7 @@ def test_a_dpo_job_with_the_openai_client(svc):
     job = client.fine_tuning.jobs.create(
         model="tiny", training_file=f.id, suffix="dpo",
         method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.5, "batch_size": "auto",
-                                                           "learning_rate_multiplier": 50, "n_epochs": "auto"}}})
+                                                           "learning_rate_multiplier": "auto", "n_epochs": "auto"}}})
     assert job.method.type == "dpo" and job.method.dpo.hyperparameters.beta == 0.5
     done = svc.wait_status(client, job.id, {"succeeded"}, 900)
     events = client.fine_tuning.jobs.list_events(job.id, limit=100).data
