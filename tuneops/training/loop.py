@@ -272,6 +272,9 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
     if t.packing and heads.is_head(plan):
         raise ValueError(f"train.packing: not supported with the {plan['task_head']} head (one label per "
                          "example or per word, not next-token labels); set train.packing=false")
+    if t.packing and objectives.of(plan).pairs:
+        raise ValueError(f"train.packing: not supported with the {plan['objective']} objective (chosen and rejected "
+                         "are scored per sequence); set train.packing=false")
     if t.threads and world_size == 1:
         torch.set_num_threads(t.threads)
     torch.manual_seed(t.seed)
