@@ -357,6 +357,21 @@ def test_a_dpo_job_with_the_openai_client(svc):
                                            messages=[{"role": "user", "content": "Hello"}])
     assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens <= 4
 
+    # starting from a fine-tuned model (as OpenAI allows): trained further from it, and it is the reference
+    with pytest.raises(openai.BadRequestError) as err:            # not someone else's model
+        svc.client("bob").fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=f.id,
+                                                  method={"type": "dpo"})
+    assert err.value.body["param"] in ("model", "training_file")
+    again = client.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=f.id, method={"type": "dpo"})
+    assert again.model == done.fine_tuned_model
+    second = svc.wait_status(client, again.id, {"succeeded"}, 900)
+    tm = json.loads((svc.root / ".tuneops" / "service" / "jobs" / again.id / "artifacts" / "train" / "metrics.json")
+                    .read_text())
+    assert tm["start_from"] == f"models:/{done.fine_tuned_model}/1"
+    assert "'ref' adapter" in tm["reference"]["reference_model"]
+    assert tm["first_loss"] == pytest.approx(0.6931, abs=1e-3)    # the start model is the reference at step 0
+    assert second.fine_tuned_model.startswith("ft-tiny-")
+
 
 def test_cancel_stops_a_running_job(svc):
     client = svc.client()

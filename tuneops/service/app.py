@@ -342,9 +342,18 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
     """Check a job request completely (model, files, sizes, hyperparameters), then prepare its
     working directory, record it and submit it. A refused request leaves nothing behind."""
     model = req.model
+    base, start_from = model, None
     if model not in cfg.service.allowed_models:
-        raise ApiError(400, f"model {model!r} cannot be fine-tuned here; allowed base models: "
-                            f"{list(cfg.service.allowed_models)} (service.allowed_models)", "model", "model_not_available")
+        # one of the caller's own fine-tuned models (as OpenAI allows): trained further from it (SFT then
+        # DPO: it is also the reference), on its base model
+        prior = next((j for j in store.list_jobs(who) if j["fine_tuned_model"] == model and j["status"] == "succeeded"
+                      and j["model_version"]), None) if isinstance(model, str) else None
+        if prior is None:
+            raise ApiError(400, f"model {model!r} cannot be fine-tuned here; allowed base models: "
+                                f"{list(cfg.service.allowed_models)} (service.allowed_models) or one of your "
+                                "fine-tuned models", "model", "model_not_available")
+        base, start_from = _base_of(store, who, prior), \
+            f"models:/{model}/{prior['model_version']}"
     if req.integrations:
         raise ApiError(400, "integrations are not supported (runs are tracked in this service's MLflow)",
                        "integrations", "unsupported")
@@ -393,16 +402,18 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
         resolved, overrides, steps = J.resolve_hyperparameters(
             cfg, hp, rows - held_out, f"method.{req.method_type}.hyperparameters" if objective.pairs else "hyperparameters")
         overrides.append(f"train.objective={objective.name}")
+        if start_from:
+            overrides.append(f"train.start_from={start_from}")
     except J.JobError as exc:
         raise ApiError(400, str(exc), exc.param, "invalid_hyperparameters") from None
     jid = new_id("ftjob")
-    name = "-".join(x for x in ("ft", model, who, suffix, jid[-8:]) if x)
+    name = "-".join(x for x in ("ft", base, who, suffix, jid[-8:]) if x)
     job = {"id": jid, "owner": who, "model": model, "training_file": files["training_file"]["id"],
            "validation_file": files.get("validation_file", {}).get("id"), "hyperparameters": resolved,
            "suffix": suffix, "seed": seed, "job_metadata": meta, "status": "queued", "created_at": now(),
            "fine_tuned_model": name, "total_steps": steps, "result_files": []}
     try:
-        J.prepare_workdir(cfg, job, files["training_file"], files.get("validation_file"), overrides, fmt)
+        J.prepare_workdir(cfg, job, files["training_file"], files.get("validation_file"), overrides, fmt, base)
     except Exception as exc:  # noqa: BLE001 - nothing recorded, nothing submitted, no folder left
         raise ApiError(400, f"the job's params do not validate: {J.public_message(cfg, exc)}", None,
                        "invalid_request") from None
@@ -417,6 +428,18 @@ def _create_job(cfg: Config, store: Store, who: str, req: JobCreate) -> dict[str
                     + "), moving job to queued state", job["created_at"])
     J.submit(cfg, store, job)
     return store.job(jid)  # type: ignore[return-value]
+
+
+def _base_of(store: Store, who: str, job: dict[str, Any]) -> str:
+    """The base model (a ``model.source``) under a chain of fine-tuned models."""
+    seen = set()
+    while job["model"] not in seen:
+        seen.add(job["model"])
+        prior = next((j for j in store.list_jobs(who) if j["fine_tuned_model"] == job["model"]), None)
+        if prior is None:
+            return job["model"]
+        job = prior
+    return job["model"]
 
 
 def serve(cfg: Config, host: str | None = None, port: int | None = None) -> None:

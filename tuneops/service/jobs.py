@@ -158,7 +158,7 @@ def file_path(cfg: Config, file_id: str) -> Path:
 
 
 def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any], eval_file: dict[str, Any] | None,
-                    overrides: list[str], data_format: str = "chat") -> Path:
+                    overrides: list[str], data_format: str = "chat", base: str | None = None) -> Path:
     """The job's working directory: its own params.yaml (the service's params + the job's
     settings, secrets redacted; relative paths land in this folder) and a copy of its data.
     Built in a private folder and moved into place only when its params validate: a refused
@@ -177,7 +177,7 @@ def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any]
             shutil.copyfile(file_path(cfg, eval_file["id"]), work / "data" / "validation.jsonl")
             user.update(eval_path="data/validation.jsonl", eval_md5=eval_file["md5"])
         raw = apply_overrides(cfg.raw, list(cfg.service.job_overrides) + overrides + [
-            f"model.source={job['model']}", f"train.seed={job['seed']}", "orchestrate.cache=false",
+            f"model.source={base or job['model']}", f"train.seed={job['seed']}", "orchestrate.cache=false",
             "train.keep_checkpoints=true", "data.scenario=user", f"data.format={data_format}"])
         raw["data"]["user"] = user
         raw["paths"]["state_dir"] = str(cfg.state_dir)                # shared caches and the MLflow registry
