@@ -1,5 +1,6 @@
 """OpenAI-compatible inference endpoints, shared by ``tuneops serve`` (one model) and the jobs
-API (each token's own fine-tuned models): ``POST /v1/chat/completions`` and ``POST /v1/classify``.
+API (each token's own fine-tuned models): ``POST /v1/chat/completions``, ``POST /v1/completions`` and
+``POST /v1/classify``.
 
 Chat request fields: ``model``, ``messages`` (roles system / developer / user / assistant; content
 a string or a list of text parts), ``max_tokens`` or ``max_completion_tokens``, ``temperature``
@@ -9,9 +10,18 @@ a string or a list of text parts), ``max_tokens`` or ``max_completion_tokens``, 
 ``message.tool_calls`` with ``finish_reason: "tool_calls"``; streamed as OpenAI streams them), and
 ``response_format`` (``json_object``, ``json_schema``). A forced tool call (``tool_choice`` ``required``
 or a named function) and a JSON response format are decoded under a grammar
-(``tuneops.inference.constrain``, llguidance): valid by construction. Other OpenAI fields are ignored,
-except the ones that would change the answer (legacy functions, logprobs, logit_bias), which are
-refused with 400.
+(``tuneops.inference.constrain``, llguidance; each distinct schema / tool set compiled once per model,
+``serve.grammar_cache``): valid by construction. The legacy ``functions`` / ``function_call`` are read as
+``tools`` / ``tool_choice`` and answered in their shape (``message.function_call``, ``finish_reason:
+"function_call"``). ``logprobs`` / ``top_logprobs`` (0-20) add ``choices[].logprobs.content`` (each chunk's
+tokens when streaming; ``tuneops.inference.logprobs``). Other OpenAI fields are ignored, except the ones
+that would change the answer (``logit_bias``, ``audio``, ``prediction``), which are refused with 400.
+
+``POST /v1/completions`` (legacy completions, lm-evaluation-harness's ``local-completions``): ``prompt``
+(a string, strings, token ids or lists of them, up to ``serve.max_prompts``: one choice each),
+``max_tokens`` (0: no generation), sampling as above, ``stop``, ``echo``, ``logprobs`` (an integer
+0-20) giving ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``; with ``echo`` the prompt's
+own tokens are scored (``logprobs.prompt_logprobs``; the first is ``null``). No streaming.
 The request is validated by a pydantic schema (``ChatRequest``) before anything runs: the body is
 capped at ``serve.max_request_mb`` before it is read, JSON nested deeper than ``MAX_DEPTH`` is
 refused before it is parsed, ``seed`` is an integer in [0, 2^63-1], ``temperature`` a number in
