@@ -13,8 +13,10 @@ all of them alike:
   (compiled once, then served from the grammar cache: ``serve.grammar_cache``);
 * **json_schema (new)**: the same schema made distinct per request (a different ``description``, which
   changes the cache key and nothing the decoder allows): a compile in every request;
-* **tools (required)**: ``tools`` with the prompt's schema as a function's parameters, ``tool_choice``
-  ``required`` (the tool-call grammar: the format's markers around the call JSON), cached.
+* **tools (none)**: ``tools`` with the prompt's schema as a function's parameters, ``tool_choice`` ``none``:
+  the same (longer) prompt, the tools declared in it, decoded without a grammar: the baseline of
+* **tools (required)**: the same with ``tool_choice`` ``required`` (the tool-call grammar: the format's
+  markers around the call JSON), cached.
 
 Per request: TTFT (first streamed chunk with content or a tool call), decode tok/s = (completion tokens
 - 1) / (time of the last chunk - time of the first), from the usage the stream reports. Tool calls are
@@ -66,7 +68,7 @@ PROMPTS = [
                                        "notes": {"type": "string", "maxLength": 60}},
       "required": ["origin", "destination", "passengers", "notes"], "additionalProperties": False}),
 ]
-VARIANTS = ("no schema", "json_schema (cached)", "json_schema (new)", "tools (required)")
+VARIANTS = ("no schema", "json_schema (cached)", "json_schema (new)", "tools (none)", "tools (required)")
 
 
 def body(model: str, variant: str, k: int, prompt: str, schema: dict, max_tokens: int, nonce: int) -> dict:
@@ -78,7 +80,7 @@ def body(model: str, variant: str, k: int, prompt: str, schema: dict, max_tokens
                                                                        "strict": True}}
     elif variant.startswith("tools"):
         b["tools"] = [{"type": "function", "function": {"name": f"answer{k}", "parameters": schema}}]
-        b["tool_choice"] = "required"
+        b["tool_choice"] = "required" if variant.endswith("(required)") else "none"
     return b
 
 
@@ -160,7 +162,7 @@ def main() -> None:
                         payload = body(model, v, k, prompt, schema, args.max_tokens, nonce)
                         r = one(client, base, payload)
                         r["prompt"] = k
-                        if v.startswith("tools") and r["tokens"] > 1:
+                        if v == "tools (required)" and r["tokens"] > 1:
                             # the calls stream only once complete: decode time = this request's time less the
                             # same request's with max_tokens=1 (its prefill and first token)
                             r["prefill_s"] = one(client, base, {**payload, "max_tokens": 1})["total_s"]

@@ -184,14 +184,27 @@ def generate(engine: ChatEngine, ids: list[int], req: dict[str, Any], ticket: Ti
     """``run`` a generation: ``("piece", (text, logprob entries since the last piece))`` as it is
     decoded, then ``("done", Generation)``."""
 
+    texts = texts_of(engine) if req.get("logprobs") is not None else None
+
+    def known(entries: list[Any]) -> list[Any]:
+        """The entries, their token texts looked up here (off the event loop: the first lookup of a
+        model builds llguidance's view of its tokenizer)."""
+        for e in entries if texts is not None else ():
+            texts(e.token)
+            for t, _ in e.top:
+                texts(t)
+        return entries
+
     def job(put: Callable[[Any], None]) -> Generation:
         g, sent = Generation(), 0
         for piece in engine.deltas(ids, req["max_tokens"], result=g, cancel=ticket.cancelled,
                                    constraint=constraint, logprobs=req.get("logprobs"), **_sample_kw(req)):
             ticket.beat()
-            entries = g.logprobs[sent:] if g.logprobs is not None else []
+            entries = known(g.logprobs[sent:]) if g.logprobs is not None else []
             sent += len(entries)
             put(("piece", (piece, entries)))
+        if g.logprobs is not None:
+            known(g.logprobs[sent:])
         return g
     return run(ticket, job)
 
