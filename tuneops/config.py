@@ -470,6 +470,8 @@ class ServeParams(_Section):
     default_max_tokens: int = Field(ge=1)
     temperature: float = Field(ge=0, le=2)
     max_classify_inputs: int = Field(ge=1)
+    max_prompts: int = Field(ge=1)
+    grammar_cache: int = Field(ge=0)
     max_loaded_models: int = Field(ge=1)
     threads: int = Field(ge=0)
     max_request_mb: float = Field(gt=0)

@@ -137,3 +137,25 @@ def test_replies_with_calls_become_tool_calls(engine):
                                                    "tool_choice": "auto"}):
         out = completion("m", Generation(text, 1, 5, "stop"), engine, other)["choices"][0]
         assert out["finish_reason"] == "stop" and out["message"]["content"] == text and "tool_calls" not in out["message"]
+
+
+def test_grammars_are_compiled_once_per_schema_in_a_bounded_cache(engine):
+    tok, stop = engine.tokenizer, engine.stop
+    a = constrain.json_schema(SCHEMAS[0], tok, stop, cache=2)
+    assert constrain.json_schema(dict(reversed(list(SCHEMAS[0].items()))), tok, stop, cache=2) is a  # key order
+    b = constrain.json_schema(SCHEMAS[1], tok, stop, cache=2)
+    constrain.json_schema(SCHEMAS[2], tok, stop, cache=2)
+    cache = constrain.cache_of(tok)
+    assert len(cache.items) == 2 and cache.hits == 1 and cache.misses == 3
+    assert constrain.json_schema(SCHEMAS[1], tok, stop, cache=2) is b                      # still there
+    assert constrain.json_schema(SCHEMAS[0], tok, stop, cache=2) is not a                  # evicted: compiled again
+    assert constrain.json_schema(SCHEMAS[0], tok, stop) is not constrain.json_schema(SCHEMAS[0], tok, stop)
+    fns = [{"name": "get_weather", "parameters": SCHEMAS[20]}]
+    t = constrain.tool_calls(toolcalls.HERMES, fns, False, tok, stop, cache=2)
+    assert constrain.tool_calls(toolcalls.HERMES, fns, False, tok, stop, cache=2) is t
+    assert constrain.tool_calls(toolcalls.HERMES, fns, True, tok, stop, cache=2) is not t   # parallel: another grammar
+    # one cached grammar, request after request: each gets a fresh matcher, every reply valid
+    for seed in range(4):
+        g = engine.complete([{"role": "user", "content": "JSON"}], 200, constraint=b, temperature=1.0, seed=seed)
+        jsonschema.validate(json.loads(g.text), SCHEMAS[1])
+        assert g.finish_reason == "stop"

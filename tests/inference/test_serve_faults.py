@@ -31,6 +31,7 @@ import subprocess
 import sys
 import threading
 import time
+from typing import Any
 
 import httpx
 import pytest
@@ -347,7 +348,8 @@ def test_sigterm_stops_tuneops_serve_mid_generation(cfg, chat_model_dir, tmp_pat
 
 def _fuzz_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
     """(label, raw body, expectation, param): expectation ``ok`` (a reply), ``bad`` (400 naming
-    ``param``), ``long`` (400 context_length_exceeded), ``big`` (413 before the body is read)."""
+    ``param``), ``long`` (400 context_length_exceeded), ``big`` (413 before the body is read), ``model``
+    (400 naming ``param`` once the model is known: on the jobs API, with no such model, a 404)."""
     cases: list[tuple[str, bytes, str, str | None]] = []
     good = {"model": model, "messages": HELLO, "max_tokens": 3}
     msg = '{"role": "user", "content": "Hello"}'
@@ -504,8 +506,59 @@ def _fuzz_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
                         ([*HELLO, {"role": "assistant", "tool_calls": [{"id": "c"}]}], "messages[1].tool_calls[0]"),
                         ([{"role": "user", "content": "x", "tool_calls": [call]}], "messages[0].tool_calls")):
         add(f"tool messages {param}", {**good, "tools": [fn], "messages": msgs}, "bad", param)
-    for key, v in (("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"1": 5}), ("functions", [{}])):
+    for key, v in (("top_logprobs", 3), ("logit_bias", {"1": 5})):
         add(f"{key}", {**good, key: v}, "bad", key)
+    for lp, top in ((True, None), (True, 0), (True, 20), (False, None)):
+        for stream in (False, True):
+            add(f"logprobs={lp} top_logprobs={top} stream={stream}",
+                {**good, "logprobs": lp, "stream": stream, **({} if top is None else {"top_logprobs": top})}, "ok")
+    for lp, top, param in (("true", None, "logprobs"), (1, None, "logprobs"), ([], None, "logprobs"),
+                           (True, 21, "top_logprobs"), (True, -1, "top_logprobs"), (True, 2.5, "top_logprobs"),
+                           (True, "3", "top_logprobs"), (True, True, "top_logprobs"), (True, 10**40, "top_logprobs"),
+                           (False, 2, "top_logprobs"), (None, 0, "top_logprobs")):
+        add(f"logprobs={lp!r} top_logprobs={str(top)[:10]}", {**good, "logprobs": lp, "top_logprobs": top}, "bad",
+            param)
+    legacy = {"name": "f", "parameters": fn["function"]["parameters"]}
+    for functions, param in ((5, "functions"), ({}, "functions"), ([{}], "functions[0].name"), ([5], "functions[0]"),
+                             ([{"name": "a b"}], "functions[0].name"), ([legacy, legacy], "functions[1].name"),
+                             ([{"name": "g", "parameters": {"type": "nonsense"}}], "functions[0].parameters"),
+                             ([{"name": "g", "parameters": {"type": "string"}}], "functions[0].parameters"),
+                             ([{"name": "g", "description": 5}], "functions[0].description")):
+        add(f"functions={str(functions)[:50]}", {**good, "functions": functions}, "bad", param)
+    for fc, functions, param in (("always", [legacy], "function_call"), (5, [legacy], "function_call"),
+                                   ({"name": 5}, [legacy], "function_call"), ({"name": "g"}, [legacy], "function_call"),
+                                   ({"name": "f"}, None, "function_call"),
+                                   ("auto", [legacy], None), ("none", [legacy], None), ({"name": "f"}, [legacy], None)):
+        add(f"function_call={str(fc)[:20]} functions={functions is not None}",
+            {**good, "functions": functions, "function_call": fc}, "ok" if param is None else "bad", param)
+    add("functions and tools", {**good, "functions": [legacy], "tools": [fn]}, "bad", "functions")
+    add("function_call and tool_choice", {**good, "functions": [legacy], "function_call": "auto",
+                                          "tool_choice": "auto", "tools": [fn]}, "bad", "functions")
+    add("undecodable legacy function, forced",
+        {**good, "functions": [{"name": "g", "parameters": {"type": "object", "properties": {
+            "a": {"$ref": "#/$defs/none"}}}}], "function_call": {"name": "g"}}, "bad", "functions[0].parameters")
+    add("legacy streamed", {**good, "functions": [legacy], "function_call": {"name": "f"}, "stream": True}, "ok")
+    fcall = {"name": "f", "arguments": '{"x": 1}'}
+    add("legacy history", {**good, "functions": [legacy], "messages": [
+        *HELLO, {"role": "assistant", "function_call": fcall}, {"role": "function", "name": "f", "content": "4"}]}, "ok")
+    for msgs, param in (([*HELLO, {"role": "function", "name": "f", "content": "4"}], "messages[1].role"),
+                        ([*HELLO, {"role": "assistant", "function_call": "f"}], "messages[1].function_call"),
+                        ([*HELLO, {"role": "assistant", "function_call": {"name": "f", "arguments": 5}}],
+                         "messages[1].function_call.arguments"),
+                        ([*HELLO, {"role": "assistant", "function_call": {"name": "a b", "arguments": "{}"}}],
+                         "messages[1].function_call.name"),
+                        ([*HELLO, {"role": "user", "content": "x", "function_call": fcall}],
+                         "messages[1].function_call"),
+                        ([*HELLO, {"role": "assistant", "function_call": fcall, "tool_calls": [call]}],
+                         "messages[1].function_call"),
+                        ([*HELLO, {"role": "assistant", "function_call": fcall}, *HELLO], "messages[1].tool_calls"),
+                        ([*HELLO, {"role": "assistant", "function_call": fcall}], "messages[1].tool_calls"),
+                        ([*HELLO, {"role": "assistant", "tool_calls": [call]}, *HELLO], "messages[1].tool_calls"),
+                        ([*HELLO, {"role": "assistant", "tool_calls": [call]},
+                          {"role": "tool", "tool_call_id": "call_1", "content": "4"},
+                          {"role": "tool", "tool_call_id": "call_1", "content": "4"}], "messages[3].tool_call_id")):
+        add(f"out of order {param} {str(msgs[-1])[:30]}", {**good, "functions": [legacy], "messages": msgs}, "bad",
+            param)
     for msgs, param in (([], "messages"), ({}, "messages"), ("hi", "messages"), (None, "messages"),
                         ([5], "messages[0]"), ([[]], "messages[0]"), ([None], "messages[0]")):
         add(f"messages={msgs!r}", {**good, "messages": msgs}, "bad", param)
@@ -523,6 +576,40 @@ def _fuzz_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
     return cases
 
 
+def _completion_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
+    """``/v1/completions`` bodies, as ``_fuzz_cases``."""
+    cases: list[tuple[str, bytes, str, str | None]] = []
+    good = {"model": model, "prompt": "Hello", "max_tokens": 2}
+
+    def add(label: str, body: Any, expect: str = "bad", param: str | None = None) -> None:
+        cases.append((f"completions: {label}", json.dumps(body).encode(), expect, param))
+
+    for prompt in ("Hello", ["Hello", "Hi"], [5, 6, 7], [[5, 6], [7]], "\u00e9t\u00e9"):
+        for echo, lp, n in ((False, None, 2), (True, 1, 0), (True, 5, 1), (False, 0, 3)):
+            add(f"prompt={str(prompt)[:20]} echo={echo} logprobs={lp} max_tokens={n}",
+                {**good, "prompt": prompt, "echo": echo, "logprobs": lp, "max_tokens": n}, "ok")
+    for prompt, param in (([], "prompt"), (None, "prompt"), (5, "prompt"), ({}, "prompt"), ([[]], "prompt[0]"),
+                          ([[1, -1]], "prompt[0]"), ([[1, 2.5]], "prompt[0]"), ([True], "prompt[0]"),
+                          (["a", None], "prompt[1]"), (["\ud800"], "prompt[0]"), ("\ud800", "prompt[0]"),
+                          (["x"] * 65, "prompt")):
+        add(f"prompt={str(prompt)[:20]}", {**good, "prompt": prompt}, "bad", param)
+    for prompt, param in (([10**9], "prompt"), ([[1], [10**9]], "prompt[1]"), ([10**40], "prompt"), ("", "prompt"),
+                          ("word " * 5000, "prompt")):       # known bad once the model's tokenizer has read them
+        add(f"prompt={str(prompt)[:20]}", {**good, "prompt": prompt}, "model", param)
+    for key, values in (("logprobs", (-1, 21, 2.5, "1", True, [1], 10**40)), ("max_tokens", (-1, 10**6, "2", 1.5, True)),
+                        ("echo", ("true", 1, [], {})), ("n", (2, 0, "1")), ("best_of", (2, "1")),
+                        ("suffix", ("x",)), ("logit_bias", ({"1": 5},)), ("stream", (True, "x")),
+                        ("temperature", (-1, 3, "0", float("nan"))), ("top_p", (2, -0.5)), ("seed", (-1, 2**64, 1.5)),
+                        ("stop", (5, [1], ["a"] * 5)), ("stream_options", ("x",)), ("model", (5, "", "m" * 300))):
+        for v in values:
+            add(f"{key}={str(v)[:12]}", {**good, key: v}, "bad", key)
+    add("unknown model", {**good, "model": "no-such-model"}, "bad", "model")
+    add("prompt missing", {"model": model}, "bad", "prompt")
+    for label, body in (("a list", []), ("a string", "x"), ("null", None)):
+        add(label, body)
+    return cases
+
+
 def _check(label: str, expect: str, param: str | None, r: httpx.Response, jobs_api: bool) -> None:
     """One fuzz response against its expectation (the jobs API knows no model by this name: 404)."""
     assert r.status_code < 500, (label, r.status_code, r.text[:300])
@@ -532,7 +619,7 @@ def _check(label: str, expect: str, param: str | None, r: httpx.Response, jobs_a
             events = [line[6:] for line in r.text.splitlines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]" and all("error" not in json.loads(e) for e in events[:-1]), label
         else:
-            assert r.json()["object"] == "chat.completion", label
+            assert r.json()["object"] in ("chat.completion", "text_completion"), label
         return
     assert len(r.content) < KB64, (label, len(r.content))
     err = r.json()["error"]
@@ -541,7 +628,7 @@ def _check(label: str, expect: str, param: str | None, r: httpx.Response, jobs_a
     assert "Traceback" not in err["message"] and str(REPO) not in err["message"], (label, err)
     if expect == "big":
         assert r.status_code == 413 and err["code"] == "request_too_large", (label, r.status_code, err)
-    elif expect == "ok" or (jobs_api and expect == "long") or label == "unknown model":
+    elif expect == "ok" or (jobs_api and expect in ("long", "model")) or label.endswith("unknown model"):
         assert r.status_code == 404 and err["code"] == "model_not_found", (label, r.status_code, err)
     elif expect == "long":
         assert r.status_code == 400 and err["code"] == "context_length_exceeded", (label, err)
@@ -556,6 +643,13 @@ def _fuzz(base_url: str, model: str, headers: dict[str, str], jobs_api: bool) ->
     with httpx.Client(timeout=60, headers={"Content-Type": "application/json", **headers}) as http:
         for label, body, expect, param in cases:
             r = http.post(f"{base_url}/chat/completions", content=body)
+            counts["sent"] += 1
+            counts[f"{r.status_code // 100}xx"] = counts.get(f"{r.status_code // 100}xx", 0) + 1
+            if r.status_code >= 400:
+                counts["largest_error_bytes"] = max(counts["largest_error_bytes"], len(r.content))
+            _check(label, expect, param, r, jobs_api)
+        for label, body, expect, param in _completion_cases(model):
+            r = http.post(f"{base_url}/completions", content=body)
             counts["sent"] += 1
             counts[f"{r.status_code // 100}xx"] = counts.get(f"{r.status_code // 100}xx", 0) + 1
             if r.status_code >= 400:

@@ -246,3 +246,22 @@ def test_call_schema_accepts_what_the_format_writes_and_rejects_other_functions(
         bad = json.loads(body.replace("get_weather", "rm_rf"))
         with pytest.raises(jsonschema.ValidationError):
             jsonschema.validate(bad, schema)
+
+
+@pytest.mark.parametrize("case,stops", [
+    (LLAMA31, ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>")),    # 3.1's template writes <|eom_id|>
+    (LLAMA32, ("<|eot_id|>", "<|end_of_text|>")),                  # 3.2's writes none
+    (QWEN25, ("<|im_end|>", "<|endoftext|>")),
+    (SMOLLM2, ("<|im_end|>",)),
+])
+def test_stop_ids_add_the_formats_other_end_tokens_only_where_the_template_writes_them(case, stops):
+    from transformers import GenerationConfig
+
+    from tuneops.inference.chat import stop_ids
+
+    tok = build_tokenizer(case)
+    gen = GenerationConfig(eos_token_id=[tok.convert_tokens_to_ids(t) for t in case.gen_eos])
+    assert sorted(tok.convert_ids_to_tokens(stop_ids(tok, gen))) == sorted(stops)
+    bare = build_tokenizer(CASES["llama3"])           # a vocabulary with <|eom_id|> but a template without it
+    bare.add_special_tokens({"additional_special_tokens": ["<|eom_id|>"]})
+    assert "<|eom_id|>" not in bare.convert_ids_to_tokens(stop_ids(bare))

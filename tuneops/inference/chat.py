@@ -297,12 +297,21 @@ def _ids(value: Any) -> list[int]:
 
 
 def stop_ids(tokenizer: Any, generation_config: Any = None) -> list[int]:
-    """Token ids that end a reply: the template's end-of-turn marker (when it is one token), the
-    tokenizer's EOS and ``generation_config.eos_token_id`` (an int or a list)."""
+    """Token ids that end a reply: the template's end-of-turn marker (when it is one token), the other
+    reply-ending tokens of the tool formats (``ToolFormat.end_tokens``: Llama 3.1's ``<|eom_id|>``) that
+    the template itself writes and the vocabulary has as one special token, the tokenizer's EOS and
+    ``generation_config.eos_token_id`` (an int or a list)."""
+    from .toolcalls import FORMATS
+
     out: list[int] = []
-    marker = end_marker(tokenizer) if getattr(tokenizer, "chat_template", None) else ""
-    if marker:
-        ids = tokenizer(marker, add_special_tokens=False)["input_ids"]
+    template = getattr(tokenizer, "chat_template", None)
+    marker = end_marker(tokenizer) if template else ""
+    ends = [marker] if marker else []
+    if isinstance(template, str):
+        specials = _special_tokens(tokenizer)
+        ends += [t for f in FORMATS.values() for t in f.end_tokens if t in template and t in specials]
+    for end in dict.fromkeys(ends):
+        ids = tokenizer(end, add_special_tokens=False)["input_ids"]
         if len(ids) == 1:
             out += ids
     out += _ids(getattr(generation_config, "eos_token_id", None))

@@ -28,6 +28,8 @@ class Generation:
     prompt_tokens: int = 0
     completion_tokens: int = 0
     finish_reason: str = "length"
+    logprobs: list[Any] | None = None     # with deltas(logprobs=N): a logprobs.TokenLogprob per token picked
+                                          # (the reply's, then the stop token's when it ended on one)
 
 
 class ChatEngine:
@@ -56,8 +58,10 @@ class ChatEngine:
     def deltas(self, ids: list[int], max_tokens: int, temperature: float = 0.0, top_p: float = 1.0,
                seed: int | None = None, stop: list[str] | tuple[str, ...] = (),
                result: Generation | None = None, cancel: Any = None, top_k: int = 0,
-               constraint: Any = None) -> Iterator[str]:
-        """Reply text pieces; ``result`` receives the token counts and finish reason. ``constraint``
+               constraint: Any = None, logprobs: int | None = None) -> Iterator[str]:
+        """Reply text pieces; ``result`` receives the token counts and finish reason. ``logprobs``
+        (``None`` = off, else how many alternatives per token) fills ``result.logprobs`` as the tokens
+        are picked (``tuneops.inference.logprobs.recording`` wraps the picker). ``constraint``
         (``tuneops.inference.constrain.Constraint``) limits every token to what its grammar allows. Text that
         could be the start of a ``stop`` string is held back until it is known not to be.
         ``cancel`` (a ``threading.Event``) is looked at before every token: once set, generation
@@ -74,6 +78,11 @@ class ChatEngine:
             from .constrain import masked
 
             pick = masked(pick, constraint, self.stop)
+        if logprobs is not None:
+            from .logprobs import recording
+
+            result.logprobs = []
+            pick = recording(pick, logprobs, result.logprobs)     # sees the model's row, before any mask
         tokens = stream(self.lm, ids, max_tokens, self.stop, pick)
         for token in tokens:
             if cancel is not None and cancel.is_set():

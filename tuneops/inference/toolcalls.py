@@ -217,6 +217,9 @@ class ToolFormat:
     id_chars: int = 0          # call ids the template requires (Mistral: 9 alphanumerics)
     template: str | None = None  # the chat template to render with when the model's own has no tool syntax
     lead_markers: tuple[str, ...] = ()    # optional tokens a bare-JSON call may start with (<|python_tag|>)
+    end_tokens: tuple[str, ...] = ()      # special tokens other than the end-of-turn marker that end a reply in
+                                          # this format where the template writes them (Llama 3.1's <|eom_id|>:
+                                          # a turn that waits for a tool result); chat.stop_ids adds them
     doc: str = ""
 
     # -- writing ------------------------------------------------------------------------------------
@@ -380,6 +383,7 @@ HERMES = ToolFormat(
         "<tool_call>\\n{json}\\n</tool_call> block; results in a user turn as <tool_response> blocks.")
 LLAMA3 = ToolFormat(
     "llama3", "", "", "parameters", many=False, parallel=False, lead_markers=("<|python_tag|>",),
+    end_tokens=("<|eom_id|>",),
     doc="Llama 3.1/3.2/3.3 Instruct JSON tool calling: tools as indented JSON in the first user turn "
         "(or the system turn); the reply is one JSON object {\"name\", \"parameters\"} ending with <|eot_id|>; "
         "results in an ipython turn.")

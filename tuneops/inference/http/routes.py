@@ -1,5 +1,6 @@
 """OpenAI-compatible inference endpoints, shared by ``tuneops serve`` (one model) and the jobs
-API (each token's own fine-tuned models): ``POST /v1/chat/completions`` and ``POST /v1/classify``.
+API (each token's own fine-tuned models): ``POST /v1/chat/completions``, ``POST /v1/completions`` and
+``POST /v1/classify``.
 
 Chat request fields: ``model``, ``messages`` (roles system / developer / user / assistant; content
 a string or a list of text parts), ``max_tokens`` or ``max_completion_tokens``, ``temperature``
@@ -9,9 +10,18 @@ a string or a list of text parts), ``max_tokens`` or ``max_completion_tokens``, 
 ``message.tool_calls`` with ``finish_reason: "tool_calls"``; streamed as OpenAI streams them), and
 ``response_format`` (``json_object``, ``json_schema``). A forced tool call (``tool_choice`` ``required``
 or a named function) and a JSON response format are decoded under a grammar
-(``tuneops.inference.constrain``, llguidance): valid by construction. Other OpenAI fields are ignored,
-except the ones that would change the answer (legacy functions, logprobs, logit_bias), which are
-refused with 400.
+(``tuneops.inference.constrain``, llguidance; each distinct schema / tool set compiled once per model,
+``serve.grammar_cache``): valid by construction. The legacy ``functions`` / ``function_call`` are read as
+``tools`` / ``tool_choice`` and answered in their shape (``message.function_call``, ``finish_reason:
+"function_call"``). ``logprobs`` / ``top_logprobs`` (0-20) add ``choices[].logprobs.content`` (each chunk's
+tokens when streaming; ``tuneops.inference.logprobs``). Other OpenAI fields are ignored, except the ones
+that would change the answer (``logit_bias``, ``audio``, ``prediction``), which are refused with 400.
+
+``POST /v1/completions`` (legacy completions, lm-evaluation-harness's ``local-completions``): ``prompt``
+(a string, strings, token ids or lists of them, up to ``serve.max_prompts``: one choice each),
+``max_tokens`` (0: no generation), sampling as above, ``stop``, ``echo``, ``logprobs`` (an integer
+0-20) giving ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``; with ``echo`` the prompt's
+own tokens are scored (``logprobs.prompt_logprobs``; the first is ``null``). No streaming.
 The request is validated by a pydantic schema (``ChatRequest``) before anything runs: the body is
 capped at ``serve.max_request_mb`` before it is read, JSON nested deeper than ``MAX_DEPTH`` is
 refused before it is parsed, ``seed`` is an integer in [0, 2^63-1], ``temperature`` a number in
@@ -52,7 +62,7 @@ from starlette.responses import StreamingResponse
 from ..engine import ChatEngine, Generation
 from ..scheduler import Busy, Cancelled, Closed, Scheduler, Ticket
 from .errors import ApiError, busy, server_error, short, shutting_down
-from .schema import BadValue, chat_request, parse_body, read_body, valid_text
+from .schema import BadValue, chat_request, completion_request, parse_body, read_body, valid_text
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +82,7 @@ def tool_mode(req: dict[str, Any]) -> bool:
     return bool(req["tools"]) and req["tool_choice"] != "none"
 
 
-def constraint_of(engine: ChatEngine, req: dict[str, Any]) -> Any:
+def constraint_of(engine: ChatEngine, req: dict[str, Any], cache: int = 0) -> Any:
     """The decoding constraint of a request: the tool-call format's grammar when ``tool_choice`` is
     ``required`` or names a function, the JSON schema of ``response_format``; else ``None``. A schema
     llguidance cannot compile is a 400 naming it."""
@@ -81,22 +91,22 @@ def constraint_of(engine: ChatEngine, req: dict[str, Any]) -> Any:
 
     choice, rf = req["tool_choice"], req["response_format"]
     forced = bool(req["tools"]) and (choice == "required" or isinstance(choice, dict))
-    param = "tools" if forced else "response_format.json_schema.schema"
+    param = ("functions" if req.get("legacy") else "tools") if forced else "response_format.json_schema.schema"
     try:
         if forced:
             fns = [t["function"] for t in req["tools"]
                    if choice == "required" or t["function"]["name"] == choice["function"]["name"]]
             return constrain.tool_calls(tool_format(engine.tokenizer), fns, req["parallel_tool_calls"]
-                                        and choice == "required", engine.tokenizer, engine.stop)
+                                        and choice == "required", engine.tokenizer, engine.stop, cache)
         if rf and rf["type"] == "json_schema":
-            return constrain.json_schema(rf["schema"], engine.tokenizer, engine.stop)
+            return constrain.json_schema(rf["schema"], engine.tokenizer, engine.stop, cache)
         if rf and rf["type"] == "json_object":
-            return constrain.json_object(engine.tokenizer, engine.stop)
+            return constrain.json_object(engine.tokenizer, engine.stop, cache)
     except constrain.GrammarError as exc:
         raise ApiError(400, f"{param}: the constrained decoder cannot compile this schema: {str(exc)[:300]}",
                        param, "invalid_schema") from None
     except ChatFormatError as exc:
-        raise ApiError(400, f"tools: {str(exc)[:500]}", "tools", "invalid_messages") from None
+        raise ApiError(400, f"{param}: {str(exc)[:500]}", param, "invalid_messages") from None
     return None
 
 
@@ -132,7 +142,7 @@ def prompt_of(engine: ChatEngine, req: dict[str, Any], settings: Any) -> tuple[l
         raise ApiError(400, f"This model's maximum input length is {settings.max_input_tokens} tokens "
                             f"(serve.max_input_tokens); your messages are {len(ids)} tokens", "messages",
                        "context_length_exceeded")
-    return ids, constraint_of(engine, req)
+    return ids, constraint_of(engine, req, getattr(settings, "grammar_cache", 0))
 
 
 # -- running a request ----------------------------------------------------------------------------------
@@ -171,14 +181,30 @@ def run(ticket: Ticket, job: Callable[[Callable[[Any], None]], Any]) -> "asyncio
 
 def generate(engine: ChatEngine, ids: list[int], req: dict[str, Any], ticket: Ticket,
              constraint: Any = None) -> "asyncio.Queue[tuple[str, Any]]":
-    """``run`` a generation: ``("piece", text)`` as it is decoded, then ``("done", Generation)``."""
+    """``run`` a generation: ``("piece", (text, logprob entries since the last piece))`` as it is
+    decoded, then ``("done", Generation)``."""
+
+    texts = texts_of(engine) if req.get("logprobs") is not None else None
+
+    def known(entries: list[Any]) -> list[Any]:
+        """The entries, their token texts looked up here (off the event loop: the first lookup of a
+        model builds llguidance's view of its tokenizer)."""
+        for e in entries if texts is not None else ():
+            texts(e.token)
+            for t, _ in e.top:
+                texts(t)
+        return entries
 
     def job(put: Callable[[Any], None]) -> Generation:
-        g = Generation()
+        g, sent = Generation(), 0
         for piece in engine.deltas(ids, req["max_tokens"], result=g, cancel=ticket.cancelled,
-                                   constraint=constraint, **_sample_kw(req)):
+                                   constraint=constraint, logprobs=req.get("logprobs"), **_sample_kw(req)):
             ticket.beat()
-            put(("piece", piece))
+            entries = known(g.logprobs[sent:]) if g.logprobs is not None else []
+            sent += len(entries)
+            put(("piece", (piece, entries)))
+        if g.logprobs is not None:
+            known(g.logprobs[sent:])
         return g
     return run(ticket, job)
 
@@ -228,16 +254,39 @@ def _sample_kw(req: dict[str, Any]) -> dict[str, Any]:
     return {"temperature": req["temperature"], "top_p": req["top_p"], "seed": req["seed"], "stop": req["stop"]}
 
 
+def texts_of(engine: ChatEngine) -> Any:
+    """The engine's token id -> (text, bytes) table (``tuneops.inference.logprobs.Texts``), made once."""
+    from ..logprobs import Texts
+
+    texts = getattr(engine, "_token_texts", None)
+    if texts is None:
+        texts = engine._token_texts = Texts(engine.tokenizer, engine.stop)    # type: ignore[attr-defined]
+    return texts
+
+
+def chat_logprobs(engine: ChatEngine | None, entries: list[Any] | None) -> dict[str, Any] | None:
+    """``choices[].logprobs`` of a chat completion (or chunk) for these token entries."""
+    if entries is None or engine is None:
+        return None
+    from ..logprobs import chat_content
+
+    return {"content": chat_content(entries, texts_of(engine)), "refusal": None}
+
+
 def completion(model_id: str, g: Generation, engine: ChatEngine | None = None,
                req: dict[str, Any] | None = None) -> dict[str, Any]:
     content, calls = tool_calls_of(engine, req, g.text) if req is not None else (g.text, [])
     message: dict[str, Any] = {"role": "assistant", "content": content or (None if calls else ""), "refusal": None}
-    if calls:
-        message["tool_calls"] = calls
+    finish = g.finish_reason
+    if calls and req.get("legacy"):          # asked with functions / function_call: answered in that shape
+        message["function_call"], finish = calls[0]["function"], "function_call"
+    elif calls:
+        message["tool_calls"], finish = calls, "tool_calls"
+    entries = g.logprobs[:g.completion_tokens] if g.logprobs is not None else None
     return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
             "model": model_id, "system_fingerprint": None,
-            "choices": [{"index": 0, "message": message, "logprobs": None,
-                         "finish_reason": "tool_calls" if calls else g.finish_reason}],
+            "choices": [{"index": 0, "message": message, "logprobs": chat_logprobs(engine, entries),
+                         "finish_reason": finish}],
             "usage": _usage(g)}
 
 
@@ -270,18 +319,30 @@ async def chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: di
                                       "model": model_id, "system_fingerprint": None, "choices": choices,
                                       **extra}) + "\n\n"
 
+    with_logprobs = req.get("logprobs") is not None
+    held: list[Any] = []                     # logprob entries of tokens whose text is not sent yet
+    received = 0
+
     def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
-        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+        nonlocal held
+        lp = None
+        if with_logprobs and "role" not in delta:
+            lp, held = chat_logprobs(engine, held), []
+        return [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]
 
     try:
         while True:
             kind, value = await queue.get()
             if kind == "start":
                 yield event(choice({"role": "assistant", "content": ""}))
-            elif kind == "piece" and not tools:
-                yield event(choice({"content": value}))
             elif kind == "piece":
-                text += value
+                piece, entries = value
+                held += entries
+                received += len(entries)
+                if not tools:
+                    yield event(choice({"content": piece}))
+                    continue
+                text += piece
                 safe = len(fmt.content_prefix(text))
                 if safe > sent:
                     yield event(choice({"content": text[sent:safe]}))
@@ -290,18 +351,25 @@ async def chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: di
                 break
         if kind == "done":
             finish_reason = value.finish_reason
+            if value.logprobs is not None:   # the tokens after the last piece, less the stop token
+                held += value.logprobs[received:value.completion_tokens]
             if tools:
                 content, calls = tool_calls_of(engine, req, value.text)
                 if not calls and len(value.text) > sent:
                     yield event(choice({"content": value.text[sent:]}))
-                for k, call in enumerate(calls):
+                legacy = bool(req.get("legacy"))
+                for k, call in enumerate(calls[:1] if legacy else calls):
                     fn = call["function"]
-                    yield event(choice({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
-                                                        "function": {"name": fn["name"], "arguments": ""}}]}))
+                    if legacy:                   # the legacy shape: one function_call, streamed the same way
+                        yield event(choice({"function_call": {"name": fn["name"], "arguments": ""}}))
+                    else:
+                        yield event(choice({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                            "function": {"name": fn["name"], "arguments": ""}}]}))
                     for at in range(0, len(fn["arguments"]), ARGUMENT_PIECE):
                         piece = fn["arguments"][at:at + ARGUMENT_PIECE]
-                        yield event(choice({"tool_calls": [{"index": k, "function": {"arguments": piece}}]}))
-                finish_reason = "tool_calls" if calls else finish_reason
+                        yield event(choice({"function_call": {"arguments": piece}} if legacy else
+                                           {"tool_calls": [{"index": k, "function": {"arguments": piece}}]}))
+                finish_reason = ("function_call" if legacy else "tool_calls") if calls else finish_reason
             yield event(choice({}, finish_reason))
             if req["include_usage"]:
                 yield event([], usage=_usage(value))
@@ -346,11 +414,95 @@ class EventStream(StreamingResponse):
                 await self.body_iterator.aclose()  # type: ignore[attr-defined]
 
 
+# -- legacy completions -----------------------------------------------------------------------------------
+
+def prompt_ids_of(engine: ChatEngine, req: dict[str, Any], settings: Any) -> list[tuple[list[int], str]]:
+    """Each prompt's token ids (a string is tokenized as plain text, with the special tokens the
+    tokenizer adds itself, its BOS) and its text (what ``echo`` writes back)."""
+    from ..chat import raw_ids
+
+    vocab = len(engine.tokenizer)
+    out = []
+    for i, p in enumerate(req["prompts"]):
+        param = "prompt" if len(req["prompts"]) == 1 else f"prompt[{i}]"
+        if isinstance(p, str):
+            ids, text = raw_ids(engine.tokenizer, p), p
+        else:
+            bad = next((t for t in p if t >= vocab), None)
+            if bad is not None:
+                raise ApiError(400, f"{param}: token id {bad} is not in the model's vocabulary of {vocab}", param,
+                               "invalid_value")
+            ids, text = list(p), engine.tokenizer.decode(p)
+        if not ids:
+            raise ApiError(400, f"{param}: the prompt has no tokens", param, "invalid_value")
+        if len(ids) > settings.max_input_tokens:
+            raise ApiError(400, f"This model's maximum input length is {settings.max_input_tokens} tokens "
+                                f"(serve.max_input_tokens); {param} is {len(ids)} tokens", param,
+                           "context_length_exceeded")
+        out.append((ids, text))
+    return out
+
+
+def complete_prompts(engine: ChatEngine, prompts: list[tuple[list[int], str]], req: dict[str, Any],
+                     ticket: Ticket) -> "asyncio.Queue[tuple[str, Any]]":
+    """``run`` every prompt in turn: with ``echo`` and ``logprobs`` its own tokens are scored (one
+    forward over the runtime, ``logprobs.prompt_logprobs``), then ``max_tokens`` are generated (none
+    for 0) by the engine's decode loop; ``("done", [(Generation, prompt entries or None), ...])``."""
+    from ..logprobs import prompt_logprobs
+
+    lp = req["logprobs"]
+
+    def job(put: Callable[[Any], None]) -> list[tuple[Generation, Any]]:
+        out = []
+        for ids, _ in prompts:
+            if ticket.cancelled.is_set():
+                raise Cancelled("cancelled")
+            g = Generation(prompt_tokens=len(ids), finish_reason="length")
+            scored = prompt_logprobs(engine.lm, ids, lp) if req["echo"] and lp is not None else None
+            ticket.beat()
+            if req["max_tokens"] > 0:
+                for piece in engine.deltas(ids, req["max_tokens"], result=g, cancel=ticket.cancelled, logprobs=lp,
+                                           **_sample_kw(req)):
+                    ticket.beat()
+                    put(("piece", piece))
+            elif lp is not None:
+                g.logprobs = []
+            out.append((g, scored))
+        return out
+    return run(ticket, job)
+
+
+def text_completion(model_id: str, engine: ChatEngine, prompts: list[tuple[list[int], str]],
+                    results: list[tuple[Generation, Any]], req: dict[str, Any]) -> dict[str, Any]:
+    """OpenAI's ``text_completion``: per prompt a choice with its text (after the prompt's with
+    ``echo``) and, with ``logprobs``, ``tokens`` / ``token_logprobs`` / ``top_logprobs`` /
+    ``text_offset`` over the echoed prompt tokens (the first has none: ``null``) and the generated ones
+    (the stop token last when the reply ended on one, as its text does not show it)."""
+    from ..logprobs import legacy
+
+    choices = []
+    for k, ((ids, prompt_text), (g, scored)) in enumerate(zip(prompts, results)):
+        logprobs = None
+        if req["logprobs"] is not None:
+            gen = g.logprobs or []
+            tokens = (ids if req["echo"] else []) + [e.token for e in gen]
+            entries = (scored if req["echo"] else []) + gen
+            logprobs = legacy(entries, tokens, texts_of(engine), 0 if req["echo"] else len(prompt_text))
+        choices.append({"text": (prompt_text if req["echo"] else "") + g.text, "index": k, "logprobs": logprobs,
+                        "finish_reason": g.finish_reason})
+    prompt_tokens = sum(g.prompt_tokens for g, _ in results)
+    completion_tokens = sum(g.completion_tokens for g, _ in results)
+    return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
+            "model": model_id, "system_fingerprint": None, "choices": choices,
+            "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                      "total_tokens": prompt_tokens + completion_tokens}}
+
+
 # -- the routes -------------------------------------------------------------------------------------------
 
 def add_routes(router: Any, get_model: Callable[[str, Any], Any], scheduler: Scheduler, settings: Any,
                who: Callable[..., str]) -> None:
-    """``POST /v1/chat/completions`` and ``POST /v1/classify`` on ``router``. ``get_model(owner,
+    """``POST /v1/chat/completions``, ``POST /v1/completions`` and ``POST /v1/classify`` on ``router``. ``get_model(owner,
     model_id)`` returns a loaded ChatEngine / Classifier or raises a 404 ``ApiError``; ``who`` is
     the auth dependency (it runs before the body is read)."""
     from starlette.concurrency import run_in_threadpool
@@ -378,6 +530,18 @@ def add_routes(router: Any, get_model: Callable[[str, Any], Any], scheduler: Sch
         if req["stream"]:
             return EventStream(chunks(engine.id, queue, req, ticket, engine), ticket)
         return completion(engine.id, await finish(request.receive, queue, ticket), engine, req)
+
+    @router.post("/v1/completions")
+    async def completions(request: Request, owner: str = Depends(who)) -> Any:
+        req = completion_request(await body_of(request), settings)
+        if req["stream"]:
+            raise ApiError(400, "stream: streaming is not supported on /v1/completions (use /v1/chat/completions)",
+                           "stream", "unsupported_parameter")
+        engine = await model_for(owner, req["model"], "chat")
+        prompts = await run_in_threadpool(prompt_ids_of, engine, req, settings)
+        ticket = admit(scheduler)
+        results = await finish(request.receive, complete_prompts(engine, prompts, req, ticket), ticket)
+        return await run_in_threadpool(text_completion, engine.id, engine, prompts, results, req)
 
     @router.post("/v1/classify")
     async def classify(request: Request, owner: str = Depends(who)) -> Any:

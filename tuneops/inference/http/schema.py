@@ -11,6 +11,7 @@ from typing import Any
 from fastapi import Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
+from ..logprobs import MAX_TOP
 from ..sampling import MIN_TEMPERATURE
 from .errors import ApiError, short
 
@@ -18,6 +19,7 @@ MAX_DEPTH = 32                # JSON nesting a request may have (a chat request 
 MAX_MESSAGES = 1024           # messages in one chat request
 MAX_MODEL_ID = 256            # characters of a model id
 SEED_MAX = 2**63 - 1          # OpenAI's seed is an int64; numpy takes any non-negative integer
+DECODABLE_MEMO = 256          # distinct schemas whose decodability check is remembered (a pure function of the schema)
 
 
 # -- request bodies ----------------------------------------------------------------------------------
@@ -83,8 +85,9 @@ def parse_body(raw: bytes) -> Any:
 
 # -- request checks -----------------------------------------------------------------------------------
 
-ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
-REFUSED = ("functions", "function_call", "logit_bias", "audio", "prediction")
+ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant", "tool": "tool",
+         "function": "function"}    # a legacy function result: read as the tool result of the call before it
+REFUSED = ("logit_bias", "audio", "prediction")
 FUNCTION_NAME = re.compile(r"^[a-zA-Z0-9_-]{1,64}$")
 MAX_TOOLS = 128
 _SURROGATE = re.compile("[\ud800-\udfff]")
@@ -151,15 +154,30 @@ def json_schema_of(value: Any, sub: str = "") -> dict[str, Any]:
 def decodable(schema: dict[str, Any], sub: str = "") -> dict[str, Any]:
     """``schema`` if the constrained decoder (llguidance) compiles it: a dangling ``$ref``, an
     unsatisfiable schema or a regex it cannot parse is a 400, before any model is looked up."""
-    import llguidance
+    from ..constrain import _key
 
-    try:
-        err = llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema))
-    except Exception as exc:  # noqa: BLE001 - llguidance's own errors
-        err = str(exc) or type(exc).__name__
+    err = _DECODABLE.get(_key(schema), lambda: _decodable_error(schema))
     if err:
         raise BadValue(f"the constrained decoder cannot use this schema: {str(err)[:160]}", sub, "invalid_schema")
     return schema
+
+
+def _decodable_error(schema: dict[str, Any]) -> str:
+    import llguidance
+
+    try:
+        return str(llguidance.LLMatcher.validate_grammar(llguidance.LLMatcher.grammar_from_json_schema(schema)) or "")
+    except Exception as exc:  # noqa: BLE001 - llguidance's own errors
+        return str(exc) or type(exc).__name__
+
+
+def _lru(size: int) -> Any:
+    from ..constrain import LRU
+
+    return LRU(size)
+
+
+_DECODABLE = _lru(DECODABLE_MEMO)       # schema -> why the decoder cannot use it ("" = it can): checked once
 
 
 def _tool_calls(v: Any) -> list[dict[str, Any]]:
@@ -190,18 +208,74 @@ def _tool_calls(v: Any) -> list[dict[str, Any]]:
     return out
 
 
+def _functions(v: Any, legacy: bool) -> Any:
+    """OpenAI ``tools`` (``[{"type": "function", "function": {...}}]``), or with ``legacy`` the
+    ``functions`` list (``[{...}]``), as clean ``tools``; a bad entry names its place."""
+    if v is None:
+        return v
+    shape = '{"name", "description", "parameters"}' if legacy else '{"type": "function", "function": {...}}'
+    if not isinstance(v, list) or len(v) > MAX_TOOLS:
+        raise BadValue(f"expected a list of up to {MAX_TOOLS} {shape} (got {short(v)})")
+    seen: set[str] = set()
+    out = []
+    for i, tool in enumerate(v):
+        if legacy:
+            fn, at = tool, f"[{i}]"
+        else:
+            if not isinstance(tool, dict) or tool.get("type", "function") != "function":
+                raise BadValue(f'expected {{"type": "function", "function": {{"name", "parameters"}}}} '
+                               f"(got {short(tool)})", f"[{i}]")
+            fn, at = tool.get("function"), f"[{i}].function"
+        if not isinstance(fn, dict):
+            raise BadValue(f"expected an object with a name (got {short(fn)})", at)
+        name = fn.get("name")
+        if not isinstance(name, str) or not FUNCTION_NAME.match(name):
+            raise BadValue(f"expected a function name of 1-64 letters, digits, _ or - (got {short(name)})",
+                           f"{at}.name")
+        if name in seen:
+            raise BadValue(f"function {name!r} is declared twice", f"{at}.name")
+        seen.add(name)
+        desc = fn.get("description")
+        if desc is not None and not isinstance(desc, str):
+            raise BadValue(f"expected a string (got {short(desc)})", f"{at}.description")
+        params = fn.get("parameters")
+        if params is not None:
+            json_schema_of(params, f"{at}.parameters")
+            if params.get("type", "object") != "object":
+                raise BadValue("the parameters of a function are an object schema (\"type\": \"object\")",
+                               f"{at}.parameters", "invalid_schema")
+        clean = {"name": name, **({"description": valid_text(desc)} if desc else {}),
+                 "parameters": params if params is not None else {"type": "object", "properties": {}}}
+        out.append({"type": "function", "function": clean})
+    return out or None
+
+
 class ChatMessage(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
     role: Any = Field(None, validate_default=True)
     content: Any = None
     tool_calls: Any = None
+    function_call: Any = None
     tool_call_id: Any = None
 
     @field_validator("tool_calls")
     @classmethod
     def _calls(cls, v: Any) -> Any:
         return None if v is None else _tool_calls(v) or None
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_call(cls, v: Any) -> Any:
+        """A legacy assistant ``function_call`` ``{"name", "arguments"}``: one tool call."""
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            raise BadValue(f'expected {{"name", "arguments"}} (got {short(v)})')
+        try:
+            return _tool_calls([{"function": v}])[0]["function"]
+        except BadValue as exc:
+            raise BadValue(str(exc), exc.sub.replace("[0].function", ""), exc.code) from None
 
     @field_validator("tool_call_id")
     @classmethod
@@ -255,6 +329,10 @@ class ChatRequest(BaseModel):
     @field_validator("model")
     @classmethod
     def _model(cls, v: Any) -> str:
+        return cls._model_id(v)
+
+    @staticmethod
+    def _model_id(v: Any) -> str:
         if v is None or v == "":
             raise BadValue("required (GET /v1/models lists them)")
         if not isinstance(v, str) or len(v) > MAX_MODEL_ID:
@@ -270,7 +348,7 @@ class ChatRequest(BaseModel):
             raise BadValue(f"at most {MAX_MESSAGES} messages (got {len(v)})")
         return v
 
-    @field_validator(*REFUSED, "logprobs", "top_logprobs")
+    @field_validator(*REFUSED)
     @classmethod
     def _refused(cls, v: Any, info: ValidationInfo) -> Any:
         if v:
@@ -280,40 +358,34 @@ class ChatRequest(BaseModel):
     @field_validator("tools")
     @classmethod
     def _tools(cls, v: Any) -> Any:
-        if v is None:
+        return _functions(v, legacy=False)
+
+    @field_validator("functions")
+    @classmethod
+    def _legacy_functions(cls, v: Any) -> Any:
+        return _functions(v, legacy=True)
+
+    @field_validator("function_call")
+    @classmethod
+    def _function_call(cls, v: Any) -> Any:
+        """Legacy ``function_call``: ``"none"``, ``"auto"`` or ``{"name": ...}``, as a ``tool_choice``."""
+        if v is None or v in ("none", "auto"):
             return v
-        if not isinstance(v, list) or len(v) > MAX_TOOLS:
-            raise BadValue(f'expected a list of up to {MAX_TOOLS} {{"type": "function", "function": {{...}}}} '
-                           f"(got {short(v)})")
-        seen: set[str] = set()
-        out = []
-        for i, tool in enumerate(v):
-            if not isinstance(tool, dict) or tool.get("type", "function") != "function":
-                raise BadValue(f'expected {{"type": "function", "function": {{"name", "parameters"}}}} '
-                               f"(got {short(tool)})", f"[{i}]")
-            fn = tool.get("function")
-            if not isinstance(fn, dict):
-                raise BadValue(f"expected an object with a name (got {short(fn)})", f"[{i}].function")
-            name = fn.get("name")
-            if not isinstance(name, str) or not FUNCTION_NAME.match(name):
-                raise BadValue(f"expected a function name of 1-64 letters, digits, _ or - (got {short(name)})",
-                               f"[{i}].function.name")
-            if name in seen:
-                raise BadValue(f"function {name!r} is declared twice", f"[{i}].function.name")
-            seen.add(name)
-            desc = fn.get("description")
-            if desc is not None and not isinstance(desc, str):
-                raise BadValue(f"expected a string (got {short(desc)})", f"[{i}].function.description")
-            params = fn.get("parameters")
-            if params is not None:
-                json_schema_of(params, f"[{i}].function.parameters")
-                if params.get("type", "object") != "object":
-                    raise BadValue("the parameters of a function are an object schema (\"type\": \"object\")",
-                                   f"[{i}].function.parameters", "invalid_schema")
-            clean = {"name": name, **({"description": valid_text(desc)} if desc else {}),
-                     "parameters": params if params is not None else {"type": "object", "properties": {}}}
-            out.append({"type": "function", "function": clean})
-        return out or None
+        if not isinstance(v, dict) or not isinstance(v.get("name"), str):
+            raise BadValue(f'expected "none", "auto" or {{"name": ...}} (got {short(v)})')
+        return {"type": "function", "function": {"name": v["name"]}}
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, bool):
+            raise BadValue(f"expected a boolean (got {short(v)})")
+        return v
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _top_logprobs(cls, v: Any) -> Any:
+        return _number(v, int, 0, MAX_TOP)
 
     @field_validator("tool_choice")
     @classmethod
@@ -369,6 +441,10 @@ class ChatRequest(BaseModel):
     @field_validator("stop")
     @classmethod
     def _stop(cls, v: Any) -> list[str]:
+        return cls._stops(v)
+
+    @staticmethod
+    def _stops(v: Any) -> list[str]:
         stops = [v] if isinstance(v, str) else v
         if stops is not None and (not isinstance(stops, list) or len(stops) > 4
                                   or not all(isinstance(s, str) for s in stops)):
@@ -401,6 +477,10 @@ class ChatRequest(BaseModel):
     @field_validator("stream_options")
     @classmethod
     def _stream_options(cls, v: Any) -> Any:
+        return cls._usage_options(v)
+
+    @staticmethod
+    def _usage_options(v: Any) -> Any:
         if v is None:
             return v
         if not isinstance(v, dict):
@@ -413,34 +493,63 @@ class ChatRequest(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> "ChatRequest":
+        legacy = self.functions is not None or self.function_call is not None
+        fns, choice_param = ("functions", "function_call") if legacy else ("tools", "tool_choice")
+        if legacy:                   # the legacy fields, read as tools / tool_choice (replies in the legacy shape)
+            if self.tools is not None or self.tool_choice is not None:
+                raise BadValue("use tools / tool_choice or the legacy functions / function_call, not both",
+                               "functions" if self.functions is not None else "function_call")
+            self.tools, self.tool_choice = self.functions, self.function_call
         choice = self.tool_choice
         if isinstance(choice, dict):
             name = choice["function"]["name"]
             if name not in {t["function"]["name"] for t in self.tools or []}:
-                raise BadValue(f"function {short(name)} is not in tools", "tool_choice")
+                raise BadValue(f"function {short(name)} is not in {fns}", choice_param)
         elif choice == "required" and not self.tools:
             raise BadValue('"required" needs tools to call', "tool_choice")
         if choice == "required" or isinstance(choice, dict):         # the calls are decoded under a grammar
             for i, t in enumerate(self.tools or []):
                 if choice == "required" or t["function"]["name"] == choice["function"]["name"]:
-                    decodable(t["function"]["parameters"], f"tools[{i}].function.parameters")
+                    decodable(t["function"]["parameters"],
+                              f"functions[{i}].parameters" if legacy else f"tools[{i}].function.parameters")
         if self.tools and self.response_format and choice not in (None, "none", "auto"):
             raise BadValue("a forced tool call and a response_format cannot both constrain the reply",
                            "response_format")
-        calls: dict[str, int] = {}
+        if self.top_logprobs is not None and not self.logprobs:
+            raise BadValue("needs logprobs: true", "top_logprobs")
+        calls: dict[str, int] = {}           # the ids of the latest assistant's calls -> its index
+        pending: dict[str, int] = {}         # those not answered yet
         for i, m in enumerate(self.messages or []):
-            if m.role == "assistant" and m.tool_calls:
-                calls = {tc["id"]: i for tc in m.tool_calls}
-            elif m.role == "tool":
+            if m.function_call is not None:
+                if m.role != "assistant" or m.tool_calls:
+                    raise BadValue("only an assistant message without tool_calls has a function_call",
+                                   f"messages[{i}].function_call")
+                m.tool_calls = [{"id": f"call_{i}", "type": "function", "function": m.function_call}]
+            if m.role == "function":         # a legacy result: the tool result of the function_call before it
+                if len(pending) != 1:
+                    raise BadValue("a function message answers the assistant function_call right before it; "
+                                   "there is none", f"messages[{i}].role")
+                m.role, m.tool_call_id = "tool", next(iter(pending))
+            if m.role == "tool":
                 if m.tool_call_id is None:
                     raise BadValue("required: the id of the call this message answers", f"messages[{i}].tool_call_id")
                 if m.tool_call_id not in calls:
                     raise BadValue(f"no preceding assistant tool call has id {short(m.tool_call_id)}",
                                    f"messages[{i}].tool_call_id")
+                if m.tool_call_id not in pending:
+                    raise BadValue(f"the call {short(m.tool_call_id)} is answered twice", f"messages[{i}].tool_call_id")
+                del pending[m.tool_call_id]
             else:
-                calls = {}
+                if pending:
+                    raise BadValue(f"the tool call {short(next(iter(pending)))} has no tool message answering it "
+                                   f"before messages[{i}]", f"messages[{next(iter(pending.values()))}].tool_calls")
+                calls = {tc["id"]: i for tc in m.tool_calls} if m.role == "assistant" and m.tool_calls else {}
+                pending = dict(calls)
             if m.role != "assistant" and m.tool_calls:
                 raise BadValue("only assistant messages have tool calls", f"messages[{i}].tool_calls")
+        if pending:
+            raise BadValue(f"the tool call {short(next(iter(pending)))} has no tool message answering it",
+                           f"messages[{next(iter(pending.values()))}].tool_calls")
         return self
 
 
@@ -453,21 +562,7 @@ def _param(loc: tuple[Any, ...]) -> str:
 
 def chat_request(body: Any, settings: Any) -> dict[str, Any]:
     """The checked request: messages (plain role/content), max_tokens, sampling, stop, stream."""
-    if not isinstance(body, dict):
-        raise ApiError(400, f"the request body must be a JSON object (got {short(body)})", None, "invalid_request")
-    try:
-        r = ChatRequest.model_validate(body, context={"settings": settings})
-    except ValidationError as err:
-        e = err.errors()[0]
-        exc = (e.get("ctx") or {}).get("error")
-        param = _param(e["loc"]) + getattr(exc, "sub", "")
-        if isinstance(exc, BadValue):
-            msg = str(exc)
-        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
-            msg = f"expected an object (got {short(e.get('input'))})"
-        else:
-            msg = e["msg"]
-        raise ApiError(400, f"{param}: {msg}", param, getattr(exc, "code", "invalid_value")) from None
+    r = _validated(ChatRequest, body, settings)
     max_tokens = next((t for t in (r.max_completion_tokens, r.max_tokens) if t is not None),
                       settings.default_max_tokens)
     messages = []
@@ -479,9 +574,156 @@ def chat_request(body: Any, settings: Any) -> dict[str, Any]:
             msg["tool_call_id"] = m.tool_call_id
         messages.append(msg)
     choice = r.tool_choice or ("auto" if r.tools else "none")
-    return {"model": r.model, "messages": messages, "tools": r.tools, "tool_choice": choice,
-            "parallel_tool_calls": r.parallel_tool_calls is not False, "response_format": r.response_format,
+    legacy = r.functions is not None or r.function_call is not None
+    return {"model": r.model, "messages": messages, "tools": r.tools, "tool_choice": choice, "legacy": legacy,
+            "parallel_tool_calls": r.parallel_tool_calls is not False and not legacy,
+            "response_format": r.response_format, "logprobs": (r.top_logprobs or 0) if r.logprobs else None,
             "max_tokens": max_tokens, "stop": r.stop or [], "seed": r.seed,
+            "temperature": settings.temperature if r.temperature is None else r.temperature,
+            "top_p": r.top_p or 1.0, "stream": bool(r.stream),
+            "include_usage": bool(r.stream_options and r.stream_options.get("include_usage"))}
+
+
+# -- legacy completions ---------------------------------------------------------------------------------
+
+COMPLETION_REFUSED = ("suffix", "logit_bias")    # they would change the answer: refused, not ignored
+
+
+def _prompts(v: Any, most: int) -> list[str | list[int]]:
+    """A prompt (a string or token ids) or a list of them, as a list of prompts."""
+    if isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(t, int) and not isinstance(t, bool)
+                                                                 for t in v)):
+        v = [v]
+    if not isinstance(v, list) or not v:
+        raise BadValue(f"expected a string, a list of strings, a list of token ids or a list of token-id lists "
+                       f"(got {short(v)})")
+    if len(v) > most:
+        raise BadValue(f"at most {most} prompts per request (serve.max_prompts; got {len(v)})")
+    out: list[str | list[int]] = []
+    for i, p in enumerate(v):
+        if isinstance(p, str):
+            out.append(valid_text(p, f"[{i}]"))
+        elif isinstance(p, list) and p and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in p):
+            out.append(p)
+        else:
+            raise BadValue(f"expected a string or a non-empty list of token ids >= 0 (got {short(p)})", f"[{i}]")
+    return out
+
+
+class CompletionRequest(BaseModel):
+    """A ``POST /v1/completions`` body (OpenAI's legacy completions; other fields are ignored)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    model: Any = Field(None, validate_default=True)
+    prompt: Any = Field(None, validate_default=True)
+    suffix: Any = None
+    logit_bias: Any = None
+    best_of: Any = None
+    n: Any = None
+    echo: Any = None
+    logprobs: Any = None
+    max_tokens: Any = None
+    stop: Any = None
+    seed: Any = None
+    temperature: Any = None
+    top_p: Any = None
+    stream: Any = None
+    stream_options: Any = None
+
+    @field_validator("model")
+    @classmethod
+    def _model(cls, v: Any) -> str:
+        return ChatRequest._model_id(v)
+
+    @field_validator("stop")
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        return ChatRequest._stops(v)
+
+    @field_validator("seed")
+    @classmethod
+    def _seed(cls, v: Any) -> Any:
+        return _number(v, int, 0, SEED_MAX)
+
+    @field_validator("temperature")
+    @classmethod
+    def _temperature(cls, v: Any) -> Any:
+        t = _number(v, float, 0, 2)
+        return 0.0 if t is not None and t < MIN_TEMPERATURE else t     # greedy (see MIN_TEMPERATURE)
+
+    @field_validator("top_p")
+    @classmethod
+    def _top_p(cls, v: Any) -> Any:
+        return _number(v, float, 0, 1)
+
+    @field_validator("n", "best_of")
+    @classmethod
+    def _n(cls, v: Any) -> Any:
+        if v is not None and (isinstance(v, bool) or v != 1 or not isinstance(v, int)):
+            raise BadValue(f"only 1 is supported (got {short(v)})")
+        return v
+
+    @field_validator("stream_options")
+    @classmethod
+    def _stream_options(cls, v: Any) -> Any:
+        return ChatRequest._usage_options(v)
+
+    @field_validator("prompt")
+    @classmethod
+    def _prompt(cls, v: Any, info: ValidationInfo) -> Any:
+        return _prompts(v, info.context["settings"].max_prompts)
+
+    @field_validator(*COMPLETION_REFUSED)
+    @classmethod
+    def _refused(cls, v: Any) -> Any:
+        if v:
+            raise BadValue("not supported by this server", code="unsupported_parameter")
+        return v
+
+    @field_validator("echo", "stream")
+    @classmethod
+    def _boolean(cls, v: Any) -> Any:
+        if v is not None and not isinstance(v, bool):
+            raise BadValue(f"expected a boolean (got {short(v)})")
+        return v
+
+    @field_validator("logprobs")
+    @classmethod
+    def _logprobs(cls, v: Any) -> Any:
+        return _number(v, int, 0, MAX_TOP)
+
+    @field_validator("max_tokens")
+    @classmethod
+    def _max_tokens(cls, v: Any, info: ValidationInfo) -> Any:
+        return _number(v, int, 0, info.context["settings"].max_tokens)      # 0: score the prompt only (echo)
+
+
+def _validated(model: type[BaseModel], body: Any, settings: Any) -> Any:
+    if not isinstance(body, dict):
+        raise ApiError(400, f"the request body must be a JSON object (got {short(body)})", None, "invalid_request")
+    try:
+        return model.model_validate(body, context={"settings": settings})
+    except ValidationError as err:
+        e = err.errors()[0]
+        exc = (e.get("ctx") or {}).get("error")
+        param = _param(e["loc"]) + getattr(exc, "sub", "")
+        if isinstance(exc, BadValue):
+            msg = str(exc)
+        elif e["type"] in ("model_type", "model_attributes_type", "dict_type"):
+            msg = f"expected an object (got {short(e.get('input'))})"
+        else:
+            msg = e["msg"]
+        raise ApiError(400, f"{param}: {msg}", param, getattr(exc, "code", "invalid_value")) from None
+
+
+def completion_request(body: Any, settings: Any) -> dict[str, Any]:
+    """The checked ``/v1/completions`` request: prompts (strings or token-id lists), max_tokens (0 with
+    ``echo`` scores the prompt only), sampling, stop, echo, logprobs (alternatives per token, or None)."""
+    r = _validated(CompletionRequest, body, settings)
+    return {"model": r.model, "prompts": r.prompt, "echo": bool(r.echo), "logprobs": r.logprobs,
+            "max_tokens": settings.default_max_tokens if r.max_tokens is None else r.max_tokens,
+            "stop": r.stop or [], "seed": r.seed,
             "temperature": settings.temperature if r.temperature is None else r.temperature,
             "top_p": r.top_p or 1.0, "stream": bool(r.stream),
             "include_usage": bool(r.stream_options and r.stream_options.get("include_usage"))}
