@@ -79,8 +79,8 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/evaluate.py", "tuneops/inference/chat.py",
                     "tuneops/inference/toolcalls.py", "tuneops/inference/finetuned.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/runtimes.py",
-                    "tuneops/inference/sampling.py", "tuneops/models.py", "tuneops/training/heads.py",
-                    "tuneops/training/methods.py", "tuneops/families.py")),
+                    "tuneops/inference/sampling.py", "tuneops/inference/graders.py", "tuneops/models.py",
+                    "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py")),
     StageSpec("optimize", "merge adapter, fp32 ONNX graph with KV cache (onnxruntime-genai builder or "
               "torch.onnx), ORT parity, quantized variants per target profile (INT8/INT4/QDQ), gates, coverage reports",
               params=("optimize", "model.max_seq_len"),
@@ -101,7 +101,8 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/inference/engine.py", "tuneops/inference/constrain.py", "tuneops/inference/layout.py",
                     "tuneops/inference/scheduler.py",
                     "tuneops/faults.py", "tuneops/secrets.py",
-                    "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py")),
+                    "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py",
+                    "tuneops/inference/graders.py")),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)
