@@ -161,3 +161,62 @@ def test_graded_turns_of_tool_rows():
     assert items[0]["tool"] == "translate" and items[0]["tools"] == TOOLS
     assert items[1]["tool_calls"] == [] and items[1]["reference"] == "In Polish: Zapisz"
     assert items[2]["tools"] is None and items[2]["reference"] == "bye!"
+
+
+class Scripted:
+    """A runtime (``tuneops.inference.runtimes`` protocol, no cache) that writes a fixed reply after
+    each known prompt: what a model that learnt the calls would write, token by token."""
+    has_cache = False
+
+    def __init__(self, prompts: list[list[int]], replies: list[list[int]], vocab: int):
+        self.script = list(zip(prompts, replies))
+        self.vocab = vocab
+
+    def __call__(self, ids, mask):
+        import numpy as np
+
+        out = np.zeros((ids.shape[0], ids.shape[1], self.vocab), np.float32)
+        for k in range(ids.shape[0]):
+            seq = [int(t) for t, m in zip(ids[k], mask[k]) if m]
+            prompt, reply = next((p, r) for p, r in self.script if seq[:len(p)] == p)
+            out[k, len(seq) - 1, reply[len(seq) - len(prompt)]] = 1.0
+        return out
+
+    def step(self, *args):                 # never called: no cache (decode recomputes the sequences)
+        raise AssertionError("no cache")
+
+    def empty_cache(self, batch: int):
+        raise AssertionError("no cache")
+
+
+@pytest.mark.parametrize("family", ["mistral-v0.3", "llama3.1", "smollm2"])
+def test_samples_keep_the_call_markers_and_parse_the_calls(family):
+    """The replies graded are the model's own text: a marker that is a special token (Mistral's
+    ``[TOOL_CALLS]``, Llama's ``<|python_tag|>``) is kept, so the call parses; decoding with the
+    special tokens skipped (what evaluate did) loses Mistral's marker and with it the call."""
+    from tests.inference.test_tool_training import call_text, prepared
+    from tests.inference.test_toolcalls import CALL_A, TOOLS as WEATHER
+    from tuneops.inference import chat
+
+    tok, fmt, _ = prepared(family)
+    convs = [[{"role": "user", "content": "What is the weather in Zurich?"}], [{"role": "user", "content": "Hi"}]]
+    text = call_text(fmt, [CALL_A])
+    if family == "llama3.1":
+        text = "<|python_tag|>" + text
+    stop = chat.stop_ids(tok)[0]
+    replies = [tok(text, add_special_tokens=False)["input_ids"] + [stop],
+               tok("Hello there.", add_special_tokens=False)["input_ids"] + [stop]]
+    prompts = [chat.prompt_ids(tok, convs[0], tools=WEATHER), chat.prompt_ids(tok, convs[1])]
+    runtime = Scripted(prompts, replies, len(tok))
+    samples = graders.sample_replies(runtime, tok, convs, [WEATHER, None], 200, 2)
+    assert samples[0]["output_tools"] == [CALL_A] and samples[0]["output_text"] == ""
+    assert (fmt.start or "<|python_tag|>") in samples[0]["text"]
+    assert samples[1] == {"text": "Hello there.", "output_text": "Hello there.", "output_tools": [],
+                          "output_json": None}
+    if family == "mistral-v0.3":
+        skipped = tok.decode(replies[0], skip_special_tokens=True).strip()
+        assert fmt.parse(skipped) == []              # the marker is gone: no call would be graded
+    g = graders.check([{"type": "tool_call", "name": "exact", "match": "arguments"}])
+    items = [{"row": 0, "tools": WEATHER, "tool_calls": [CALL_A], "reference": ""},
+             {"row": 1, "tools": None, "tool_calls": [], "reference": "Hello"}]
+    assert graders.score(g, items, samples)["graders"]["exact"] == {"type": "tool_call", "n": 1, "score": 1.0}
