@@ -198,7 +198,7 @@ def _lm_gate(cfg: Config, name: str, current: Any, tm: dict[str, Any], em: dict[
     by evaluate's graders); with ``evaluate.primary_grader``, that grader's score decides instead."""
     fp32 = om["variants"]["fp32"]
     gate_tags = rescore(cfg, name, current, cfg.path("optimize_dir") / fp32["path"],
-                        cfg.path("train_dir") / tm["artifact"], grade=bool(em.get("graders")))
+                        cfg.path("train_dir") / tm["artifact"], grade=any(g.get("n") for g in (em.get("graders") or {}).values()))
     if current is not None and "gate.champion.error" in gate_tags:
         return "challenger", (f"the champion (version {current.version}) cannot be scored like this "
                               f"version ({gate_tags['gate.champion.error']}): not comparable"), gate_tags

@@ -132,7 +132,7 @@ def render(data: dict[str, Any]) -> str:
                    else f"parity {_num(x.get('max_abs_logits_diff'), 6)}"] for n, x in variants.items()]
     grader_rows = [[_e(n), _e(g.get("type")), _num(g.get("n")), _num(g.get("base")), _num(g.get("finetuned")),
                     _num(_float(tags.get(f"gate.challenger.grader_{n}"))), _num(_float(tags.get(f"gate.champion.grader_{n}")))]
-                   for n, g in (em.get("graders") or {}).items()]
+                   for n, g in (em.get("graders") or {}).items() if g.get("n")]
     graders_html = ("<h3>Graders (<code>evaluate.graders</code>)</h3>" + _table(
         ["grader", "type", "turns", "base", "fine-tuned", "this version (ONNX, at registration)", "champion (ONNX)"],
         grader_rows)) if grader_rows else ""

@@ -208,8 +208,9 @@ def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
         champ = None
     if champ is not None and champ.version == mv.version:
         raise RegistryError(f"registry: {name} version {mv.version} is already the champion")
-    metric = mv.tags.get("eval.primary_metric", "perplexity")     # grader_<name>: evaluate.primary_grader
-    grader = metric[len("grader_"):] if metric.startswith("grader_") else None
+    grader = mv.tags.get("eval.primary_metric", "").removeprefix("grader_") \
+        if mv.tags.get("eval.primary_metric", "").startswith("grader_") else None    # evaluate.primary_grader
+    metric = "perplexity" if grader is None else f"grader_{grader}"
     ppl, base = _float(mv.tags.get(f"eval.finetuned_{metric}")), _float(mv.tags.get(f"eval.base_{metric}"))
     if ppl is None or base is None:
         raise RegistryError(f"registry: {name} version {mv.version} has no evaluation tags; it cannot pass the gate")
@@ -363,7 +364,7 @@ def _gate_section(tags: dict[str, str]) -> str:
 
 def _graders_section(tags: dict[str, str], metrics: dict[str, Any]) -> str:
     """evaluate's graders (base, fine-tuned) and, when register compared, champion and this version re-scored."""
-    graded = metrics.get("graders") or {}
+    graded = {n: g for n, g in (metrics.get("graders") or {}).items() if g.get("n")}   # graders that graded turns
     if not graded:
         return ""
 
@@ -431,6 +432,6 @@ Default variant: {optimize.get('default_variant')}
 - MLflow run: `{tags.get('mlflow.run_id', '')}`; Prefect flow run: `{tags.get('prefect.flow_run_id', 'n/a')}`
 
 ## Intended use and limits
-Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out {metric}{' and the graders above' if metrics.get('graders') else ''}. Not evaluated for
+Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out {metric}{' and the graders above' if _graders_section(tags, metrics) else ''}. Not evaluated for
 safety, bias or factuality. Promotion to `champion` happens only through the evaluation gate.
 """
