@@ -9,6 +9,7 @@ import shutil
 
 import pytest
 
+from tuneops import stages
 from tuneops.config import load_config
 from tuneops.io import read_json, read_jsonl
 
@@ -32,16 +33,14 @@ def tools_project(stage):
         "optimize.ppl_samples=4", "train.max_steps=2"))
     cfg = load_config(root / "params.yaml")
     shutil.copytree(stage.cfg.path("base_model_dir"), cfg.path("base_model_dir"))
+    for spec in stages.STAGES[1:6]:                     # ingest .. evaluate (the base model is in place)
+        spec.load()(cfg)
     return cfg
 
 
 def test_evaluate_scores_the_graders_for_base_and_fine_tuned(tools_project):
-    from tuneops import stages
-
     cfg = tools_project
     assert cfg.model.max_seq_len == 640                 # the scenario's own budget, with params.yaml's 256
-    for spec in stages.STAGES[1:6]:                     # ingest .. evaluate (the base model is in place)
-        spec.load()(cfg)
     metrics = read_json(cfg.path("evaluate_dir") / "metrics.json")
     rows = read_jsonl(cfg.path("clean_eval_data"))[: cfg.evaluate.max_samples]
     calls = sum(1 for r in rows for m in r["messages"] if m.get("tool_calls"))
@@ -70,7 +69,6 @@ def test_evaluate_scores_the_graders_for_base_and_fine_tuned(tools_project):
 def test_the_gate_decides_by_the_primary_grader_and_regrades_the_champion(tools_project):
     import mlflow
 
-    from tuneops import stages
     from tuneops.registry import set_alias
 
     cfg = tools_project
