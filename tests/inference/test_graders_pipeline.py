@@ -97,7 +97,7 @@ def test_the_gate_decides_by_the_primary_grader_and_regrades_the_champion(tools_
     second = stages.get("register").load()(cfg2)
     v2 = client.get_model_version(name, second["version"])
     tags = v2.tags
-    assert tags["gate.metric"] == "grader_tool_call_exact" and tags["gate.champion.version"] == v1.version
+    assert tags["gate.metric"] == "grader_tool_call_exact" and tags["gate.champion.version"] == str(v1.version)
     for n in ("tool_call_exact", "tool_names", "says_hello", "reply_rouge_l"):
         assert 0.0 <= float(tags[f"gate.champion.grader_{n}"]) <= 1.0
         assert 0.0 <= float(tags[f"gate.challenger.grader_{n}"]) <= 1.0
