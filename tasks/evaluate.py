@@ -1,5 +1,7 @@
 """Stage `evaluate`: eval loss and perplexity of the base and the fine-tuned model on
-the held-out split (assistant tokens only), plus a few greedy generations.
+the held-out split (assistant tokens only), plus a few greedy generations, and the graders of
+``evaluate.graders`` (OpenAI grader JSON, ``tuneops.inference.graders``) over the split's graded turns
+for both models (``graded.jsonl``); ``evaluate.primary_grader`` makes one the primary metric.
 
 Classification / NER heads: accuracy and macro-F1, or word accuracy and entity-level span F1,
 of the base model with a fresh (untrained, fixed-seed) head vs the fine-tuned one, and a few
@@ -11,7 +13,8 @@ from typing import Any
 
 from tuneops import log
 from tuneops.config import Config
-from tuneops.inference import decode, finetuned
+from tuneops.errors import TuneopsError
+from tuneops.inference import finetuned, graders
 from tuneops.inference.chat import prompt_and_reference, record_tools
 from tuneops.inference.scoring import encode, torch_perplexity
 from tuneops.io import fresh_dir, md5_file, read_jsonl, write_json, write_jsonl
@@ -111,6 +114,43 @@ def comparison(metric: str, base: float, finetuned: float) -> list[dict[str, Any
             {"model": "fine-tuned", "metric": metric, "value": finetuned}]
 
 
+def grade(e: Any, model: Any, tokenizer: Any, graded: list[dict[str, Any]]) -> tuple[dict[str, Any], list] | None:
+    """``evaluate.graders`` over the graded turns, with ``model``'s greedy replies (None: no graders)."""
+    if not graded:
+        return None
+    log.log.info(f"evaluate: graders {', '.join(graders.declared(e.graders))} over {len(graded)} turns ...")
+    return graders.grade(model, tokenizer, e.graders, graded, e.grader_max_new_tokens, e.batch_size)
+
+
+def grader_metrics(e: Any, graded: list[dict[str, Any]], grades: dict[str, Any], out: Any) -> dict[str, Any]:
+    """The graders' scores of base and fine-tuned (``graders``, ``base_grader_<name>``,
+    ``finetuned_grader_<name>``), each turn's replies and scores in ``graded.jsonl``; with
+    ``evaluate.primary_grader``, that grader is the primary metric (higher is better)."""
+    if not graded or grades.get("base") is None:
+        return {}
+    (base, base_samples), (ft, ft_samples) = grades["base"], grades["finetuned"]
+    metrics: dict[str, Any] = {
+        "graded_turns": len(graded),
+        "graders": {n: {"type": r["type"], "n": r["n"], "base": r["score"], "finetuned": ft["graders"][n]["score"],
+                        **({"base_pass_rate": r["pass_rate"], "finetuned_pass_rate": ft["graders"][n]["pass_rate"]}
+                           if "pass_rate" in r else {})}
+                    for n, r in base["graders"].items()},
+        **graders.flat("base", base), **graders.flat("finetuned", ft)}
+    write_jsonl(out / "graded.jsonl", (
+        {"row": it["row"], "turn": it["turn"], "reference": it["reference"], "tool_calls": it["tool_calls"],
+         "base": {"text": b["text"], "output_tools": b["output_tools"], "scores": base["per_item"][k]},
+         "finetuned": {"text": f["text"], "output_tools": f["output_tools"], "scores": ft["per_item"][k]}}
+        for k, (it, b, f) in enumerate(zip(graded, base_samples, ft_samples)) if b is not None))
+    if e.primary_grader:
+        metric = graders.metric_name(e.primary_grader)
+        if f"base_{metric}" not in metrics:
+            raise TuneopsError(f"evaluate.primary_grader: {e.primary_grader} graded no turn of the eval split "
+                               f"(it applies to none of its {len(graded)} turns)")
+        metrics.update({"primary_metric": metric, "primary_direction": "higher",
+                        f"{metric}_change": metrics[f"finetuned_{metric}"] - metrics[f"base_{metric}"]})
+    return metrics
+
+
 def run(cfg: Config) -> dict[str, Any]:
     from tuneops.io import read_json
     from tuneops.training import objectives
@@ -131,12 +171,17 @@ def run(cfg: Config) -> dict[str, Any]:
     prompts = [prompt_and_reference(r["messages"]) for r in rows[: e.generations]]
     tools = [record_tools(r) for r in rows[: e.generations]]     # tool rows: the functions, declared in the prompt
 
-    scores, replies = {}, {}
+    graded = graders.items(rows) if e.graders else []     # the graded turns of the eval rows
+
+    scores, replies, grades = {}, {}, {}
     for name, model in (("base", load_causal_lm(base_dir)), ("finetuned", finetuned.load(base_dir, train_dir))):
         log.log.info(f"evaluate: {name} model, {len(features)} conversations, {len(prompts)} generations ...")
         model.eval()
         scores[name] = torch_perplexity(model, features, e.batch_size, pad)
-        replies[name] = decode.replies(model, tokenizer, [msgs for msgs, _ in prompts], e.max_new_tokens, tools)
+        # as the model wrote them: a reply with tool calls keeps its call markers (special tokens in some families)
+        replies[name] = [s["text"] for s in graders.sample_replies(
+            model, tokenizer, [msgs for msgs, _ in prompts], tools, e.max_new_tokens, e.batch_size)]
+        grades[name] = grade(e, model, tokenizer, graded)
         del model
 
     base, ft = scores["base"], scores["finetuned"]
@@ -147,6 +192,7 @@ def run(cfg: Config) -> dict[str, Any]:
         "perplexity_change_pct": 100.0 * (ft["perplexity"] / base["perplexity"] - 1.0),
         "primary_metric": "perplexity", "primary_direction": "lower",
     }
+    metrics.update(grader_metrics(e, graded, grades, out))
     write_json(out / "metrics.json", metrics)
     write_json(out / "comparison.json", comparison("perplexity", base["perplexity"], ft["perplexity"]))
     write_jsonl(out / "generations.jsonl", (

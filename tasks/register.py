@@ -147,9 +147,17 @@ class Kind:
     #                                                       -> (alias, reason, gate.* tags)
 
 
+def _grader_scores(em: dict[str, Any]) -> dict[str, float]:
+    """evaluate's grader scores (``base_grader_<name>``, ``finetuned_grader_<name>``, pass rates)."""
+    return {k: float(v) for k, v in em.items() if k.startswith(("base_grader_", "finetuned_grader_"))
+            and isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
 def _lm_tags(em: dict[str, Any], om: dict[str, Any]) -> dict[str, str]:
     return {"eval.base_perplexity": f"{em['base_perplexity']:.6f}",
             "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
+            "eval.primary_metric": str(em.get("primary_metric", "perplexity")),
+            **{f"eval.{k}": f"{v:.6f}" for k, v in _grader_scores(em).items()},
             "onnx.default_variant": str(om["default_variant"])}
 
 
@@ -158,6 +166,8 @@ def _lm_metrics(em: dict[str, Any], om: dict[str, Any]) -> dict[str, float]:
     return {
         "eval_base_loss": em["base_loss"], "eval_base_perplexity": em["base_perplexity"],
         "eval_loss": em["finetuned_loss"], "eval_perplexity": em["finetuned_perplexity"],
+        **{("eval_" + k[len("finetuned_"):] if k.startswith("finetuned_") else f"eval_{k}"): v
+           for k, v in _grader_scores(em).items()},
         "onnx_fp32_max_abs_logits_diff": variants["fp32"]["max_abs_logits_diff"],
         **{f"onnx_{n}_size_mb": v["size_bytes"] / 2**20 for n, v in variants.items()},
         **{f"onnx_{n}_perplexity": v["perplexity"] for n, v in variants.items()},
@@ -185,13 +195,26 @@ def _lm_model(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str,
 
 def _lm_gate(cfg: Config, name: str, current: Any, tm: dict[str, Any], em: dict[str, Any],
              om: dict[str, Any]) -> tuple[str, str, dict[str, str]]:
-    """Perplexity: the challenger's fp32 ONNX model and the champion's, both re-scored now."""
+    """Perplexity: the challenger's fp32 ONNX model and the champion's, both re-scored now (and graded
+    by evaluate's graders); with ``evaluate.primary_grader``, that grader's score decides instead."""
     fp32 = om["variants"]["fp32"]
     gate_tags = rescore(cfg, name, current, cfg.path("optimize_dir") / fp32["path"],
-                        cfg.path("train_dir") / tm["artifact"])
+                        cfg.path("train_dir") / tm["artifact"], grade=any(g.get("n") for g in (em.get("graders") or {}).values()))
     if current is not None and "gate.champion.error" in gate_tags:
         return "challenger", (f"the champion (version {current.version}) cannot be scored like this "
                               f"version ({gate_tags['gate.champion.error']}): not comparable"), gate_tags
+    metric = em.get("primary_metric", "perplexity")
+    if metric != "perplexity":          # a grader (evaluate.primary_grader): higher is better
+        gate_tags["gate.metric"] = metric
+        champion, challenger = (gate_tags.get(f"gate.{w}.{metric}") for w in ("champion", "challenger"))
+        if current is not None and (champion is None or challenger is None):
+            return "challenger", (f"the champion (version {current.version}) has no {metric} score on this eval "
+                                  "split: not comparable"), gate_tags
+        alias, reason = decide(em[f"finetuned_{metric}"], em[f"base_{metric}"], fp32["accepted"],
+                               None if champion is None else float(champion), cfg.register.min_improvement_pct,
+                               metric=metric, higher_is_better=True,
+                               challenger_ppl=None if challenger is None else float(challenger))
+        return alias, reason, gate_tags
     champion_ppl = float(gate_tags["gate.champion.perplexity"]) if current is not None else None
     alias, reason = decide(em["finetuned_perplexity"], em["base_perplexity"], fp32["accepted"], champion_ppl,
                            cfg.register.min_improvement_pct,

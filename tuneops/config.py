@@ -289,6 +289,24 @@ class EvaluateParams(_Section):
     max_samples: int | None = Field(default=None, gt=0)
     generations: int = Field(ge=0)
     max_new_tokens: int = Field(gt=0)
+    graders: list[dict[str, Any]] = Field(default_factory=list)   # OpenAI grader JSON (tuneops/inference/graders.py)
+    primary_grader: str | None = None    # a grader's name: the champion gate's metric (null = perplexity)
+    grader_max_new_tokens: int = Field(default=96, gt=0)   # a graded turn's reply limit
+
+    @field_validator("graders", mode="before")
+    @classmethod
+    def _graders(cls, v: Any) -> Any:
+        from .inference.graders import check
+
+        return check([] if v is None else v)
+
+    @model_validator(mode="after")
+    def _primary_grader(self) -> "EvaluateParams":
+        names = [g["name"] for g in self.graders]
+        if self.primary_grader is not None and self.primary_grader not in names:
+            raise ValueError(f"primary_grader: {self.primary_grader!r} is not the name of one of evaluate.graders "
+                             f"({', '.join(names) or 'none declared'})")
+        return self
 
 
 class Int4Params(_Section):
@@ -714,6 +732,24 @@ def _format_error(source: str, err: ValidationError) -> str:
     return "\n".join(lines)
 
 
+def scenario_floor(raw: dict[str, Any]) -> dict[str, Any]:
+    """``model.max_seq_len`` raised to the token budget the bundled scenario's rows need
+    (``Scenario.min_seq_len``, e.g. ``tools``: the tool declarations are in every prompt); never lowered."""
+    from .data.scenarios import REGISTRY
+
+    data, model = raw.get("data"), raw.get("model")
+    if not isinstance(data, dict) or not isinstance(model, dict):
+        return raw
+    sc = REGISTRY.get(data.get("scenario")) if isinstance(data.get("scenario"), str) else None
+    have = model.get("max_seq_len")
+    if sc is None or not sc.min_seq_len or not isinstance(have, int) or isinstance(have, bool) \
+            or have >= sc.min_seq_len:
+        return raw
+    raw = copy.deepcopy(raw)
+    raw["model"]["max_seq_len"] = sc.min_seq_len
+    return raw
+
+
 def load_config(params_file: str | Path = "params.yaml", overrides: list[str] | tuple[str, ...] = (),
                 root: str | Path | None = None) -> Config:
     """Read, override and validate params; raise ``ConfigError`` with one line per problem."""
@@ -728,7 +764,7 @@ def load_config(params_file: str | Path = "params.yaml", overrides: list[str] | 
         raise ConfigError(f"{path}{where}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: expected a mapping of sections at the top level")
-    raw = apply_overrides(raw, overrides)
+    raw = scenario_floor(apply_overrides(raw, overrides))
     try:
         params = Params.model_validate(raw)
     except ValidationError as err:

@@ -80,9 +80,9 @@ STAGES: tuple[StageSpec, ...] = (
               code=("tasks/evaluate.py", "tuneops/inference/chat.py",
                     "tuneops/inference/toolcalls.py", "tuneops/inference/finetuned.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/runtimes.py",
-                    "tuneops/inference/sampling.py", "tuneops/models.py", "tuneops/training/heads.py",
-                    "tuneops/training/methods.py", "tuneops/families.py", "tuneops/training/preference.py",
-                    "tuneops/training/objectives.py", "tuneops/data")),
+                    "tuneops/inference/sampling.py", "tuneops/inference/graders.py", "tuneops/models.py",
+                    "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
+                    "tuneops/training/preference.py", "tuneops/training/objectives.py", "tuneops/data")),
     StageSpec("optimize", "merge adapter, fp32 ONNX graph with KV cache (onnxruntime-genai builder or "
               "torch.onnx), ORT parity, quantized variants per target profile (INT8/INT4/QDQ), gates, coverage reports",
               params=("optimize", "model.max_seq_len"),
@@ -105,7 +105,7 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/inference/scheduler.py",
                     "tuneops/faults.py", "tuneops/secrets.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py",
-                    "tuneops/training/objectives.py")),
+                    "tuneops/training/objectives.py", "tuneops/inference/graders.py")),
 )
 
 STAGE_NAMES = tuple(s.name for s in STAGES)

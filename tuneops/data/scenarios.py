@@ -29,6 +29,8 @@ class Scenario:
     format: str | None                                         # None: user data, in data.format
     build: Callable[[Any], tuple[Records, dict[str, Any]]] | None   # (ingest params) -> records, info
     stratify: str | None = None                                # cap ingest.max_per_label records per value
+    min_seq_len: int | None = None     # token budget its rows need: model.max_seq_len is raised to it when lower
+                                       # (tuneops.config.load_config; never lowered)
 
 
 def _chat(p: Any) -> tuple[Records, dict[str, Any]]:
@@ -48,9 +50,10 @@ REGISTRY: dict[str, Scenario] = {s.name: s for s in (
     Scenario("creative", "instruction", lambda p: sources.fortunes_creative()),
     # tool calling: define_word / translate / get_sentiment calls answered from WordNet, Django, VADER,
     # and small talk that calls nothing; 2 x ingest.max_per_label candidates per function, then at most
-    # max_per_label each (rows are ~500 tokens with the three tools declared: model.max_seq_len 512)
+    # max_per_label each. Rows are 400-550 tokens with the three tools declared (SmolLM2: the prompt with the
+    # declarations alone is ~395), so the scenario raises model.max_seq_len to 640
     Scenario("tools", "chat", lambda p: sources.tool_calls(p.seed, 2 * p.max_per_label, p.language),
-             stratify="tool"),
+             stratify="tool", min_seq_len=640),
     # preference pairs (DPO): chatterbot-corpus prompts, chosen = the corpus's reply, rejected = a reply the
     # corpus gives to a prompt of another category (chatterbot.preference_pairs: how, and why honest)
     Scenario("preference", "preference", lambda p: chatterbot.preference_pairs(p.language, p.seed)),

@@ -16,6 +16,8 @@ serve``, the jobs API's model endpoints, the registered pyfunc, evaluate's gener
 - ``http``: the OpenAI-compatible HTTP layer (routes, request schema, errors, auth, the server
   process) and the ``tuneops serve`` app; the jobs API (``tuneops.service``) mounts its routes;
 - ``scoring``: perplexity / NLL of any forward function (train, evaluate, optimize, gate);
+- ``graders``: OpenAI grader JSON (``evaluate.graders``): string_check, text_similarity, tool_call, scored
+  on greedy replies to the eval split's graded turns (evaluate, the champion gate);
 - ``finetuned``: the fine-tuned model in PyTorch (base + adapter, or merged);
 - ``pyfunc``: the registered MLflow pyfuncs;
 - ``commands``: ``tuneops generate`` / ``tuneops classify``.

@@ -32,8 +32,8 @@ _API = {
         "champion_stack", "record_champion", "move_alias", "set_alias", "find_registration",
         "summary", "list_versions", "show", "gate", "promote", "rollback", "lineage", "model_card"),
         "versions"),
-    **dict.fromkeys(("SCORER", "HEAD_SCORER", "decide", "rescore", "rescore_head", "registered_fp32",
-                     "score_onnx", "eval_rows"), "promotion"),
+    **dict.fromkeys(("SCORER", "HEAD_SCORER", "GRADER_SCORER", "decide", "rescore", "rescore_head", "registered_fp32",
+                     "score_onnx", "score_graders", "eval_rows"), "promotion"),
     **dict.fromkeys(("git_commit", "dvc_lock_md5s", "base_model_identity"), "provenance"),
 }
 

@@ -10,6 +10,10 @@ model, passes the ONNX fp32 gate and is not worse than the current champion; oth
   another base model or tokenizer is scored with its own), by the same ONNX Runtime
   scorer. A champion's old tag value, measured on an older split, is never compared.
 
+Graders (``evaluate.graders``): with a champion, both models' fp32 ONNX graphs also reply greedily to
+the current eval split's graded turns and are graded the same way (``score_graders``); with
+``evaluate.primary_grader`` the gate compares that grader's score (higher is better) instead of perplexity.
+
 Classification / NER heads: the champion's registered PyTorch head is re-scored the same way
 (``rescore_head``) by the scorer evaluate uses, on the current eval split, with its own
 tokenizer; a champion with another label set is not comparable.
@@ -26,6 +30,8 @@ from typing import Any
 from tuneops.inference import layout
 
 SCORER = "ONNX Runtime fp32, each model with its own tokenizer, on the current eval split"
+GRADER_SCORER = ("evaluate.graders over greedy replies of each fp32 ONNX model (ONNX Runtime, its own tokenizer), "
+                 "on the current eval split")
 HEAD_SCORER = "PyTorch, each head model with its own tokenizer and label set, on the current eval split"
 
 
@@ -75,6 +81,27 @@ def score_onnx(cfg: Any, onnx_path: Path, tokenizer_dir: Path) -> dict[str, floa
     return perplexity(OnnxCausalLM(Path(onnx_path)), features, cfg.evaluate.batch_size, tok.pad_token_id)
 
 
+def score_graders(cfg: Any, onnx_path: Path, tokenizer_dir: Path) -> dict[str, float | None]:
+    """``evaluate.graders`` of an fp32 ONNX causal LM on the current eval split's graded turns (greedy
+    replies, its own tokenizer): the grader name -> its score (None: it applies to no turn)."""
+    from tuneops.inference import graders
+    from tuneops.inference.runtimes import OnnxCausalLM
+    from tuneops.models import load_tokenizer
+
+    e = cfg.evaluate
+    tok = load_tokenizer(Path(tokenizer_dir))
+    runtime = OnnxCausalLM(Path(onnx_path))
+    batch = e.batch_size if getattr(runtime, "left_padding", True) else 1   # a graph without positions: one at a time
+    result, _ = graders.grade(runtime, tok, e.graders, graders.items(eval_rows(cfg)), e.grader_max_new_tokens, batch)
+    return {n: r["score"] for n, r in result["graders"].items()}
+
+
+def _grader_tags(who: str, scores: dict[str, float | None]) -> dict[str, str]:
+    from tuneops.inference.graders import metric_name
+
+    return {f"gate.{who}.{metric_name(n)}": f"{v:.6f}" for n, v in scores.items() if v is not None}
+
+
 def registered_fp32(name: str, version: str, dest: Path) -> tuple[Path, Path]:
     """(fp32 model.onnx, tokenizer folder) of a registered version, downloaded into ``dest``."""
     import mlflow.pyfunc
@@ -101,9 +128,10 @@ def _champion_tags(champion: Any) -> dict[str, str]:
 
 
 def rescore(cfg: Any, name: str, champion: Any, challenger_onnx: Path,
-            challenger_tok: Path) -> dict[str, Any]:
+            challenger_tok: Path, grade: bool = False) -> dict[str, Any]:
     """Champion and challenger scored now, the same way, on the same rows. Returns the
-    ``gate.*`` tags; ``champion`` is None when there is none."""
+    ``gate.*`` tags; ``champion`` is None when there is none. ``grade``: with a champion, both are
+    also graded by ``evaluate.graders`` (``gate.{challenger,champion}.grader_<name>``)."""
     import tempfile
 
     tags = _split_tags(cfg, SCORER, len(eval_rows(cfg)))
@@ -120,6 +148,10 @@ def rescore(cfg: Any, name: str, champion: Any, challenger_onnx: Path,
             tags["gate.champion.error"] = str(exc)[:500]
             return tags
         champ = score_onnx(cfg, onnx, tok)
+        if grade and cfg.evaluate.graders:
+            tags["gate.grader_scorer"] = GRADER_SCORER
+            tags.update(_grader_tags("challenger", score_graders(cfg, challenger_onnx, challenger_tok)))
+            tags.update(_grader_tags("champion", score_graders(cfg, onnx, tok)))
     tags["gate.champion.perplexity"] = f"{champ['perplexity']:.6f}"
     tags["gate.champion.tokens"] = str(champ["tokens"])
     return tags

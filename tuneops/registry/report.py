@@ -40,6 +40,10 @@ def _num(value: Any, digits: int = 4) -> str:
     return _e(value)
 
 
+def _float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
 def _flag(ok: Any) -> str:
     return '<span class="ok">pass</span>' if ok else '<span class="bad">fail</span>'
 
@@ -126,6 +130,12 @@ def render(data: dict[str, Any]) -> str:
     eval_rows += [[f"fine-tuned ONNX {_e(n)}", _num(x.get("perplexity")), "-",
                    _num(x.get("perplexity_change_pct"), 2) + " % vs PyTorch" if "perplexity_change_pct" in x
                    else f"parity {_num(x.get('max_abs_logits_diff'), 6)}"] for n, x in variants.items()]
+    grader_rows = [[_e(n), _e(g.get("type")), _num(g.get("n")), _num(g.get("base")), _num(g.get("finetuned")),
+                    _num(_float(tags.get(f"gate.challenger.grader_{n}"))), _num(_float(tags.get(f"gate.champion.grader_{n}")))]
+                   for n, g in (em.get("graders") or {}).items() if g.get("n")]
+    graders_html = ("<h3>Graders (<code>evaluate.graders</code>)</h3>" + _table(
+        ["grader", "type", "turns", "base", "fine-tuned", "this version (ONNX, at registration)", "champion (ONNX)"],
+        grader_rows)) if grader_rows else ""
     var_rows = []
     for n, x in variants.items():
         cov = x.get("coverage")
@@ -174,6 +184,7 @@ predicted peak {_num(plan.get('predicted_peak_gb_per_device'), 3)} GB per device
 
 <h2 id="evaluation">Evaluation (held-out split, {_e(em.get('samples'))} samples)</h2>
 {_table(["model", metric, "loss", "change"], eval_rows)}
+{graders_html}
 
 <h2 id="variants">ONNX variants</h2>
 {_table(["variant", "path", "size", "gate", "rule", "target coverage", ""], var_rows)}

@@ -198,7 +198,7 @@ def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
     import tempfile
     from pathlib import Path
 
-    from tuneops.registry.promotion import decide, registered_fp32, score_onnx
+    from tuneops.registry.promotion import decide, registered_fp32, score_graders, score_onnx
 
     opt = _artifact(mc, mv.run_id, "optimize/metrics.json") or {}
     onnx_ok = bool(opt.get("variants", {}).get("fp32", {}).get("accepted", False))
@@ -208,9 +208,15 @@ def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
         champ = None
     if champ is not None and champ.version == mv.version:
         raise RegistryError(f"registry: {name} version {mv.version} is already the champion")
-    ppl, base = _float(mv.tags.get("eval.finetuned_perplexity")), _float(mv.tags.get("eval.base_perplexity"))
+    grader = mv.tags.get("eval.primary_metric", "").removeprefix("grader_") \
+        if mv.tags.get("eval.primary_metric", "").startswith("grader_") else None    # evaluate.primary_grader
+    metric = "perplexity" if grader is None else f"grader_{grader}"
+    ppl, base = _float(mv.tags.get(f"eval.finetuned_{metric}")), _float(mv.tags.get(f"eval.base_{metric}"))
     if ppl is None or base is None:
         raise RegistryError(f"registry: {name} version {mv.version} has no evaluation tags; it cannot pass the gate")
+    if grader is not None and grader not in [g["name"] for g in cfg.evaluate.graders]:
+        raise RegistryError(f"registry: {name} version {mv.version} is gated by the grader {grader!r}, which "
+                            "evaluate.graders does not declare: it cannot be re-scored")
     champ_ppl = chal_ppl = None
     if champ is not None:
         if not cfg.path("clean_eval_data").is_file():
@@ -218,12 +224,17 @@ def gate(mc: Any, cfg: Config, name: str, mv: Any) -> tuple[str, str]:
                                 f"v{mv.version} and the champion v{champ.version} on (run the pipeline up to validate)")
         with tempfile.TemporaryDirectory(dir=cfg.state_dir, prefix="gate-") as tmp:
             try:
-                scores = [score_onnx(cfg, *registered_fp32(name, v.version, Path(tmp) / str(v.version)))
-                          for v in (mv, champ)]
+                files = [registered_fp32(name, v.version, Path(tmp) / str(v.version)) for v in (mv, champ)]
             except FileNotFoundError as exc:
                 raise RegistryError(f"registry: {exc}") from None
-        chal_ppl, champ_ppl = scores[0]["perplexity"], scores[1]["perplexity"]
-    return decide(ppl, base, onnx_ok, champ_ppl, cfg.register.min_improvement_pct, challenger_ppl=chal_ppl)
+            if grader is None:
+                chal_ppl, champ_ppl = (score_onnx(cfg, *f)["perplexity"] for f in files)
+            else:
+                chal_ppl, champ_ppl = (score_graders(cfg, *f)[grader] for f in files)
+                if chal_ppl is None or champ_ppl is None:
+                    raise RegistryError(f"registry: the grader {grader!r} grades no turn of the current eval split")
+    return decide(ppl, base, onnx_ok, champ_ppl, cfg.register.min_improvement_pct, metric=metric,
+                  higher_is_better=grader is not None, challenger_ppl=chal_ppl)
 
 
 def promote(cfg: Config, ref: str) -> dict[str, Any]:
@@ -334,19 +345,43 @@ def _gate_section(tags: dict[str, str]) -> str:
     metric = tags.get("gate.metric", "perplexity")
     if f"gate.challenger.{metric}" not in tags:
         return "Fine-tuned vs base: the evaluation above (same split, same tokenizer)."
-    lines = [f"Fine-tuned vs base: the evaluation above. Champion comparison: {tags.get('gate.scorer')}, "
+    scorer = tags.get("gate.grader_scorer") if metric.startswith("grader_") else tags.get("gate.scorer")
+    tokens = "tokens scored" if metric == "perplexity" else ""
+    lines = [f"Fine-tuned vs base: the evaluation above. Champion comparison: {scorer}, "
              f"{tags.get('gate.samples')} rows of the eval split `{tags.get('gate.eval_data.md5')}`, measured at "
-             "registration.", "", f"| model | {metric} | tokens scored |", "|---|---|---|",
-             f"| this version | {tags[f'gate.challenger.{metric}']} | {tags.get('gate.challenger.tokens', '')} |"]
+             "registration.", "", f"| model | {metric} | {tokens} |", "|---|---|---|",
+             f"| this version | {tags[f'gate.challenger.{metric}']} | {tokens and tags.get('gate.challenger.tokens', '')} |"]
     if tags.get("gate.champion.version"):
         same = tags.get("gate.champion.base_model.hash") == tags.get("base_model.hash")
         lines.append(f"| champion v{tags['gate.champion.version']} | {tags.get(f'gate.champion.{metric}')} | "
-                     f"{tags.get('gate.champion.tokens', '')} |")
+                     f"{tokens and tags.get('gate.champion.tokens', '')} |")
         lines += ["", "The champion was scored with its own tokenizer and weights"
                   + ("" if same else " (another base model than this version's)") + "."]
     else:
         lines += ["", "No champion at registration."]
     return "\n".join(lines)
+
+
+def _graders_section(tags: dict[str, str], metrics: dict[str, Any]) -> str:
+    """evaluate's graders (base, fine-tuned) and, when register compared, champion and this version re-scored."""
+    graded = {n: g for n, g in (metrics.get("graders") or {}).items() if g.get("n")}   # graders that graded turns
+    if not graded:
+        return ""
+
+    def num(v: Any) -> str:
+        return "-" if v is None else f"{float(v):.4f}"
+
+    rows = []
+    for n, g in graded.items():
+        champion, this = (tags.get(f"gate.{w}.grader_{n}") for w in ("champion", "challenger"))
+        rows.append(f"| {n} | {g.get('type')} | {g.get('n')} | {num(g.get('base'))} | {num(g.get('finetuned'))} | "
+                    f"{num(this)} | {num(champion)} |")
+    champ = f"champion v{tags['gate.champion.version']}" if tags.get("gate.champion.version") else "champion"
+    return ("\n## Graders (held-out split, `evaluate.graders`)\n"
+            f"{metrics.get('graded_turns')} graded turns; the last two columns: both fp32 ONNX models re-scored at "
+            "registration when there was a champion to compare with.\n\n"
+            f"| grader | type | turns | base | fine-tuned | this version (ONNX) | {champ} (ONNX) |\n"
+            "|---|---|---|---|---|---|---|\n" + "\n".join(rows) + "\n")
 
 
 def model_card(name: str, version: str, alias: str, reason: str, tags: dict[str, str], metrics: dict[str, Any],
@@ -382,7 +417,7 @@ Validation passed: {tags.get('validation.success')}
 |---|---|
 | base | {metrics.get(f'base_{metric}', float('nan')):.4f} |
 | fine-tuned | {metrics.get(f'finetuned_{metric}', float('nan')):.4f} |
-
+{_graders_section(tags, metrics)}
 ## Promotion gate
 {_gate_section(tags)}
 
@@ -397,6 +432,6 @@ Default variant: {optimize.get('default_variant')}
 - MLflow run: `{tags.get('mlflow.run_id', '')}`; Prefect flow run: `{tags.get('prefect.flow_run_id', 'n/a')}`
 
 ## Intended use and limits
-Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out {metric}. Not evaluated for
+Fine-tuned for the `{tags.get('data.scenario')}` scenario; evaluated only by held-out {metric}{' and the graders above' if _graders_section(tags, metrics) else ''}. Not evaluated for
 safety, bias or factuality. Promotion to `champion` happens only through the evaluation gate.
 """
