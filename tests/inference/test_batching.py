@@ -146,3 +146,24 @@ def test_leaving_rows_trim_the_columns_every_row_masks(chat_model_dir):
     assert widths[:2] == [len(long_), len(long_) + 1]
     assert widths[2] == len(short) + 2                     # the long row left: its columns went with it
     assert np.all(batch.mask == 0) or batch.mask.shape[0] == 0
+
+
+def test_a_failing_picker_fails_its_request_only(chat_model_dir):
+    from tuneops.inference.sampling import greedy
+
+    engine = _engine(chat_model_dir, max_batch=4, threads=1)
+    prompt = engine.prompt([{"role": "user", "content": "Hello"}])
+    calls = []
+
+    def broken(row):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a grammar the picker could not follow")
+        return greedy(row)
+
+    good = engine.batcher.submit(prompt, 40, engine.stop, None).tokens()
+    first = next(good)
+    bad = engine.batcher.submit(prompt, 40, engine.stop, broken).tokens()
+    with pytest.raises(RuntimeError, match="could not follow"):
+        list(bad)
+    assert [first, *good] == _alone(engine, [prompt], [None])[0][:40]

@@ -50,7 +50,7 @@ class Row:
     -> token``), and what it has decoded. ``done``: it reached a stop token or its limit, or it
     was dropped (``Batch.drop``); ``tag``: the caller's (``decode``: the prompt's index)."""
 
-    __slots__ = ("prompt", "limit", "stop", "pick", "count", "token", "done", "tag", "seq")
+    __slots__ = ("prompt", "limit", "stop", "pick", "count", "token", "done", "tag", "seq", "error")
 
     def __init__(self, prompt: Sequence[int], limit: int, stop: Iterable[int] = (), pick: Picker | None = None,
                  tag: Any = None):
@@ -60,6 +60,7 @@ class Row:
         self.pick, self.tag = pick or greedy, tag
         self.count, self.token, self.done = 0, -1, self.limit <= 0
         self.seq = list(self.prompt)          # the cacheless path recomputes the whole sequence
+        self.error: Exception | None = None   # its picker failed (an isolating batch: ``Batch.isolate``)
 
 
 class Prefill:
@@ -101,6 +102,7 @@ class Batch:
         self.mask = np.zeros((0, 0), np.int64)
         self.last: np.ndarray | None = None           # each row's next-token logits
         self.joined = False                           # a static (non-splicing) batch takes one prefill
+        self.isolate = False    # True: a picker that fails finishes its row only (``Row.error``), not the loop
 
     @property
     def active(self) -> bool:
@@ -165,7 +167,14 @@ class Batch:
         for k, r in enumerate(self.rows):
             if r.done:
                 continue
-            r.token = int(r.pick(self.last[k]))
+            try:
+                r.token = int(r.pick(self.last[k]))
+            except Exception as exc:
+                if not self.isolate:
+                    raise
+                r.error, r.done = exc, True
+                picked.append(r)
+                continue
             r.count += 1
             r.done = r.token in r.stop or r.count >= r.limit
             picked.append(r)

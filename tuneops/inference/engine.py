@@ -130,9 +130,10 @@ class Batcher:
         while True:
             batch, self._job = Batch(self.runtime, self.pad_id), None
             try:
+                batch.isolate = True              # one request's failing picker fails that request only
                 for rows in run(batch, self._boundary):
                     for r in rows:
-                        r.tag.items.put(("token", (r.token, r.done)))
+                        r.tag.items.put(("token", (r.token, r.done)) if r.error is None else ("error", r.error))
                     self.rows = sum(not r.done for r in batch.rows)
                     self.peak = max(self.peak, len(rows))
                 return                        # idle: ``_boundary`` has let the thread go
@@ -160,7 +161,15 @@ class Batcher:
                 self._job = batch.start(rows)
             job = self._job
             before = job.at
-            if batch.prefill(job, budget if batch.active else 0):
+            try:
+                joined = batch.prefill(job, budget if batch.active else 0)
+            except Exception as exc:  # noqa: BLE001 - the prompts' requests get the error, the batch goes on
+                log.exception("a prefill failed")
+                for r in job.rows:
+                    r.tag.items.put(("error", exc))
+                self._job = None
+                continue
+            if joined:
                 self._job = None
                 gone = [r for r in job.rows if r.tag.gone()]
                 batch.drop(gone)
