@@ -270,6 +270,7 @@ class ChatEngine:
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
+        tokens.close()                       # a stop string ended it: its row leaves the batch now
         if finish is None:
             finish = "length" if len(new) >= max_tokens else "stop"
         if len(text) > sent:
