@@ -483,6 +483,8 @@ class ServeParams(_Section):
     auth: bool = False
     max_concurrent: int = Field(ge=1)
     max_queue: int = Field(ge=0)
+    max_batch: int = Field(ge=1)
+    max_batch_tokens: int = Field(ge=1)
     max_input_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     default_max_tokens: int = Field(ge=1)

@@ -1,13 +1,17 @@
 """THE decode loop: every generation in tuneops is ``decode`` over a runtime
 (``tuneops.inference.runtimes``: ONNX Runtime or PyTorch).
 
-- ``decode``: prefill once, then one token per step with the KV cache (a graph without one, the
-  fixed-shape accelerator graphs, recomputes the whole sequences each step); a batch of prompts of
-  any lengths, left-padded; per-row stop tokens, token limits and pickers (greedy or seeded
-  sampling, ``tuneops.inference.sampling``); it yields every row's new token at each step, so a
-  streaming caller gets tokens as they come and a batch caller collects them.
-- ``stream``: one sequence's tokens as they come (``ChatEngine.deltas``: ``tuneops serve``, the jobs
-  API, the registered pyfunc, ``tuneops generate``).
+- ``run``: THE loop, over a ``Batch`` (the running rows, their KV cache and attention mask):
+  at each token boundary rows may join (their prompts prefilled apart, in chunks, then spliced in,
+  left-padded to the common past length) or be dropped; every row picks its token with its own
+  picker (greedy or seeded sampling, ``tuneops.inference.sampling``), stop ids and limit; finished
+  rows leave at once. ``tuneops.inference.engine.Batcher`` runs it for the requests of a server
+  (continuous batching).
+- ``decode``: one batch of prompts of any lengths, left-padded, prefilled once (a graph without a
+  cache, the fixed-shape accelerator graphs, recomputes the whole sequences each step); it yields
+  every row's new token at each step, so a streaming caller gets tokens as they come and a batch
+  caller collects them.
+- ``stream``: one sequence's tokens as they come.
 - ``generate_ids``: every row's tokens at the end; ``reply_ids`` / ``replies``: greedy replies to chat
   conversations in the model's own format and stop tokens (evaluate's generations).
 
@@ -18,7 +22,7 @@ order (``TorchCausalLM``), and a finished row is fed padding so the batch keeps 
 """
 from __future__ import annotations
 
-from typing import Any, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -41,6 +45,188 @@ def _stop_sets(stop: Iterable[int] | Sequence[Iterable[int]], n: int) -> list[fr
     return [frozenset(int(t) for t in stop)] * n
 
 
+class Row:
+    """One sequence of a ``Batch``: its prompt, stop ids, token limit and picker (``pick(logits_row)
+    -> token``), and what it has decoded. ``done``: it reached a stop token or its limit, or it
+    was dropped (``Batch.drop``); ``tag``: the caller's (``decode``: the prompt's index)."""
+
+    __slots__ = ("prompt", "limit", "stop", "pick", "count", "token", "done", "tag", "seq", "error")
+
+    def __init__(self, prompt: Sequence[int], limit: int, stop: Iterable[int] = (), pick: Picker | None = None,
+                 tag: Any = None):
+        if len(prompt) == 0:
+            raise ValueError("decode: a prompt has no tokens")
+        self.prompt, self.limit, self.stop = list(prompt), int(limit), frozenset(int(t) for t in stop)
+        self.pick, self.tag = pick or greedy, tag
+        self.count, self.token, self.done = 0, -1, self.limit <= 0
+        self.seq = list(self.prompt)          # the cacheless path recomputes the whole sequence
+        self.error: Exception | None = None   # its picker failed (an isolating batch: ``Batch.isolate``)
+
+
+class Prefill:
+    """The prompts of rows joining a ``Batch`` together, left-padded to one width, computed
+    ``chunk`` columns per call (``Batch.prefill``) so that a long prompt does not stall decoding."""
+
+    def __init__(self, runtime: Any, rows: list[Row], pad_id: int):
+        width = max(len(r.prompt) for r in rows)
+        self.rows = rows
+        self.ids = np.array([[pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], np.int64)
+        self.mask = np.array([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], np.int64)
+        self.at, self.logits = 0, None
+        self.cache = runtime.empty_cache(len(rows)) if runtime.has_cache else None
+
+    @property
+    def finished(self) -> bool:
+        return self.at >= self.ids.shape[1]
+
+
+class Batch:
+    """The running batch of the decode loop (``run``): rows of any prompt lengths, left-padded
+    to one KV cache; a row's positions come from its own attention mask (``cumsum(mask) - 1``), so
+    it decodes as it would alone.
+
+    With an ONNX cache (a dict of arrays) rows join at token boundaries (``prefill``: their prompts
+    computed apart, then spliced in, the shorter side left-padded to the common past length) and
+    leave at once (``step`` slices the finished / dropped rows out and trims the left columns that
+    every remaining row masks). Another cache (a PyTorch model's) keeps its shape as Hugging Face
+    ``generate`` does: the rows are those of the first prefill, and a finished row is fed padding.
+    A runtime without a cache recomputes every row's whole sequence each step."""
+
+    def __init__(self, runtime: Any, pad_id: int = 0):
+        self.runtime, self.pad_id = runtime, pad_id
+        self.rows: list[Row] = []
+        self.cached = bool(runtime.has_cache)
+        empty = runtime.empty_cache(0) if self.cached else {}
+        self.splices = not self.cached or isinstance(empty, dict)
+        self.cache: Any = empty
+        self.mask = np.zeros((0, 0), np.int64)
+        self.last: np.ndarray | None = None           # each row's next-token logits
+        self.joined = False                           # a static (non-splicing) batch takes one prefill
+        self.isolate = False    # True: a picker that fails finishes its row only (``Row.error``), not the loop
+
+    @property
+    def active(self) -> bool:
+        return any(not r.done for r in self.rows)
+
+    def start(self, rows: list[Row]) -> Prefill:
+        """The prefill of rows that join together (``prefill`` computes it)."""
+        widths = {len(r.prompt) for r in rows}
+        if self.cached and not getattr(self.runtime, "left_padding", True) and len(widths) > 1:
+            raise ValueError(f"decode: {getattr(self.runtime, 'path', 'this graph')} takes positions from its "
+                             f"attention mask (right padding only): decode prompts of different lengths one at a time")
+        return Prefill(self.runtime, rows, self.pad_id)
+
+    def prefill(self, job: Prefill, budget: int = 0) -> bool:
+        """Compute at most ``budget`` more prompt tokens of ``job`` (all of them with 0, and one
+        column at least); once its prompts are done, its rows join the batch. True when they have."""
+        if not self.cached:
+            logits = _last_logits(self.runtime, [r.seq for r in job.rows], list(range(len(job.rows))))
+            self._splice(job.rows, np.stack([logits[k] for k in range(len(job.rows))]), None, None)
+            job.at = job.ids.shape[1]
+            return True
+        width = job.ids.shape[1]
+        cols = width - job.at if budget <= 0 else max(1, min(width - job.at, budget // len(job.rows)))
+        end = job.at + cols
+        logits, job.cache = self.runtime.step(job.ids[:, job.at:end], job.mask[:, :end], job.cache, last=True)
+        job.at, job.logits = end, logits[:, -1]
+        if not job.finished:
+            return False
+        self._splice(job.rows, job.logits, job.cache, job.mask)
+        return True
+
+    def _splice(self, rows: list[Row], logits: np.ndarray, cache: Any, mask: np.ndarray | None) -> None:
+        self.joined = True
+        if not self.rows or not self.splices:
+            self.rows, self.last = list(rows), np.asarray(logits)
+            if self.cached:
+                self.cache, self.mask = cache, mask
+            return
+        self.rows = self.rows + list(rows)
+        self.last = np.concatenate([self.last, np.asarray(logits)], 0)
+        if not self.cached:
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+
+        def pad(a: np.ndarray, axis: int) -> np.ndarray:
+            widths = [(0, 0)] * a.ndim
+            widths[axis] = (width - a.shape[axis], 0)
+            return np.pad(a, widths) if widths[axis][0] else a
+
+        self.mask = np.concatenate([pad(self.mask, 1), pad(mask, 1)], 0)
+        self.cache = {k: np.concatenate([pad(v, 2), pad(cache[k], 2)], 0) for k, v in self.cache.items()}
+
+    def drop(self, rows: Iterable[Row]) -> None:
+        """Rows that leave before they finish (a cancelled request): out at the next ``step``."""
+        for r in rows:
+            r.done = True
+
+    def pick(self) -> list[Row]:
+        """Every unfinished row picks its next token (``Row.token``) from its logits; a stop token
+        or the row's limit finishes it. The rows that picked one."""
+        picked = []
+        for k, r in enumerate(self.rows):
+            if r.done:
+                continue
+            try:
+                r.token = int(r.pick(self.last[k]))
+            except Exception as exc:
+                if not self.isolate:
+                    raise
+                r.error, r.done = exc, True
+                picked.append(r)
+                continue
+            r.count += 1
+            r.done = r.token in r.stop or r.count >= r.limit
+            picked.append(r)
+        return picked
+
+    def step(self) -> None:
+        """Feed the picked tokens: rows that have finished leave (a static batch feeds them padding);
+        nothing is computed when no row is left to read it."""
+        if self.splices and any(r.done for r in self.rows):
+            keep = [k for k, r in enumerate(self.rows) if not r.done]
+            self.rows, self.last = [self.rows[k] for k in keep], self.last[keep]
+            if self.cached:
+                self.mask = self.mask[keep]
+                self.cache = {n: v[keep] for n, v in self.cache.items()}
+                used = self.mask.any(0)
+                first = int(np.argmax(used)) if used.any() else self.mask.shape[1]
+                if first:
+                    self.mask = self.mask[:, first:]
+                    self.cache = {n: v[:, :, first:] for n, v in self.cache.items()}
+        if not self.active:
+            if self.splices:
+                self.rows, self.last, self.mask = [], None, np.zeros((0, 0), np.int64)
+                self.cache = self.runtime.empty_cache(0) if self.cached else {}
+            return
+        if not self.cached:
+            for r in self.rows:
+                r.seq.append(r.token)
+            live = [k for k, r in enumerate(self.rows) if not r.done]
+            logits = _last_logits(self.runtime, [r.seq for r in self.rows], live)
+            for k in live:
+                self.last[k] = logits[k]
+            return
+        feed = np.array([[self.pad_id if r.done and not self.splices else r.token] for r in self.rows], np.int64)
+        self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], 1)
+        logits, self.cache = self.runtime.step(feed, self.mask, self.cache, last=True)
+        self.last = logits[:, -1]
+
+
+def run(batch: Batch, boundary: Callable[[Batch], None] | None = None) -> Iterator[list[Row]]:
+    """THE decode loop. At every token boundary ``boundary(batch)`` may add rows (``Batch.prefill``)
+    and drop some (``Batch.drop``); then every unfinished row picks its token, the rows that
+    picked are yielded (each with its ``token``, ``done`` when it was its last), and the picked
+    tokens are fed. It ends when no unfinished row is left after the boundary."""
+    while True:
+        if boundary is not None:
+            boundary(batch)
+        if not batch.active:
+            return
+        yield batch.pick()
+        batch.step()
+
+
 def decode(runtime: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int | Sequence[int],
            stop: Iterable[int] | Sequence[Iterable[int]] = (), pick: Picker | Sequence[Picker] | None = None,
            pad_id: int = 0) -> Iterator[list[int | None]]:
@@ -48,52 +234,25 @@ def decode(runtime: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int |
     with a stop token (yielded: the row's last token) or at its ``max_new_tokens``; the loop ends
     when every row has finished (no step is computed that nobody reads). ``stop``: token ids for
     every row, or one collection per row; ``pick``: a picker for every row or one per row (default
-    greedy); ``max_new_tokens``: one limit or one per row."""
+    greedy); ``max_new_tokens``: one limit or one per row. The prompts are one prefill (``run``
+    over a ``Batch``)."""
     n = len(prompts)
     if any(len(p) == 0 for p in prompts):
         raise ValueError("decode: a prompt has no tokens")
     limits = _per_row(max_new_tokens, n, "token limits")
     stops = _stop_sets(stop, n)
     picks = _per_row(pick or greedy, n, "pickers")
-    active = [m > 0 for m in limits]
-    counts = [0] * n
-    if not any(active):
+    rows = [Row(p, m, s, k, i) for i, (p, m, s, k) in enumerate(zip(prompts, limits, stops, picks))]
+    if not any(not r.done for r in rows):
         return
-    if runtime.has_cache:
-        width = max(len(p) for p in prompts)
-        if not getattr(runtime, "left_padding", True) and any(len(p) != width for p in prompts):
-            raise ValueError(f"decode: {getattr(runtime, 'path', 'this graph')} takes positions from its attention "
-                             f"mask (right padding only): decode prompts of different lengths one at a time")
-        ids = np.array([[pad_id] * (width - len(p)) + list(p) for p in prompts], np.int64)
-        mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], np.int64)
-        logits, cache = runtime.step(ids, mask, runtime.empty_cache(n), last=True)
-        last = {i: logits[i, -1] for i in range(n)}
-    else:
-        seqs = [list(p) for p in prompts]
-        last = _last_logits(runtime, seqs, [i for i in range(n) if active[i]])
-    while True:
-        tokens: list[int | None] = []
-        for i in range(n):
-            if not active[i]:
-                tokens.append(None)
-                continue
-            token = picks[i](last[i])
-            counts[i] += 1
-            active[i] = token not in stops[i] and counts[i] < limits[i]
-            tokens.append(token)
+    batch = Batch(runtime, pad_id)
+    joining = rows if not batch.splices else [r for r in rows if not r.done]
+    batch.prefill(batch.start(joining))
+    for picked in run(batch):
+        tokens: list[int | None] = [None] * n
+        for r in picked:
+            tokens[r.tag] = r.token
         yield tokens
-        if not any(active):
-            return
-        if runtime.has_cache:        # a row that has finished is fed padding: the batch keeps its shape
-            feed = np.array([[pad_id if t is None else t] for t in tokens], np.int64)
-            mask = np.concatenate([mask, np.ones((n, 1), np.int64)], 1)
-            logits, cache = runtime.step(feed, mask, cache, last=True)
-            last = {i: logits[i, -1] for i in range(n)}
-        else:
-            for i, t in enumerate(tokens):
-                if t is not None:
-                    seqs[i].append(t)
-            last = _last_logits(runtime, seqs, [i for i in range(n) if active[i]])
 
 
 def _last_logits(runtime: Any, seqs: list[list[int]], rows: list[int]) -> dict[int, np.ndarray]:

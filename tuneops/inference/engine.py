@@ -6,20 +6,42 @@ loop (``tuneops.inference.decode``) with the model's own chat template (``tuneop
 prompt_ids``) and stop tokens (``inference.chat.stop_ids``: the template's end-of-turn marker, the
 tokenizer's and generation_config's EOS); ``stop`` strings are honoured on the decoded text.
 ``Classifier`` runs a classification / NER version. ``tuneops.inference.resolve`` says which files
-to load; ``tuneops.inference.scheduler`` which request runs when.
+to load; ``tuneops.inference.scheduler`` which request is admitted when.
+
+Continuous batching: every ``ChatEngine`` has a ``Batcher``, one thread that owns the model's
+running batch (``tuneops.inference.decode.run`` over a ``Batch``). A request (``deltas``) joins it
+at the next token boundary: its prompt is prefilled apart, ``max_batch_tokens`` prompt tokens per
+boundary (a long prompt does not stall the rows decoding), then spliced into the batch; each row
+has its own picker (sampling, grammar), stop ids, ``max_tokens`` and consumer; a finished,
+cancelled (``cancel``) or abandoned (stop string, closed generator) request leaves the batch at the
+next boundary. At most ``max_batch`` rows decode together; more wait in the batcher's queue (the
+server's bounded queue, ``Scheduler``, is in front). Graphs that cannot decode rows of different
+lengths in one batch: an onnxruntime-genai builder graph (no ``position_ids``: positions from a
+right-padded mask, ``left_padding`` False) and a fixed-shape graph (no KV cache) decode one request
+at a time (``max_batch`` 1).
 
 Only numpy, onnxruntime, tokenizers/transformers (no torch) are needed for chat: the MLflow
 pyfunc imports this module in a fresh environment.
 """
 from __future__ import annotations
 
+import collections
+import logging
+import queue
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
-from .decode import stream
-from .sampling import MIN_TEMPERATURE, sampler
+from .decode import Batch, Prefill, Row, run
+from .sampling import MIN_TEMPERATURE, Picker, sampler
 from .scheduler import Cancelled
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 16             # defaults of a ChatEngine built outside a server (the pyfunc, `tuneops generate`);
+MAX_BATCH_TOKENS = 256     # a server takes serve.max_batch / serve.max_batch_tokens
+IDLE_S = 5.0               # a batcher thread with nothing to do ends after this long (the next request starts one)
 
 
 @dataclass
@@ -32,13 +54,168 @@ class Generation:
                                           # (the reply's, then the stop token's when it ended on one)
 
 
+class Request:
+    """One sequence in a ``Batcher``: its ``Row`` and the tokens decoded for it (``tokens``)."""
+
+    def __init__(self, row: Row, cancel: Any = None):
+        self.row, self.cancel = row, cancel
+        self.abandoned = False               # its consumer stopped reading (a stop string, a closed generator)
+        self.items: "queue.SimpleQueue[tuple[str, Any]]" = queue.SimpleQueue()
+
+    def gone(self) -> bool:
+        return self.abandoned or (self.cancel is not None and self.cancel.is_set())
+
+    def tokens(self) -> Iterator[int]:
+        """The new tokens as they are decoded; the stop token ends it and is not yielded.
+        ``Cancelled`` when ``cancel`` was set; the batch's error if its step failed."""
+        try:
+            while True:
+                try:
+                    kind, value = self.items.get(timeout=0.5)
+                except queue.Empty:
+                    if self.gone():
+                        raise Cancelled("cancelled") from None
+                    continue
+                if kind == "token":
+                    token, done = value
+                    if not (done and token in self.row.stop):
+                        yield token
+                    if done:
+                        return
+                elif kind == "cancelled":
+                    raise Cancelled("cancelled")
+                else:
+                    raise value
+        finally:
+            self.abandoned = True
+
+
+class Batcher:
+    """Continuous batching over one runtime (see the module docstring): ``submit`` a sequence,
+    read its ``Request.tokens``. The thread starts with the first request and ends after
+    ``IDLE_S`` with nothing to do."""
+
+    def __init__(self, runtime: Any, pad_id: int = 0, max_batch: int = MAX_BATCH,
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, idle_s: float = IDLE_S):
+        batches = runtime.has_cache and getattr(runtime, "left_padding", True) \
+            and not getattr(runtime, "fixed_shape", None)
+        self.runtime, self.pad_id = runtime, pad_id
+        self.max_batch = max(1, int(max_batch)) if batches else 1
+        self.max_batch_tokens = max(1, int(max_batch_tokens))
+        self.idle_s = idle_s
+        self._cond = threading.Condition()
+        self._pending: "collections.deque[Request]" = collections.deque()
+        self._thread: threading.Thread | None = None
+        self._job: Prefill | None = None
+        self.rows = self.peak = 0            # rows in the running batch now / most rows decoded in one step
+
+    def submit(self, prompt: list[int], limit: int, stop: Iterable[int], pick: Picker, cancel: Any = None) -> Request:
+        req = Request(Row(prompt, limit, stop, pick), cancel)
+        req.row.tag = req
+        if req.row.done:                      # max_tokens 0: nothing to decode
+            req.items.put(("token", (-1, True)))
+            req.row.stop = frozenset({-1})
+            return req
+        with self._cond:
+            self._pending.append(req)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name="tuneops-batcher", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+        return req
+
+    def state(self) -> dict[str, int]:
+        with self._cond:
+            return {"batch": self.rows, "pending": len(self._pending), "max_batch": self.max_batch}
+
+    def _serve(self) -> None:
+        while True:
+            batch, self._job = Batch(self.runtime, self.pad_id), None
+            try:
+                batch.isolate = True              # one request's failing picker fails that request only
+                for rows in run(batch, self._boundary):
+                    for r in rows:
+                        r.tag.items.put(("token", (r.token, r.done)) if r.error is None else ("error", r.error))
+                    self.rows = sum(not r.done for r in batch.rows)
+                    self.peak = max(self.peak, len(rows))
+                return                        # idle: ``_boundary`` has let the thread go
+            except Exception as exc:  # noqa: BLE001 - every request in the batch gets the error, the batcher goes on
+                log.exception("a batched decode step failed")
+                lost = batch.rows + (self._job.rows if self._job is not None else [])
+                for r in lost:
+                    r.tag.items.put(("error", exc))
+                self.rows, self._job = 0, None
+
+    def _boundary(self, batch: Batch) -> None:
+        """Drop the rows whose request is gone, then prefill waiting requests: ``max_batch_tokens``
+        prompt tokens while rows are decoding, until one joins when none is."""
+        gone = [r for r in batch.rows if not r.done and r.tag.gone()]
+        batch.drop(gone)
+        for r in gone:
+            r.tag.items.put(("cancelled", None))
+        self.rows = sum(not r.done for r in batch.rows)
+        budget = self.max_batch_tokens
+        while budget > 0 or not batch.active:
+            if self._job is None:
+                rows = self._take(batch)
+                if rows is None:
+                    return
+                self._job = batch.start(rows)
+            job = self._job
+            before = job.at
+            try:
+                joined = batch.prefill(job, budget if batch.active else 0)
+            except Exception as exc:  # noqa: BLE001 - the prompts' requests get the error, the batch goes on
+                log.exception("a prefill failed")
+                for r in job.rows:
+                    r.tag.items.put(("error", exc))
+                self._job = None
+                continue
+            if joined:
+                self._job = None
+                gone = [r for r in job.rows if r.tag.gone()]
+                batch.drop(gone)
+                for r in gone:
+                    r.tag.items.put(("cancelled", None))
+            budget -= (job.at - before) * len(job.rows)
+            self.rows = sum(not r.done for r in batch.rows)
+
+    def _take(self, batch: Batch) -> list[Row] | None:
+        """The next requests to prefill together (as many as fit ``max_batch`` and, past the first,
+        ``max_batch_tokens``); None when there is nothing to prefill now (waiting for a request
+        while the batch is empty, and letting the thread go after ``idle_s`` with none)."""
+        with self._cond:
+            while True:
+                while self._pending and self._pending[0].gone():
+                    self._pending.popleft().items.put(("cancelled", None))
+                live = sum(not r.done for r in batch.rows)
+                if self._pending and live < self.max_batch:
+                    break
+                if batch.active:
+                    return None
+                if not self._cond.wait(self.idle_s) and not self._pending:
+                    self._thread = None
+                    return None
+            rows, tokens = [], 0
+            while self._pending and live + len(rows) < self.max_batch:
+                req = self._pending[0]
+                if req.gone():
+                    self._pending.popleft().items.put(("cancelled", None))
+                    continue
+                if rows and tokens + len(req.row.prompt) > self.max_batch_tokens:
+                    break
+                rows.append(self._pending.popleft().row)
+                tokens += len(req.row.prompt)
+            return rows or None
+
+
 class ChatEngine:
     """A causal LM ONNX graph + its tokenizer; ``deltas`` yields reply text as it is decoded."""
 
     kind = "chat"
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, generation_dirs: tuple[Any, ...] = (),
-                 threads: int = 0):
+                 threads: int = 0, max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS):
         from transformers import AutoTokenizer
 
         from .chat import load_generation_config, stop_ids
@@ -49,6 +226,8 @@ class ChatEngine:
         self.lm = OnnxCausalLM(self.onnx_path, threads)
         gen_cfg = load_generation_config(tokenizer_dir, self.onnx_path.parent, *generation_dirs)
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
+        pad = self.tokenizer.pad_token_id
+        self.batcher = Batcher(self.lm, pad if pad is not None else 0, max_batch, max_batch_tokens)
 
     def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from .chat import prompt_ids
@@ -83,7 +262,7 @@ class ChatEngine:
 
             result.logprobs = []
             pick = recording(pick, logprobs, result.logprobs)     # sees the model's row, before any mask
-        tokens = stream(self.lm, ids, max_tokens, self.stop, pick)
+        tokens = self.batcher.submit(list(ids), max_tokens, self.stop, pick, cancel).tokens()
         for token in tokens:
             if cancel is not None and cancel.is_set():
                 tokens.close()
@@ -100,6 +279,7 @@ class ChatEngine:
             if safe > sent:
                 yield text[sent:safe]
                 sent = safe
+        tokens.close()                       # a stop string ended it: its row leaves the batch now
         if finish is None:
             finish = "length" if len(new) >= max_tokens else "stop"
         if len(text) > sent:

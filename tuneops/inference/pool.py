@@ -6,14 +6,20 @@ import threading
 from typing import Any
 
 
+def batching(serve: Any) -> dict[str, int]:
+    """A chat engine's continuous-batching settings from ``serve`` (``ServeParams``)."""
+    return {"max_batch": serve.max_batch, "max_batch_tokens": serve.max_batch_tokens}
+
+
 class ModelPool:
     """Loaded models by key, least-recently-used evicted beyond ``limit``; each loads once even
     when requests for it arrive together."""
 
-    def __init__(self, limit: int, threads: int = 0):
+    def __init__(self, limit: int, threads: int = 0, batching: dict[str, int] | None = None):
         from collections import OrderedDict
 
         self.limit, self.threads = limit, threads
+        self.batching = dict(batching or {})       # a chat engine's max_batch / max_batch_tokens
         self._models: "OrderedDict[str, Any]" = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
@@ -31,7 +37,7 @@ class ModelPool:
                     self._models.move_to_end(key)
                     return self._models[key]
             spec = files() if callable(files) else files
-            model = spec.load(self.threads)
+            model = spec.load(self.threads, **self.batching)
             model.id = spec.id
             with self._lock:
                 self._models[key] = model

@@ -90,7 +90,14 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         seed = params.get("seed")
         kw = {"temperature": float(params.get("temperature") or 0.0), "top_p": float(params.get("top_p") or 1.0),
               "seed": None if seed is None or int(seed) < 0 else int(seed)}
-        return [self.engine.complete(msgs, limit, **kw).text.strip() for msgs in conversations(model_input)]
+        convs = conversations(model_input)
+        if len(convs) <= 1:
+            return [self.engine.complete(msgs, limit, **kw).text.strip() for msgs in convs]
+        from concurrent.futures import ThreadPoolExecutor
+
+        # the conversations decode together in the engine's batch (continuous batching)
+        with ThreadPoolExecutor(min(len(convs), self.engine.batcher.max_batch)) as pool:
+            return list(pool.map(lambda msgs: self.engine.complete(msgs, limit, **kw).text.strip(), convs))
 
 
 class HeadModel(mlflow.pyfunc.PythonModel):

@@ -38,9 +38,10 @@ class ModelFiles:
     extra_dirs: tuple[Any, ...] = field(default_factory=tuple)
     version: str | None = None    # the registered version number (None for an exported folder)
 
-    def load(self, threads: int = 0) -> Any:
+    def load(self, threads: int = 0, **batching: int) -> Any:
+        """The engine; ``batching``: a chat engine's ``max_batch`` / ``max_batch_tokens``."""
         if self.kind == "chat":
-            return ChatEngine(self.onnx_path, self.tokenizer_dir, self.extra_dirs, threads)
+            return ChatEngine(self.onnx_path, self.tokenizer_dir, self.extra_dirs, threads, **batching)
         if self.pyfunc_dir is not None:
             return Classifier(pyfunc_dir=self.pyfunc_dir, task_head=self.task_head)
         return Classifier(onnx_path=self.onnx_path, task_head=self.task_head)

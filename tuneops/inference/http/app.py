@@ -22,7 +22,7 @@ from typing import Any
 from fastapi import APIRouter, Depends, FastAPI
 
 from ...config import Config
-from ..pool import ModelPool
+from ..pool import ModelPool, batching
 from ..resolve import ServeError, resolve
 from ..scheduler import Scheduler
 from .auth import bearer
@@ -42,7 +42,7 @@ def create_app(cfg: Config, model: str | None = None) -> FastAPI:
     from ...registry import tracking
 
     ref = model or default_model(cfg)
-    pool = ModelPool(1, cfg.serve.threads)
+    pool = ModelPool(1, cfg.serve.threads, batching(cfg.serve))
     try:
         files = resolve(ref, tracking.tracking_uri(cfg), fallback_tokenizer=cfg.path("base_model_dir"))
         loaded = pool.get(ref, files)

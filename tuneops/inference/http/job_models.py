@@ -18,14 +18,14 @@ from tuneops.registry import tracking
 from tuneops.config import Config
 from tuneops.inference.http.errors import model_not_found
 from tuneops.inference.http.routes import add_routes
-from tuneops.inference.pool import ModelPool
+from tuneops.inference.pool import ModelPool, batching
 from tuneops.inference.resolve import files_of_registered, registered_dir
 from tuneops.inference.scheduler import Scheduler
 from tuneops.service.db import Store
 
 
 def router(cfg: Config, store: Store, owner: Callable[..., str]) -> APIRouter:
-    pool = ModelPool(cfg.serve.max_loaded_models, cfg.serve.threads)
+    pool = ModelPool(cfg.serve.max_loaded_models, cfg.serve.threads, batching(cfg.serve))
     scheduler = Scheduler(cfg.serve.max_concurrent, cfg.serve.max_queue)
 
     def get_model(who: str, model_id: str) -> Any:

@@ -1,0 +1,169 @@
+"""Continuous batching (issue 34): requests that join a running batch at different times, with
+prompts of different lengths (a long one prefilled in chunks while the others decode), get the
+tokens each gets decoded alone: greedy and seeded sampling, on the tiny fp32 ONNX chat model
+(``chat_model_dir``) and on its weight-only int8 variant (``MatMulNBits``, int8 activations per
+row). A request whose consumer stops reading or is cancelled leaves the batch at once; graphs that
+cannot decode mixed lengths in one batch decode one request at a time."""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from tests.conftest import wait_for
+
+MESSAGES = ["Hello", "What is the capital of France, and why is it there?", "hi",
+            "Tell me a long story about dragons and knights. " * 6, "x y z", "2+2?"]
+LIMITS = [90, 60, 75, 50, 40, 30]
+
+
+def _engine(folder, **kw):
+    from tuneops.inference.engine import ChatEngine
+
+    return ChatEngine(folder / "model.onnx", folder, **kw)
+
+
+def _alone(engine, prompts, picks):
+    from tuneops.inference.decode import generate_ids
+
+    out = []
+    for p, n, pick in zip(prompts, LIMITS, picks):
+        ids = generate_ids(engine.lm, [p], n, engine.stop, pick() if pick else None)[0]
+        out.append([t for t in ids if t not in engine.stop])
+    return out
+
+
+def _staggered(engine, prompts, picks):
+    """Each request is submitted once the one before has its first tokens: they join a batch that
+    is decoding, at different times."""
+    out: list[list[int] | None] = [None] * len(prompts)
+    began = [threading.Event() for _ in prompts]
+
+    def go(i):
+        tokens = []
+        for t in engine.batcher.submit(prompts[i], LIMITS[i], engine.stop, picks[i]() if picks[i] else None).tokens():
+            tokens.append(t)
+            if len(tokens) == 3:
+                began[i].set()
+        began[i].set()
+        out[i] = tokens
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+    for i, t in enumerate(threads):
+        t.start()
+        assert began[i].wait(60)
+    for t in threads:
+        t.join(60)
+    return out
+
+
+def _picks():
+    from tuneops.inference.sampling import sampler
+
+    # greedy rows and seeded sampled rows: each row keeps its own picker
+    return [None, lambda: sampler(True, 0.9, 0, 0.95, 7), None, None, lambda: sampler(True, 1.3, 20, 1.0, 3), None]
+
+
+def test_rows_joining_at_different_times_decode_as_they_would_alone(chat_model_dir):
+    engine = _engine(chat_model_dir, max_batch=8, max_batch_tokens=16)   # the long prompt: 16 tokens a boundary
+    prompts = [engine.prompt([{"role": "user", "content": m}]) for m in MESSAGES]
+    assert max(map(len, prompts)) > 4 * 16 and len(set(map(len, prompts))) > 3
+    picks = _picks()
+    assert _staggered(engine, prompts, picks) == _alone(engine, prompts, picks)
+    assert engine.batcher.peak >= 3                         # they did decode together
+    wait_for(lambda: engine.batcher.state()["batch"] == 0, 5, "the batch to empty", interval=0.02)
+
+
+def test_int8_rows_batched_decode_as_they_would_alone(chat_model_dir, tmp_path):
+    """Weight-only int8 (the `make run` int8 variant's quantizer, int8 activations quantized per
+    row block): batching changes no row's arithmetic, so greedy tokens are identical too."""
+    from tuneops.export.quantizers import quantize_nbits
+
+    folder = tmp_path / "int8"
+    shutil.copytree(chat_model_dir, folder, ignore=shutil.ignore_patterns("model.onnx*"))
+    quantize_nbits(chat_model_dir / "model.onnx", folder / "model.onnx", 8, 32, 4)
+    engine = _engine(folder, max_batch=8, max_batch_tokens=32)
+    prompts = [engine.prompt([{"role": "user", "content": m}]) for m in MESSAGES]
+    picks = [None] * len(prompts)
+    assert _staggered(engine, prompts, picks) == _alone(engine, prompts, picks)
+
+
+def test_a_request_that_stops_reading_or_is_cancelled_leaves_the_batch_at_once(chat_model_dir):
+    from tuneops.inference.scheduler import Cancelled
+
+    engine = _engine(chat_model_dir, max_batch=4, threads=1)
+    prompt = engine.prompt([{"role": "user", "content": "Hello"}])
+    keep = engine.batcher.submit(prompt, 100000, engine.stop, None).tokens()
+    next(keep)
+    closed = engine.batcher.submit(prompt, 100000, engine.stop, None).tokens()
+    next(closed)
+    cancel = threading.Event()
+    cancelled = engine.batcher.submit(prompt, 100000, engine.stop, None, cancel).tokens()
+    next(cancelled)
+    wait_for(lambda: engine.batcher.state()["batch"] == 3, 5, "three rows", interval=0.02)
+    closed.close()
+    cancel.set()
+    t0 = time.monotonic()
+    with pytest.raises(Cancelled):
+        for _ in cancelled:
+            pass
+    wait_for(lambda: engine.batcher.state()["batch"] == 1, 1, "the two rows to leave", interval=0.02)
+    assert time.monotonic() - t0 < 1
+    next(keep)                                              # the one left goes on
+    keep.close()
+    wait_for(lambda: engine.batcher.state() == {"batch": 0, "pending": 0, "max_batch": 4}, 1, "an empty batch", interval=0.02)
+
+
+def test_graphs_that_cannot_mix_lengths_decode_one_request_at_a_time():
+    from tuneops.inference.engine import Batcher
+
+    class RightPaddedOnly:              # an onnxruntime-genai builder graph: positions from the mask
+        has_cache, left_padding, fixed_shape = True, False, None
+
+    class FixedShape:                   # an accelerator graph: one static shape, no cache
+        has_cache, left_padding, fixed_shape = False, True, (1, 64)
+
+    class Positions:
+        has_cache, left_padding, fixed_shape = True, True, None
+
+    assert Batcher(RightPaddedOnly(), max_batch=8).max_batch == 1
+    assert Batcher(FixedShape(), max_batch=8).max_batch == 1
+    assert Batcher(Positions(), max_batch=8).max_batch == 8
+
+
+def test_leaving_rows_trim_the_columns_every_row_masks(chat_model_dir):
+    """The batch's mask and cache keep only the columns some row still attends to."""
+    from tuneops.inference.decode import Batch, Row, run
+
+    engine = _engine(chat_model_dir)
+    short, long_ = [5, 6, 7], list(range(3, 40))
+    batch = Batch(engine.lm)
+    batch.prefill(batch.start([Row(long_, 2), Row(short, 6)]))
+    widths = [batch.mask.shape[1] for _ in run(batch)]
+    assert widths[:2] == [len(long_), len(long_) + 1]
+    assert widths[2] == len(short) + 2                     # the long row left: its columns went with it
+    assert np.all(batch.mask == 0) or batch.mask.shape[0] == 0
+
+
+def test_a_failing_picker_fails_its_request_only(chat_model_dir):
+    from tuneops.inference.sampling import greedy
+
+    engine = _engine(chat_model_dir, max_batch=4, threads=1)
+    prompt = engine.prompt([{"role": "user", "content": "Hello"}])
+    calls = []
+
+    def broken(row):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("a grammar the picker could not follow")
+        return greedy(row)
+
+    good = engine.batcher.submit(prompt, 40, engine.stop, None).tokens()
+    first = next(good)
+    bad = engine.batcher.submit(prompt, 40, engine.stop, broken).tokens()
+    with pytest.raises(RuntimeError, match="could not follow"):
+        list(bad)
+    assert [first, *good] == _alone(engine, [prompt], [None])[0][:40]
