@@ -257,6 +257,8 @@ class Plan:
     block_size: int                       # the 4-bit codes' block (8-bit codes: see ``wide_block``)
     weights: dict[str, tuple[int, np.ndarray, np.ndarray]] = field(default_factory=dict)
     split: dict[str, SplitRows] = field(default_factory=dict)
+    # asymmetric weights (``tuneops.export.adapters``): fingerprint -> fp32 zero points [N, K / block]
+    zero_points: dict[str, np.ndarray] = field(default_factory=dict)
     units: dict[str, dict[str, Any]] = field(default_factory=dict)   # the sensitivity report
     perplexity: dict[str, float] = field(default_factory=dict)        # fp32, all 4-bit, the plan
     tied: bool = False
@@ -472,18 +474,25 @@ def pack(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 def _nbits_node(model: Any, x: str, name: str, bits: int, q: np.ndarray, scales: np.ndarray, block_size: int,
-                out: str, accuracy_level: int | None) -> Any:
-    """A ``MatMulNBits`` of ``x`` with codes ``q`` ``[N, K]`` (its initializers added to ``model``)."""
+                out: str, accuracy_level: int | None, zero_points: np.ndarray | None = None) -> Any:
+    """A ``MatMulNBits`` of ``x`` with codes ``q`` ``[N, K]`` (its initializers added to ``model``);
+    ``zero_points`` (fp32, one per block, unpacked): ``(q - zero) * scale`` instead of the symmetric
+    ``(q - 2**(bits-1)) * scale``."""
     from onnx import helper, numpy_helper
 
     n, k = q.shape
     packed = numpy_helper.from_array(pack(q, bits, block_size), f"{name}_Q{bits}")
     scale = numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_Q{bits}_scales")
     model.graph.initializer.extend([packed, scale])
+    inputs = [x, packed.name, scale.name]
+    if zero_points is not None:
+        zero = numpy_helper.from_array(zero_points.reshape(-1).astype(np.float32), f"{name}_Q{bits}_zero_points")
+        model.graph.initializer.append(zero)
+        inputs.append(zero.name)
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
-    return helper.make_node("MatMulNBits", [x, packed.name, scale.name], [out], name=f"{name}_MatMulNBits{bits}",
+    return helper.make_node("MatMulNBits", inputs, [out], name=f"{name}_MatMulNBits{bits}",
                             domain="com.microsoft", **attrs)
 
 
@@ -512,7 +521,7 @@ def apply(model: Any, plan: Plan, accuracy_level: int | None) -> dict[str, int]:
         if entry is not None:
             bits, q, scales = entry
             nodes.append(_nbits_node(model, x, name, bits, q, scales, block_of(q, scales), node.output[0],
-                                     accuracy_level))
+                                     accuracy_level, plan.zero_points.get(key)))
             counts[str(bits)] += 1
         elif split is not None:
             order = np.empty(len(split.rows8) + len(split.rows4), dtype=np.int32)
