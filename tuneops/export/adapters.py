@@ -1,7 +1,7 @@
 """LoRA adapters served unmerged over one shared base graph, and the base quantizer that training
 (method ``qat_int4``, ``tuneops/training/methods.py``) and this export share: one definition.
 
-**The base quantizer** (``BaseQuant``; ``BASE_QUANTS`` by name). ``int4``: every linear of the
+**The base quantizer** (``tuneops/export/basequant.py``: ``BaseQuant``; ``BASE_QUANTS`` by name). ``int4``: every linear of the
 decoder blocks asymmetric 4-bit, one fp32 scale and one fp32 zero point per block of 32 input
 weights (``quantize_asym``: min-max; ``dequantize_asym``: ``(q - zero) * scale``), stored as
 ``MatMulNBits`` with exactly those codes, scales and zero points; the LM head (and with it a tied
@@ -33,126 +33,16 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import calibrated
+from .basequant import (ADAPTER_FILE, ADAPTER_JSON, BASE_JSON, BASE_QUANTS, BaseMismatch, BaseQuant,  # noqa: F401
+                        Codes, base_codes, base_quant, check_base, dequantize_asym, describe, fake_quantize,
+                        quantize_asym, read_base)
 
-ADAPTER_FILE = "adapter.onnx_adapter"
-ADAPTER_JSON = "adapter.json"
-BASE_JSON = "base.json"
-
-
-@dataclass(frozen=True)
-class BaseQuant:
-    """How the shared base graph stores the frozen weights (``bits=0``: not quantized)."""
-
-    name: str
-    bits: int = 4                 # decoder-block linears: asymmetric, fp32 scale + zero point per block
-    block_size: int = 32
-    head_bits: int = 8            # the LM head (+ a tied embedding): symmetric round to nearest
-    head_block: int = 128         # its block (halved until it divides the hidden size)
-
-    @property
-    def id(self) -> str:
-        if not self.bits:
-            return self.name
-        return f"{self.name}(asym{self.bits} block {self.block_size}, head sym{self.head_bits} block {self.head_block})"
-
-
-BASE_QUANTS: dict[str, BaseQuant] = {q.name: q for q in (BaseQuant("fp32", bits=0), BaseQuant("int4"))}
-
-
-def base_quant(name: str) -> BaseQuant:
-    if name not in BASE_QUANTS:
-        raise ValueError(f"unknown base quantization {name!r}; known: {sorted(BASE_QUANTS)} (tuneops/export/adapters.py)")
-    return BASE_QUANTS[name]
-
-
-class BaseMismatch(ValueError):
-    """An adapter whose base graph is not the one offered (another model or another quantization)."""
-
-
-# -- the quantizer (training and export) -------------------------------------------------------
-
-def quantize_asym(weight: Any, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Asymmetric min-max quantization of ``weight`` ``[N, K]``, one scale and zero point per block
-    of ``block_size`` consecutive inputs. Returns ``(q, scales, zero_points)``: ``q`` uint8 ``[N, K]``
-    in ``0 .. 2**bits - 1``, ``scales`` and ``zero_points`` fp32 ``[N, K / block]``; the weight is
-    ``(q - zero) * scale`` (``dequantize_asym``). A block on an affine grid of ``2**bits`` levels
-    spanning its min and max (a Q4_1 block) is represented as it is."""
-    w = weight.detach().to("cpu").float().numpy() if hasattr(weight, "detach") else np.asarray(weight, np.float32)
-    n, k = w.shape
-    if k % block_size:
-        raise ValueError(f"quantize_asym: {k} inputs are not a multiple of the block size {block_size}")
-    blocks = w.reshape(n, k // block_size, block_size)
-    lo, hi = blocks.min(-1), blocks.max(-1)
-    levels = np.float32(2 ** bits - 1)
-    scales = ((hi - lo) / levels).astype(np.float32)
-    scales = np.where(scales > 0, scales, np.float32(1.0)).astype(np.float32)   # a constant block: any scale
-    zero = (-lo / scales).astype(np.float32)
-    q = np.clip(np.rint((blocks - lo[..., None]) / scales[..., None]), 0, levels).astype(np.uint8)
-    return q.reshape(n, k), scales, zero
-
-
-def dequantize_asym(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, block_size: int) -> np.ndarray:
-    """``(q - zero) * scale`` per block, fp32 ``[N, K]`` (what ``MatMulNBits`` computes with zero points)."""
-    n, k = q.shape
-    x = (q.astype(np.float32).reshape(n, k // block_size, block_size) - zero_points[..., None]) * scales[..., None]
-    return x.reshape(n, k).astype(np.float32)
-
-
-@dataclass
-class Codes:
-    """One linear's stored weights: ``bits``, codes ``q`` ``[N, K]``, ``scales``, ``zero_points``
-    (None: symmetric, the ``calibrated`` layout)."""
-    bits: int
-    q: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray | None
-
-    def dequantize(self) -> np.ndarray:
-        block = calibrated.block_of(self.q, self.scales)
-        if self.zero_points is not None:
-            return dequantize_asym(self.q, self.scales, self.zero_points, block)
-        return calibrated.dequantize(self.q, self.scales, self.bits, block).numpy()
-
-
-def base_codes(model: Any, quant: BaseQuant) -> dict[str, Codes]:
-    """The stored weights of every linear ``quant`` quantizes, by module name: the decoder blocks'
-    linears (``bits``, asymmetric) and the LM head (``head_bits``, symmetric)."""
-    if not quant.bits:
-        return {}
-    codes: dict[str, Codes] = {}
-    for unit, members in calibrated.linear_units(model).items():
-        for name, m in members:
-            if unit == "lm_head":
-                if m.in_features % quant.block_size == 0:
-                    block = calibrated.wide_block(m.in_features, quant.block_size, quant.head_block)
-                    codes[name] = Codes(quant.head_bits, *calibrated.round_to_nearest(m.weight, quant.head_bits, block),
-                                        None)
-            elif m.in_features % quant.block_size == 0:
-                codes[name] = Codes(quant.bits, *quantize_asym(m.weight, quant.bits, quant.block_size))
-    return codes
-
-
-def fake_quantize(model: Any, quant: BaseQuant) -> dict[str, Codes]:
-    """Replace the weights ``quant`` stores quantized by their dequantized values (in place, fp32 or
-    the model's dtype): the forward then computes with exactly the base the export writes (a tied
-    embedding is the LM head's table: it gets the head's values, as the graph's shared lookup does).
-    Returns the codes (``base_codes``)."""
-    import torch
-
-    codes = base_codes(model, quant)
-    modules = dict(model.named_modules())
-    with torch.no_grad():
-        for name, c in codes.items():
-            w = modules[name].weight
-            w.data.copy_(torch.from_numpy(c.dequantize()).to(w.dtype))
-    return codes
 
 
 # -- the base graph ----------------------------------------------------------------------------
@@ -319,13 +209,6 @@ def cached_base(cache_root: Path, base_dir: Path, quant: BaseQuant, how: str, op
     return folder / "model.onnx", read_base(folder / "model.onnx")
 
 
-def read_base(path: Path) -> dict[str, Any]:
-    f = Path(path).parent / BASE_JSON
-    if not f.is_file():
-        raise BaseMismatch(f"{path}: not an adapter base graph (no {BASE_JSON} beside it)")
-    return json.loads(f.read_text())
-
-
 # -- the adapter -------------------------------------------------------------------------------
 
 def _lora_weights(peft_model: Any) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -393,20 +276,54 @@ def export_adapter(peft_model: Any, base_path: Path, out_dir: Path, method: str)
     return info
 
 
-def describe(base: dict[str, Any]) -> str:
-    return f"{base.get('model') or 'model'} {base['quant']} base graph md5 {base['md5']}"
+# -- the optimize stage ------------------------------------------------------------------------
+
+def unmerged_quant(method: Any, setting: str) -> BaseQuant | None:
+    """The base quantization an adapter of ``method`` (a ``Method`` spec, None: no adapter) is exported
+    unmerged over, for ``optimize.adapter_base``: ``auto`` = the method's own (``qat_int4``: int4;
+    none for the others), ``none``, or a name. A LoRA-family adapter only (DoRA's magnitude, IA3 and
+    prompt tuning are no low-rank term); QLoRA's NF4 base is not a graph base: refused by name."""
+    if setting == "none" or method is None:
+        return None
+    if setting == "auto":
+        return base_quant(method.base_quant) if method.base_quant else None
+    if method.trains != "lora" or method.dora or method.nf4_base:
+        raise ValueError(f"optimize.adapter_base: {setting}: a {method.name} adapter cannot be served unmerged over "
+                         f"a base graph (LoRA and qat_int4 adapters can); set optimize.adapter_base: auto or none")
+    if method.base_quant and method.base_quant != setting:
+        raise BaseMismatch(f"optimize.adapter_base: {setting}: the {method.name} adapter was trained against the "
+                           f"{method.base_quant} base; served over {setting} it would not be the model trained")
+    return base_quant(setting)
 
 
-def check_base(adapter_dir: Path, base_path: Path) -> dict[str, Any]:
-    """The adapter's record, after checking that ``base_path`` is the base graph it needs;
-    ``BaseMismatch`` names both otherwise."""
-    adapter_dir = Path(adapter_dir)
-    f = adapter_dir / ADAPTER_JSON
-    if not f.is_file():
-        raise BaseMismatch(f"{adapter_dir}: no {ADAPTER_JSON} (not an exported adapter)")
-    info = json.loads(f.read_text())
-    need, have = info["base"], read_base(base_path)
-    if need["md5"] != have["md5"] or need["quant"] != have["quant"]:
-        raise BaseMismatch(f"adapter {adapter_dir} needs the {describe(need)}; {base_path} is the {describe(have)}: "
-                           f"refused (serve it over its own base)")
-    return info
+def export_unmerged(base_dir: Path, train_dir: Path, out_dir: Path, cache_root: Path, quant: BaseQuant, how: str,
+                    opset: int, reference: Any, parity_rows: list[dict[str, list[int]]],
+                    ppl_rows: list[dict[str, list[int]]], batch_size: int, pad_id: int, atol: float, kv_tokens: int,
+                    model_name: str) -> dict[str, Any]:
+    """The optimize stage's unmerged export: the shared base graph (``cached_base``), the adapter file
+    in ``out_dir``, and its gate: served logits vs ``reference`` (the PyTorch model the stage
+    exported: for ``qat_int4`` the fake-quant base + the adapter) within ``atol``, full sequence and
+    KV-cache decoding; its perplexity on the gate's rows. Returns the record for ``metrics.json``."""
+    import time
+
+    from tuneops.inference import finetuned
+    from tuneops.inference.runtimes import OnnxCausalLM
+    from tuneops.io import read_json
+
+    from . import gate
+
+    t = time.perf_counter()
+    base, info = cached_base(cache_root, base_dir, quant, how, opset, None, model_name)
+    base_s = time.perf_counter() - t
+    peft_model = finetuned.load(base_dir, train_dir).eval()
+    record = export_adapter(peft_model, base, out_dir, read_json(train_dir / "metrics.json")["method"])
+    del peft_model
+    lm = OnnxCausalLM(base, adapter=out_dir)
+    parity = gate.max_logits_diff(reference, lm, parity_rows)
+    incremental = gate.incremental_diff(lm, parity_rows, kv_tokens)
+    ppl = gate.score(lm, ppl_rows, batch_size, pad_id)["perplexity"]
+    return {"path": str(out_dir.name), "base": {**record["base"], "path": str(base)},
+            "adapter_size_bytes": record["size_bytes"], "base_size_bytes": info["size_bytes"],
+            "perplexity": ppl, "max_abs_logits_diff": parity, "incremental_max_abs_diff": incremental,
+            "accepted": parity <= atol and incremental <= atol, "base_build_s": base_s,
+            "gate": f"max abs logits diff <= {atol} vs PyTorch (full sequence and KV-cache decoding)"}

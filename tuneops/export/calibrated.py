@@ -42,6 +42,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .basequant import block_of, dequantize, linear_units, round_to_nearest, wide_block  # noqa: F401 (this module's API)
+
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
@@ -104,43 +106,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int
     return (Q - qmin).to(torch.uint8).numpy(), scales.numpy().astype(np.float32)
 
 
-def round_to_nearest(weight: torch.Tensor, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round to nearest, absmax scale per block (the 8-bit units; ~lossless at 8 bits)."""
-    import torch
-
-    W = weight.detach().to(torch.float32)
-    rows, cols = W.shape
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    blocks = W.reshape(rows, cols // block_size, block_size)
-    s = blocks.abs().amax(-1).clamp_min(1e-12) / qmax
-    q = torch.clamp(torch.round(blocks / s[..., None]), qmin, qmax).reshape(rows, cols)
-    return (q - qmin).to(torch.uint8).numpy(), s.numpy().astype(np.float32)
-
-
-def dequantize(q: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> torch.Tensor:
-    import torch
-
-    rows, cols = q.shape
-    x = (q.astype(np.float32) - 2 ** (bits - 1)).reshape(rows, cols // block_size, block_size)
-    return torch.from_numpy((x * scales[..., None]).reshape(rows, cols))
-
-
 # -- the model side ----------------------------------------------------------------------------
-
-def linear_units(model: Any) -> dict[str, list[tuple[str, torch.nn.Linear]]]:
-    """``{unit: [(module name, Linear)]}``: ``layer.<i>`` per decoder block, then ``lm_head`` (the
-    output embedding; with tied embeddings the same table as the input embedding)."""
-    import torch
-
-    names = {id(m): n for n, m in model.named_modules()}
-    units: dict[str, list[tuple[str, torch.nn.Linear]]] = {}
-    for i, layer in enumerate(model.get_decoder().layers):
-        units[f"layer.{i}"] = [(names[id(m)], m) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear):
-        units["lm_head"] = [(names[id(head)], head)]
-    return units
-
 
 def hessians(model: Any, sequences: list[list[int]], linears: dict[str, torch.nn.Linear],
              shared_inputs: list[list[str]] | None = None,
@@ -196,20 +162,6 @@ def fused_fingerprint(weights: list[Any]) -> str:
 def unit_bytes(params: int, bits: int, block_size: int) -> float:
     """Stored size of ``params`` weights as ``MatMulNBits``: the codes plus one fp32 scale per block."""
     return params * (bits / 8 + 4 / block_size)
-
-
-def block_of(q: np.ndarray, scales: np.ndarray) -> int:
-    """The block size of codes ``q`` ``[N, K]`` with ``scales`` ``[N, K / block]``."""
-    return q.shape[1] // scales.shape[1]
-
-
-def wide_block(in_features: int, block_size: int, block_size_8bit: int) -> int:
-    """The 8-bit units' block: ``block_size_8bit`` (a coarser block: 8-bit codes barely need the
-    finer scales, and the bytes saved buy more 8-bit units), halved until it divides the input width."""
-    b = max(block_size_8bit, block_size)
-    while in_features % b and b > block_size:
-        b //= 2
-    return b
 
 
 def head_row_scores(weight: torch.Tensor, quantized: torch.Tensor, hidden: torch.Tensor,

@@ -7,7 +7,7 @@ fp32 weights would silently give a slightly different model). Prompt tuning has 
 merge: ``merge=True`` raises a clear error for it.
 
 A quantization-aware adapter (``Method.base_quant``, e.g. ``qat_int4``) is applied to the base
-quantized the way it was trained (``tuneops.export.adapters.fake_quantize``): evaluation and the
+quantized the way it was trained (``tuneops.export.basequant.fake_quantize``): evaluation and the
 merged export see the weights the adapter saw.
 
 Classification / NER heads (``task_head`` and ``labels`` in the train metrics) load with their

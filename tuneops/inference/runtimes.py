@@ -71,7 +71,7 @@ class OnnxCausalLM:
     def _activate(self, adapter_dir: Path) -> None:
         import onnxruntime as ort
 
-        from tuneops.export.adapters import ADAPTER_FILE, check_base
+        from tuneops.export.basequant import ADAPTER_FILE, check_base
 
         self.adapter = {**check_base(adapter_dir, self.path), "dir": str(adapter_dir)}
         lora = ort.LoraAdapter()

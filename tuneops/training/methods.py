@@ -64,13 +64,13 @@ def _load_4bit(base_dir: Path, plan: dict[str, Any]) -> Any:
 def _load_quantized_base(base_dir: Path, plan: dict[str, Any]) -> Any:
     """Quantization-aware LoRA's base: the plain base with every weight the deployment base graph
     stores quantized replaced by its dequantized value, computed by the export's own quantizer
-    (``tuneops.export.adapters.fake_quantize``: the same codes, blocks, scales and zero points the
+    (``tuneops.export.basequant.fake_quantize``: the same codes, blocks, scales and zero points the
     ``MatMulNBits`` graph stores). The base is frozen, so quantizing once at load is the same as
     quantizing in every forward. Loaded in fp32 and quantized there (the graph's values), then cast
     to the compute dtype (bf16/fp16 on GPU round them once more)."""
     import torch
 
-    from tuneops.export.adapters import base_quant, fake_quantize
+    from tuneops.export.basequant import base_quant, fake_quantize
 
     auto, labels = _auto(plan)
     model = auto.from_pretrained(str(base_dir), dtype=torch.float32, **labels)
