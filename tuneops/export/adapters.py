@@ -271,6 +271,7 @@ def export_adapter(peft_model: Any, base_path: Path, out_dir: Path, method: str)
     fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in params.items()})
     fmt.export_adapter(str(out_dir / ADAPTER_FILE))
     info = {"method": method, "base": {k: base[k] for k in ("md5", "quant", "quant_id", "model", "model_md5")},
+            "base_path": str(Path(base_path).resolve()),      # where it was on the exporting machine (a hint)
             "params": len(params), "size_bytes": (out_dir / ADAPTER_FILE).stat().st_size}
     (out_dir / ADAPTER_JSON).write_text(json.dumps(info, indent=1))
     return info

@@ -36,7 +36,7 @@ class ChatEngine:
     kind = "chat"
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, generation_dirs: tuple[Any, ...] = (),
-                 threads: int = 0):
+                 threads: int = 0, lm: Any = None):
         from transformers import AutoTokenizer
 
         from .chat import load_generation_config, stop_ids
@@ -44,7 +44,7 @@ class ChatEngine:
 
         self.onnx_path = Path(onnx_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self.lm = OnnxCausalLM(self.onnx_path, threads)
+        self.lm = lm if lm is not None else OnnxCausalLM(self.onnx_path, threads)   # lm: e.g. an adapter over a shared base
         gen_cfg = load_generation_config(tokenizer_dir, self.onnx_path.parent, *generation_dirs)
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
 
