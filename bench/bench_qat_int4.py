@@ -64,7 +64,7 @@ def cfg_for(params: Path, tag: str | None, *extra: str):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", default="all",
-                    choices=["all", "setup", "train-lora", "train-qat", "optimize", "adapter", "report"])
+                    choices=["all", "setup", "train-lora", "train-qat", "bases", "optimize", "adapter", "report"])
     ap.add_argument("--root", default=str(ROOT / ".tuneops" / "bench-qat"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE for the bench project")
     ap.add_argument("--prompts", type=int, default=4)
@@ -74,7 +74,7 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(args.root).resolve()
     params = project(root, args.overrides)
-    phases = ["setup", "train-lora", "train-qat", "optimize", "adapter", "report"] if args.phase == "all" else [args.phase]
+    phases = ["setup", "train-lora", "train-qat", "bases", "optimize", "adapter", "report"] if args.phase == "all" else [args.phase]
     for phase in phases:
         t = time.perf_counter()
         globals()["phase_" + phase.replace("-", "_")](params, args)
@@ -93,7 +93,7 @@ def phase_setup(params: Path, args) -> None:
 def _train(params: Path, method: str) -> None:
     from tasks import select, train
 
-    cfg = cfg_for(params, method, f"select.method={method}")
+    cfg = cfg_for(params, method, f"select.method={method}", f"select.allowed_methods=[{method}]")
     select.run(cfg)
     m = train.run(cfg)
     print(json.dumps({k: m.get(k) for k in ("method", "steps", "first_loss", "final_loss", "runtime_s")}))
@@ -124,6 +124,26 @@ def _eval_rows(cfg):
     return tok, rows, encode(rows, tok, cfg.model.max_seq_len)[: cfg.optimize.ppl_samples]
 
 
+def _bases(cfg) -> dict:
+    """The int4 base graphs (exported once, cached): fp32 activations (acc 0, the parity-gated one)
+    and int8 activations (acc 4, as the merged int4/int8 variants run)."""
+    from tuneops.export import adapters
+
+    facts = {}
+    for acc in (0, 4):
+        t = time.perf_counter()
+        base, info = adapters.cached_base(cfg.path("state_dir") / "adapter-bases", cfg.path("base_model_dir"),
+                                          adapters.base_quant("int4"), "builder", cfg.optimize.opset, acc,
+                                          cfg.model.source)
+        facts[f"base_acc{acc}"] = {"path": str(base), "md5": info["md5"], "size_bytes": info["size_bytes"],
+                                   "build_s": time.perf_counter() - t}
+    return facts
+
+
+def phase_bases(params: Path, args) -> None:
+    print(json.dumps(_bases(cfg_for(params, "qat_int4")), indent=1))
+
+
 def phase_adapter(params: Path, args) -> None:
     import torch
 
@@ -138,13 +158,7 @@ def phase_adapter(params: Path, args) -> None:
     o = cfg.optimize
     tok, rows, feats = _eval_rows(cfg)
     out = cfg.path("state_dir").parent / "artifacts" / "adapter-qat"
-    facts: dict = {}
-    for acc in (0, 4):
-        t = time.perf_counter()
-        base, info = adapters.cached_base(cfg.path("state_dir") / "adapter-bases", cfg.path("base_model_dir"),
-                                          adapters.base_quant("int4"), "builder", o.opset, acc, cfg.model.source)
-        facts[f"base_acc{acc}"] = {"path": str(base), "md5": info["md5"], "size_bytes": info["size_bytes"],
-                                   "build_s": time.perf_counter() - t}
+    facts: dict = _bases(cfg)
     model = finetuned.load(cfg.path("base_model_dir"), cfg.path("train_dir")).eval()
     base0 = Path(facts["base_acc0"]["path"])
     facts["adapter"] = adapters.export_adapter(model, base0, out / "acc0", "qat_int4")

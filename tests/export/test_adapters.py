@@ -141,3 +141,38 @@ def test_dora_is_not_exported_unmerged(bases, tmp_path):
     model = get_peft_model(load_causal_lm(bases["dir0"]), LoraConfig(r=4, target_modules=TARGETS, use_dora=True))
     with pytest.raises(ValueError, match="DoRA"):
         adapters.export_adapter(model, bases["fp32"], tmp_path / "a", "dora")
+
+
+@pytest.mark.pipeline
+def test_the_optimize_stage_exports_a_qat_adapter_unmerged_and_gates_it():
+    """select.method=qat_int4 end to end on the tiny model: the optimize stage writes the adapter
+    beside the merged variants, over the int4 base graph (built once, cached), and gates it on parity
+    with the PyTorch model; the registry's tags name that base."""
+    import json
+
+    from tasks import optimize, select, train
+    from tasks.register import _adapter_tags
+    from tests.conftest import make_project
+    from tuneops import stages
+    from tuneops.config import load_config
+
+    root = make_project("adapters", ("select.method=qat_int4", "select.allowed_methods=[lora, qat_int4]",
+                                       "optimize.targets=[]"))
+    cfg = load_config(root / "params.yaml")
+    for name in ("model", "ingest", "validate"):
+        stages.get(name).load()(cfg)
+    select.run(cfg)
+    assert json.loads(cfg.path("plan").read_text())["precision"] == "int4+fp32"
+    train.run(cfg)
+    m = optimize.run(cfg)
+    a = m["adapter"]
+    assert a["accepted"] and a["max_abs_logits_diff"] <= cfg.optimize.parity_atol, a
+    assert a["base"]["quant"] == "int4" and a["base"]["md5"] == adapters.read_base(a["base"]["path"])["md5"]
+    folder = cfg.path("optimize_dir") / a["path"]
+    assert (folder / adapters.ADAPTER_FILE).is_file()
+    # the merged PyTorch model's perplexity and the unmerged int4 graph's agree (same weights, same function)
+    assert abs(a["perplexity"] / m["torch_perplexity"] - 1) < 1e-3
+    tags = _adapter_tags(m)
+    assert tags["adapter.base_md5"] == a["base"]["md5"] and tags["adapter.base_quant"] == "int4"
+    # a second run reuses the base graph (exported once per base model and quantization)
+    assert optimize.run(cfg)["adapter"]["base"]["path"] == a["base"]["path"]
