@@ -64,7 +64,9 @@ def cfg_for(params: Path, tag: str | None, *extra: str):
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--phase", default="all",
-                    choices=["all", "setup", "train-lora", "train-qat", "bases", "optimize", "adapter", "report"])
+                    choices=["all", "setup", "train-lora", "train-qat", "bases", "optimize", "adapter", "report",
+                             "pool", "pool-one"])
+    ap.add_argument("--n", type=int, default=1, help="pool-one: adapters served (0: the merged int4 model alone)")
     ap.add_argument("--root", default=str(ROOT / ".tuneops" / "bench-qat"))
     ap.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE for the bench project")
     ap.add_argument("--prompts", type=int, default=4)
@@ -74,7 +76,7 @@ def main() -> int:
     args = ap.parse_args()
     root = Path(args.root).resolve()
     params = project(root, args.overrides)
-    phases = ["setup", "train-lora", "train-qat", "bases", "optimize", "adapter", "report"] if args.phase == "all" else [args.phase]
+    phases = ["setup", "train-lora", "train-qat", "bases", "optimize", "adapter", "report", "pool"] if args.phase == "all" else [args.phase]
     for phase in phases:
         t = time.perf_counter()
         globals()["phase_" + phase.replace("-", "_")](params, args)
@@ -262,6 +264,96 @@ def phase_report(params: Path, args) -> None:
                   f"perplexity {'PASS' if result['goal']['ppl_within_1pct'] else 'FAIL'}, "
                   f"size {'PASS' if result['goal']['size_le_0.25x'] else 'FAIL'}", ""]
     out.write_text("\n".join(lines))
+    print("\n".join(lines))
+
+
+def _rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def phase_pool_one(params: Path, args) -> None:
+    """One process: ``--n`` fine-tunes (the QAT adapter and n-1 others, its B matrices perturbed) served
+    through the model pool over one int4 base (or, n=0, the merged int4 model alone); RSS after
+    loading, then decode tokens/s over requests that go round-robin to the n models."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from bench_onnx import time_decode
+    from tuneops.export.basequant import ADAPTER_FILE, ADAPTER_JSON
+    from tuneops.inference.chat import prompt_ids
+    from tuneops.inference.pool import ModelPool
+    from tuneops.inference.resolve import files_of_adapter, resolve
+    from tuneops.io import read_json
+
+    cfg = cfg_for(params, "qat_int4")
+    art = cfg.path("state_dir").parent / "artifacts"
+    tok, rows, _ = _eval_rows(cfg)
+    prompts = [prompt_ids(tok, r["messages"][:1]) for r in rows[:8]]
+    rss0 = _rss_mb()
+    pool = ModelPool(limit=max(args.n, 1) + 1, threads=args.threads)
+    if args.n == 0:
+        stage = read_json(art / "optimize-lora" / "metrics.json")
+        engines = [pool.get("merged", resolve(str(art / "optimize-lora" / stage["variants"]["int4"]["path"])))]
+    else:
+        src = art / "adapter-qat" / "acc4"
+        fmt = ort.AdapterFormat.read_adapter(str(src / ADAPTER_FILE))
+        base = {k: v.numpy() for k, v in fmt.get_parameters().items()}
+        rng = np.random.default_rng(0)
+        folders = []
+        for i in range(args.n):
+            folder = art / "adapter-pool" / f"a{i}"
+            folder.mkdir(parents=True, exist_ok=True)
+            params_i = {k: (v + rng.normal(0, 1e-3, v.shape).astype(np.float32) if i and k.endswith("lora_B") else v)
+                        for k, v in base.items()}
+            out = ort.AdapterFormat()
+            out.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(v)) for k, v in params_i.items()})
+            out.export_adapter(str(folder / ADAPTER_FILE))
+            (folder / ADAPTER_JSON).write_text((src / ADAPTER_JSON).read_text())
+            folders.append(folder)
+        rss0 = _rss_mb()
+        engines = [pool.get(f"m{i}", files_of_adapter(f, f"m{i}")) for i, f in enumerate(folders)]
+    rss = _rss_mb()
+    t, tokens = time.perf_counter(), 0
+    for i, p in enumerate(prompts):
+        time_decode(engines[i % len(engines)].lm, p, args.new_tokens)
+        tokens += args.new_tokens + 1
+    print("POOL " + json.dumps({"n": args.n, "rss_mb": rss, "rss_before_load_mb": rss0,
+                                "bases_loaded": len(pool.bases.loaded()),
+                                "tok_s": tokens / (time.perf_counter() - t)}), flush=True)
+
+
+def phase_pool(params: Path, args) -> None:
+    import subprocess
+
+    results = []
+    for n in (0, 1, 8, 32):
+        out = subprocess.run([sys.executable, __file__, "--phase", "pool-one", "--n", str(n), "--root", args.root,
+                              "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)],
+                             capture_output=True, text=True, timeout=900)
+        line = next((x for x in out.stdout.splitlines() if x.startswith("POOL ")), None)
+        if line is None:
+            raise RuntimeError(f"pool-one --n {n} failed:\n{out.stderr[-3000:]}")
+        results.append(json.loads(line[5:]))
+        print(results[-1], flush=True)
+    one = next(r for r in results if r["n"] == 1)
+    lines = ["", "## Many fine-tunes, one base: memory and throughput (model pool, one process each)", "",
+             f"- {args.threads} threads; decode: 8 requests x {args.new_tokens} greedy tokens, round-robin over the "
+             f"models; the models are the QAT adapter and copies with perturbed B matrices, int4 base with "
+             f"int8 activations (acc 4); RSS after loading (the process's own imports included)", "",
+             "| models | RSS MB | vs 1 adapter | base sessions | decode tok/s |", "|---|---|---|---|---|"]
+    for r in results:
+        name = "merged int4 model alone" if r["n"] == 0 else f"{r['n']} adapter(s) over one int4 base"
+        lines.append(f"| {name} | {r['rss_mb']:.0f} | {r['rss_mb'] / one['rss_mb']:.2f}x | "
+                     f"{r['bases_loaded'] if r['n'] else '-'} | {r['tok_s']:.1f} |")
+    out = Path(args.out)
+    with out.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    data = json.loads(out.with_suffix(".json").read_text()) if out.with_suffix(".json").is_file() else {}
+    data["pool"] = results
+    out.with_suffix(".json").write_text(json.dumps(data, indent=1))
     print("\n".join(lines))
 
 
