@@ -149,7 +149,7 @@ def phase_bases(params: Path, args) -> None:
 def phase_adapter(params: Path, args) -> None:
     import torch
 
-    from tuneops.export import adapters, exporter, gate
+    from tuneops.export import adapters, gate
     from tuneops.inference import finetuned
     from tuneops.inference.runtimes import OnnxCausalLM
     from tuneops.inference.scoring import torch_forward
@@ -173,9 +173,6 @@ def phase_adapter(params: Path, args) -> None:
     for acc in (0, 4):
         lm = OnnxCausalLM(Path(facts[f"base_acc{acc}"]["path"]), adapter=out / f"acc{acc}")
         facts[f"onnx_ppl_acc{acc}"] = gate.score(lm, feats, o.batch_size, tok.pad_token_id)["perplexity"]
-    # the same QAT adapter merged into fp32 weights (what the usual path would export) for reference
-    facts["fp32_graph_bytes"] = exporter.graph_size(cfg.path("state_dir").parent / "artifacts" / "optimize-lora"
-                                                    / "fp32" / "model.onnx")
     write_json(out / "facts.json", facts)
     print(json.dumps(facts, indent=1, default=str))
 
@@ -320,16 +317,21 @@ def phase_pool_one(params: Path, args) -> None:
     for i, p in enumerate(prompts):
         time_decode(engines[i % len(engines)].lm, p, args.new_tokens)
         tokens += args.new_tokens + 1
-    print("POOL " + json.dumps({"n": args.n, "rss_mb": rss, "rss_before_load_mb": rss0,
-                                "bases_loaded": len(pool.bases.loaded()),
-                                "tok_s": tokens / (time.perf_counter() - t)}), flush=True)
+    result = {"n": args.n, "rss_mb": rss, "rss_before_load_mb": rss0, "bases_loaded": len(pool.bases.loaded()),
+              "tok_s": tokens / (time.perf_counter() - t), "date": time.strftime("%H:%M UTC", time.gmtime())}
+    (art / f"pool-n{args.n}.json").write_text(json.dumps(result))
+    print("POOL " + json.dumps(result), flush=True)
 
 
 def phase_pool(params: Path, args) -> None:
     import subprocess
 
     results = []
+    art = cfg_for(params, "qat_int4").path("state_dir").parent / "artifacts"
     for n in (0, 1, 8, 32):
+        if (art / f"pool-n{n}.json").is_file():          # measured by an earlier `--phase pool-one --n N`
+            results.append(json.loads((art / f"pool-n{n}.json").read_text()))
+            continue
         out = subprocess.run([sys.executable, __file__, "--phase", "pool-one", "--n", str(n), "--root", args.root,
                               "--threads", str(args.threads), "--new-tokens", str(args.new_tokens)],
                              capture_output=True, text=True, timeout=900)

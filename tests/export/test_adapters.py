@@ -157,7 +157,7 @@ def test_the_optimize_stage_exports_a_qat_adapter_unmerged_and_gates_it():
     from tuneops.config import load_config
 
     root = make_project("adapters", ("select.method=qat_int4", "select.allowed_methods=[lora, qat_int4]",
-                                       "optimize.targets=[]"))
+                                       "optimize.targets=[]", "optimize.exporter=builder"))
     cfg = load_config(root / "params.yaml")
     for name in ("model", "ingest", "validate"):
         stages.get(name).load()(cfg)
