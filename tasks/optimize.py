@@ -33,7 +33,7 @@ from tuneops.inference import finetuned
 from tuneops.inference.runtimes import OnnxCausalLM
 from tuneops.inference.scoring import encode, perplexity, torch_distortion, torch_forward, torch_perplexity
 from tuneops.io import fresh_dir, read_jsonl, write_json
-from tuneops.models import load_tokenizer
+from tuneops.models import load_tokenizer, provenance
 
 HEAD_SKIP = ("ONNX export of {head} models is not implemented in this stage yet: no ONNX variants; "
              "register registers the PyTorch model")
@@ -46,6 +46,24 @@ def _coverage(path: Path, profiles: dict[str, dict[str, Any]], context: int) -> 
         write_json(path.parent / f"coverage-{name}.json", report)
         reports[name] = {k: report[k] for k in ("node_share", "matmul_flops_share", "cpu_fallback_ops")}
     return reports
+
+
+def _unmerged(cfg: Config, info: dict[str, Any], out: Path, how: str, reference: Any, parity_rows: list[Any],
+              ppl_rows: list[Any], pad: int) -> dict[str, Any] | None:
+    """The adapter exported unmerged over its shared base graph (``optimize.adapter_base``), gated."""
+    from tuneops.export import adapters
+    from tuneops.training.methods import spec
+
+    o = cfg.optimize
+    quant = adapters.unmerged_quant(spec(info["method"]) if info.get("artifact") == "adapter" else None,
+                                    o.adapter_base)
+    if quant is None:
+        return None
+    with log.step(f"optimize: the adapter unmerged over the shared {quant.name} base graph"):
+        return adapters.export_unmerged(
+            cfg.path("base_model_dir"), cfg.path("train_dir"), out / "adapter", cfg.path("state_dir") / "adapter-bases",
+            quant, how, o.opset, reference, parity_rows, ppl_rows, o.batch_size, pad, o.parity_atol,
+            o.kv_parity_tokens, str(provenance(cfg.path("base_model_dir")).get("source", "")))
 
 
 def run(cfg: Config) -> dict[str, Any]:
@@ -112,6 +130,7 @@ def run(cfg: Config) -> dict[str, Any]:
     incremental = gate.incremental_diff(lm, features[: o.parity_samples], o.kv_parity_tokens)
     fp32_ppl = perplexity(lm, ppl_set, o.batch_size, pad)["perplexity"]
     del lm
+    unmerged = _unmerged(cfg, info, out, how, reference, features[: o.parity_samples], ppl_set, pad)
     fixed, shape, fixed_set, torch_fixed = None, (1, 1), ppl_set, torch_score
     if fixed_shapes:
         shape = fixed_shapes.pop()
@@ -171,7 +190,8 @@ def run(cfg: Config) -> dict[str, Any]:
     metrics = {"torch_perplexity": torch_score["perplexity"], "ppl_samples": len(ppl_set),
                "parity_samples": o.parity_samples, "export": export_facts, "targets": list(o.targets),
                "graph_optimization": graph, "timings": timings, "variants": variants,
-               "default_variant": gate.choose_default(variants, list(o.default_order))}
+               "default_variant": gate.choose_default(variants, list(o.default_order)),
+               **({"adapter": unmerged} if unmerged else {})}
     write_json(out / "metrics.json", metrics)
     write_json(out / "variants.json", [      # size vs perplexity per variant (the plot dvc.yaml declares)
         {"variant": n, "size_mb": v["size_bytes"] / 1e6, "perplexity": v["perplexity"], "accepted": v["accepted"]}

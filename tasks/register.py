@@ -158,7 +158,19 @@ def _lm_tags(em: dict[str, Any], om: dict[str, Any]) -> dict[str, str]:
             "eval.finetuned_perplexity": f"{em['finetuned_perplexity']:.6f}",
             "eval.primary_metric": str(em.get("primary_metric", "perplexity")),
             **{f"eval.{k}": f"{v:.6f}" for k, v in _grader_scores(em).items()},
-            "onnx.default_variant": str(om["default_variant"])}
+            "onnx.default_variant": str(om["default_variant"]), **_adapter_tags(om)}
+
+
+
+def _adapter_tags(om: dict[str, Any]) -> dict[str, str]:
+    """The base graph an unmerged adapter needs (``tuneops/export/adapters.py``): its md5, quantization
+    and base model; a server refuses the adapter over any other base."""
+    a = om.get("adapter")
+    if not a:
+        return {}
+    return {"adapter.base_md5": a["base"]["md5"], "adapter.base_quant": a["base"]["quant"],
+            "adapter.base_quant_id": a["base"]["quant_id"], "adapter.base_model": str(a["base"]["model"]),
+            "adapter.base_model_md5": a["base"]["model_md5"], "adapter.accepted": str(a["accepted"])}
 
 
 def _lm_metrics(em: dict[str, Any], om: dict[str, Any]) -> dict[str, float]:
@@ -178,6 +190,9 @@ def _lm_metrics(em: dict[str, Any], om: dict[str, Any]) -> dict[str, float]:
         **{f"onnx_{n}_accepted": float(v["accepted"]) for n, v in variants.items()},
         **{f"onnx_{n}_coverage_{t}_node_share": c["node_share"]
            for n, v in variants.items() for t, c in v.get("coverage", {}).items()},
+        **({f"onnx_adapter_{k}": float(om["adapter"][k]) for k in ("perplexity", "max_abs_logits_diff",
+                                                                    "adapter_size_bytes", "accepted")}
+           if om.get("adapter") else {}),
     }
 
 
@@ -189,7 +204,9 @@ def _lm_model(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str,
     artifact, opt_dir = cfg.path("train_dir") / tm["artifact"], cfg.path("optimize_dir")
     return chat_model_spec(
         artifacts={**layout.variant_artifacts({n: (opt_dir / v["path"]).parent for n, v in om["variants"].items()}),
-                   tm["artifact"]: str(artifact), layout.TOKENIZER: str(artifact)},
+                   tm["artifact"]: str(artifact), layout.TOKENIZER: str(artifact),
+                   # the unmerged adapter (its base graph is shared: named by the adapter.base_* tags)
+                   **({layout.ADAPTER: str(opt_dir / om["adapter"]["path"])} if om.get("adapter") else {})},
         variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens)
 
 

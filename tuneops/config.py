@@ -348,6 +348,14 @@ class OptimizeParams(_Section):
     ppl_samples: int = Field(gt=0)
     batch_size: int = Field(gt=0)
     coverage_context: int = Field(gt=0)
+    adapter_base: str = "auto"   # unmerged adapter over a shared base graph: auto | none | a tuneops/export/adapters.py BASE_QUANTS name
+
+    @field_validator("adapter_base")
+    @classmethod
+    def _known_adapter_base(cls, v: str) -> str:
+        from .export.basequant import BASE_QUANTS
+
+        return _known(v, ("auto", "none", *BASE_QUANTS), "tuneops/export/adapters.py")
 
     @field_validator("targets")
     @classmethod

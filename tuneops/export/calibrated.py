@@ -42,6 +42,8 @@ from typing import Any, Callable
 
 import numpy as np
 
+from .basequant import block_of, dequantize, linear_units, round_to_nearest, wide_block  # noqa: F401 (this module's API)
+
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75)
 
 
@@ -104,43 +106,7 @@ def gptq(weight: torch.Tensor, hessian: torch.Tensor, bits: int, block_size: int
     return (Q - qmin).to(torch.uint8).numpy(), scales.numpy().astype(np.float32)
 
 
-def round_to_nearest(weight: torch.Tensor, bits: int, block_size: int) -> tuple[np.ndarray, np.ndarray]:
-    """Symmetric round to nearest, absmax scale per block (the 8-bit units; ~lossless at 8 bits)."""
-    import torch
-
-    W = weight.detach().to(torch.float32)
-    rows, cols = W.shape
-    qmin, qmax = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
-    blocks = W.reshape(rows, cols // block_size, block_size)
-    s = blocks.abs().amax(-1).clamp_min(1e-12) / qmax
-    q = torch.clamp(torch.round(blocks / s[..., None]), qmin, qmax).reshape(rows, cols)
-    return (q - qmin).to(torch.uint8).numpy(), s.numpy().astype(np.float32)
-
-
-def dequantize(q: np.ndarray, scales: np.ndarray, bits: int, block_size: int) -> torch.Tensor:
-    import torch
-
-    rows, cols = q.shape
-    x = (q.astype(np.float32) - 2 ** (bits - 1)).reshape(rows, cols // block_size, block_size)
-    return torch.from_numpy((x * scales[..., None]).reshape(rows, cols))
-
-
 # -- the model side ----------------------------------------------------------------------------
-
-def linear_units(model: Any) -> dict[str, list[tuple[str, torch.nn.Linear]]]:
-    """``{unit: [(module name, Linear)]}``: ``layer.<i>`` per decoder block, then ``lm_head`` (the
-    output embedding; with tied embeddings the same table as the input embedding)."""
-    import torch
-
-    names = {id(m): n for n, m in model.named_modules()}
-    units: dict[str, list[tuple[str, torch.nn.Linear]]] = {}
-    for i, layer in enumerate(model.get_decoder().layers):
-        units[f"layer.{i}"] = [(names[id(m)], m) for m in layer.modules() if isinstance(m, torch.nn.Linear)]
-    head = model.get_output_embeddings()
-    if isinstance(head, torch.nn.Linear):
-        units["lm_head"] = [(names[id(head)], head)]
-    return units
-
 
 def hessians(model: Any, sequences: list[list[int]], linears: dict[str, torch.nn.Linear],
              shared_inputs: list[list[str]] | None = None,
@@ -198,20 +164,6 @@ def unit_bytes(params: int, bits: int, block_size: int) -> float:
     return params * (bits / 8 + 4 / block_size)
 
 
-def block_of(q: np.ndarray, scales: np.ndarray) -> int:
-    """The block size of codes ``q`` ``[N, K]`` with ``scales`` ``[N, K / block]``."""
-    return q.shape[1] // scales.shape[1]
-
-
-def wide_block(in_features: int, block_size: int, block_size_8bit: int) -> int:
-    """The 8-bit units' block: ``block_size_8bit`` (a coarser block: 8-bit codes barely need the
-    finer scales, and the bytes saved buy more 8-bit units), halved until it divides the input width."""
-    b = max(block_size_8bit, block_size)
-    while in_features % b and b > block_size:
-        b //= 2
-    return b
-
-
 def head_row_scores(weight: torch.Tensor, quantized: torch.Tensor, hidden: torch.Tensor,
                     softcap: float | None = None, chunk: int = 128) -> np.ndarray:
     """Per vocabulary row of the LM head: how much its 4-bit error costs, to second order.
@@ -257,6 +209,8 @@ class Plan:
     block_size: int                       # the 4-bit codes' block (8-bit codes: see ``wide_block``)
     weights: dict[str, tuple[int, np.ndarray, np.ndarray]] = field(default_factory=dict)
     split: dict[str, SplitRows] = field(default_factory=dict)
+    # asymmetric weights (``tuneops.export.adapters``): fingerprint -> fp32 zero points [N, K / block]
+    zero_points: dict[str, np.ndarray] = field(default_factory=dict)
     units: dict[str, dict[str, Any]] = field(default_factory=dict)   # the sensitivity report
     perplexity: dict[str, float] = field(default_factory=dict)        # fp32, all 4-bit, the plan
     tied: bool = False
@@ -472,18 +426,25 @@ def pack(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 def _nbits_node(model: Any, x: str, name: str, bits: int, q: np.ndarray, scales: np.ndarray, block_size: int,
-                out: str, accuracy_level: int | None) -> Any:
-    """A ``MatMulNBits`` of ``x`` with codes ``q`` ``[N, K]`` (its initializers added to ``model``)."""
+                out: str, accuracy_level: int | None, zero_points: np.ndarray | None = None) -> Any:
+    """A ``MatMulNBits`` of ``x`` with codes ``q`` ``[N, K]`` (its initializers added to ``model``);
+    ``zero_points`` (fp32, one per block, unpacked): ``(q - zero) * scale`` instead of the symmetric
+    ``(q - 2**(bits-1)) * scale``."""
     from onnx import helper, numpy_helper
 
     n, k = q.shape
     packed = numpy_helper.from_array(pack(q, bits, block_size), f"{name}_Q{bits}")
     scale = numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_Q{bits}_scales")
     model.graph.initializer.extend([packed, scale])
+    inputs = [x, packed.name, scale.name]
+    if zero_points is not None:
+        zero = numpy_helper.from_array(zero_points.reshape(-1).astype(np.float32), f"{name}_Q{bits}_zero_points")
+        model.graph.initializer.append(zero)
+        inputs.append(zero.name)
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
-    return helper.make_node("MatMulNBits", [x, packed.name, scale.name], [out], name=f"{name}_MatMulNBits{bits}",
+    return helper.make_node("MatMulNBits", inputs, [out], name=f"{name}_MatMulNBits{bits}",
                             domain="com.microsoft", **attrs)
 
 
@@ -512,7 +473,7 @@ def apply(model: Any, plan: Plan, accuracy_level: int | None) -> dict[str, int]:
         if entry is not None:
             bits, q, scales = entry
             nodes.append(_nbits_node(model, x, name, bits, q, scales, block_of(q, scales), node.output[0],
-                                     accuracy_level))
+                                     accuracy_level, plan.zero_points.get(key)))
             counts[str(bits)] += 1
         elif split is not None:
             order = np.empty(len(split.rows8) + len(split.rows4), dtype=np.int32)

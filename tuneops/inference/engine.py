@@ -215,7 +215,8 @@ class ChatEngine:
     kind = "chat"
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, generation_dirs: tuple[Any, ...] = (),
-                 threads: int = 0, max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS):
+                 threads: int = 0, max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS,
+                 lm: Any = None):
         from transformers import AutoTokenizer
 
         from .chat import load_generation_config, stop_ids
@@ -223,7 +224,7 @@ class ChatEngine:
 
         self.onnx_path = Path(onnx_path)
         self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-        self.lm = OnnxCausalLM(self.onnx_path, threads)
+        self.lm = lm if lm is not None else OnnxCausalLM(self.onnx_path, threads)   # lm: e.g. an adapter over a shared base
         gen_cfg = load_generation_config(tokenizer_dir, self.onnx_path.parent, *generation_dirs)
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
         pad = self.tokenizer.pad_token_id

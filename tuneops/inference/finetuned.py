@@ -6,6 +6,10 @@ to fp32, so the merged weights are exactly the ones training saw (merging into t
 fp32 weights would silently give a slightly different model). Prompt tuning has no weights to
 merge: ``merge=True`` raises a clear error for it.
 
+A quantization-aware adapter (``Method.base_quant``, e.g. ``qat_int4``) is applied to the base
+quantized the way it was trained (``tuneops.export.basequant.fake_quantize``): evaluation and the
+merged export see the weights the adapter saw.
+
 Classification / NER heads (``task_head`` and ``labels`` in the train metrics) load with their
 head's auto class; an adapter's saved head (peft ``modules_to_save``) replaces the fresh one.
 """
@@ -102,6 +106,8 @@ def load(base_dir: Path, train_dir: Path, merge: bool = False) -> Any:
             if hasattr(base, "hf_quantizer"):
                 base.hf_quantizer = None
             base.is_loaded_in_4bit = False
+    elif method.base_quant:      # quantization-aware LoRA: the deployment base's weights it was trained on
+        base = method.load(base_dir, {"method": method.name, "precision": "fp32", **plan})
     else:
         base = load_base(base_dir, info)
     model = PeftModel.from_pretrained(base, str(train_dir / "adapter"))

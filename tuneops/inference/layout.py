@@ -3,7 +3,9 @@ pyfunc, the resolver and the promotion gate read.
 
 Every ONNX variant the optimize stage built travels as the artifact ``onnx_<variant>`` (a folder
 holding ``model.onnx``, plus its ``.data`` if any), beside the tokenizer (``tokenizer``); the model
-config's ``variant`` names the one to run (optimize's ``default_variant``).
+config's ``variant`` names the one to run (optimize's ``default_variant``). An adapter exported unmerged
+travels as ``unmerged_adapter`` (``adapter.onnx_adapter`` + ``adapter.json``, which names the shared base
+graph it needs; that graph is not copied into the version).
 """
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from typing import Any, Mapping
 PREFIX = "onnx_"              # artifact key of an ONNX variant: PREFIX + variant name
 TOKENIZER = "tokenizer"       # artifact key of the tokenizer folder
 MODEL_FILE = "model.onnx"     # the graph inside a variant's folder
+ADAPTER = "unmerged_adapter"  # artifact key of the ONNX Runtime adapter exported unmerged (tuneops/export/adapters.py)
 
 
 def artifact_key(variant: str) -> str:

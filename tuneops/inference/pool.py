@@ -11,6 +11,30 @@ def batching(serve: Any) -> dict[str, int]:
     return {"max_batch": serve.max_batch, "max_batch_tokens": serve.max_batch_tokens}
 
 
+class BaseGraphs:
+    """One ONNX Runtime session per base graph (by its ``base.json`` md5), shared by every adapter
+    served over it (``OnnxCausalLM.with_adapter``): N fine-tunes of one base hold one base in memory."""
+
+    def __init__(self) -> None:
+        self._lms: dict[str, Any] = {}
+        self._lock = threading.Lock()
+
+    def get(self, path: Any, threads: int = 0) -> Any:
+        from tuneops.export.basequant import read_base
+
+        from .runtimes import OnnxCausalLM
+
+        key = read_base(path)["md5"]
+        with self._lock:
+            if key not in self._lms:
+                self._lms[key] = OnnxCausalLM(path, threads)
+            return self._lms[key]
+
+    def loaded(self) -> list[str]:
+        with self._lock:
+            return list(self._lms)
+
+
 class ModelPool:
     """Loaded models by key, least-recently-used evicted beyond ``limit``; each loads once even
     when requests for it arrive together."""
@@ -23,6 +47,7 @@ class ModelPool:
         self._models: "OrderedDict[str, Any]" = OrderedDict()
         self._lock = threading.Lock()
         self._loading: dict[str, threading.Lock] = {}
+        self.bases = BaseGraphs()        # adapters' shared base graphs (not counted in ``limit``)
 
     def get(self, key: str, files: Any) -> Any:
         """``files``: a ModelFiles or a zero-argument callable returning one (called only to load)."""
@@ -37,7 +62,8 @@ class ModelPool:
                     self._models.move_to_end(key)
                     return self._models[key]
             spec = files() if callable(files) else files
-            model = spec.load(self.threads, **self.batching)
+            model = spec.load(self.threads, self.bases, **self.batching) if getattr(spec, "adapter_dir", None) \
+                else spec.load(self.threads, **self.batching)
             model.id = spec.id
             with self._lock:
                 self._models[key] = model

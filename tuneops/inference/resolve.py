@@ -6,7 +6,8 @@ A reference is a registered version or alias (``models:/NAME@ALIAS``, ``models:/
 model is its registered version), or a folder: an optimize output (``metrics.json``: its default
 ONNX variant), a variant folder or ``model.onnx`` (a tokenizer beside it or one level up), an
 exported classifier (``labels.json``), or a registered model folder (``MLmodel``: its default
-variant, laid out as ``tuneops.inference.layout`` says, or its task head).
+variant, laid out as ``tuneops.inference.layout`` says, or its task head), or an adapter exported
+unmerged (``adapter.json``: served over the shared base graph it names, ``files_of_adapter``).
 """
 from __future__ import annotations
 
@@ -37,9 +38,18 @@ class ModelFiles:
     task_head: str = ""
     extra_dirs: tuple[Any, ...] = field(default_factory=tuple)
     version: str | None = None    # the registered version number (None for an exported folder)
+    adapter_dir: Path | None = None   # an adapter served unmerged over the base graph ``onnx_path``
 
-    def load(self, threads: int = 0, **batching: int) -> Any:
-        """The engine; ``batching``: a chat engine's ``max_batch`` / ``max_batch_tokens``."""
+    def load(self, threads: int = 0, bases: Any = None, **batching: int) -> Any:
+        """The engine; ``bases`` (``tuneops.inference.pool.BaseGraphs``): where an adapter finds its base
+        graph's session already loaded (one per base graph, shared by every adapter over it); ``batching``: a
+        chat engine's ``max_batch`` / ``max_batch_tokens``."""
+        if self.kind == "chat" and self.adapter_dir is not None:
+            from .runtimes import OnnxCausalLM
+
+            base = bases.get(self.onnx_path, threads) if bases is not None else OnnxCausalLM(self.onnx_path, threads)
+            return ChatEngine(self.onnx_path, self.tokenizer_dir, self.extra_dirs, threads,
+                              lm=base.with_adapter(self.adapter_dir), **batching)
         if self.kind == "chat":
             return ChatEngine(self.onnx_path, self.tokenizer_dir, self.extra_dirs, threads, **batching)
         if self.pyfunc_dir is not None:
@@ -97,6 +107,20 @@ def files_of_registered(folder: Path, model_id: str, variant: str | None = None)
     return ModelFiles(model_id, "chat", onnx, tok)
 
 
+def files_of_adapter(folder: Path, model_id: str, base: Path | None = None) -> ModelFiles:
+    """An exported adapter folder (``adapter.json``) over its base graph: ``base`` or the path it was
+    exported against; the base is checked when the engine loads (``BaseMismatch`` names both)."""
+    import json
+
+    info = json.loads((folder / "adapter.json").read_text())
+    base = Path(base or info.get("base_path") or "")
+    if not base.is_file():
+        b = info["base"]
+        raise ServeError(f"{folder}: its base graph ({b.get('model')} {b['quant']}, md5 {b['md5']}) is not at "
+                         f"{base}; export it with the optimize stage (optimize.adapter_base) on this machine")
+    return ModelFiles(model_id, "chat", base, base.parent, adapter_dir=folder)
+
+
 def resolve(ref: str, tracking_uri: str | None = None, fallback_tokenizer: Path | None = None,
             model_id: str | None = None, variant: str | None = None) -> ModelFiles:
     """A model reference -> the files to load (see the module docstring); ``variant``: that ONNX
@@ -110,6 +134,8 @@ def resolve(ref: str, tracking_uri: str | None = None, fallback_tokenizer: Path 
         return files
     path = Path(ref).expanduser().resolve()
     name = model_id or path.name
+    if (path / "adapter.json").is_file():           # an adapter exported unmerged: over its base graph
+        return files_of_adapter(path, name)
     if (path / "MLmodel").is_file():
         return files_of_registered(path, name, variant)
     if (path / "metrics.json").is_file() and not (path / "model.onnx").is_file():     # an optimize output

@@ -45,9 +45,15 @@ def session(path: Path, threads: int = 0) -> Any:
 
 
 class OnnxCausalLM:
-    def __init__(self, path: Path, threads: int = 0):
+    """``adapter``: an exported LoRA adapter folder (``tuneops.export.adapters``) served unmerged over
+    this base graph, checked against it (``BaseMismatch`` naming both when it needs another base)
+    and activated on every call; ``with_adapter`` gives another adapter over the same session."""
+
+    def __init__(self, path: Path, threads: int = 0, adapter: Path | None = None):
         self.path = Path(path)
         self.session = session(self.path, threads)
+        self.run_options: Any = None
+        self.adapter: dict[str, Any] | None = None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
@@ -59,6 +65,28 @@ class OnnxCausalLM:
             s = inputs[self.past_names[0]].shape  # [batch, kv_heads, past, head_dim]
             self.kv_shape = (int(s[1]), int(s[3]))
             self.kv_dtype = np.float16 if "float16" in inputs[self.past_names[0]].type else np.float32
+        if adapter is not None:
+            self._activate(Path(adapter))
+
+    def _activate(self, adapter_dir: Path) -> None:
+        import onnxruntime as ort
+
+        from tuneops.export.basequant import ADAPTER_FILE, check_base
+
+        self.adapter = {**check_base(adapter_dir, self.path), "dir": str(adapter_dir)}
+        lora = ort.LoraAdapter()
+        lora.Load(str(adapter_dir / ADAPTER_FILE))
+        self.run_options = ort.RunOptions()
+        self.run_options.add_active_adapter(lora)
+        self._lora = lora                       # the run options refer to it: keep it alive
+
+    def with_adapter(self, adapter_dir: Path) -> "OnnxCausalLM":
+        """This base graph's session (shared, not loaded again) with another adapter active."""
+        import copy
+
+        other = copy.copy(self)
+        other._activate(Path(adapter_dir))
+        return other
 
     @property
     def has_cache(self) -> bool:
@@ -81,7 +109,7 @@ class OnnxCausalLM:
         feeds = {"input_ids": np.asarray(input_ids, dtype=np.int64), "attention_mask": mask, **cache}
         if self.has_positions:
             feeds["position_ids"] = positions(mask, feeds["input_ids"].shape[1])
-        out = self.session.run(None, feeds)
+        out = self.session.run(None, feeds, self.run_options)
         return (out[0][:, -1:] if last else out[0]), dict(zip(self.past_names, out[1:]))
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
@@ -101,7 +129,8 @@ class OnnxCausalLM:
             chunk_ids, chunk_mask = np.zeros((batch, seq), np.int64), np.zeros((batch, seq), np.int64)
             n = min(batch, ids.shape[0] - i)
             chunk_ids[:n, :ids.shape[1]], chunk_mask[:n, :ids.shape[1]] = ids[i:i + n], mask[i:i + n]
-            logits = self.session.run(["logits"], {"input_ids": chunk_ids, "attention_mask": chunk_mask})[0]
+            logits = self.session.run(["logits"], {"input_ids": chunk_ids, "attention_mask": chunk_mask},
+                                      self.run_options)[0]
             rows.append(logits[:n, :ids.shape[1]])
         return np.concatenate(rows, 0)
 

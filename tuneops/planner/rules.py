@@ -207,6 +207,8 @@ def _check_inputs(model: ModelSpec, seq_len: int, scenario: str, tokens: int | N
 
 def _precision(method: str, hw: Hardware) -> str:
     compute = "fp32" if hw.is_cpu else ("bf16" if hw.bf16 else "fp16")
+    if spec(method).base_quant:      # quantization-aware LoRA: the deployment base's weights, held dequantized
+        return f"{spec(method).base_quant}+{compute}"
     return f"nf4+{compute}" if spec(method).nf4_base else compute
 
 

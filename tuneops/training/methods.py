@@ -61,6 +61,24 @@ def _load_4bit(base_dir: Path, plan: dict[str, Any]) -> Any:
     return auto.from_pretrained(str(base_dir), **kw, **labels)
 
 
+def _load_quantized_base(base_dir: Path, plan: dict[str, Any]) -> Any:
+    """Quantization-aware LoRA's base: the plain base with every weight the deployment base graph
+    stores quantized replaced by its dequantized value, computed by the export's own quantizer
+    (``tuneops.export.basequant.fake_quantize``: the same codes, blocks, scales and zero points the
+    ``MatMulNBits`` graph stores). The base is frozen, so quantizing once at load is the same as
+    quantizing in every forward. Loaded in fp32 and quantized there (the graph's values), then cast
+    to the compute dtype (bf16/fp16 on GPU round them once more)."""
+    import torch
+
+    from tuneops.export.basequant import base_quant, fake_quantize
+
+    auto, labels = _auto(plan)
+    model = auto.from_pretrained(str(base_dir), dtype=torch.float32, **labels)
+    fake_quantize(model, base_quant(spec(plan["method"]).base_quant))
+    dtype = compute_dtype(plan)
+    return model if dtype == torch.float32 else model.to(dtype)
+
+
 def disable_cpu_bf16_repack(model: Any) -> int:
     """bitsandbytes on AVX512-BF16 CPUs repacks 4-bit weights at the first no-grad forward and then
     uses a kernel without autograd: LoRA stops learning silently (seen with bitsandbytes 0.50).
@@ -149,6 +167,9 @@ class Method:
     trains: str = "lora"          # what is trained: all (every weight) | lora | ia3 (vectors) | prompt (virtual tokens)
     dora: bool = False            # LoRA + a magnitude vector per output (memory: + L*sum(d_out), base output kept)
     nf4_base: bool = False        # the frozen base is 4-bit NF4 (QLoRA): precision nf4+<compute>, no param offload
+    # the frozen base is the deployment base graph's quantization (tuneops/export/adapters.py BASE_QUANTS),
+    # applied with the export's quantizer (quantization-aware LoRA); the adapter is served unmerged over it
+    base_quant: str = ""
     label: str = ""
     # the planner's method table (Microsoft's Phi-3 fine-tuning guide): its wording and the properties
     # its rules read (declared in tuneops/planner/scenario_table.yaml)
@@ -201,6 +222,10 @@ METHODS: dict[str, Method] = {m.name: m for m in (
            guide="QLoRA: cheaper, much less memory, fewer trainable parameters",
            properties=("cheaper", "less_memory", "much_less_memory", "fewer_parameters"),
            config=_lora_config, prepare=_kbit_prepare),
+    Method("qat_int4", _load_quantized_base, _lora, base_quant="int4",
+           label="LoRA against the int4 deployment base (quantization-aware)",
+           guide="QAT int4 + LoRA: trained against the int4 base it is served with, unmerged",
+           properties=("fewer_parameters",), config=_lora_config),
     Method("ia3", _load_plain, _ia3, trains="ia3", guide="PEFT (IA3): fewer parameters",
            properties=("fewer_parameters",), config=_ia3_config),
     Method("prompt_tuning", _load_plain, _prompt_tuning, trains="prompt",
