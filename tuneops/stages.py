@@ -82,9 +82,8 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/inference/toolcalls.py", "tuneops/inference/finetuned.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/runtimes.py",
                     "tuneops/inference/sampling.py", "tuneops/inference/graders.py", "tuneops/models.py",
-                    "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/families.py",
-                    "tuneops/training/preference.py", "tuneops/training/objectives.py", "tuneops/data",
-                    "tuneops/export/basequant.py")),
+                    "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/export/basequant.py",
+                    "tuneops/families.py", "tuneops/training/preference.py", "tuneops/training/objectives.py", "tuneops/data")),
     StageSpec("optimize", "merge adapter, fp32 ONNX graph with KV cache (onnxruntime-genai builder or "
               "torch.onnx), ORT parity, quantized variants per target profile (INT8/INT4/QDQ), gates, coverage reports",
               params=("optimize", "model.max_seq_len"),

@@ -144,6 +144,7 @@ def test_dora_is_not_exported_unmerged(bases, tmp_path):
 
 
 @pytest.mark.pipeline
+@pytest.mark.slow     # a whole tiny run with an ONNX export: 23 min under load; the default suite keeps its 40-min budget
 def test_the_optimize_stage_exports_a_qat_adapter_unmerged_and_gates_it():
     """select.method=qat_int4 end to end on the tiny model: the optimize stage writes the adapter
     beside the merged variants, over the int4 base graph (built once, cached), and gates it on parity

@@ -66,6 +66,7 @@ def test_evaluate_scores_the_graders_for_base_and_fine_tuned(tools_project):
         assert all(t[who]["scores"]["tool_call_exact"] is None for t in graded if not t["tool_calls"])
 
 
+@pytest.mark.slow     # optimize + register twice (ONNX export, champion re-graded): 21 min under load; default suite budget
 def test_the_gate_decides_by_the_primary_grader_and_regrades_the_champion(tools_project):
     import mlflow
 
