@@ -217,7 +217,10 @@ def test_job_requests_are_checked_before_anything_runs(svc):
 
 def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     client, bob = svc.client(), svc.client("bob")
-    f = client.files.create(file=("chat.jsonl", _chat_jsonl(svc.cfg, 60)), purpose="fine-tune")
+    # chat rows plus OpenAI's documented function-calling rows (tools, tool_calls, tool results, legacy
+    # functions): the same file an OpenAI user has trains here unchanged (issue 32)
+    calls = (REPO / "tests" / "fixtures" / "openai" / "function_calling.jsonl").read_bytes()
+    f = client.files.create(file=("chat.jsonl", _chat_jsonl(svc.cfg, 60) + calls), purpose="fine-tune")
     v = client.files.create(file=("held-out.jsonl", _chat_jsonl(svc.cfg, 12, skip=60)), purpose="fine-tune")
     assert f.status == "processed" and f.purpose == "fine-tune"
     job = client.fine_tuning.jobs.create(model="tiny", training_file=f.id, validation_file=v.id, suffix="smoke",
@@ -262,7 +265,8 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     workdir = svc.root / ".tuneops" / "service" / "jobs" / job.id
     assert (workdir / "artifacts" / "register" / "registration.json").is_file()
     manifest = json.loads((workdir / "data" / "chat" / "manifest.json").read_text())
-    assert (manifest["train_rows"], manifest["eval_rows"]) == (60, 12)      # the validation file is the eval split
+    n_calls = len(calls.splitlines())
+    assert (manifest["train_rows"], manifest["eval_rows"]) == (60 + n_calls, 12)   # the validation file is the eval split
     # ... and keeps its own DVC record there: every stage in its dvc.lock, `dvc status` clean
     import yaml
 
@@ -288,6 +292,27 @@ def test_a_job_runs_to_a_registered_model_through_an_api_restart(svc):
     streamed = client.chat.completions.create(model=done.fine_tuned_model, messages=hello, max_tokens=4,
                                               temperature=0, stream=True)
     assert "".join(c.choices[0].delta.content or "" for c in streamed if c.choices) == reply.choices[0].message.content
+    # ... with tools and response_format (issue 32): a forced call is valid by construction, as is the JSON
+    weather = json.loads(calls.splitlines()[0])["tools"][:1]       # the trained function, its strings bounded
+    params = weather[0]["function"]["parameters"]              # as OpenAI's strict mode wants: no free keys
+    params["properties"]["location"]["maxLength"], params["additionalProperties"] = 16, False
+    name = weather[0]["function"]["name"]
+    called = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=[{"role": "user", "content": "Weather in Paris?"}], tools=weather,
+        tool_choice={"type": "function", "function": {"name": name}}, max_tokens=200, temperature=0)
+    assert called.choices[0].message.tool_calls, called
+    call = called.choices[0].message.tool_calls[0]
+    assert called.choices[0].finish_reason == "tool_calls" and call.function.name == name and call.id
+    import jsonschema
+
+    jsonschema.validate(json.loads(call.function.arguments), weather[0]["function"]["parameters"])
+    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"],
+              "additionalProperties": False}
+    shaped = client.chat.completions.create(
+        model=done.fine_tuned_model, messages=hello, max_tokens=64, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": schema, "strict": True}})
+    if shaped.choices[0].finish_reason == "stop":
+        jsonschema.validate(json.loads(shaped.choices[0].message.content), schema)
     for who in (bob, client):
         with pytest.raises(openai.NotFoundError) as err:
             who.chat.completions.create(model=done.fine_tuned_model if who is bob else "someone-elses-model",
