@@ -297,7 +297,71 @@ class ChatMessage(BaseModel):
         return _text(v)
 
 
-class ChatRequest(BaseModel):
+class _Sampling(BaseModel):
+    """The checks ``ChatRequest`` and ``CompletionRequest`` share (model id, stop, seed, temperature,
+    top_p, stream_options): validators only; each request declares its fields, in the order they are
+    checked."""
+
+    @field_validator("model", check_fields=False)
+    @classmethod
+    def _model(cls, v: Any) -> str:
+        return cls._model_id(v)
+
+    @staticmethod
+    def _model_id(v: Any) -> str:
+        if v is None or v == "":
+            raise BadValue("required (GET /v1/models lists them)")
+        if not isinstance(v, str) or len(v) > MAX_MODEL_ID:
+            raise BadValue(f"expected a model id of at most {MAX_MODEL_ID} characters (got {short(v)})")
+        return valid_text(v)
+
+    @field_validator("stop", check_fields=False)
+    @classmethod
+    def _stop(cls, v: Any) -> list[str]:
+        return cls._stops(v)
+
+    @staticmethod
+    def _stops(v: Any) -> list[str]:
+        stops = [v] if isinstance(v, str) else v
+        if stops is not None and (not isinstance(stops, list) or len(stops) > 4
+                                  or not all(isinstance(s, str) for s in stops)):
+            raise BadValue(f"expected a string or a list of up to 4 strings (got {short(v)})")
+        return [valid_text(s) for s in stops or []]
+
+    @field_validator("seed", check_fields=False)
+    @classmethod
+    def _seed(cls, v: Any) -> Any:
+        return _number(v, int, 0, SEED_MAX)
+
+    @field_validator("temperature", check_fields=False)
+    @classmethod
+    def _temperature(cls, v: Any) -> Any:
+        t = _number(v, float, 0, 2)
+        return 0.0 if t is not None and t < MIN_TEMPERATURE else t     # greedy (see MIN_TEMPERATURE)
+
+    @field_validator("top_p", check_fields=False)
+    @classmethod
+    def _top_p(cls, v: Any) -> Any:
+        return _number(v, float, 0, 1)
+
+    @field_validator("stream_options", check_fields=False)
+    @classmethod
+    def _stream_options(cls, v: Any) -> Any:
+        return cls._usage_options(v)
+
+    @staticmethod
+    def _usage_options(v: Any) -> Any:
+        if v is None:
+            return v
+        if not isinstance(v, dict):
+            raise BadValue(f'expected an object such as {{"include_usage": true}} (got {short(v)})')
+        usage = v.get("include_usage")
+        if usage is not None and not isinstance(usage, bool):
+            raise BadValue(f"expected a boolean (got {short(usage)})", ".include_usage")
+        return v
+
+
+class ChatRequest(_Sampling):
     """A ``POST /v1/chat/completions`` body (fields in the order they are checked; other
     OpenAI fields are ignored). ``model_validate(body, context={"settings": serve})``."""
 
@@ -325,19 +389,6 @@ class ChatRequest(BaseModel):
     top_p: Any = None
     stream: Any = None
     stream_options: Any = None
-
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: Any) -> str:
-        return cls._model_id(v)
-
-    @staticmethod
-    def _model_id(v: Any) -> str:
-        if v is None or v == "":
-            raise BadValue("required (GET /v1/models lists them)")
-        if not isinstance(v, str) or len(v) > MAX_MODEL_ID:
-            raise BadValue(f"expected a model id of at most {MAX_MODEL_ID} characters (got {short(v)})")
-        return valid_text(v)
 
     @field_validator("messages", mode="before")
     @classmethod
@@ -438,56 +489,11 @@ class ChatRequest(BaseModel):
     def _max_tokens(cls, v: Any, info: ValidationInfo) -> Any:
         return _number(v, int, 1, info.context["settings"].max_tokens)
 
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Any) -> list[str]:
-        return cls._stops(v)
-
-    @staticmethod
-    def _stops(v: Any) -> list[str]:
-        stops = [v] if isinstance(v, str) else v
-        if stops is not None and (not isinstance(stops, list) or len(stops) > 4
-                                  or not all(isinstance(s, str) for s in stops)):
-            raise BadValue(f"expected a string or a list of up to 4 strings (got {short(v)})")
-        return [valid_text(s) for s in stops or []]
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: Any) -> Any:
-        return _number(v, int, 0, SEED_MAX)
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: Any) -> Any:
-        t = _number(v, float, 0, 2)
-        return 0.0 if t is not None and t < MIN_TEMPERATURE else t     # greedy (see MIN_TEMPERATURE)
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: Any) -> Any:
-        return _number(v, float, 0, 1)
-
     @field_validator("stream", "parallel_tool_calls")
     @classmethod
     def _boolean(cls, v: Any) -> Any:
         if v is not None and not isinstance(v, bool):
             raise BadValue(f"expected a boolean (got {short(v)})")
-        return v
-
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options(cls, v: Any) -> Any:
-        return cls._usage_options(v)
-
-    @staticmethod
-    def _usage_options(v: Any) -> Any:
-        if v is None:
-            return v
-        if not isinstance(v, dict):
-            raise BadValue(f'expected an object such as {{"include_usage": true}} (got {short(v)})')
-        usage = v.get("include_usage")
-        if usage is not None and not isinstance(usage, bool):
-            raise BadValue(f"expected a boolean (got {short(usage)})", ".include_usage")
         return v
 
 
@@ -610,7 +616,7 @@ def _prompts(v: Any, most: int) -> list[str | list[int]]:
     return out
 
 
-class CompletionRequest(BaseModel):
+class CompletionRequest(_Sampling):
     """A ``POST /v1/completions`` body (OpenAI's legacy completions; other fields are ignored)."""
 
     model_config = ConfigDict(extra="ignore")
@@ -631,43 +637,12 @@ class CompletionRequest(BaseModel):
     stream: Any = None
     stream_options: Any = None
 
-    @field_validator("model")
-    @classmethod
-    def _model(cls, v: Any) -> str:
-        return ChatRequest._model_id(v)
-
-    @field_validator("stop")
-    @classmethod
-    def _stop(cls, v: Any) -> list[str]:
-        return ChatRequest._stops(v)
-
-    @field_validator("seed")
-    @classmethod
-    def _seed(cls, v: Any) -> Any:
-        return _number(v, int, 0, SEED_MAX)
-
-    @field_validator("temperature")
-    @classmethod
-    def _temperature(cls, v: Any) -> Any:
-        t = _number(v, float, 0, 2)
-        return 0.0 if t is not None and t < MIN_TEMPERATURE else t     # greedy (see MIN_TEMPERATURE)
-
-    @field_validator("top_p")
-    @classmethod
-    def _top_p(cls, v: Any) -> Any:
-        return _number(v, float, 0, 1)
-
     @field_validator("n", "best_of")
     @classmethod
     def _n(cls, v: Any) -> Any:
         if v is not None and (isinstance(v, bool) or v != 1 or not isinstance(v, int)):
             raise BadValue(f"only 1 is supported (got {short(v)})")
         return v
-
-    @field_validator("stream_options")
-    @classmethod
-    def _stream_options(cls, v: Any) -> Any:
-        return ChatRequest._usage_options(v)
 
     @field_validator("prompt")
     @classmethod
