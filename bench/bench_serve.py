@@ -110,7 +110,10 @@ def run_load(one, concurrency: int, requests: int, pid: int) -> dict:
 
 def openai_client(base: str, model: str, max_tokens: int, tokenizer):
     """Streamed chat completions (``tuneops serve``, ``llama-server``)."""
-    client = httpx.Client(timeout=900, limits=httpx.Limits(max_connections=128, max_keepalive_connections=128))
+    # one connection per request for every server: llama-server's HTTP library closes kept-alive
+    # connections on its own schedule, and a request sent on one it has just closed fails
+    # ("Server disconnected without sending a response")
+    client = httpx.Client(timeout=900, limits=httpx.Limits(max_connections=128, max_keepalive_connections=0))
 
     def one(i: int) -> tuple[float, float, int]:
         body = {"model": model, "messages": [{"role": "user", "content": PROMPTS[i % len(PROMPTS)]}],
