@@ -124,6 +124,13 @@ def _text(content: Any) -> str:
     raise BadValue(f"expected a string or a list of text parts (got {short(content)})", code="invalid_content")
 
 
+def _flag(value: Any) -> Any:
+    """A boolean field (``stream``, ``logprobs`` of chat, ``echo``, ...): absent or true / false."""
+    if value is not None and not isinstance(value, bool):
+        raise BadValue(f"expected a boolean (got {short(value)})")
+    return value
+
+
 def _number(value: Any, kind: type, low: float, high: float) -> Any:
     if value is None:
         return None
@@ -426,13 +433,6 @@ class ChatRequest(_Sampling):
             raise BadValue(f'expected "none", "auto" or {{"name": ...}} (got {short(v)})')
         return {"type": "function", "function": {"name": v["name"]}}
 
-    @field_validator("logprobs")
-    @classmethod
-    def _logprobs(cls, v: Any) -> Any:
-        if v is not None and not isinstance(v, bool):
-            raise BadValue(f"expected a boolean (got {short(v)})")
-        return v
-
     @field_validator("top_logprobs")
     @classmethod
     def _top_logprobs(cls, v: Any) -> Any:
@@ -489,13 +489,10 @@ class ChatRequest(_Sampling):
     def _max_tokens(cls, v: Any, info: ValidationInfo) -> Any:
         return _number(v, int, 1, info.context["settings"].max_tokens)
 
-    @field_validator("stream", "parallel_tool_calls")
+    @field_validator("stream", "parallel_tool_calls", "logprobs")
     @classmethod
     def _boolean(cls, v: Any) -> Any:
-        if v is not None and not isinstance(v, bool):
-            raise BadValue(f"expected a boolean (got {short(v)})")
-        return v
-
+        return _flag(v)
 
     @model_validator(mode="after")
     def _consistent(self) -> "ChatRequest":
@@ -659,9 +656,7 @@ class CompletionRequest(_Sampling):
     @field_validator("echo", "stream")
     @classmethod
     def _boolean(cls, v: Any) -> Any:
-        if v is not None and not isinstance(v, bool):
-            raise BadValue(f"expected a boolean (got {short(v)})")
-        return v
+        return _flag(v)
 
     @field_validator("logprobs")
     @classmethod
