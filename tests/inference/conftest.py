@@ -25,6 +25,15 @@ class InProcess:
         wait_for(lambda: self.server.started, 30, "uvicorn start", interval=0.05)
         self.base_url = f"http://127.0.0.1:{self.port}/v1"
 
+    @classmethod
+    def serving(cls, project: str, model_dir) -> "InProcess":
+        """``tuneops serve MODEL_DIR``'s app, with a fresh test project's default params, in a thread."""
+        from tests.conftest import make_project
+        from tuneops.config import load_config
+        from tuneops.inference.http.app import create_app
+
+        return cls(create_app(load_config(make_project(project, ()) / "params.yaml"), str(model_dir)))
+
     def client(self, key: str = "none") -> openai.OpenAI:
         return openai.OpenAI(base_url=self.base_url, api_key=key, max_retries=0, timeout=60)
 

@@ -17,8 +17,6 @@ import json
 import numpy as np
 import pytest
 
-from tests.conftest import make_project
-
 from .conftest import InProcess
 
 
@@ -55,11 +53,7 @@ def _tasks(folder, data) -> None:
 
 @pytest.fixture(scope="module")
 def served(chat_model_dir):
-    from tuneops.config import load_config
-    from tuneops.inference.http.app import create_app
-
-    cfg = load_config(make_project("serve-lm-eval", ()) / "params.yaml")
-    srv = InProcess(create_app(cfg, str(chat_model_dir)))
+    srv = InProcess.serving("serve-lm-eval", chat_model_dir)
     yield srv
     srv.stop()
 

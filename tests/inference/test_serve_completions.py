@@ -12,8 +12,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import make_project
-
 from .conftest import InProcess
 
 pytestmark = pytest.mark.pipeline          # a server in a thread
@@ -27,11 +25,7 @@ FUNCTIONS = [{"name": "count", "description": "Count", "parameters": COUNT},
 
 @pytest.fixture(scope="module")
 def served(chat_model_dir):
-    from tuneops.config import load_config
-    from tuneops.inference.http.app import create_app
-
-    cfg = load_config(make_project("serve-completions", ()) / "params.yaml")
-    srv = InProcess(create_app(cfg, str(chat_model_dir)))
+    srv = InProcess.serving("serve-completions", chat_model_dir)
     yield srv
     srv.stop()
 

@@ -10,8 +10,6 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import make_project
-
 from .conftest import InProcess
 
 pytestmark = pytest.mark.pipeline          # a server in a thread
@@ -30,11 +28,7 @@ ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 
 @pytest.fixture(scope="module")
 def client(chat_model_dir):
-    from tuneops.config import load_config
-    from tuneops.inference.http.app import create_app
-
-    cfg = load_config(make_project("serve-tools", ()) / "params.yaml")
-    srv = InProcess(create_app(cfg, str(chat_model_dir)))
+    srv = InProcess.serving("serve-tools", chat_model_dir)
     yield srv.client()
     srv.stop()
 
