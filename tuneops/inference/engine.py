@@ -149,10 +149,7 @@ class Batcher:
     def _boundary(self, batch: Batch) -> None:
         """Drop the rows whose request is gone, then prefill waiting requests: ``max_batch_tokens``
         prompt tokens while rows are decoding, until one joins when none is."""
-        gone = [r for r in batch.rows if not r.done and r.tag.gone()]
-        batch.drop(gone)
-        for r in gone:
-            r.tag.items.put(("cancelled", None))
+        self._drop_gone(batch, batch.rows)
         self.rows = sum(not r.done for r in batch.rows)
         budget = self.max_batch_tokens
         while budget > 0 or not batch.active:
@@ -173,12 +170,17 @@ class Batcher:
                 continue
             if joined:
                 self._job = None
-                gone = [r for r in job.rows if r.tag.gone()]
-                batch.drop(gone)
-                for r in gone:
-                    r.tag.items.put(("cancelled", None))
+                self._drop_gone(batch, job.rows)      # went away while their prompts were prefilled
             budget -= (job.at - before) * len(job.rows)
             self.rows = sum(not r.done for r in batch.rows)
+
+    @staticmethod
+    def _drop_gone(batch: Batch, rows: list[Row]) -> None:
+        """Rows whose request was cancelled or abandoned leave ``batch``; their readers get ``Cancelled``."""
+        gone = [r for r in rows if not r.done and r.tag.gone()]
+        batch.drop(gone)
+        for r in gone:
+            r.tag.items.put(("cancelled", None))
 
     def _take(self, batch: Batch) -> list[Row] | None:
         """The next requests to prefill together (as many as fit ``max_batch`` and, past the first,
