@@ -13,9 +13,8 @@ from tuneops.io import read_json, read_jsonl
 from tests.conftest import make_project
 
 BUNDLED = [name for name in SCENARIOS if name != "user"]
-# tool rows declare three functions (~450 tokens rendered): the scenario raises model.max_seq_len itself
-# (Scenario.min_seq_len), so it runs with params.yaml's budget
-OVERRIDES: dict[str, tuple[str, ...]] = {}
+# Every scenario runs with params.yaml's own values: the tools scenario's rows (~450 tokens rendered)
+# raise model.max_seq_len through Scenario.min_seq_len, not through an override here.
 
 
 def _project(stage, name: str, *overrides: str):
@@ -31,7 +30,7 @@ def test_bundled_scenario_builds_and_passes_its_suite(name, stage, tokenizer, mo
     from tasks import ingest, validate
 
     monkeypatch.setattr(validate, "load_tokenizer", lambda _: tokenizer)   # the same tokenizer, loaded once
-    cfg = _project(stage, name, *OVERRIDES.get(name, ()))
+    cfg = _project(stage, name)
     manifest = ingest.run(cfg)
     fmt = SCENARIOS[name]
     assert manifest["format"] == fmt and manifest["license"] and manifest["source"]
@@ -81,7 +80,7 @@ def test_tools_scenario_calls_each_function_with_exact_arguments(stage, tokenize
 
     from tuneops.data import formats, scenarios, sources
 
-    cfg = _project(stage, "tools", *OVERRIDES["tools"])
+    cfg = _project(stage, "tools")
     train, eval_, manifest = scenarios.build("tools", cfg.ingest)
     again = scenarios.build("tools", cfg.ingest)
     assert (train, eval_) == again[:2]
