@@ -84,6 +84,7 @@ MODEL_CONFIGS = {
     "tiny": ROOT / "bench" / "configs" / "tiny-gemma3.json",
     "gemma3-270m": ROOT / "tests" / "fixtures" / "model_configs" / "gemma3-270m.json",
     "gemma3-1b": ROOT / "bench" / "configs" / "gemma3-1b.json",
+    "smollm2-135m": ROOT / "bench" / "configs" / "smollm2-135m.json",   # the default model's config.json
 }
 LORA = {"r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ("q_proj", "k_proj", "v_proj", "o_proj")}
 
@@ -101,11 +102,21 @@ class Case:
     ckpt: bool = False
     offload_optimizer: bool = False
     offload_params: bool = False
+    objective: str = "sft"        # tuneops/training/objectives.py; a pair objective (dpo) runs TRL's step
+    reference: str = "start"      # pair objectives: start | precomputed (no reference forward in the step)
+
+    @property
+    def pairs(self) -> bool:
+        from tuneops.training import objectives
+
+        return objectives.get(self.objective).pairs
 
     @property
     def name(self) -> str:
         extra = ("+ckpt" if self.ckpt else "") + ("+offopt" if self.offload_optimizer else "") \
-            + ("+offparam" if self.offload_params else "")
+            + ("+offparam" if self.offload_params else "") \
+            + (f"+{self.objective}" if self.objective != "sft" else "") \
+            + ("+precomp" if self.pairs and self.reference == "precomputed" else "")
         return f"{self.model} {self.method} z{self.zero} n{self.nproc} b{self.micro} s{self.seq}{extra}"
 
     @property
@@ -117,7 +128,21 @@ def _c(model: str, method: str, **kw: Any) -> Case:
     return Case(model=model, method=method, **kw)
 
 
-# ~15 minutes on the 2-core CPU (14-18 min measured, other jobs running): the 270M shape single-process for
+# Pair objectives (issue 33), single process: TRL 1.16's DPO step (chosen + rejected in one batch of 2 x micro,
+# its fused LM head, the reference forward after the policy's) for LoRA (reference = adapter disabled), full
+# (a frozen copy) and precomputed log-probs (no reference forward), on the default SmolLM2 shape and Gemma 3 270M.
+DPO_CASES = [
+    _c("smollm2-135m", "lora", seq=512, micro=4),      # the SFT step on the same tokens as the b2 pair rows
+    _c("smollm2-135m", "full", seq=512, micro=2),
+    _c("tiny", "lora", objective="dpo"),
+    _c("smollm2-135m", "lora", objective="dpo", seq=512, micro=2),
+    _c("smollm2-135m", "full", objective="dpo", seq=512),
+    _c("smollm2-135m", "lora", objective="dpo", seq=512, micro=2, reference="precomputed"),
+    _c("gemma3-270m", "lora", objective="dpo", seq=256, micro=2),
+    _c("gemma3-270m", "full", objective="dpo"),
+    _c("gemma3-270m", "qlora", objective="dpo"),
+]
+# ~15 minutes on the 2-core CPU (+ ~5 for the DPO rows) (14-18 min measured, other jobs running): the 270M shape single-process for
 # every method, the ZeRO ladder with 2 ranks for full fine-tuning on the tiny model, ZeRO 1-3 for
 # full and ZeRO-3 for LoRA on 270M, optimizer offload at ZeRO 2 and 3.
 CPU_CASES = [
@@ -134,6 +159,7 @@ CPU_CASES = [
     _c("gemma3-270m", "lora", zero=3, nproc=2),
     _c("gemma3-270m", "full", zero=2, nproc=2, offload_optimizer=True),
     _c("gemma3-270m", "full", zero=3, nproc=2, offload_optimizer=True),
+    *DPO_CASES,
 ]
 QUICK_CASES = [
     _c("tiny", "full"),
@@ -171,7 +197,7 @@ def setup_for(case: Case, device: str) -> Setup:
         method=case.method, compute_bytes=4 if device == "cpu" else 2, zero_stage=case.zero,
         offload_optimizer=case.offload_optimizer, offload_params=case.offload_params,
         micro_batch=case.micro, checkpointing=case.ckpt, world_size=case.nproc, seq_len=case.seq,
-        task_head="causal_lm", lora_r=LORA["r"],
+        task_head="causal_lm", lora_r=LORA["r"], objective=case.objective, reference=case.reference,
         targets=tuple(spec.resolve_targets(LORA["target_modules"])) if peft else (),
         on_gpu=device != "cpu")
 
@@ -295,11 +321,51 @@ def _ds_config(case: Case, device: str, hidden: int) -> dict[str, Any]:
     }
 
 
-def worker(case: Case, device: str, steps: int, out_dir: Path) -> None:
+def _pair_loss(model: Any, ref_model: Any, ids: Any, case: Case, on_cpu: bool) -> Any:
+    """TRL 1.16 ``DPOTrainer._compute_loss`` in memory terms: the policy's fused forward on [chosen;
+    rejected] (second half of each row is the completion), then the reference's under ``no_grad``
+    (a PEFT policy with its adapter disabled, or the frozen copy) while the policy's activations
+    are alive; precomputed: reference log-probs are inputs (zeros here)."""
+    import torch
+    import torch.nn.functional as F
+
+    mask = torch.zeros_like(ids)
+    mask[:, case.seq // 2:] = 1
+    labels = ids.masked_fill(mask == 0, -100)
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not on_cpu):
+        out = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False)
+        chosen, rejected = out.log_probs.sum(dim=1).chunk(2)
+        if case.reference == "precomputed":
+            ref_chosen = ref_rejected = torch.zeros_like(chosen)
+        else:
+            with torch.no_grad():
+                if ref_model is None:
+                    with model.disable_adapter():
+                        ref = model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False)
+                else:
+                    ref = ref_model(input_ids=ids, labels=labels, fused_lm_head=True, use_cache=False)
+            ref_chosen, ref_rejected = ref.log_probs.sum(dim=1).chunk(2)
+        margin = (chosen - ref_chosen) - (rejected - ref_rejected)
+        return -F.logsigmoid(0.1 * margin).mean()
+
+
+def params_mmap_threshold() -> int:
+    """params.yaml's ``train.cpu_mmap_threshold``: what CPU training sets (loop.cap_heap_retention)."""
+    import yaml
+
+    return int(yaml.safe_load((ROOT / "params.yaml").read_text())["train"].get("cpu_mmap_threshold", 0))
+
+
+def worker(case: Case, device: str, steps: int, out_dir: Path, mmap_threshold: int = 0) -> None:
     """Build the model for ``case``, run ``steps`` optimizer steps, write ``rank<r>.json``."""
     import resource
 
     import torch
+
+    from tuneops.training.loop import cap_heap_retention
+
+    if device == "cpu":        # as the training loop does on CPU
+        cap_heap_retention(mmap_threshold)
 
     rank = int(os.environ.get("RANK", "0"))
     t0 = time.time()
@@ -343,6 +409,20 @@ def worker(case: Case, device: str, steps: int, out_dir: Path) -> None:
             model = AutoModelForCausalLM.from_config(cfg, dtype=param_dtype)
     model.config.use_cache = False
     marks = {"built": _current(device)}
+    ref_model = None
+    if case.pairs:
+        if case.uses_deepspeed:
+            raise SystemExit("pair objectives are calibrated single-process at ZeRO 0 only")
+        # What TRL 1.16's DPOTrainer does to the policy (before PEFT wraps it) and to a separate reference:
+        # forward(..., fused_lm_head=True) returns per-token log-probs, the logits only ever exist in tiles.
+        from trl.trainer.utils import add_fused_lm_head
+
+        if case.method == "full" and case.reference != "precomputed":
+            import copy
+
+            ref_model = copy.deepcopy(model).eval().requires_grad_(False)   # preference.build_models' frozen copy
+            add_fused_lm_head(ref_model)
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     n_quant = _quantize_linears(model, compute, str(dev)) if case.method == "qlora" else 0
     if case.ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -365,7 +445,8 @@ def worker(case: Case, device: str, steps: int, out_dir: Path) -> None:
     marks["engine"] = _current(device)
     lifetime_before_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     gen = torch.Generator().manual_seed(7 + rank)
-    batches = [torch.randint(3, cfg.vocab_size, (case.micro, case.seq), generator=gen).to(dev) for _ in range(steps)]
+    rows = 2 * case.micro if case.pairs else case.micro      # a pair objective: chosen and rejected in one batch
+    batches = [torch.randint(3, cfg.vocab_size, (rows, case.seq), generator=gen).to(dev) for _ in range(steps)]
     _reset_peak(device)
     start = _current(device)
     t1 = time.time()
@@ -380,6 +461,13 @@ def worker(case: Case, device: str, steps: int, out_dir: Path) -> None:
                 grads_seen = sum(p.grad is not None for p in trainable)
             fwd_bwd = _segment_peak(device)
             engine.step()
+        elif case.pairs:
+            loss = _pair_loss(model, ref_model, ids, case, on_cpu)
+            loss.backward()
+            grads_seen = sum(p.grad is not None for p in trainable)
+            fwd_bwd = _segment_peak(device)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
         else:
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=not on_cpu):
                 loss = model(input_ids=ids, labels=ids).loss
@@ -444,17 +532,20 @@ def missing_packages(case: Case) -> list[str]:
     need += ["peft"] if case.method in ("lora", "qlora", "dora") else []
     need += ["bitsandbytes"] if case.method == "qlora" else []
     need += ["deepspeed"] if case.uses_deepspeed else []
+    need += ["trl"] if case.pairs else []
     return [n for n in need if importlib.util.find_spec(n) is None]
 
 
-def run_case(case: Case, device: str, steps: int, timeout: float, runs: Path | None = None) -> dict[str, Any]:
+def run_case(case: Case, device: str, steps: int, timeout: float, runs: Path | None = None,
+             mmap_threshold: int | None = None) -> dict[str, Any]:
     """Run ``case`` in a fresh subprocess; returns the per-rank results and the per-device peak.
     Per-rank JSON and the log go to ``runs`` (default ``.tuneops/bench/runs/<device>-<pid>``)."""
     runs = runs or SCRATCH / "runs" / f"{device}-{os.getpid()}"
     out_dir = runs / f"{case.name.replace(' ', '_')}"
     shutil.rmtree(out_dir, ignore_errors=True)
     args = ["--worker", json.dumps(dataclasses.asdict(case)), "--device", device, "--steps", str(steps),
-            "--out", str(out_dir)]
+            "--out", str(out_dir),
+            "--mmap-threshold", str(params_mmap_threshold() if mmap_threshold is None else mmap_threshold)]
     script = str(Path(__file__).resolve())
     if case.uses_deepspeed:  # torchrun, from whichever interpreter runs this script
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(case.nproc),
@@ -479,7 +570,7 @@ def run_case(case: Case, device: str, steps: int, timeout: float, runs: Path | N
 
 def calibrate(cases: list[Case], device: str, steps: int = 2, timeout: float = 900.0,
               constants: MemoryModelConstants | None = None, echo: bool = False,
-              runs: Path | None = None) -> list[dict[str, Any]]:
+              runs: Path | None = None, mmap_threshold: int | None = None) -> list[dict[str, Any]]:
     """Predict and measure every case; returns one row per case (``error`` set if it failed)."""
     rows = []
     for case in cases:
@@ -494,7 +585,7 @@ def calibrate(cases: list[Case], device: str, steps: int = 2, timeout: float = 9
                 print(format_row(row), flush=True)
             continue
         try:
-            row.update(run_case(case, device, steps, timeout, runs))
+            row.update(run_case(case, device, steps, timeout, runs, mmap_threshold))
             row["rel_error"] = (pred - row["measured_gib"]) / row["measured_gib"]
         except (RuntimeError, subprocess.TimeoutExpired) as exc:
             row["error"] = str(exc)
@@ -550,11 +641,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the rows as JSON here")
     p.add_argument("--report", type=Path, help="write a markdown report (date, machine, command, table) here")
     p.add_argument("--list", action="store_true", help="list the cases with their predictions and exit")
+    p.add_argument("--mmap-threshold", type=int, default=None,
+                   help="CPU: glibc M_MMAP_THRESHOLD in the training process (default: params.yaml "
+                        "train.cpu_mmap_threshold, as training sets it; 0 = glibc's dynamic default)")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.worker:
-        worker(Case(**json.loads(args.worker)), args.device, args.steps, args.out)
+        worker(Case(**json.loads(args.worker)), args.device, args.steps, args.out, args.mmap_threshold or 0)
         return 0
     if args.device == "cuda":
         cases = GPU_QUICK_CASES if args.quick else GPU_CASES
@@ -569,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{c.name:<46} {pred:7.3f} GiB  {est.breakdown()}  logits {est.logits:.3f}  host {est.host_gb:.3f}")
         return 0
     intro = (f"memory calibration on {args.device}: {len(cases)} case(s), {args.steps} optimizer steps each; "
+             f"M_MMAP_THRESHOLD {params_mmap_threshold() if args.mmap_threshold is None else args.mmap_threshold}; "
              f"prediction = {'total + host (offload stays in RAM)' if args.device == 'cpu' else 'total - overhead'}; "
              f"measured = max over ranks of "
              + ("peak RSS (VmHWM) in the training window" if args.device == "cpu"
@@ -577,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
     print(HEADER)
     print(RULE)
     t = time.time()
-    rows = calibrate(cases, args.device, args.steps, args.timeout, echo=True)
+    rows = calibrate(cases, args.device, args.steps, args.timeout, echo=True, mmap_threshold=args.mmap_threshold)
     wall = time.time() - t
     print(summary(rows))
     print(f"total wall time {wall:.0f} s")

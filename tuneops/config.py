@@ -235,6 +235,7 @@ class TrainParams(_Section):
     logging_steps: int = Field(gt=0)
     seed: int
     threads: int = Field(ge=0)
+    cpu_mmap_threshold: int = Field(default=65536, ge=0)   # bytes; CPU training (loop.cap_heap_retention)
     packing: bool = False
     group_by_length: bool = True
     save_steps: int = Field(default=0, ge=0)

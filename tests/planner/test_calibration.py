@@ -1,7 +1,8 @@
 """Memory-planner calibration: predicted vs measured peak memory of real training steps.
 
-Runs two single-process rows of ``bench/calibrate_memory.py`` on the tiny random Gemma-3 (full
-fine-tuning and LoRA, micro-batch 1, seq 128, 2 optimizer steps, ~20 s each): each trains in a
+Runs three single-process rows of ``bench/calibrate_memory.py`` on the tiny random Gemma-3 (full
+fine-tuning, LoRA, and LoRA with the DPO objective: TRL's step on chosen + rejected with its fused
+LM head and the adapter-disabled reference; micro-batch 1, seq 128, 2 optimizer steps, ~20 s each): each trains in a
 fresh subprocess and reports its peak RSS over the training window. The planner's prediction for
 the same ``Setup`` must be within 15% of it. ``bench/results/calibration-cpu.md`` has the full table.
 """
@@ -19,7 +20,8 @@ import calibrate_memory as cm  # noqa: E402
 
 from tuneops.planner import MemoryModelConstants  # noqa: E402
 
-CASES = [cm.Case(model="tiny", method="full"), cm.Case(model="tiny", method="lora")]
+CASES = [cm.Case(model="tiny", method="full"), cm.Case(model="tiny", method="lora"),
+         cm.Case(model="tiny", method="lora", objective="dpo")]
 
 pytestmark = pytest.mark.skipif(
     not Path("/proc/self/clear_refs").exists() or importlib.util.find_spec("peft") is None,
@@ -51,8 +53,10 @@ def test_prediction_within_15_percent_of_measured_peak(rows, i):
 def test_the_check_can_fail(rows):
     """The same measurements reject a planner whose constants are off: logits priced at 4 instead
     of 12 bytes per value (the largest activation of a 262k-vocabulary model), or a per-process
-    baseline of 1 GiB instead of the measured ~0.45, put the rows outside the 15% band."""
-    for wrong in (MemoryModelConstants(logits_bytes=4.0), MemoryModelConstants(cpu_baseline_gb=1.0)):
+    baseline of 1 GiB instead of the measured ~0.45, or TRL's fused LM head priced as one logits tile
+    instead of the ~8 its CPU fold keeps alive, put the rows outside the 15% band."""
+    for wrong in (MemoryModelConstants(logits_bytes=4.0), MemoryModelConstants(cpu_baseline_gb=1.0),
+                  MemoryModelConstants(fused_head_tile_copies_cpu=1)):
         errors = []
         for case, row in zip(CASES, rows):
             pred, _ = cm.predict(case, "cpu", wrong)

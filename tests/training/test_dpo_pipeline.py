@@ -55,7 +55,8 @@ def test_plan_prices_pairs_and_the_reference(project):
     dpo = estimate(model, Setup(method="full", compute_bytes=4, seq_len=64, on_gpu=False, objective="dpo"))
     pre = estimate(model, Setup(method="full", compute_bytes=4, seq_len=64, on_gpu=False, objective="dpo",
                                 reference="precomputed"))
-    assert dpo.activations == pytest.approx(2 * sft.activations)        # chosen + rejected
+    # chosen + rejected: twice the layer activations; logits through TRL's fused LM head (tiles)
+    assert dpo.activations - dpo.logits == pytest.approx(2 * (sft.activations - sft.logits))
     assert dpo.weights - pre.weights == pytest.approx(4 * model.params / 2**30)   # the frozen reference copy
     lora = estimate(model, Setup(method="lora", compute_bytes=4, seq_len=64, on_gpu=False, objective="dpo",
                                  targets=tuple(model.resolve_targets("auto"))))
@@ -126,3 +127,23 @@ def test_dpo_from_the_registered_champion_uses_it_as_reference(project):
     hist = json.loads((cfg2.path("train_dir") / "history.json").read_text())
     assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
     assert (cfg2.path("train_dir") / "adapter" / "ref").is_dir()
+
+
+@pytest.mark.slow      # ~3 min under load; the launcher's ZeRO-2 path is in the default suite through SFT
+def test_dpo_under_deepspeed_zero2_on_two_processes(project):
+    """The pair objective through the same launcher as SFT: torchrun, 2 gloo processes, ZeRO-2
+    (DeepSpeed partitions the adapter's gradients and optimizer states), TRL's DPOTrainer on each
+    rank; step 0 is ln 2 (policy = reference), the margin grows, and the adapter reloads."""
+    root, cfg, out = project
+    from tuneops.config import load_config
+
+    cfg3 = load_config(root / "params.yaml", ["select.hardware.cpu_processes=2", "select.zero_stage=2",
+                                              "train.max_steps=6"])
+    got = _run(cfg3, "select", "train")
+    plan, tm = json.loads(cfg3.path("plan").read_text()), got["train"]
+    assert (plan["world_size"], plan["zero_stage"], plan["launcher"]) == (2, 2, "deepspeed")
+    assert tm["world_size"] == 2 and tm["zero_stage"] == 2 and tm["objective"] == "dpo"
+    hist = json.loads((cfg3.path("train_dir") / "history.json").read_text())
+    assert hist[0]["loss"] == pytest.approx(math.log(2), abs=1e-3)
+    assert hist[-1]["rewards/margins"] > 0
+    assert (cfg3.path("train_dir") / "adapter" / "adapter_model.safetensors").is_file()

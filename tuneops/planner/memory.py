@@ -53,9 +53,16 @@ Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 1
   backward starts (measured 11.9 bytes/value for Gemma 3 270M on CPU; the 16-bit logits and their
   fp32 upcast are freed before backward). Gemma 3's 262,144-token vocabulary makes this dominant.
 Pair objectives (DPO and its kin, ``tuneops/training/objectives.py``): each example is a chosen and a
-  rejected sequence in one batch, so activations and logits are for 2b sequences; the reference is
-  free for PEFT methods (the adapter disabled) and one frozen copy of the weights for full
-  fine-tuning (``reference_bytes``), none when its log-probs are precomputed.
+  rejected sequence in one batch, so layer activations are for 2b sequences; TRL's fused LM head
+  scores them in (4096 x 32768) tiles, so the logits term is one tile plus the hidden states'
+  gradient (and the head's fp32 gradient when it trains), not b*s*V values (``fused_head_bytes``);
+  the reference is free for PEFT methods (the adapter disabled) and one frozen copy of the weights
+  for full fine-tuning (``reference_bytes``), none when its log-probs are precomputed; its no-grad
+  forward runs after the policy's and adds only a layer's transient; importing TRL adds
+  ``trl_import_gb`` to the process.
+On CPU the measured peak is the process RSS, with the training loop's ``train.cpu_mmap_threshold``
+  applied (``tuneops/training/loop.py cap_heap_retention``): with glibc's dynamic threshold, freed
+  activations stay resident and the peak is up to 1.6x the live tensors (SmolLM2 LoRA, 4 x 512).
 Overhead: CUDA context and allocator on a GPU; on CPU the RSS of the training process before its
 model (``cpu_baseline_gb``: torch + transformers + peft), plus ``cpu_distributed_gb`` for a
 DeepSpeed/gloo rank (ZeRO stage > 0, offload or more than one process).
@@ -113,6 +120,12 @@ class MemoryModelConstants:
     norm_bytes: float = 4.0             # per normalized value: input + output in 16-bit (fused LN: 2)
     checkpoint_bytes_per_hidden: float = 2.0   # 16-bit layer input kept per layer when recomputing
     logits_bytes: float = 12.0          # fp32 log-softmax output + NLL gradient + logits gradient
+    fused_head_token_tile: int = 4096   # TRL's fused LM head (pair objectives): tokens x vocab entries per tile
+    fused_head_vocab_tile: int = 32768  # (trl/kernels/chunked_logprob.py TOKEN_CHUNK_SIZE, trainer/utils.py
+    #                                     _CHUNKED_LOGPROB_CHUNK_SIZE, TRL 1.16)
+    fused_head_tile_copies_cpu: int = 8  # tile-sized fp32 arrays alive in its torch-ops fold (no Triton: CPU);
+    #                                     fitted on SmolLM2 / tiny Gemma LoRA and full DPO rows (+-10%)
+    fused_head_tile_copies_gpu: int = 1  # the Triton kernels fold the tile in place (not measured here)
     zero3_live_layers: int = 2          # gathered layer working set at stage 3 (current + prefetch)
     zero3_gather_copies: int = 2        # a stage-3 gather holds the flat all-gather buffer + the parameter
     tied_embedding_grad_copies: int = 3  # full FT, tied embedding: lm_head grad + embedding grad + their sum
@@ -129,6 +142,7 @@ class MemoryModelConstants:
     cpu_baseline_gb: float = 0.45       # RSS of a training process before its model: torch + transformers
     #                                     (0.38 GiB measured) + peft (0.44-0.45); was 0.6 (see module doc)
     cpu_distributed_gb: float = 0.12    # + deepspeed and a gloo process group (measured +0.126 GiB per rank)
+    trl_import_gb: float = 0.09         # pair objectives: + TRL's DPOTrainer and datasets (measured +0.087 GiB)
 
 
 @dataclass(frozen=True)
@@ -224,9 +238,26 @@ def activation_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants) ->
     if m.dora and dims:
         layers += c.dora_weight_copies * 4 * max(i * o for i, o in dims)
     head = heads.get(setup.task_head)      # logits per token or per sequence, over the vocabulary or the labels
+    if objectives.get(setup.objective).fused_lm_head and head.generative:
+        logits = fused_head_bytes(model, setup, c, tokens)
+        return layers + logits, logits
     outputs = (tokens if head.per_token else setup.micro_batch) * (model.vocab if head.generative else model.num_labels)
     logits = c.logits_bytes * outputs
     return layers + logits, logits
+
+
+def fused_head_bytes(model: ModelSpec, setup: Setup, c: MemoryModelConstants, tokens: int) -> float:
+    """TRL's fused LM head (pair objectives): a (token tile x vocab tile) buffer of logits, alive in
+    forward and again in backward, with the fp32 temporaries its fold makes of it (on CPU, without
+    Triton, torch ops: ~8 tile-sized arrays), the fp32 gradient of the final hidden states,
+    and, when the LM head trains (full fine-tuning), its fp32 gradient accumulator. Measured on this
+    CPU with bench/calibrate_memory.py: Gemma 3 270M LoRA DPO, 2 pairs x 256 tokens: 4.73 GiB peak, which
+    the full-logits term (3.0 GiB of logits) overpriced by 28%."""
+    copies = c.fused_head_tile_copies_gpu if setup.on_gpu else c.fused_head_tile_copies_cpu
+    tile = copies * min(tokens, c.fused_head_token_tile) * min(model.vocab, c.fused_head_vocab_tile) * 4
+    grad_hidden = 4 * tokens * model.hidden
+    head_grad = 4 * model.vocab * model.hidden if spec(setup.method).trains == "all" else 0
+    return tile + grad_hidden + head_grad
 
 
 def reference_bytes(model: ModelSpec, setup: Setup) -> float:
@@ -326,4 +357,6 @@ def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = No
     grads += tied_embedding_grad_excess(model, setup, c, acts)
     distributed = setup.world_size > 1 or setup.zero_stage > 0 or setup.offload_optimizer or setup.offload_params
     overhead = c.cuda_context_gb if setup.on_gpu else c.cpu_baseline_gb + (c.cpu_distributed_gb if distributed else 0.0)
+    if objectives.get(setup.objective).pairs:
+        overhead += c.trl_import_gb
     return Estimate(weights / GIB, grads / GIB, optim / GIB, acts / GIB, overhead, logits / GIB, host / GIB)

@@ -177,6 +177,25 @@ def _trainer(group_by_length: bool) -> Any:
     return LengthGroupedTrainer
 
 
+def cap_heap_retention(threshold: int) -> bool:
+    """CPU training: glibc malloc serves every allocation of at least ``threshold`` bytes with its own
+    mmap, so a freed activation goes back to the OS at once (``mallopt(M_MMAP_THRESHOLD)``; setting it
+    also stops glibc's dynamic threshold, which otherwise rises to the size of the largest freed block
+    and moves activations of up to 32 MiB onto the heap, where fragmentation keeps them resident).
+    Measured (bench/calibrate_memory.py, SmolLM2-135M LoRA, 4 x 512 tokens, 2-core CPU): peak RSS
+    7.67 GiB with glibc's default, 4.92 GiB with 64 KiB, s/step unchanged. ``threshold`` 0 keeps
+    glibc's default. Returns whether it was applied (not glibc: nothing happens)."""
+    if threshold <= 0:
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return bool(libc.mallopt(-3, int(threshold)))     # M_MMAP_THRESHOLD = -3 (malloc.h)
+    except (OSError, AttributeError):
+        return False
+
+
 def peak_memory_mb() -> float:
     import torch
 
@@ -277,6 +296,8 @@ def train(cfg: Config, plan: dict[str, Any], train_dir: Path) -> dict[str, Any]:
                          "are scored per sequence); set train.packing=false")
     if t.threads and world_size == 1:
         torch.set_num_threads(t.threads)
+    if not torch.cuda.is_available():
+        cap_heap_retention(t.cpu_mmap_threshold)
     torch.manual_seed(t.seed)
     _init_distributed(plan, world_size)
 

@@ -41,6 +41,13 @@ class Objective:
         return self.loss_type is not None
 
     @property
+    def fused_lm_head(self) -> bool:
+        """The trainer scores tokens through TRL's fused LM head (``trl.trainer.utils.add_fused_lm_head``,
+        TRL 1.16 DPOTrainer): per-token log-probs computed in tiles, the (tokens x vocab) logits never
+        exist whole. The planner prices the tile instead of the logits."""
+        return self.pairs
+
+    @property
     def data_format(self) -> str | None:
         """The data format it needs (None: any format the task head takes)."""
         return PREFERENCE_FORMAT if self.pairs else None
