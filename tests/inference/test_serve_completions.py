@@ -187,6 +187,27 @@ def test_completions_generate_like_chat_does(client):
     assert stopped.choices[0].finish_reason == "stop" and stopped.choices[0].text == c.text[:2]
 
 
+def test_completions_stream_the_same_text_per_prompt(client):
+    """``stream``: the openai client's stream of ``text_completion`` chunks adds up, per ``index``, to
+    the unstreamed choices (greedy), with ``echo`` first; one finish chunk per choice; usage last."""
+    kw = {"model": "tiny-chat", "prompt": ["Tell me a joke.", "Hello there"], "max_tokens": 5, "temperature": 0,
+          "echo": True}
+    whole = client.completions.create(**kw)
+    texts, finish, usage = {0: "", 1: ""}, {}, None
+    for chunk in client.completions.create(stream=True, stream_options={"include_usage": True}, **kw):
+        assert chunk.object == "text_completion"
+        for c in chunk.choices:
+            texts[c.index] += c.text
+            if c.finish_reason:
+                assert c.index not in finish
+                finish[c.index] = c.finish_reason
+        usage = chunk.usage or usage
+    assert [texts[k] for k in (0, 1)] == [c.text for c in whole.choices]
+    assert texts[0].startswith("Tell me a joke.") and texts[1].startswith("Hello there")
+    assert finish == {k: c.finish_reason for k, c in enumerate(whole.choices)} and finish[0] == "length"
+    assert usage.completion_tokens == whole.usage.completion_tokens > 0
+
+
 # -- bad values -------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kw,param", [
@@ -229,7 +250,8 @@ def test_bad_chat_values_are_400s_naming_their_param(client, kw, param):
     ({"prompt": "x", "n": 2}, "n"),
     ({"prompt": "x", "best_of": 3}, "best_of"),
     ({"prompt": "x", "suffix": "y"}, "suffix"),
-    ({"prompt": "x", "stream": True}, "stream"),
+    ({"prompt": "x", "stream": "yes"}, "stream"),
+    ({"prompt": "x", "stream": True, "logprobs": 1}, "logprobs"),
     ({"prompt": "x", "temperature": 3}, "temperature"),
     ({"prompt": "x", "stop": [1]}, "stop"),
     ({"prompt": "word " * 5000}, "prompt"),

@@ -21,7 +21,10 @@ that would change the answer (``logit_bias``, ``audio``, ``prediction``), which 
 (a string, strings, token ids or lists of them, up to ``serve.max_prompts``: one choice each),
 ``max_tokens`` (0: no generation), sampling as above, ``stop``, ``echo``, ``logprobs`` (an integer
 0-20) giving ``tokens`` / ``token_logprobs`` / ``top_logprobs`` / ``text_offset``; with ``echo`` the prompt's
-own tokens are scored (``logprobs.prompt_logprobs``; the first is ``null``). No streaming.
+own tokens are scored (``logprobs.prompt_logprobs``; the first is ``null``). ``stream``: server-sent
+``text_completion`` chunks (``text_chunks``: the echoed prompts, the pieces of each prompt's choice by
+``index``, a finish chunk per choice, usage with ``stream_options.include_usage``, ``[DONE]``);
+``logprobs`` is not streamed (a 400 naming it).
 The request is validated by a pydantic schema (``ChatRequest``) before anything runs: the body is
 capped at ``serve.max_request_mb`` before it is read, JSON nested deeper than ``MAX_DEPTH`` is
 refused before it is parsed, ``seed`` is an integer in [0, 2^63-1], ``temperature`` a number in
@@ -454,7 +457,7 @@ def complete_prompts(engine: ChatEngine, prompts: list[tuple[list[int], str]], r
 
     def job(put: Callable[[Any], None]) -> list[tuple[Generation, Any]]:
         out = []
-        for ids, _ in prompts:
+        for k, (ids, _) in enumerate(prompts):
             if ticket.cancelled.is_set():
                 raise Cancelled("cancelled")
             g = Generation(prompt_tokens=len(ids), finish_reason="length")
@@ -464,12 +467,56 @@ def complete_prompts(engine: ChatEngine, prompts: list[tuple[list[int], str]], r
                 for piece in engine.deltas(ids, req["max_tokens"], result=g, cancel=ticket.cancelled, logprobs=lp,
                                            **_sample_kw(req)):
                     ticket.beat()
-                    put(("piece", piece))
+                    put(("piece", (k, piece)))
             elif lp is not None:
                 g.logprobs = []
             out.append((g, scored))
         return out
     return run(ticket, job)
+
+
+async def text_chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: dict[str, Any],
+                      prompts: list[tuple[list[int], str]], ticket: Ticket) -> AsyncIterator[str]:
+    """Server-sent events of a ``complete_prompts`` queue, as OpenAI streams legacy completions: each
+    prompt's text first with ``echo``, then the pieces of choice ``index`` as they are decoded, a
+    finish chunk per choice (its ``finish_reason``), usage (with ``include_usage``), ``[DONE]``; a
+    generation that fails or is cancelled after the stream started ends with an error event."""
+    cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+    def event(choices: list[dict[str, Any]], **extra: Any) -> str:
+        return "data: " + json.dumps({"id": cid, "object": "text_completion", "created": created,
+                                      "model": model_id, "system_fingerprint": None, "choices": choices,
+                                      **extra}) + "\n\n"
+
+    def choice(k: int, text: str, finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": k, "text": text, "logprobs": None, "finish_reason": finish}]
+
+    try:
+        while True:
+            kind, value = await queue.get()
+            if kind == "start":
+                for k, (_, text) in enumerate(prompts if req["echo"] else ()):
+                    yield event(choice(k, text))
+            elif kind == "piece":
+                yield event(choice(*value))
+            else:
+                break
+        if kind == "done":
+            for k, (g, _) in enumerate(value):
+                yield event(choice(k, "", g.finish_reason))
+            if req["include_usage"]:
+                gens = [g for g, _ in value]
+                prompt, completion_ = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
+                yield event([], usage={"prompt_tokens": prompt, "completion_tokens": completion_,
+                                       "total_tokens": prompt + completion_})
+        else:
+            yield error_event(stopped(kind, value, ticket.scheduler))
+    except Exception:  # noqa: BLE001 - a bug here still ends the stream the way clients expect
+        log.exception("stream failed")
+        yield error_event(server_error())
+    finally:
+        ticket.cancel("the client went away")             # nothing happens once it has finished
+    yield "data: [DONE]\n\n"
 
 
 def text_completion(model_id: str, engine: ChatEngine, prompts: list[tuple[list[int], str]],
@@ -534,13 +581,16 @@ def add_routes(router: Any, get_model: Callable[[str, Any], Any], scheduler: Sch
     @router.post("/v1/completions")
     async def completions(request: Request, owner: str = Depends(who)) -> Any:
         req = completion_request(await body_of(request), settings)
-        if req["stream"]:
-            raise ApiError(400, "stream: streaming is not supported on /v1/completions (use /v1/chat/completions)",
-                           "stream", "unsupported_parameter")
+        if req["stream"] and req["logprobs"] is not None:
+            raise ApiError(400, "logprobs: not streamed on /v1/completions (drop stream, or logprobs)",
+                           "logprobs", "unsupported_parameter")
         engine = await model_for(owner, req["model"], "chat")
         prompts = await run_in_threadpool(prompt_ids_of, engine, req, settings)
         ticket = admit(scheduler)
-        results = await finish(request.receive, complete_prompts(engine, prompts, req, ticket), ticket)
+        queue = complete_prompts(engine, prompts, req, ticket)
+        if req["stream"]:
+            return EventStream(text_chunks(engine.id, queue, req, prompts, ticket), ticket)
+        results = await finish(request.receive, queue, ticket)
         return await run_in_threadpool(text_completion, engine.id, engine, prompts, results, req)
 
     @router.post("/v1/classify")
