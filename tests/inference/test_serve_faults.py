@@ -598,13 +598,15 @@ def _completion_cases(model: str) -> list[tuple[str, bytes, str, str | None]]:
         add(f"prompt={str(prompt)[:20]}", {**good, "prompt": prompt}, "model", param)
     for key, values in (("logprobs", (-1, 21, 2.5, "1", True, [1], 10**40)), ("max_tokens", (-1, 10**6, "2", 1.5, True)),
                         ("echo", ("true", 1, [], {})), ("n", (2, 0, "1")), ("best_of", (2, "1")),
-                        ("suffix", ("x",)), ("logit_bias", ({"1": 5},)), ("stream", (True, "x")),
+                        ("suffix", ("x",)), ("logit_bias", ({"1": 5},)), ("stream", ("x",)),
                         ("temperature", (-1, 3, "0", float("nan"))), ("top_p", (2, -0.5)), ("seed", (-1, 2**64, 1.5)),
                         ("stop", (5, [1], ["a"] * 5)), ("stream_options", ("x",)), ("model", (5, "", "m" * 300))):
         for v in values:
             add(f"{key}={str(v)[:12]}", {**good, key: v}, "bad", key)
     add("unknown model", {**good, "model": "no-such-model"}, "bad", "model")
     add("prompt missing", {"model": model}, "bad", "prompt")
+    add("completion streamed", {**good, "stream": True, "stream_options": {"include_usage": True}}, "ok")
+    add("streamed logprobs", {**good, "stream": True, "logprobs": 1}, "bad", "logprobs")
     for label, body in (("a list", []), ("a string", "x"), ("null", None)):
         add(label, body)
     return cases

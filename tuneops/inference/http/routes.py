@@ -303,7 +303,7 @@ ARGUMENT_PIECE = 16          # characters of a streamed tool call's arguments pe
 async def chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: dict[str, Any],
                  ticket: Ticket, engine: ChatEngine | None = None) -> AsyncIterator[str]:
     """Server-sent events of a ``generate`` queue: a role chunk, content chunks, the finish chunk
-    (and usage), ``[DONE]``; a generation that fails or is cancelled after the stream started
+    (and usage; ``ended`` adds ``[DONE]``); a generation that fails or is cancelled after the stream started
     ends it with an error event and ``[DONE]``. With tools, text that is or may become a tool call
     is held back; the calls are streamed at the end as OpenAI streams them: per call a delta with
     its ``index``, ``id``, ``type``, ``function.name`` and empty ``arguments``, then the arguments
@@ -333,56 +333,64 @@ async def chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", req: di
             lp, held = chat_logprobs(engine, held), []
         return [{"index": 0, "delta": delta, "logprobs": lp, "finish_reason": finish}]
 
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "start":
-                yield event(choice({"role": "assistant", "content": ""}))
-            elif kind == "piece":
-                piece, entries = value
-                held += entries
-                received += len(entries)
-                if not tools:
-                    yield event(choice({"content": piece}))
-                    continue
-                text += piece
-                safe = len(fmt.content_prefix(text))
-                if safe > sent:
-                    yield event(choice({"content": text[sent:safe]}))
-                    sent = safe
-            else:
-                break
-        if kind == "done":
-            finish_reason = value.finish_reason
-            if value.logprobs is not None:   # the tokens after the last piece, less the stop token
-                held += value.logprobs[received:value.completion_tokens]
-            if tools:
-                content, calls = tool_calls_of(engine, req, value.text)
-                if not calls and len(value.text) > sent:
-                    yield event(choice({"content": value.text[sent:]}))
-                legacy = bool(req.get("legacy"))
-                for k, call in enumerate(calls[:1] if legacy else calls):
-                    fn = call["function"]
-                    if legacy:                   # the legacy shape: one function_call, streamed the same way
-                        yield event(choice({"function_call": {"name": fn["name"], "arguments": ""}}))
-                    else:
-                        yield event(choice({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
-                                                            "function": {"name": fn["name"], "arguments": ""}}]}))
-                    for at in range(0, len(fn["arguments"]), ARGUMENT_PIECE):
-                        piece = fn["arguments"][at:at + ARGUMENT_PIECE]
-                        yield event(choice({"function_call": {"arguments": piece}} if legacy else
-                                           {"tool_calls": [{"index": k, "function": {"arguments": piece}}]}))
-                finish_reason = ("function_call" if legacy else "tool_calls") if calls else finish_reason
-            yield event(choice({}, finish_reason))
-            if req["include_usage"]:
-                yield event([], usage=_usage(value))
+    while True:
+        kind, value = await queue.get()
+        if kind == "start":
+            yield event(choice({"role": "assistant", "content": ""}))
+        elif kind == "piece":
+            piece, entries = value
+            held += entries
+            received += len(entries)
+            if not tools:
+                yield event(choice({"content": piece}))
+                continue
+            text += piece
+            safe = len(fmt.content_prefix(text))
+            if safe > sent:
+                yield event(choice({"content": text[sent:safe]}))
+                sent = safe
         else:
-            yield error_event(stopped(kind, value, ticket.scheduler))
-    except Exception:  # noqa: BLE001 - a bug here still ends the stream the way clients expect
+            break
+    if kind == "done":
+        finish_reason = value.finish_reason
+        if value.logprobs is not None:   # the tokens after the last piece, less the stop token
+            held += value.logprobs[received:value.completion_tokens]
+        if tools:
+            content, calls = tool_calls_of(engine, req, value.text)
+            if not calls and len(value.text) > sent:
+                yield event(choice({"content": value.text[sent:]}))
+            legacy = bool(req.get("legacy"))
+            for k, call in enumerate(calls[:1] if legacy else calls):
+                fn = call["function"]
+                if legacy:                   # the legacy shape: one function_call, streamed the same way
+                    yield event(choice({"function_call": {"name": fn["name"], "arguments": ""}}))
+                else:
+                    yield event(choice({"tool_calls": [{"index": k, "id": call["id"], "type": "function",
+                                                        "function": {"name": fn["name"], "arguments": ""}}]}))
+                for at in range(0, len(fn["arguments"]), ARGUMENT_PIECE):
+                    piece = fn["arguments"][at:at + ARGUMENT_PIECE]
+                    yield event(choice({"function_call": {"arguments": piece}} if legacy else
+                                       {"tool_calls": [{"index": k, "function": {"arguments": piece}}]}))
+            finish_reason = ("function_call" if legacy else "tool_calls") if calls else finish_reason
+        yield event(choice({}, finish_reason))
+        if req["include_usage"]:
+            yield event([], usage=_usage(value))
+    else:
+        yield error_event(stopped(kind, value, ticket.scheduler))
+
+
+async def ended(events: AsyncIterator[str], ticket: Ticket) -> AsyncIterator[str]:
+    """``events`` (``chunks``, ``text_chunks``), then ``[DONE]``: a bug in them still ends the stream
+    the way clients expect (a server_error event); the ticket is cancelled however it ends (nothing
+    happens once it has finished)."""
+    try:
+        async for e in events:
+            yield e
+    except Exception:  # noqa: BLE001
         log.exception("stream failed")
         yield error_event(server_error())
     finally:
-        ticket.cancel("the client went away")             # nothing happens once it has finished
+        ticket.cancel("the client went away")
     yield "data: [DONE]\n\n"
 
 
@@ -479,7 +487,8 @@ async def text_chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", re
                       prompts: list[tuple[list[int], str]], ticket: Ticket) -> AsyncIterator[str]:
     """Server-sent events of a ``complete_prompts`` queue, as OpenAI streams legacy completions: each
     prompt's text first with ``echo``, then the pieces of choice ``index`` as they are decoded, a
-    finish chunk per choice (its ``finish_reason``), usage (with ``include_usage``), ``[DONE]``; a
+    finish chunk per choice (its ``finish_reason``), usage (with ``include_usage``; ``ended`` adds
+    ``[DONE]``); a
     generation that fails or is cancelled after the stream started ends with an error event."""
     cid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -491,32 +500,25 @@ async def text_chunks(model_id: str, queue: "asyncio.Queue[tuple[str, Any]]", re
     def choice(k: int, text: str, finish: str | None = None) -> list[dict[str, Any]]:
         return [{"index": k, "text": text, "logprobs": None, "finish_reason": finish}]
 
-    try:
-        while True:
-            kind, value = await queue.get()
-            if kind == "start":
-                for k, (_, text) in enumerate(prompts if req["echo"] else ()):
-                    yield event(choice(k, text))
-            elif kind == "piece":
-                yield event(choice(*value))
-            else:
-                break
-        if kind == "done":
-            for k, (g, _) in enumerate(value):
-                yield event(choice(k, "", g.finish_reason))
-            if req["include_usage"]:
-                gens = [g for g, _ in value]
-                prompt, completion_ = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
-                yield event([], usage={"prompt_tokens": prompt, "completion_tokens": completion_,
-                                       "total_tokens": prompt + completion_})
+    while True:
+        kind, value = await queue.get()
+        if kind == "start":
+            for k, (_, text) in enumerate(prompts if req["echo"] else ()):
+                yield event(choice(k, text))
+        elif kind == "piece":
+            yield event(choice(*value))
         else:
-            yield error_event(stopped(kind, value, ticket.scheduler))
-    except Exception:  # noqa: BLE001 - a bug here still ends the stream the way clients expect
-        log.exception("stream failed")
-        yield error_event(server_error())
-    finally:
-        ticket.cancel("the client went away")             # nothing happens once it has finished
-    yield "data: [DONE]\n\n"
+            break
+    if kind == "done":
+        for k, (g, _) in enumerate(value):
+            yield event(choice(k, "", g.finish_reason))
+        if req["include_usage"]:
+            gens = [g for g, _ in value]
+            prompt, completion_ = sum(g.prompt_tokens for g in gens), sum(g.completion_tokens for g in gens)
+            yield event([], usage={"prompt_tokens": prompt, "completion_tokens": completion_,
+                                   "total_tokens": prompt + completion_})
+    else:
+        yield error_event(stopped(kind, value, ticket.scheduler))
 
 
 def text_completion(model_id: str, engine: ChatEngine, prompts: list[tuple[list[int], str]],
@@ -575,7 +577,7 @@ def add_routes(router: Any, get_model: Callable[[str, Any], Any], scheduler: Sch
         ticket = admit(scheduler)
         queue = generate(engine, ids, req, ticket, constraint)
         if req["stream"]:
-            return EventStream(chunks(engine.id, queue, req, ticket, engine), ticket)
+            return EventStream(ended(chunks(engine.id, queue, req, ticket, engine), ticket), ticket)
         return completion(engine.id, await finish(request.receive, queue, ticket), engine, req)
 
     @router.post("/v1/completions")
@@ -589,7 +591,7 @@ def add_routes(router: Any, get_model: Callable[[str, Any], Any], scheduler: Sch
         ticket = admit(scheduler)
         queue = complete_prompts(engine, prompts, req, ticket)
         if req["stream"]:
-            return EventStream(text_chunks(engine.id, queue, req, prompts, ticket), ticket)
+            return EventStream(ended(text_chunks(engine.id, queue, req, prompts, ticket), ticket), ticket)
         results = await finish(request.receive, queue, ticket)
         return await run_in_threadpool(text_completion, engine.id, engine, prompts, results, req)
 
