@@ -312,10 +312,6 @@ class _Sampling(BaseModel):
     @field_validator("model", check_fields=False)
     @classmethod
     def _model(cls, v: Any) -> str:
-        return cls._model_id(v)
-
-    @staticmethod
-    def _model_id(v: Any) -> str:
         if v is None or v == "":
             raise BadValue("required (GET /v1/models lists them)")
         if not isinstance(v, str) or len(v) > MAX_MODEL_ID:
@@ -325,10 +321,6 @@ class _Sampling(BaseModel):
     @field_validator("stop", check_fields=False)
     @classmethod
     def _stop(cls, v: Any) -> list[str]:
-        return cls._stops(v)
-
-    @staticmethod
-    def _stops(v: Any) -> list[str]:
         stops = [v] if isinstance(v, str) else v
         if stops is not None and (not isinstance(stops, list) or len(stops) > 4
                                   or not all(isinstance(s, str) for s in stops)):
@@ -354,10 +346,6 @@ class _Sampling(BaseModel):
     @field_validator("stream_options", check_fields=False)
     @classmethod
     def _stream_options(cls, v: Any) -> Any:
-        return cls._usage_options(v)
-
-    @staticmethod
-    def _usage_options(v: Any) -> Any:
         if v is None:
             return v
         if not isinstance(v, dict):
