@@ -54,12 +54,13 @@ Activations (Korthikanti et al. 2022, "Reducing Activation Recomputation", eq. 1
   fp32 upcast are freed before backward). Gemma 3's 262,144-token vocabulary makes this dominant.
 Pair objectives (DPO and its kin, ``tuneops/training/objectives.py``): each example is a chosen and a
   rejected sequence in one batch, so layer activations are for 2b sequences; TRL's fused LM head
-  scores them in (4096 x 32768) tiles, so the logits term is one tile plus the hidden states'
-  gradient (and the head's fp32 gradient when it trains), not b*s*V values (``fused_head_bytes``);
+  scores them in (4096 x 32768) tiles, so the logits term is a tile and the temporaries made of it
+  (~8 tile-sized fp32 arrays on CPU) plus the hidden states' gradient (and the head's fp32 gradient
+  when it trains), not b*s*V values (``fused_head_bytes``);
   the reference is free for PEFT methods (the adapter disabled) and one frozen copy of the weights
   for full fine-tuning (``reference_bytes``), none when its log-probs are precomputed; its no-grad
-  forward runs after the policy's and adds only a layer's transient; importing TRL adds
-  ``trl_import_gb`` to the process.
+  forward runs after the policy's and adds only a layer's transient; on CPU, importing TRL adds
+  ``trl_import_gb`` to the process RSS.
 On CPU the measured peak is the process RSS, with the training loop's ``train.cpu_mmap_threshold``
   applied (``tuneops/training/loop.py cap_heap_retention``): with glibc's dynamic threshold, freed
   activations stay resident and the peak is up to 1.6x the live tensors (SmolLM2 LoRA, 4 x 512).
@@ -357,6 +358,6 @@ def estimate(model: ModelSpec, setup: Setup, c: MemoryModelConstants | None = No
     grads += tied_embedding_grad_excess(model, setup, c, acts)
     distributed = setup.world_size > 1 or setup.zero_stage > 0 or setup.offload_optimizer or setup.offload_params
     overhead = c.cuda_context_gb if setup.on_gpu else c.cpu_baseline_gb + (c.cpu_distributed_gb if distributed else 0.0)
-    if objectives.get(setup.objective).pairs:
-        overhead += c.trl_import_gb
+    if objectives.get(setup.objective).pairs and not setup.on_gpu:
+        overhead += c.trl_import_gb          # host RSS: not in a GPU's memory
     return Estimate(weights / GIB, grads / GIB, optim / GIB, acts / GIB, overhead, logits / GIB, host / GIB)
