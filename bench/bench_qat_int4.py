@@ -45,12 +45,14 @@ def project(root: Path, overrides: list[str]) -> Path:
     from tuneops.config import apply_overrides
 
     root.mkdir(parents=True, exist_ok=True)
-    params = root / "params.yaml"
-    if not params.is_file():
-        raw = yaml.safe_load((ROOT / "params.yaml").read_text())
-        raw = apply_overrides(raw, tuple(overrides))
-        raw["register"]["model_name"] = "bench-qat"
-        params.write_text(yaml.safe_dump(raw, sort_keys=False))
+    params, saved = root / "params.yaml", root / "overrides.json"
+    if overrides:                  # the project's own overrides, kept: later phases rebuild params.yaml from
+        saved.write_text(json.dumps(overrides))          # the current params.yaml + them (new keys included)
+    elif saved.is_file():
+        overrides = json.loads(saved.read_text())
+    raw = apply_overrides(yaml.safe_load((ROOT / "params.yaml").read_text()), tuple(overrides))
+    raw["register"]["model_name"] = "bench-qat"
+    params.write_text(yaml.safe_dump(raw, sort_keys=False))
     return params
 
 

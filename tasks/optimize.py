@@ -56,14 +56,16 @@ def _unmerged(cfg: Config, info: dict[str, Any], out: Path, how: str, reference:
 
     o = cfg.optimize
     quant = adapters.unmerged_quant(spec(info["method"]) if info.get("artifact") == "adapter" else None,
-                                    o.adapter_base)
+                                    o.adapter_base, o.lora_adapter_base)
     if quant is None:
         return None
+    # its folder's name is its artifact name in the registered version, beside training's "adapter"
     with log.step(f"optimize: the adapter unmerged over the shared {quant.name} base graph"):
         return adapters.export_unmerged(
-            cfg.path("base_model_dir"), cfg.path("train_dir"), out / "adapter", cfg.path("state_dir") / "adapter-bases",
+            cfg.path("base_model_dir"), cfg.path("train_dir"), out / "unmerged_adapter", cfg.path("state_dir") / "adapter-bases",
             quant, how, o.opset, reference, parity_rows, ppl_rows, o.batch_size, pad, o.parity_atol,
-            o.kv_parity_tokens, str(provenance(cfg.path("base_model_dir")).get("source", "")))
+            o.kv_parity_tokens, str(provenance(cfg.path("base_model_dir")).get("source", "")),
+            o.nbits_accuracy_level, o.max_ppl_change_pct.get(quant.name, 0.0))
 
 
 def run(cfg: Config) -> dict[str, Any]:

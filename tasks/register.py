@@ -205,8 +205,10 @@ def _lm_model(cfg: Config, tm: dict[str, Any], em: dict[str, Any], om: dict[str,
     return chat_model_spec(
         artifacts={**layout.variant_artifacts({n: (opt_dir / v["path"]).parent for n, v in om["variants"].items()}),
                    tm["artifact"]: str(artifact), layout.TOKENIZER: str(artifact),
-                   # the unmerged adapter (its base graph is shared: named by the adapter.base_* tags)
-                   **({layout.ADAPTER: str(opt_dir / om["adapter"]["path"])} if om.get("adapter") else {})},
+                   # the unmerged adapter, when its gate passed (its base graph is shared: named by the
+                   # adapter.base_* tags; served over it where that graph is on the machine)
+                   **({layout.ADAPTER: str(opt_dir / om["adapter"]["path"])}
+                      if (om.get("adapter") or {}).get("accepted") else {})},
         variant=om["default_variant"] or "fp32", max_new_tokens=cfg.evaluate.max_new_tokens)
 
 

@@ -350,6 +350,7 @@ class OptimizeParams(_Section):
     batch_size: int = Field(gt=0)
     coverage_context: int = Field(gt=0)
     adapter_base: str = "auto"   # unmerged adapter over a shared base graph: auto | none | a tuneops/export/adapters.py BASE_QUANTS name
+    lora_adapter_base: str = "none"   # with adapter_base auto: a plain LoRA adapter's base graph (none | a BASE_QUANTS name)
 
     @field_validator("adapter_base")
     @classmethod
@@ -357,6 +358,13 @@ class OptimizeParams(_Section):
         from .export.basequant import BASE_QUANTS
 
         return _known(v, ("auto", "none", *BASE_QUANTS), "tuneops/export/adapters.py")
+
+    @field_validator("lora_adapter_base")
+    @classmethod
+    def _known_lora_adapter_base(cls, v: str) -> str:
+        from .export.basequant import BASE_QUANTS
+
+        return _known(v, ("none", *BASE_QUANTS), "tuneops/export/adapters.py")
 
     @field_validator("targets")
     @classmethod
@@ -427,6 +435,14 @@ class ServiceParams(_Section):
     max_steps: int = Field(gt=0)
     experiment: str = Field(min_length=1)
     job_overrides: list[str] = Field(default_factory=list)
+    adapter_base: str = "none"   # every job's LoRA adapter also served unmerged over this shared base (optimize.lora_adapter_base)
+
+    @field_validator("adapter_base")
+    @classmethod
+    def _known_service_adapter_base(cls, v: str) -> str:
+        from .export.basequant import BASE_QUANTS
+
+        return _known(v, ("none", *BASE_QUANTS), "tuneops/export/adapters.py")
 
     @field_validator("allowed_models")
     @classmethod

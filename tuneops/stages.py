@@ -103,7 +103,7 @@ STAGES: tuple[StageSpec, ...] = (
                     "tuneops/training/heads.py", "tuneops/training/methods.py", "tuneops/export/basequant.py",
                     "tuneops/families.py",
                     "tuneops/inference/engine.py", "tuneops/inference/constrain.py", "tuneops/inference/logprobs.py",
-                    "tuneops/inference/layout.py",
+                    "tuneops/inference/layout.py", "tuneops/inference/pool.py", "tuneops/inference/resolve.py",
                     "tuneops/inference/scheduler.py",
                     "tuneops/faults.py", "tuneops/secrets.py",
                     "tuneops/inference/scoring.py", "tuneops/inference/decode.py", "tuneops/inference/sampling.py",

@@ -172,8 +172,61 @@ def test_the_optimize_stage_exports_a_qat_adapter_unmerged_and_gates_it():
     folder = cfg.path("optimize_dir") / a["path"]
     assert (folder / adapters.ADAPTER_FILE).is_file()
     # the merged PyTorch model's perplexity and the unmerged int4 graph's agree (same weights, same function)
-    assert abs(a["perplexity"] / m["torch_perplexity"] - 1) < 1e-3
+    assert abs(a["exact_perplexity"] / m["torch_perplexity"] - 1) < 1e-3
+    assert a["accuracy_level"] == cfg.optimize.nbits_accuracy_level      # served with the fast int8-activation kernel
     tags = _adapter_tags(m)
     assert tags["adapter.base_md5"] == a["base"]["md5"] and tags["adapter.base_quant"] == "int4"
     # a second run reuses the base graph (exported once per base model and quantization)
     assert optimize.run(cfg)["adapter"]["base"]["path"] == a["base"]["path"]
+
+
+def test_lora_adapter_base_applies_to_plain_lora_adapters_only():
+    """``optimize.adapter_base: auto``: qat_int4 over its int4 base; a plain LoRA adapter over
+    ``optimize.lora_adapter_base`` (the jobs API's shared base), none by default; the other methods none."""
+    from tuneops.training.methods import spec
+
+    assert adapters.unmerged_quant(spec("lora"), "auto") is None
+    assert adapters.unmerged_quant(spec("lora"), "auto", "fp32").name == "fp32"
+    assert adapters.unmerged_quant(spec("qat_int4"), "auto", "fp32").name == "int4"
+    assert adapters.unmerged_quant(None, "auto", "fp32") is None                  # full fine-tuning: no adapter
+    for name in ("dora", "qlora", "ia3"):
+        assert adapters.unmerged_quant(spec(name), "auto", "fp32") is None, name
+    assert adapters.unmerged_quant(spec("lora"), "none", "fp32") is None
+    with pytest.raises(ValueError, match="optimize.adapter_base: fp32: a dora adapter"):
+        adapters.unmerged_quant(spec("dora"), "fp32")
+
+
+def test_the_stage_export_gates_parity_exactly_and_serves_the_fast_kernel(bases, tmp_path):
+    """``export_unmerged``: parity with PyTorch over the fp32-activation int4 base (exact), then the adapter
+    names the base built at ``accuracy_level`` 4 (int8 activations), gated on its perplexity change;
+    a quantized base's asymmetric blocks are symmetric MatMulNBits + offsets (no float zero points,
+    which ONNX Runtime runs in a slow reference kernel)."""
+    import json
+
+    import onnx
+
+    from tuneops.inference.scoring import torch_forward
+
+    model = _peft(bases["dir0"], "int4", seed=3)
+    train_dir = tmp_path / "train"
+    model.save_pretrained(train_dir / "adapter")
+    (train_dir / "metrics.json").write_text(json.dumps({"method": "qat_int4", "artifact": "adapter"}))
+    rows = [{"input_ids": list(range(5, 5 + n)), "attention_mask": [1] * n, "labels": list(range(5, 5 + n))}
+            for n in (9, 14, 20)]
+    rec = adapters.export_unmerged(bases["dir0"], train_dir, tmp_path / "out", tmp_path / "cache",
+                                   adapters.base_quant("int4"), "builder", 17, torch_forward(model), rows[:2], rows,
+                                   2, 0, 1e-3, 4, "tiny", accuracy_level=4, max_change_pct=3.0)
+    assert rec["max_abs_logits_diff"] <= 1e-3 and rec["incremental_max_abs_diff"] <= 1e-3
+    assert rec["accuracy_level"] == 4 and rec["accepted"], rec
+    assert abs(rec["perplexity_change_pct"]) <= 3.0 and rec["base"]["md5"] != rec["parity_base_md5"]
+    served = adapters.read_base(Path(rec["base"]["path"]))
+    assert served["accuracy_level"] == 4 and served["md5"] == rec["base"]["md5"]
+    assert json.loads((tmp_path / "out" / "adapter.json").read_text())["base"]["md5"] == served["md5"]
+    graph = onnx.load(rec["base"]["path"], load_external_data=False)
+    nbits = [n for n in graph.graph.node if n.op_type == "MatMulNBits"]
+    assert nbits and all(len(n.input) == 3 for n in nbits)          # no zero points input
+    assert any(n.name.endswith("_asym") for n in graph.graph.node)
+    strict = adapters.export_unmerged(bases["dir0"], train_dir, tmp_path / "out2", tmp_path / "cache",
+                                      adapters.base_quant("int4"), "builder", 17, torch_forward(model), rows[:2], rows,
+                                      2, 0, 1e-3, 4, "tiny", accuracy_level=4, max_change_pct=1e-9)
+    assert not strict["accepted"]            # a perplexity change beyond the gate rejects the served adapter

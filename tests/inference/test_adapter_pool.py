@@ -62,3 +62,76 @@ def test_an_adapter_whose_base_is_missing_is_a_clear_error(exported, tmp_path):
     (folder / "adapter.json").write_text(json.dumps(info))
     with pytest.raises(ServeError, match=exported["int4"]["md5"]):
         resolve(str(folder))
+
+
+def _version(exported, name: str, adapter) -> "Path":
+    """A registered-model folder as register writes it (MLflow pyfunc): a merged variant, the tokenizer
+    and the unmerged adapter."""
+    import mlflow
+
+    from tuneops.inference import layout
+    from tuneops.inference.pyfunc import chat_model_spec
+
+    root = exported["root"]
+    spec = chat_model_spec({layout.artifact_key("int4"): str(root / "int4"), layout.TOKENIZER: str(root / "int4"),
+                            layout.ADAPTER: str(adapter)}, variant="int4", max_new_tokens=4)
+    spec.pop("input_example")
+    folder = root / "versions" / name
+    if not folder.is_dir():
+        mlflow.pyfunc.save_model(path=str(folder), **spec)
+    return folder
+
+
+def test_registered_versions_serve_their_adapters_over_one_base(exported):
+    """The jobs API and `tuneops serve models:/...` resolve a version that carries an unmerged adapter to
+    that adapter over the shared base graph: two versions, one base session, each its own logits."""
+    from tuneops.inference.resolve import files_of_registered
+
+    folders = [_version(exported, f"v{i}", a) for i, a in enumerate(exported["adapters"][:2])]
+    files = [files_of_registered(f, f.name) for f in folders]
+    assert all(f.adapter_dir is not None and f.onnx_path.samefile(exported["root"] / "int4" / "model.onnx")
+               for f in files)
+    assert all(f.tokenizer_dir.parent.name == "artifacts" for f in files)    # the version's own tokenizer
+    pool = ModelPool(limit=4)
+    engines = [pool.get(f.id, f) for f in files]
+    assert pool.bases.loaded() == [exported["int4"]["md5"]] and engines[0].lm.session is engines[1].lm.session
+    ids = np.array([[5, 6, 7, 8, 9, 10]])
+    for engine, adapter in zip(engines, exported["adapters"]):
+        alone = resolve(str(adapter)).load()
+        np.testing.assert_allclose(engine.lm(ids, np.ones_like(ids)), alone.lm(ids, np.ones_like(ids)), atol=1e-5)
+    a, b = (e.lm(ids, np.ones_like(ids)) for e in engines)
+    assert np.abs(a - b).max() > 1e-2
+
+
+def test_a_version_whose_base_graph_is_elsewhere_serves_its_merged_variant(exported, tmp_path):
+    import json
+    import shutil
+
+    from tuneops.inference.resolve import files_of_registered
+
+    folder = tmp_path / "moved"
+    shutil.copytree(_version(exported, "v0", exported["adapters"][0]), folder)
+    meta = next(folder.glob("artifacts/*/adapter.json"))
+    info = json.loads(meta.read_text())
+    info["base_path"] = str(tmp_path / "another-machine" / "model.onnx")
+    meta.write_text(json.dumps(info))
+    files = files_of_registered(folder, "m")
+    assert files.adapter_dir is None and files.onnx_path.parent.name == "int4"   # the version's own int4 copy
+    assert files.onnx_path.is_relative_to(folder)
+    with pytest.raises(ServeError, match=exported["int4"]["md5"]):
+        files_of_registered(folder, "m", variant="adapter")          # asked for by name: a clear error
+
+
+def test_pyfunc_versions_over_one_base_share_its_session(exported):
+    import mlflow
+
+    from tuneops.inference import layout
+
+    models = [mlflow.pyfunc.load_model(str(_version(exported, f"v{i}", a)))
+              for i, a in enumerate(exported["adapters"][:2])]
+    inner = [m.unwrap_python_model() for m in models]
+    assert [m.variant for m in inner] == [layout.UNMERGED] * 2
+    assert inner[0].engine.lm.session is inner[1].engine.lm.session
+    replies = [m.predict({"messages": [{"role": "user", "content": "Hi"}]}, params={"max_tokens": 3}) for m in models]
+    assert all(len(r) == 1 and isinstance(r[0], str) for r in replies)
+

@@ -702,7 +702,8 @@ def test_fuzzed_chat_requests_on_the_jobs_api(cfg):
         counts = _fuzz(base, "no-such-fine-tuned-model", {"Authorization": f"Bearer {token}"}, jobs_api=True)
         print(f"\njobs API fuzz: {counts}")
         assert counts["5xx"] == 0 and counts.get("2xx", 0) == 0
-        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {"status": "ok"}
+        assert httpx.get(f"http://127.0.0.1:{port}/health", timeout=10).json() == {
+            "status": "ok", "models_loaded": 0, "base_graphs_loaded": 0}
     finally:
         srv.should_exit = True
         thread.join(10)

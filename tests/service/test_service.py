@@ -332,8 +332,9 @@ def _dpo_jsonl(n: int, skip: int = 0) -> bytes:
 def test_a_dpo_job_with_the_openai_client(svc):
     """Issue 33: an OpenAI DPO file uploads (checked by the preference format), bad methods and a bad
     beta are 400s naming the param, and method.type dpo runs to a model whose events and results file
-    carry the rewards, margins and accuracies, and that answers through chat completions."""
-    client = svc.client()
+    carry the rewards, margins and accuracies, and that answers through chat completions. Run by
+    bob: his model and alice's (the first job) are two tokens' models of one base."""
+    client = svc.client("bob")
     bad = _dpo_jsonl(1) + json.dumps({"input": {"messages": [{"role": "user", "content": "Hi"}]},
                                       "preferred_output": [{"role": "assistant", "content": "Hello."},
                                                            {"role": "assistant", "content": "Again."}],
@@ -383,9 +384,9 @@ def test_a_dpo_job_with_the_openai_client(svc):
     assert reply.model == done.fine_tuned_model and reply.usage.completion_tokens <= 4
 
     # starting from a fine-tuned model (as OpenAI allows): trained further from it, and it is the reference
-    with pytest.raises(openai.BadRequestError) as err:            # not someone else's model
-        svc.client("bob").fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=f.id,
-                                                  method={"type": "dpo"})
+    with pytest.raises(openai.BadRequestError) as err:            # not someone else's model (nor their file)
+        svc.client().fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=f.id,
+                                             method={"type": "dpo"})
     assert err.value.body["param"] in ("model", "training_file")
     again = client.fine_tuning.jobs.create(model=done.fine_tuned_model, training_file=f.id, method={"type": "dpo"})
     assert again.model == done.fine_tuned_model
@@ -396,6 +397,36 @@ def test_a_dpo_job_with_the_openai_client(svc):
     assert "'ref' adapter" in tm["reference"]["reference_model"]
     assert tm["first_loss"] == pytest.approx(0.6931, abs=1e-3)    # the start model is the reference at step 0
     assert second.fine_tuned_model.startswith("ft-tiny-")
+
+
+def test_two_tokens_models_of_one_base_share_it_in_memory(svc):
+    """Issue 35: every job's LoRA adapter is exported unmerged over the service's shared base graph
+    (service.adapter_base), and the API serves each version as its adapter over that base: alice's and
+    bob's models of the tiny base hold one base graph in memory. Each token still sees only its own."""
+    from mlflow import MlflowClient
+
+    from tuneops.registry import tracking
+
+    alice, bob = svc.client(), svc.client("bob")
+    theirs = {}
+    for who, client in (("alice", alice), ("bob", bob)):
+        done = [j for j in client.fine_tuning.jobs.list().data if j.status == "succeeded"]
+        assert done, f"{who} has no succeeded job (the tests above make one each)"
+        theirs[who] = done[0].fine_tuned_model
+    hello = [{"role": "user", "content": "Hello"}]
+    for who, client in (("alice", alice), ("bob", bob)):
+        reply = client.chat.completions.create(model=theirs[who], messages=hello, max_tokens=3, temperature=0)
+        assert reply.model == theirs[who]
+    health = httpx.get(f"http://127.0.0.1:{svc.port}/health", timeout=10).json()
+    assert health["models_loaded"] >= 2 and health["base_graphs_loaded"] == 1, health
+    mlflow = MlflowClient(tracking.tracking_uri(svc.cfg))
+    tags = [mlflow.get_model_version(theirs[w], "1").tags for w in ("alice", "bob")]
+    assert tags[0]["adapter.base_md5"] == tags[1]["adapter.base_md5"] and tags[0]["adapter.base_quant"] == "fp32"
+    assert all(t["adapter.accepted"] == "True" for t in tags)
+    for client, other in ((alice, theirs["bob"]), (bob, theirs["alice"])):
+        with pytest.raises(openai.NotFoundError) as err:
+            client.chat.completions.create(model=other, messages=hello, max_tokens=2)
+        assert err.value.body["code"] == "model_not_found"
 
 
 def test_cancel_stops_a_running_job(svc):

@@ -27,8 +27,9 @@ def base_dir(tmp_path_factory) -> Path:
 
 
 def _graph_weights(path: Path) -> list[tuple[str, int, np.ndarray]]:
-    """Every ``MatMulNBits`` of a graph, decoded from its stored codes / scales / zero points with
-    the op's own definition (``(q - zero) * scale``, zero = 2**(bits-1) without zero points): [N, K]."""
+    """Every ``MatMulNBits`` of a graph, decoded from its stored codes and scales with the op's own
+    definition (``(q - 2**(bits-1)) * scale``, no zero points), plus the offsets the graph adds for an
+    asymmetric block (``<name>_Q<bits>_offsets``): [N, K]."""
     import onnx
     from onnx import helper, numpy_helper
 
@@ -44,9 +45,11 @@ def _graph_weights(path: Path) -> list[tuple[str, int, np.ndarray]]:
         q = np.stack([packed & 15, packed >> 4], -1).reshape(n, -1) if bits == 4 else packed
         q = q[:, :k].astype(np.float32).reshape(n, k // block, block)
         scales = inits[node.input[2]].reshape(n, k // block, 1)
-        zero = (inits[node.input[3]].reshape(n, k // block, 1) if len(node.input) > 3 and node.input[3]
-                else np.float32(2 ** (bits - 1)))
-        out.append((node.name, bits, ((q - zero) * scales).reshape(n, k).astype(np.float32)))
+        w = (q - np.float32(2 ** (bits - 1))) * scales
+        offsets = node.name.replace(f"_MatMulNBits{bits}", f"_Q{bits}_offsets")    # an asymmetric block's
+        if offsets in inits:                                     # offset, added by blocksum(x) @ offsets
+            w = w + inits[offsets].T.reshape(n, k // block, 1)
+        out.append((node.name, bits, w.reshape(n, k).astype(np.float32)))
     return out
 
 

@@ -4,7 +4,9 @@
 **The base quantizer** (``tuneops/export/basequant.py``: ``BaseQuant``; ``BASE_QUANTS`` by name). ``int4``: every linear of the
 decoder blocks asymmetric 4-bit, one fp32 scale and one fp32 zero point per block of 32 input
 weights (``quantize_asym``: min-max; ``dequantize_asym``: ``(q - zero) * scale``), stored as
-``MatMulNBits`` with exactly those codes, scales and zero points; the LM head (and with it a tied
+``MatMulNBits`` with exactly those codes and scales, symmetric, plus each block's offset
+``(2**(bits-1) - zero) * scale`` added as ``blocksum(x) @ offsets`` (ONNX Runtime runs float zero
+points in a reference kernel ~100x slower: ``calibrated._nbits_node``); the LM head (and with it a tied
 embedding) 8-bit symmetric round to nearest (``calibrated.round_to_nearest``), which the embedding
 lookup shares (``passes.share_tied_embedding``). ``fp32``: no quantization (an adapter trained in
 fp32 is served over the fp32 base). SmolLM2's bundled linears were dequantized from a Q4_1 GGUF:
@@ -195,11 +197,15 @@ def export_base(base_dir: Path, out_dir: Path, quant: BaseQuant, how: str = "tor
     return info
 
 
+GRAPH_LAYOUT = 2     # the base graph's layout; a cached base of another layout is built again
+                     # (2: asymmetric blocks as symmetric MatMulNBits + offsets, not float zero points)
+
+
 def cached_base(cache_root: Path, base_dir: Path, quant: BaseQuant, how: str, opset: int,
                 accuracy_level: int | None, model_name: str) -> tuple[Path, dict[str, Any]]:
     """The base graph for (base model weights, quant, exporter, accuracy level), exported once into
     ``cache_root/<key>/`` and reused by every adapter of that base."""
-    key = f"{model_md5(base_dir)[:12]}-{quant.name}-{how}-acc{accuracy_level or 0}"
+    key = f"{model_md5(base_dir)[:12]}-{quant.name}-{how}-acc{accuracy_level or 0}-g{GRAPH_LAYOUT}"
     folder = Path(cache_root) / key
     if not (folder / BASE_JSON).is_file():
         tmp = folder.with_name(folder.name + ".tmp")
@@ -279,15 +285,19 @@ def export_adapter(peft_model: Any, base_path: Path, out_dir: Path, method: str)
 
 # -- the optimize stage ------------------------------------------------------------------------
 
-def unmerged_quant(method: Any, setting: str) -> BaseQuant | None:
+def unmerged_quant(method: Any, setting: str, lora_setting: str = "none") -> BaseQuant | None:
     """The base quantization an adapter of ``method`` (a ``Method`` spec, None: no adapter) is exported
-    unmerged over, for ``optimize.adapter_base``: ``auto`` = the method's own (``qat_int4``: int4;
-    none for the others), ``none``, or a name. A LoRA-family adapter only (DoRA's magnitude, IA3 and
-    prompt tuning are no low-rank term); QLoRA's NF4 base is not a graph base: refused by name."""
+    unmerged over, for ``optimize.adapter_base``: ``auto`` = the method's own (``qat_int4``: int4), or for
+    a plain LoRA adapter ``lora_setting`` (``optimize.lora_adapter_base``: none, or a name; the other
+    methods: none), ``none``, or a name. A LoRA-family adapter only (DoRA's magnitude, IA3 and prompt
+    tuning are no low-rank term); QLoRA's NF4 base is not a graph base: refused by name."""
     if setting == "none" or method is None:
         return None
+    plain_lora = method.trains == "lora" and not (method.dora or method.nf4_base or method.base_quant)
     if setting == "auto":
-        return base_quant(method.base_quant) if method.base_quant else None
+        if method.base_quant:
+            return base_quant(method.base_quant)
+        return base_quant(lora_setting) if plain_lora and lora_setting != "none" else None
     if method.trains != "lora" or method.dora or method.nf4_base:
         raise ValueError(f"optimize.adapter_base: {setting}: a {method.name} adapter cannot be served unmerged over "
                          f"a base graph (LoRA and qat_int4 adapters can); set optimize.adapter_base: auto or none")
@@ -300,11 +310,17 @@ def unmerged_quant(method: Any, setting: str) -> BaseQuant | None:
 def export_unmerged(base_dir: Path, train_dir: Path, out_dir: Path, cache_root: Path, quant: BaseQuant, how: str,
                     opset: int, reference: Any, parity_rows: list[dict[str, list[int]]],
                     ppl_rows: list[dict[str, list[int]]], batch_size: int, pad_id: int, atol: float, kv_tokens: int,
-                    model_name: str) -> dict[str, Any]:
+                    model_name: str, accuracy_level: int = 0, max_change_pct: float = 0.0) -> dict[str, Any]:
     """The optimize stage's unmerged export: the shared base graph (``cached_base``), the adapter file
     in ``out_dir``, and its gate: served logits vs ``reference`` (the PyTorch model the stage
     exported: for ``qat_int4`` the fake-quant base + the adapter) within ``atol``, full sequence and
-    KV-cache decoding; its perplexity on the gate's rows. Returns the record for ``metrics.json``."""
+    KV-cache decoding, over the base with fp32 activations; its perplexity on the gate's rows.
+
+    A quantized base is served at ``accuracy_level`` (``optimize.nbits_accuracy_level``; 4 = int8
+    activations, ONNX Runtime's fast int4 kernel: SmolLM2's int4 base decodes ~7x faster than with
+    fp32 activations on an AVX2 CPU): that base is built too, the adapter in ``out_dir`` names it,
+    and its perplexity must be within ``max_change_pct`` of the fp32-activation one (the parity-gated
+    model), as a quantized variant's is. Returns the record for ``metrics.json``."""
     import time
 
     from tuneops.inference import finetuned
@@ -315,16 +331,32 @@ def export_unmerged(base_dir: Path, train_dir: Path, out_dir: Path, cache_root: 
 
     t = time.perf_counter()
     base, info = cached_base(cache_root, base_dir, quant, how, opset, None, model_name)
+    served_level = accuracy_level if quant.bits else 0
+    served, served_info = (base, info) if not served_level else \
+        cached_base(cache_root, base_dir, quant, how, opset, served_level, model_name)
     base_s = time.perf_counter() - t
+    method = read_json(train_dir / "metrics.json")["method"]
     peft_model = finetuned.load(base_dir, train_dir).eval()
-    record = export_adapter(peft_model, base, out_dir, read_json(train_dir / "metrics.json")["method"])
-    del peft_model
+    record = export_adapter(peft_model, base, out_dir, method)
     lm = OnnxCausalLM(base, adapter=out_dir)
     parity = gate.max_logits_diff(reference, lm, parity_rows)
     incremental = gate.incremental_diff(lm, parity_rows, kv_tokens)
-    ppl = gate.score(lm, ppl_rows, batch_size, pad_id)["perplexity"]
-    return {"path": str(out_dir.name), "base": {**record["base"], "path": str(base)},
-            "adapter_size_bytes": record["size_bytes"], "base_size_bytes": info["size_bytes"],
+    exact_ppl = ppl = gate.score(lm, ppl_rows, batch_size, pad_id)["perplexity"]
+    accepted = parity <= atol and incremental <= atol
+    rule = f"max abs logits diff <= {atol} vs PyTorch (full sequence and KV-cache decoding)"
+    extra: dict[str, Any] = {}
+    if served_level:
+        del lm
+        record = export_adapter(peft_model, served, out_dir, method)       # the same tensors, over the served base
+        ppl = gate.score(OnnxCausalLM(served, adapter=out_dir), ppl_rows, batch_size, pad_id)["perplexity"]
+        change = 100.0 * (ppl / exact_ppl - 1.0)
+        accepted = accepted and abs(change) <= max_change_pct
+        rule += (f"; served with accuracy_level {served_level}: |perplexity change| <= {max_change_pct}% vs fp32 "
+                 f"activations")
+        extra = {"accuracy_level": served_level, "exact_perplexity": exact_ppl, "perplexity_change_pct": change,
+                 "parity_base_md5": info["md5"]}
+    del peft_model
+    return {"path": str(out_dir.name), "base": {**record["base"], "path": str(served)},
+            "adapter_size_bytes": record["size_bytes"], "base_size_bytes": served_info["size_bytes"],
             "perplexity": ppl, "max_abs_logits_diff": parity, "incremental_max_abs_diff": incremental,
-            "accepted": parity <= atol and incremental <= atol, "base_build_s": base_s,
-            "gate": f"max abs logits diff <= {atol} vs PyTorch (full sequence and KV-cache decoding)"}
+            "accepted": accepted, "base_build_s": base_s, "gate": rule, **extra}

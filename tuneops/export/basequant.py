@@ -124,10 +124,22 @@ def quantize_asym(weight: Any, bits: int, block_size: int) -> tuple[np.ndarray, 
     return q.reshape(n, k), scales, zero
 
 
-def dequantize_asym(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, block_size: int) -> np.ndarray:
-    """``(q - zero) * scale`` per block, fp32 ``[N, K]`` (what ``MatMulNBits`` computes with zero points)."""
+def asym_offsets(scales: np.ndarray, zero_points: np.ndarray, bits: int) -> np.ndarray:
+    """Per block, what an asymmetric weight adds to the symmetric ``MatMulNBits``'s ``(q - 2**(bits-1)) * scale``:
+    ``(2**(bits-1) - zero) * scale``, fp32 ``[N, K / block]``. The graph stores the codes symmetric (ONNX
+    Runtime's fast int4 kernels take integer zero points only; a Q4_1 block's is fractional) and adds
+    ``blocksum(x) @ offsets`` (``calibrated._nbits_node``)."""
+    return ((np.float32(2 ** (bits - 1)) - zero_points.astype(np.float32)) * scales.astype(np.float32)).astype(np.float32)
+
+
+def dequantize_asym(q: np.ndarray, scales: np.ndarray, zero_points: np.ndarray, block_size: int,
+                    bits: int = 4) -> np.ndarray:
+    """``(q - zero) * scale`` per block, fp32 ``[N, K]``, computed as the graph stores it: the symmetric
+    ``(q - 2**(bits-1)) * scale`` plus the block's offset (``asym_offsets``)."""
     n, k = q.shape
-    x = (q.astype(np.float32).reshape(n, k // block_size, block_size) - zero_points[..., None]) * scales[..., None]
+    sym = (q.astype(np.float32).reshape(n, k // block_size, block_size) - np.float32(2 ** (bits - 1))) \
+        * scales.astype(np.float32)[..., None]
+    x = sym + asym_offsets(scales, zero_points, bits)[..., None]
     return x.reshape(n, k).astype(np.float32)
 
 
@@ -143,7 +155,7 @@ class Codes:
     def dequantize(self) -> np.ndarray:
         block = block_of(self.q, self.scales)
         if self.zero_points is not None:
-            return dequantize_asym(self.q, self.scales, self.zero_points, block)
+            return dequantize_asym(self.q, self.scales, self.zero_points, block, self.bits)
         return dequantize(self.q, self.scales, self.bits, block).numpy()
 
 

@@ -426,26 +426,43 @@ def pack(q: np.ndarray, bits: int, block_size: int) -> np.ndarray:
 
 
 def _nbits_node(model: Any, x: str, name: str, bits: int, q: np.ndarray, scales: np.ndarray, block_size: int,
-                out: str, accuracy_level: int | None, zero_points: np.ndarray | None = None) -> Any:
-    """A ``MatMulNBits`` of ``x`` with codes ``q`` ``[N, K]`` (its initializers added to ``model``);
-    ``zero_points`` (fp32, one per block, unpacked): ``(q - zero) * scale`` instead of the symmetric
-    ``(q - 2**(bits-1)) * scale``."""
+                out: str, accuracy_level: int | None, zero_points: np.ndarray | None = None) -> list[Any]:
+    """A ``MatMulNBits`` of ``x`` with codes ``q`` ``[N, K]`` (its initializers added to ``model``), as
+    a list of nodes. ``zero_points`` (fp32, one per block, unpacked): ``(q - zero) * scale`` instead of the
+    symmetric ``(q - 2**(bits-1)) * scale``, stored as the symmetric op plus ``blocksum(x) @ offsets``
+    (``basequant.asym_offsets``; the block sums by one small ``MatMul`` with a 0/1 matrix shared by every
+    node of that ``K``): ONNX Runtime's float zero points run a reference kernel that dequantizes the
+    whole weight on every call (SmolLM2's int4 base: 1.07 s per decode step against a few ms)."""
     from onnx import helper, numpy_helper
+
+    from .basequant import asym_offsets
 
     n, k = q.shape
     packed = numpy_helper.from_array(pack(q, bits, block_size), f"{name}_Q{bits}")
     scale = numpy_helper.from_array(scales.reshape(-1).astype(np.float32), f"{name}_Q{bits}_scales")
     model.graph.initializer.extend([packed, scale])
-    inputs = [x, packed.name, scale.name]
-    if zero_points is not None:
-        zero = numpy_helper.from_array(zero_points.reshape(-1).astype(np.float32), f"{name}_Q{bits}_zero_points")
-        model.graph.initializer.append(zero)
-        inputs.append(zero.name)
     attrs = {"K": k, "N": n, "bits": bits, "block_size": block_size}
     if accuracy_level:
         attrs["accuracy_level"] = accuracy_level
-    return helper.make_node("MatMulNBits", inputs, [out], name=f"{name}_MatMulNBits{bits}",
-                            domain="com.microsoft", **attrs)
+    sym = out if zero_points is None else f"{out}_sym"
+    nodes = [helper.make_node("MatMulNBits", [x, packed.name, scale.name], [sym], name=f"{name}_MatMulNBits{bits}",
+                              domain="com.microsoft", **attrs)]
+    if zero_points is None:
+        return nodes
+    blocks = k // block_size
+    offsets = numpy_helper.from_array(np.ascontiguousarray(asym_offsets(scales.reshape(n, blocks),
+                                                                        zero_points.reshape(n, blocks), bits).T),
+                                      f"{name}_Q{bits}_offsets")
+    model.graph.initializer.append(offsets)
+    sums = f"blocksum_K{k}_B{block_size}"
+    if not any(i.name == sums for i in model.graph.initializer):
+        ones = np.zeros((k, blocks), np.float32)
+        ones[np.arange(k), np.arange(k) // block_size] = 1.0
+        model.graph.initializer.append(numpy_helper.from_array(ones, sums))
+    return nodes + [
+        helper.make_node("MatMul", [x, sums], [f"{out}_blocksum"], name=f"{name}_blocksum"),
+        helper.make_node("MatMul", [f"{out}_blocksum", offsets.name], [f"{out}_offset"], name=f"{name}_offset"),
+        helper.make_node("Add", [sym, f"{out}_offset"], [out], name=f"{name}_asym")]
 
 
 def apply(model: Any, plan: Plan, accuracy_level: int | None) -> dict[str, int]:
@@ -472,17 +489,17 @@ def apply(model: Any, plan: Plan, accuracy_level: int | None) -> dict[str, int]:
         name, x = node.input[1], node.input[0]
         if entry is not None:
             bits, q, scales = entry
-            nodes.append(_nbits_node(model, x, name, bits, q, scales, block_of(q, scales), node.output[0],
-                                     accuracy_level, plan.zero_points.get(key)))
+            nodes += _nbits_node(model, x, name, bits, q, scales, block_of(q, scales), node.output[0],
+                                 accuracy_level, plan.zero_points.get(key))
             counts[str(bits)] += 1
         elif split is not None:
             order = np.empty(len(split.rows8) + len(split.rows4), dtype=np.int32)
             order[np.concatenate([split.rows8, split.rows4])] = np.arange(len(order))  # vocab id -> its column
             model.graph.initializer.append(numpy_helper.from_array(order, f"{name}_order"))
-            nodes += [_nbits_node(model, x, f"{name}_rows8", 8, split.q8, split.s8, block_of(split.q8, split.s8),
-                                  f"{name}_logits8", accuracy_level),
-                      _nbits_node(model, x, f"{name}_rows4", 4, split.q4, split.s4, block_of(split.q4, split.s4),
-                                  f"{name}_logits4", accuracy_level),
+            nodes += [*_nbits_node(model, x, f"{name}_rows8", 8, split.q8, split.s8, block_of(split.q8, split.s8),
+                                   f"{name}_logits8", accuracy_level),
+                      *_nbits_node(model, x, f"{name}_rows4", 4, split.q4, split.s4, block_of(split.q4, split.s4),
+                                   f"{name}_logits4", accuracy_level),
                       helper.make_node("Concat", [f"{name}_logits8", f"{name}_logits4"], [f"{name}_logits84"],
                                        name=f"{name}_concat", axis=-1),
                       helper.make_node("Gather", [f"{name}_logits84", f"{name}_order"], list(node.output),

@@ -16,6 +16,7 @@ PREFIX = "onnx_"              # artifact key of an ONNX variant: PREFIX + varian
 TOKENIZER = "tokenizer"       # artifact key of the tokenizer folder
 MODEL_FILE = "model.onnx"     # the graph inside a variant's folder
 ADAPTER = "unmerged_adapter"  # artifact key of the ONNX Runtime adapter exported unmerged (tuneops/export/adapters.py)
+UNMERGED = "adapter"          # the variant name that asks for that adapter over its shared base graph
 
 
 def artifact_key(variant: str) -> str:

@@ -35,6 +35,9 @@ class BaseGraphs:
             return list(self._lms)
 
 
+SHARED_BASES = BaseGraphs()     # the process's base graphs for engines built outside a pool (the MLflow pyfunc)
+
+
 class ModelPool:
     """Loaded models by key, least-recently-used evicted beyond ``limit``; each loads once even
     when requests for it arrive together."""

@@ -80,8 +80,20 @@ class OnnxChatModel(mlflow.pyfunc.PythonModel):
         self.variant = config.get("variant", "fp32")
         self.artifacts = dict(context.artifacts)
         self.max_new_tokens = int(config.get("max_new_tokens", 64))
-        self.engine = ChatEngine(Path(context.artifacts[layout.artifact_key(self.variant)]) / layout.MODEL_FILE,
-                                 Path(context.artifacts[layout.TOKENIZER]))
+        self.engine = None
+        if layout.ADAPTER in self.artifacts:     # the adapter over its shared base graph, where that is here
+            from tuneops.inference.pool import SHARED_BASES
+            from tuneops.inference.resolve import ServeError, files_of_adapter
+
+            try:
+                files = files_of_adapter(Path(self.artifacts[layout.ADAPTER]), "pyfunc")
+                files.tokenizer_dir = Path(self.artifacts[layout.TOKENIZER])
+                self.engine, self.variant = files.load(bases=SHARED_BASES), layout.UNMERGED
+            except ServeError:
+                pass                             # another machine: the merged variant below
+        if self.engine is None:
+            self.engine = ChatEngine(Path(context.artifacts[layout.artifact_key(self.variant)]) / layout.MODEL_FILE,
+                                     Path(context.artifacts[layout.TOKENIZER]))
         self.lm, self.tokenizer = self.engine.lm, self.engine.tokenizer
 
     def predict(self, context, model_input, params=None):  # no type hints: MLflow would read them as a schema

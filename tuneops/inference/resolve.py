@@ -8,6 +8,11 @@ ONNX variant), a variant folder or ``model.onnx`` (a tokenizer beside it or one 
 exported classifier (``labels.json``), or a registered model folder (``MLmodel``: its default
 variant, laid out as ``tuneops.inference.layout`` says, or its task head), or an adapter exported
 unmerged (``adapter.json``: served over the shared base graph it names, ``files_of_adapter``).
+
+A registered version that carries an unmerged adapter (``layout.ADAPTER``, gated) is served as that
+adapter over its shared base graph when the graph is on this machine (N fine-tunes of one base: one
+base in memory, ``pool.BaseGraphs``), else as its default merged variant; ``variant="adapter"``
+(``layout.UNMERGED``) asks for the adapter and nothing else.
 """
 from __future__ import annotations
 
@@ -100,11 +105,36 @@ def files_of_registered(folder: Path, model_id: str, variant: str | None = None)
     arts = {k: folder / (v["path"] if isinstance(v, dict) else v) for k, v in (flavor.get("artifacts") or {}).items()}
     if config.get("task_head"):
         return ModelFiles(model_id, "classify", pyfunc_dir=folder, task_head=str(config["task_head"]))
+    if layout.ADAPTER in arts and variant in (None, layout.UNMERGED):
+        unmerged = _registered_adapter(folder, arts, model_id, required=variant is not None)
+        if unmerged is not None:
+            return unmerged
+    elif variant == layout.UNMERGED:
+        raise ServeError(f"{folder}: no adapter exported unmerged (optimize.adapter_base) among its artifacts "
+                         f"{sorted(arts)}")
     variant = variant or config.get("variant", "fp32")
     onnx, tok = layout.onnx_file(arts, variant), layout.tokenizer_dir(arts)
     if onnx is None or tok is None:
         raise ServeError(f"{folder}: no ONNX variant {variant!r} or tokenizer among its artifacts {sorted(arts)}")
     return ModelFiles(model_id, "chat", onnx, tok)
+
+
+def _registered_adapter(folder: Path, arts: dict[str, Path], model_id: str, required: bool) -> ModelFiles | None:
+    """A version's unmerged adapter over its base graph; None (serve a merged variant) when that graph is
+    not on this machine, unless ``required``."""
+    import logging
+
+    try:
+        files = files_of_adapter(arts[layout.ADAPTER], model_id)
+    except ServeError as exc:
+        if required:
+            raise
+        logging.getLogger(__name__).info("%s: its merged variant is served (%s)", folder, exc)
+        return None
+    tok = layout.tokenizer_dir(arts)
+    if tok is not None:
+        files.tokenizer_dir = tok
+    return files
 
 
 def files_of_adapter(folder: Path, model_id: str, base: Path | None = None) -> ModelFiles:

@@ -160,7 +160,10 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
         """Readiness for probes (no token needed, nothing about jobs): 503 while shutting down or
         while the chat endpoint's slots are wedged (``inference.http.server.not_ready``)."""
         error = not_ready(app.state.scheduler, cfg.serve)
-        return {"status": "ok"} if error is None else JSONResponse(error.body, 503)
+        if error is not None:
+            return JSONResponse(error.body, 503)
+        pool = app.state.pool        # counts only: the models loaded, and the base graphs their adapters share
+        return {"status": "ok", "models_loaded": len(pool.loaded()), "base_graphs_loaded": len(pool.bases.loaded())}
 
     # -- files ---------------------------------------------------------------------------------
     @app.post("/v1/files")
@@ -287,6 +290,7 @@ def create_app(cfg: Config, start_background: bool = True) -> FastAPI:
 
     chat = job_models.router(cfg, store, owner)
     app.state.scheduler = chat.scheduler      # type: ignore[attr-defined]
+    app.state.pool = chat.pool                # type: ignore[attr-defined]
     app.include_router(chat)
     return app
 

@@ -176,7 +176,9 @@ def prepare_workdir(cfg: Config, job: dict[str, Any], train_file: dict[str, Any]
         if eval_file:
             shutil.copyfile(file_path(cfg, eval_file["id"]), work / "data" / "validation.jsonl")
             user.update(eval_path="data/validation.jsonl", eval_md5=eval_file["md5"])
-        raw = apply_overrides(cfg.raw, list(cfg.service.job_overrides) + overrides + [
+        # every job's LoRA adapter also goes unmerged over the service's shared base (served over one base)
+        shared = [f"optimize.lora_adapter_base={cfg.service.adapter_base}"]
+        raw = apply_overrides(cfg.raw, shared + list(cfg.service.job_overrides) + overrides + [
             f"model.source={base or job['model']}", f"train.seed={job['seed']}", "orchestrate.cache=false",
             "train.keep_checkpoints=true", "data.scenario=user", f"data.format={data_format}"])
         raw["data"]["user"] = user
