@@ -510,6 +510,7 @@ class ServeParams(_Section):
     max_queue: int = Field(ge=0)
     max_batch: int = Field(ge=1)
     max_batch_tokens: int = Field(ge=1)
+    prefix_cache: int = Field(ge=0)
     max_input_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     default_max_tokens: int = Field(ge=1)

@@ -135,3 +135,18 @@ def test_pyfunc_versions_over_one_base_share_its_session(exported):
     replies = [m.predict({"messages": [{"role": "user", "content": "Hi"}]}, params={"max_tokens": 3}) for m in models]
     assert all(len(r) == 1 and isinstance(r[0], str) for r in replies)
 
+
+def test_a_builder_graph_adapter_prefills_from_a_shared_prefix_as_it_would_whole(exported):
+    """onnxruntime-genai's builder graph (positions from the mask, one request at a time) with an adapter:
+    prompts that share a system prompt start from its cache, and decode as without it."""
+    from tuneops.inference.decode import generate_ids
+
+    files = resolve(str(exported["adapters"][1]))
+    engine = files.load(max_batch=8, prefix_cache=8)
+    assert engine.batcher.max_batch == 1 and engine.batcher.prefix_cache == 8
+    system = {"role": "system", "content": "You answer questions about ships, in one short sentence only."}
+    prompts = [engine.prompt([system, {"role": "user", "content": m}]) for m in ("Hi", "Where is the port?", "Bye")]
+    got = [list(engine.batcher.submit(p, 12, engine.stop, None).tokens()) for p in prompts]
+    alone = [[t for t in generate_ids(engine.lm, [p], 12, engine.stop)[0] if t not in engine.stop] for p in prompts]
+    assert got == alone
+    assert engine.batcher.state()["prefix_tokens"] >= 2 * 16

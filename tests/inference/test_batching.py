@@ -114,7 +114,8 @@ def test_a_request_that_stops_reading_or_is_cancelled_leaves_the_batch_at_once(c
     assert time.monotonic() - t0 < 1
     next(keep)                                              # the one left goes on
     keep.close()
-    wait_for(lambda: engine.batcher.state() == {"batch": 0, "pending": 0, "max_batch": 4}, 1, "an empty batch", interval=0.02)
+    wait_for(lambda: {k: engine.batcher.state()[k] for k in ("batch", "pending", "max_batch")}
+             == {"batch": 0, "pending": 0, "max_batch": 4}, 1, "an empty batch", interval=0.02)
 
 
 def test_graphs_that_cannot_mix_lengths_decode_one_request_at_a_time():
@@ -167,3 +168,52 @@ def test_a_failing_picker_fails_its_request_only(chat_model_dir):
     with pytest.raises(RuntimeError, match="could not follow"):
         list(bad)
     assert [first, *good] == _alone(engine, [prompt], [None])[0][:40]
+
+
+SYSTEM = "You are a careful assistant for a shipping company. Answer in one short sentence, politely."
+
+
+@pytest.mark.parametrize("int8", [False, True])
+def test_prompts_that_share_a_prefix_prefill_from_its_cache_and_decode_as_alone(chat_model_dir, tmp_path, int8):
+    """Prefix caching: requests whose prompts share a system prompt (>= 16 tokens) start from its KV
+    cache and compute only the rest, several in one prefill (left-padded after the prefix: the mask has
+    a hole), and get the tokens each gets decoded alone from scratch; a burst and staggered arrivals."""
+    folder = chat_model_dir
+    if int8:
+        from tuneops.export.quantizers import quantize_nbits
+
+        folder = tmp_path / "int8"
+        shutil.copytree(chat_model_dir, folder, ignore=shutil.ignore_patterns("model.onnx*"))
+        quantize_nbits(chat_model_dir / "model.onnx", folder / "model.onnx", 8, 32, 4)
+    engine = _engine(folder, max_batch=8, max_batch_tokens=64)
+    prompts = [engine.prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": m}])
+               for m in MESSAGES]
+    assert min(len(p) for p in prompts) > 16
+    picks = _picks() if not int8 else [None] * len(prompts)
+    alone = _alone(engine, prompts, picks)
+    assert _staggered(engine, prompts, picks) == alone
+    state = engine.batcher.state()
+    shared = state["prefix_tokens"]
+    assert shared >= 16 * (len(prompts) - 1) and state["prefixes"] >= 1, state
+    # a burst: every request at once, prefilled together from the prefix
+    out: list[list[int] | None] = [None] * len(prompts)
+
+    def go(i):
+        pick = picks[i]() if picks[i] else None
+        out[i] = list(engine.batcher.submit(prompts[i], LIMITS[i], engine.stop, pick).tokens())
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert out == alone
+    assert engine.batcher.state()["prefix_tokens"] >= shared + 16 * len(prompts)
+
+
+def test_prefix_caching_off_computes_every_prompt_whole(chat_model_dir):
+    engine = _engine(chat_model_dir, max_batch=8, prefix_cache=0)
+    prompts = [engine.prompt([{"role": "system", "content": SYSTEM}, {"role": "user", "content": m}])
+               for m in MESSAGES[:3]]
+    assert _staggered(engine, prompts, [None] * 3) == _alone(engine, prompts, [None] * 3)
+    assert engine.batcher.state()["prefix_tokens"] == 0 and engine.batcher.state()["prefixes"] == 0

@@ -63,17 +63,42 @@ class Row:
         self.error: Exception | None = None   # its picker failed (an isolating batch: ``Batch.isolate``)
 
 
+class Prefix:
+    """The KV cache of a prompt prefix several requests share (a chat template's system prompt, the
+    tools declared), computed once (``compute``): a ``Prefill`` whose rows all start with ``ids``
+    starts from it and computes only the rest of each prompt."""
+
+    def __init__(self, ids: Sequence[int]):
+        self.ids = tuple(int(t) for t in ids)
+        self.cache: dict[str, np.ndarray] | None = None
+        self.hits = 0
+
+    def compute(self, runtime: Any) -> None:
+        if self.cache is None:
+            ids = np.array([self.ids], np.int64)
+            _, self.cache = runtime.step(ids, np.ones_like(ids), runtime.empty_cache(1), last=True)
+
+
 class Prefill:
     """The prompts of rows joining a ``Batch`` together, left-padded to one width, computed
-    ``chunk`` columns per call (``Batch.prefill``) so that a long prompt does not stall decoding."""
+    ``chunk`` columns per call (``Batch.prefill``) so that a long prompt does not stall decoding.
+    With a computed ``prefix`` (every row's prompt starts with it and is longer), the rows start
+    from its cache and ``ids`` are the rest of each prompt, left-padded after the prefix (the mask
+    has a hole there; positions come from the mask, so each row still decodes as it would alone)."""
 
-    def __init__(self, runtime: Any, rows: list[Row], pad_id: int):
-        width = max(len(r.prompt) for r in rows)
-        self.rows = rows
-        self.ids = np.array([[pad_id] * (width - len(r.prompt)) + r.prompt for r in rows], np.int64)
-        self.mask = np.array([[0] * (width - len(r.prompt)) + [1] * len(r.prompt) for r in rows], np.int64)
+    def __init__(self, runtime: Any, rows: list[Row], pad_id: int, prefix: Prefix | None = None):
+        skip = len(prefix.ids) if prefix is not None else 0
+        rests = [r.prompt[skip:] for r in rows]
+        width = max(len(r) for r in rests)
+        self.rows, self.offset = rows, skip
+        self.ids = np.array([[pad_id] * (width - len(r)) + r for r in rests], np.int64)
+        self.mask = np.array([[1] * skip + [0] * (width - len(r)) + [1] * len(r) for r in rests], np.int64)
         self.at, self.logits = 0, None
-        self.cache = runtime.empty_cache(len(rows)) if runtime.has_cache else None
+        if prefix is not None:
+            self.cache = {k: np.repeat(v, len(rows), 0) for k, v in prefix.cache.items()}
+            prefix.hits += len(rows)
+        else:
+            self.cache = runtime.empty_cache(len(rows)) if runtime.has_cache else None
 
     @property
     def finished(self) -> bool:
@@ -108,13 +133,17 @@ class Batch:
     def active(self) -> bool:
         return any(not r.done for r in self.rows)
 
-    def start(self, rows: list[Row]) -> Prefill:
-        """The prefill of rows that join together (``prefill`` computes it)."""
+    def start(self, rows: list[Row], prefix: Prefix | None = None) -> Prefill:
+        """The prefill of rows that join together (``prefill`` computes it); ``prefix``: a computed
+        ``Prefix`` every row's prompt starts with (and goes beyond)."""
         widths = {len(r.prompt) for r in rows}
         if self.cached and not getattr(self.runtime, "left_padding", True) and len(widths) > 1:
             raise ValueError(f"decode: {getattr(self.runtime, 'path', 'this graph')} takes positions from its "
                              f"attention mask (right padding only): decode prompts of different lengths one at a time")
-        return Prefill(self.runtime, rows, self.pad_id)
+        if prefix is not None and not (self.cached and self.splices and prefix.cache is not None and all(
+                len(r.prompt) > len(prefix.ids) and tuple(r.prompt[:len(prefix.ids)]) == prefix.ids for r in rows)):
+            raise ValueError("decode: a prefix the rows do not all start with (or not computed)")
+        return Prefill(self.runtime, rows, self.pad_id, prefix)
 
     def prefill(self, job: Prefill, budget: int = 0) -> bool:
         """Compute at most ``budget`` more prompt tokens of ``job`` (all of them with 0, and one
@@ -127,7 +156,8 @@ class Batch:
         width = job.ids.shape[1]
         cols = width - job.at if budget <= 0 else max(1, min(width - job.at, budget // len(job.rows)))
         end = job.at + cols
-        logits, job.cache = self.runtime.step(job.ids[:, job.at:end], job.mask[:, :end], job.cache, last=True)
+        logits, job.cache = self.runtime.step(job.ids[:, job.at:end], job.mask[:, :job.offset + end], job.cache,
+                                              last=True)
         job.at, job.logits = end, logits[:, -1]
         if not job.finished:
             return False

@@ -33,14 +33,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from .decode import Batch, Prefill, Row, run
+from .decode import Batch, Prefill, Prefix, Row, run
 from .sampling import MIN_TEMPERATURE, Picker, sampler
 from .scheduler import Cancelled
 
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16             # defaults of a ChatEngine built outside a server (the pyfunc, `tuneops generate`);
-MAX_BATCH_TOKENS = 256     # a server takes serve.max_batch / serve.max_batch_tokens
+MAX_BATCH_TOKENS = 256     # a server takes serve.max_batch / serve.max_batch_tokens / serve.prefix_cache
+PREFIX_CACHE = 8           # shared prompt prefixes whose KV cache a batcher keeps (0 = none)
+MIN_PREFIX = 16            # the fewest tokens a shared prefix has to be worth keeping
 IDLE_S = 5.0               # a batcher thread with nothing to do ends after this long (the next request starts one)
 
 
@@ -96,13 +98,20 @@ class Batcher:
     ``IDLE_S`` with nothing to do."""
 
     def __init__(self, runtime: Any, pad_id: int = 0, max_batch: int = MAX_BATCH,
-                 max_batch_tokens: int = MAX_BATCH_TOKENS, idle_s: float = IDLE_S):
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, idle_s: float = IDLE_S, prefix_cache: int = PREFIX_CACHE):
         batches = runtime.has_cache and getattr(runtime, "left_padding", True) \
             and not getattr(runtime, "fixed_shape", None)
         self.runtime, self.pad_id = runtime, pad_id
         self.max_batch = max(1, int(max_batch)) if batches else 1
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.idle_s = idle_s
+        # prefix caching: an ONNX KV cache (arrays a prefill can start from), not a fixed-shape graph
+        splices = runtime.has_cache and not getattr(runtime, "fixed_shape", None) \
+            and hasattr(runtime, "empty_cache") and isinstance(runtime.empty_cache(0), dict)
+        self.prefix_cache = max(0, int(prefix_cache)) if splices else 0
+        self._prefixes: "collections.OrderedDict[tuple[int, ...], Prefix]" = collections.OrderedDict()
+        self._recent: "collections.deque[tuple[int, ...]]" = collections.deque(maxlen=8)
+        self.prefix_tokens = 0               # prompt tokens served from a prefix's cache (not computed again)
         self._cond = threading.Condition()
         self._pending: "collections.deque[Request]" = collections.deque()
         self._thread: threading.Thread | None = None
@@ -126,7 +135,31 @@ class Batcher:
 
     def state(self) -> dict[str, int]:
         with self._cond:
-            return {"batch": self.rows, "pending": len(self._pending), "max_batch": self.max_batch}
+            return {"batch": self.rows, "pending": len(self._pending), "max_batch": self.max_batch,
+                    "prefixes": len(self._prefixes), "prefix_tokens": self.prefix_tokens}
+
+    def _match(self, prompt: list[int]) -> Prefix | None:
+        """The prefix ``prompt`` starts from (under ``_cond``): the longest kept one it goes beyond, else
+        a new one (computed when its prefill starts) when it shares at least ``MIN_PREFIX`` tokens with
+        a recent prompt (a chat template's system prompt, the same tools declared: vLLM's automatic prefix
+        caching, per prompt instead of per block); the least recently used beyond ``prefix_cache`` goes."""
+        if not self.prefix_cache:
+            return None
+        key = tuple(prompt)
+        best = max((p for k, p in self._prefixes.items() if len(k) < len(key) and key[:len(k)] == k),
+                   key=lambda p: len(p.ids), default=None)
+        if best is None:
+            shared = max((_common(key, r) for r in self._recent), default=0)
+            shared = min(shared, len(key) - 1)
+            if shared >= MIN_PREFIX:
+                best = self._prefixes[key[:shared]] = Prefix(key[:shared])
+                while len(self._prefixes) > self.prefix_cache:
+                    self._prefixes.popitem(last=False)
+        if key not in self._recent:
+            self._recent.append(key)
+        if best is not None:
+            self._prefixes.move_to_end(best.ids)
+        return best
 
     def _serve(self) -> None:
         while True:
@@ -154,10 +187,21 @@ class Batcher:
         budget = self.max_batch_tokens
         while budget > 0 or not batch.active:
             if self._job is None:
-                rows = self._take(batch)
-                if rows is None:
+                taken = self._take(batch)
+                if taken is None:
                     return
-                self._job = batch.start(rows)
+                rows, prefix = taken
+                if prefix is not None:
+                    try:
+                        prefix.compute(self.runtime)
+                    except Exception:  # noqa: BLE001 - the prompts are prefilled whole instead
+                        log.exception("a prompt prefix's KV cache failed")
+                        with self._cond:
+                            self._prefixes.pop(prefix.ids, None)
+                        prefix = None
+                self._job = batch.start(rows, prefix)
+                if prefix is not None:
+                    self.prefix_tokens += len(prefix.ids) * len(rows)
             job = self._job
             before = job.at
             try:
@@ -182,10 +226,11 @@ class Batcher:
         for r in gone:
             r.tag.items.put(("cancelled", None))
 
-    def _take(self, batch: Batch) -> list[Row] | None:
+    def _take(self, batch: Batch) -> tuple[list[Row], Prefix | None] | None:
         """The next requests to prefill together (as many as fit ``max_batch`` and, past the first,
-        ``max_batch_tokens``); None when there is nothing to prefill now (waiting for a request
-        while the batch is empty, and letting the thread go after ``idle_s`` with none)."""
+        ``max_batch_tokens`` of prompt beyond their prefix), all from the same prefix (or none) as
+        the first; None when there is nothing to prefill now (waiting for a request while the batch
+        is empty, and letting the thread go after ``idle_s`` with none)."""
         with self._cond:
             while True:
                 while self._pending and self._pending[0].gone():
@@ -198,17 +243,30 @@ class Batcher:
                 if not self._cond.wait(self.idle_s) and not self._pending:
                     self._thread = None
                     return None
-            rows, tokens = [], 0
+            rows, tokens, prefix = [], 0, None
             while self._pending and live + len(rows) < self.max_batch:
                 req = self._pending[0]
                 if req.gone():
                     self._pending.popleft().items.put(("cancelled", None))
                     continue
-                if rows and tokens + len(req.row.prompt) > self.max_batch_tokens:
+                match = self._match(req.row.prompt)
+                if rows and match is not prefix:
+                    break
+                rest = len(req.row.prompt) - (len(match.ids) if match is not None else 0)
+                if rows and tokens + rest > self.max_batch_tokens:
                     break
                 rows.append(self._pending.popleft().row)
-                tokens += len(req.row.prompt)
-            return rows or None
+                tokens, prefix = tokens + rest, match
+            return (rows, prefix) if rows else None
+
+
+def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 class ChatEngine:
@@ -218,7 +276,7 @@ class ChatEngine:
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, generation_dirs: tuple[Any, ...] = (),
                  threads: int = 0, max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                 lm: Any = None):
+                 lm: Any = None, prefix_cache: int = PREFIX_CACHE):
         from transformers import AutoTokenizer
 
         from .chat import load_generation_config, stop_ids
@@ -230,7 +288,8 @@ class ChatEngine:
         gen_cfg = load_generation_config(tokenizer_dir, self.onnx_path.parent, *generation_dirs)
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
         pad = self.tokenizer.pad_token_id
-        self.batcher = Batcher(self.lm, pad if pad is not None else 0, max_batch, max_batch_tokens)
+        self.batcher = Batcher(self.lm, pad if pad is not None else 0, max_batch, max_batch_tokens,
+                               prefix_cache=prefix_cache)
 
     def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from .chat import prompt_ids

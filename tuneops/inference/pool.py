@@ -8,7 +8,8 @@ from typing import Any
 
 def batching(serve: Any) -> dict[str, int]:
     """A chat engine's continuous-batching settings from ``serve`` (``ServeParams``)."""
-    return {"max_batch": serve.max_batch, "max_batch_tokens": serve.max_batch_tokens}
+    return {"max_batch": serve.max_batch, "max_batch_tokens": serve.max_batch_tokens,
+            "prefix_cache": serve.prefix_cache}
 
 
 class BaseGraphs:
