@@ -74,6 +74,8 @@ def main() -> int:
     ap.add_argument("--prompts", type=int, default=4)
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--extra-variants", nargs="*", default=["int4"],
+                    help="optimize: built besides int8 (default: the calibrated int4, today's path)")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "qat-int4-cpu.md"))
     args = ap.parse_args()
     root = Path(args.root).resolve()
@@ -114,7 +116,8 @@ def phase_train_qat(params: Path, args) -> None:
 def phase_optimize(params: Path, args) -> None:
     from tasks import optimize
 
-    cfg = cfg_for(params, "lora", "paths.optimize_dir=artifacts/optimize-lora", "optimize.extra_variants=[int4]")
+    cfg = cfg_for(params, "lora", "paths.optimize_dir=artifacts/optimize-lora",
+                  f"optimize.extra_variants=[{','.join(args.extra_variants)}]")
     optimize.run(cfg)
 
 
@@ -197,20 +200,26 @@ def phase_report(params: Path, args) -> None:
     art = cfg.path("state_dir").parent / "artifacts"
     stage = read_json(art / "optimize-lora" / "metrics.json")
     facts = read_json(art / "adapter-qat" / "facts.json")
+    from tuneops.models import load_causal_lm
+
+    base_model = load_causal_lm(cfg.path("base_model_dir")).eval()
+    base_ppl = gate.score(torch_forward(base_model), feats, o.batch_size, tok.pad_token_id)["perplexity"]
+    del base_model
     fp32_model = finetuned.load(cfg.path("base_model_dir"), cfg.path("train_dir"), merge=True).eval()
     fp32_ppl = gate.score(torch_forward(fp32_model), feats, o.batch_size, tok.pad_token_id)["perplexity"]
     del fp32_model
     fp32_bytes = stage["variants"]["fp32"]["size_bytes"]
     train = {m: read_json(art / f"train-{m}" / "metrics.json") for m in ("lora", "qat_int4")}
-    engines = {
-        "merged int4 (GPTQ, today's path)": OnnxCausalLM(art / "optimize-lora" / stage["variants"]["int4"]["path"],
-                                                          threads=args.threads),
-        "merged int8": OnnxCausalLM(art / "optimize-lora" / stage["variants"]["int8"]["path"], threads=args.threads),
+    merged = {f"merged {v}" + (" (GPTQ, today's path)" if v == "int4" else ""): v
+              for v in ("int4", "int8") if v in stage["variants"]}      # a bench run may build int8 only
+    engines = {name: OnnxCausalLM(art / "optimize-lora" / stage["variants"][v]["path"], threads=args.threads)
+               for name, v in merged.items()}
+    engines.update({
         "QAT int4 adapter, unmerged (acc 0)": OnnxCausalLM(Path(facts["base_acc0"]["path"]), threads=args.threads,
                                                            adapter=art / "adapter-qat" / "acc0"),
         "QAT int4 adapter, unmerged (acc 4)": OnnxCausalLM(Path(facts["base_acc4"]["path"]), threads=args.threads,
                                                            adapter=art / "adapter-qat" / "acc4"),
-    }
+    })
     prompts = [prompt_ids(tok, r["messages"][:1]) for r in rows[: args.prompts]]
     speed: dict[str, list[float]] = {k: [] for k in engines}
     for p in prompts:
@@ -219,10 +228,8 @@ def phase_report(params: Path, args) -> None:
     adapter_bytes = facts["adapter"]["size_bytes"]
     table = [
         ("fp32 LoRA fine-tune (PyTorch)", fp32_ppl, fp32_bytes, None, ""),
-        ("merged int4 (GPTQ, today's path)", stage["variants"]["int4"]["perplexity"], stage["variants"]["int4"]["size_bytes"],
-         "merged int4 (GPTQ, today's path)", "accepted" if stage["variants"]["int4"]["accepted"] else "rejected"),
-        ("merged int8", stage["variants"]["int8"]["perplexity"], stage["variants"]["int8"]["size_bytes"], "merged int8",
-         "accepted" if stage["variants"]["int8"]["accepted"] else "rejected"),
+        *[(name, stage["variants"][v]["perplexity"], stage["variants"][v]["size_bytes"], name,
+           "accepted" if stage["variants"][v]["accepted"] else "rejected") for name, v in merged.items()],
         ("QAT int4 adapter, unmerged (acc 0)", facts["onnx_ppl_acc0"], facts["base_acc0"]["size_bytes"] + adapter_bytes,
          "QAT int4 adapter, unmerged (acc 0)",
          f"parity {facts['parity_max_abs_logits_diff']:.2e} (gate <= {o.parity_atol})"),
@@ -231,6 +238,7 @@ def phase_report(params: Path, args) -> None:
     ]
     result = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.processor() or platform.machine(),
               "threads": args.threads, "ppl_rows": len(feats), "fp32_ppl": fp32_ppl, "fp32_bytes": fp32_bytes,
+              "base_ppl": base_ppl,
               "train": {m: {k: t.get(k) for k in ("steps", "first_loss", "final_loss", "runtime_s", "tokens_per_s")}
                         for m, t in train.items()},
               "torch_fake_quant_ppl": facts["torch_fake_quant_ppl"], "adapter_bytes": adapter_bytes,
@@ -238,7 +246,7 @@ def phase_report(params: Path, args) -> None:
                         "size_ratio": b / fp32_bytes,
                         "decode_tok_s": statistics.median(speed[e]) if e else None, "note": note}
                        for n, p, b, e, note in table]}
-    qat = result["rows"][3]
+    qat = next(r for r in result["rows"] if r["engine"] == "QAT int4 adapter, unmerged (acc 0)")
     result["goal"] = {"ppl_within_1pct": qat["ppl_vs_fp32_pct"] <= 1.0, "size_le_0.25x": qat["size_ratio"] <= 0.25}
     out = Path(args.out)
     write_json(out.with_suffix(".json"), result)
@@ -249,6 +257,7 @@ def phase_report(params: Path, args) -> None:
              f"optimize, adapter, report)",
              "- training: " + ", ".join(f"{m}: {t['steps']} steps, loss {t['first_loss']:.3f} -> {t['final_loss']:.3f}, "
                                          f"{t['runtime_s']:.0f} s" for m, t in result["train"].items()),
+             f"- the base model before fine-tuning (PyTorch): perplexity {base_ppl:.4f} on the same rows",
              f"- QAT adapter's PyTorch reference (fake-quant base + adapter): perplexity {facts['torch_fake_quant_ppl']:.4f}; "
              f"ONNX parity {facts['parity_max_abs_logits_diff']:.2e}, KV-cache decoding vs full {facts['incremental_max_abs_diff']:.2e}",
              f"- sizes: fp32 graph {fp32_bytes / 1e6:.1f} MB; adapter file {adapter_bytes / 1e6:.2f} MB "

@@ -206,9 +206,10 @@ def write(args: Any, cfg: Any, cpus: int, served: Path, rows: list[dict]) -> str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", nargs="+", default=["tuneops", "mlflow", "llama"],
-                    choices=["tuneops", "tuneops1", "mlflow", "llama"],
+                    choices=["tuneops", "tuneops1", "tuneops0", "mlflow", "llama"],
                     help="tuneops1: `tuneops serve` decoding one request at a time (serve.max_batch=1, "
-                         "serve.max_concurrent=1: the engine before continuous batching)")
+                         "serve.max_concurrent=1: the engine before continuous batching); tuneops0: without "
+                         "prefix caching (serve.prefix_cache=0)")
     ap.add_argument("--tuneops-model", default=None, help="serve this with tuneops instead of the bench's SmolLM2 int8")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -251,6 +252,12 @@ def main() -> None:
             servers["tuneops1"] = Server("tuneops serve, one at a time (max_batch 1)", [
                 sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
                 args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops1.log")
+        if "tuneops0" in args.servers:        # the same server without prefix caching (before/after, one run)
+            sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}", "serve.prefix_cache=0"]
+                    for x in ("--set", o)]
+            servers["tuneops0"] = Server("tuneops serve, no prefix cache", [
+                sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
+                args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops0.log")
         if "mlflow" in args.servers:
             env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{ROOT / '.tuneops' / 'bench' / 'mlruns'}"}
             servers["mlflow"] = Server("mlflow models serve (ONNX int8 pyfunc)", [
@@ -259,7 +266,7 @@ def main() -> None:
         for s in servers.values():
             s.up()
         model_ids = {}
-        for key in ("tuneops", "tuneops1"):
+        for key in ("tuneops", "tuneops1", "tuneops0"):
             if key in servers:
                 model_ids[key] = httpx.get(servers[key].base + "/v1/models").json()["data"][0]["id"]
         rows = []

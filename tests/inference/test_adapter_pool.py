@@ -31,6 +31,7 @@ def test_adapters_share_one_base_session_and_keep_their_own_weights(exported):
     engines = [pool.get(f.name, resolve(str(f))) for f in exported["adapters"]]
     assert pool.bases.loaded() == [exported["int4"]["md5"]]
     assert len({id(e.lm.session) for e in engines}) == 1
+    assert len({id(e.tokenizer) for e in engines}) == 1      # one tokenizer per content, not one per model
     ids = np.array([[5, 6, 7, 8, 9, 10]])
     logits = [e.lm(ids, np.ones_like(ids)) for e in engines]
     assert all(np.abs(a - b).max() > 1e-2 for i, a in enumerate(logits) for b in logits[i + 1:])

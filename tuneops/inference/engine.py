@@ -29,6 +29,7 @@ import collections
 import logging
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Iterator
@@ -260,6 +261,34 @@ class Batcher:
             return (rows, prefix) if rows else None
 
 
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                    "chat_template.jinja", "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model")
+_tokenizers: "weakref.WeakValueDictionary[str, Any]" = weakref.WeakValueDictionary()
+_tokenizers_lock = threading.Lock()
+
+
+def shared_tokenizer(folder: Path) -> Any:
+    """The folder's tokenizer, one object per content in the process (by the md5 of its files): the
+    fine-tunes of one base served together (adapters over a shared base graph, a pool's versions) hold
+    one tokenizer, not one each (~10 MB for SmolLM2's)."""
+    import hashlib
+
+    from transformers import AutoTokenizer
+
+    h = hashlib.md5()
+    for name in _TOKENIZER_FILES:
+        f = Path(folder) / name
+        if f.is_file():
+            h.update(name.encode() + b"\0" + f.read_bytes())
+    key = h.hexdigest()
+    with _tokenizers_lock:
+        tok = _tokenizers.get(key)
+        if tok is None:
+            tok = AutoTokenizer.from_pretrained(str(folder))
+            _tokenizers[key] = tok
+        return tok
+
+
 def _common(a: tuple[int, ...], b: tuple[int, ...]) -> int:
     """How many leading tokens ``a`` and ``b`` share."""
     n = min(len(a), len(b))
@@ -277,13 +306,11 @@ class ChatEngine:
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, generation_dirs: tuple[Any, ...] = (),
                  threads: int = 0, max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS,
                  lm: Any = None, prefix_cache: int = PREFIX_CACHE):
-        from transformers import AutoTokenizer
-
         from .chat import load_generation_config, stop_ids
         from .runtimes import OnnxCausalLM
 
         self.onnx_path = Path(onnx_path)
-        self.tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        self.tokenizer = shared_tokenizer(Path(tokenizer_dir))
         self.lm = lm if lm is not None else OnnxCausalLM(self.onnx_path, threads)   # lm: e.g. an adapter over a shared base
         gen_cfg = load_generation_config(tokenizer_dir, self.onnx_path.parent, *generation_dirs)
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
