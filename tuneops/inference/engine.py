@@ -270,7 +270,7 @@ _tokenizers_lock = threading.Lock()
 def shared_tokenizer(folder: Path) -> Any:
     """The folder's tokenizer, one object per content in the process (by the md5 of its files): the
     fine-tunes of one base served together (adapters over a shared base graph, a pool's versions) hold
-    one tokenizer, not one each (~10 MB for SmolLM2's)."""
+    one tokenizer, not one each (~10 MB for a 49k-token vocabulary)."""
     import hashlib
 
     from transformers import AutoTokenizer
