@@ -27,6 +27,13 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _known_base_quant(value: str, *also: str) -> str:
+    """``value`` if it names a shared adapter base's quantization (``BASE_QUANTS``) or one of ``also``."""
+    from .export.basequant import BASE_QUANTS
+
+    return _known(value, (*also, *BASE_QUANTS), "tuneops/export/adapters.py")
+
+
 def _known(value: Any, names: Any, where: str, item: bool = False) -> Any:
     """``value`` if it is one of ``names`` (a spec registry's keys), else the error that lists them;
     ``item``: one entry of a list (the message names it)."""
@@ -355,16 +362,12 @@ class OptimizeParams(_Section):
     @field_validator("adapter_base")
     @classmethod
     def _known_adapter_base(cls, v: str) -> str:
-        from .export.basequant import BASE_QUANTS
-
-        return _known(v, ("auto", "none", *BASE_QUANTS), "tuneops/export/adapters.py")
+        return _known_base_quant(v, "auto", "none")
 
     @field_validator("lora_adapter_base")
     @classmethod
     def _known_lora_adapter_base(cls, v: str) -> str:
-        from .export.basequant import BASE_QUANTS
-
-        return _known(v, ("none", *BASE_QUANTS), "tuneops/export/adapters.py")
+        return _known_base_quant(v, "none")
 
     @field_validator("targets")
     @classmethod
@@ -440,9 +443,7 @@ class ServiceParams(_Section):
     @field_validator("adapter_base")
     @classmethod
     def _known_service_adapter_base(cls, v: str) -> str:
-        from .export.basequant import BASE_QUANTS
-
-        return _known(v, ("none", *BASE_QUANTS), "tuneops/export/adapters.py")
+        return _known_base_quant(v, "none")
 
     @field_validator("allowed_models")
     @classmethod

@@ -71,7 +71,6 @@ class Prefix:
     def __init__(self, ids: Sequence[int]):
         self.ids = tuple(int(t) for t in ids)
         self.cache: dict[str, np.ndarray] | None = None
-        self.hits = 0
 
     def compute(self, runtime: Any) -> None:
         if self.cache is None:
@@ -96,7 +95,6 @@ class Prefill:
         self.at, self.logits = 0, None
         if prefix is not None:
             self.cache = {k: np.repeat(v, len(rows), 0) for k, v in prefix.cache.items()}
-            prefix.hits += len(rows)
         else:
             self.cache = runtime.empty_cache(len(rows)) if runtime.has_cache else None
 
