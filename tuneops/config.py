@@ -512,6 +512,8 @@ class ServeParams(_Section):
     max_batch: int = Field(ge=1)
     max_batch_tokens: int = Field(ge=1)
     prefix_cache: int = Field(ge=0)
+    prefix_min_tokens: int = Field(ge=1)
+    prefix_window: int = Field(ge=1)
     max_input_tokens: int = Field(ge=1)
     max_tokens: int = Field(ge=1)
     default_max_tokens: int = Field(ge=1)

@@ -217,3 +217,20 @@ def test_prefix_caching_off_computes_every_prompt_whole(chat_model_dir):
                for m in MESSAGES[:3]]
     assert _staggered(engine, prompts, [None] * 3) == _alone(engine, prompts, [None] * 3)
     assert engine.batcher.state()["prefix_tokens"] == 0 and engine.batcher.state()["prefixes"] == 0
+
+
+def test_a_prefix_is_learned_at_prefix_min_tokens_shared_within_prefix_window_prompts(chat_model_dir):
+    """serve.prefix_min_tokens / serve.prefix_window: a prompt sharing fewer tokens than the minimum
+    with every recent one learns nothing; one sharing enough with a prompt that has left the window
+    of recent prompts learns nothing either; within it, the shared part becomes a prefix."""
+    engine = _engine(chat_model_dir, max_batch=8, prefix_min_tokens=20, prefix_window=2)
+    match = engine.batcher._match
+    head = list(range(100, 120))                       # 20 tokens
+    assert match(head + [1]) is None                   # the first prompt: nothing to compare with
+    assert match([7] * 30) is None and match([8] * 30) is None   # the window (2) now holds only these
+    assert match(head + [2]) is None                   # shares 20 with a prompt no longer in the window
+    assert match(head[:19] + [3, 4]) is None           # shares 19 < 20 with the previous one
+    got = match(head + [5, 6])                         # 20 with head + [2], two prompts back: learned
+    assert got is not None and list(got.ids) == head
+    assert match(head + [12]) is got                   # and used by the next one that starts with it
+    assert engine.batcher.state()["prefixes"] == 1

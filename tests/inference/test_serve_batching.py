@@ -7,8 +7,8 @@ serving the tiny chat model (``chat_model_dir``; its greedy reply never hits a s
   next requests are served;
 - malformed ``n`` / ``max_tokens`` / stop lists sent while the batch is decoding never reach a
   5xx, and the rows decoding meanwhile finish normally;
-- a soak: server RSS drifts at most 5% over a run of requests (a short one here; the 5,000-request
-  run is ``slow``).
+- a soak: the RSS of a ``tuneops serve`` process drifts at most 5% over a run of requests (a
+  short one here; the 5,000-request run is ``slow``).
 """
 from __future__ import annotations
 
@@ -135,39 +135,77 @@ def test_malformed_batching_fields_never_reach_a_5xx_while_the_batch_decodes(ser
     wait_for(lambda: _free(server), 5, "the counters after the malformed bodies", interval=0.02)
 
 
-def _rss() -> int:
-    with open(f"/proc/{os.getpid()}/statm") as f:
+@pytest.fixture(scope="module")
+def serve_process(chat_model_dir, tmp_path_factory):
+    """``tuneops serve`` as a user starts it, in its own process (the soak measures the server's RSS,
+    not a test process that also holds the clients), with the batching settings of ``server``."""
+    import subprocess
+    import sys
+
+    from tuneops.io import free_port
+
+    root = make_project("serve-soak", (f"serve.max_concurrent={2 * BATCH}", f"serve.max_batch={BATCH}",
+                                       "serve.max_batch_tokens=64", "serve.max_queue=40", "serve.threads=1"))
+    port, log = free_port(), tmp_path_factory.mktemp("soak") / "serve.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(root / "params.yaml"), "serve",
+                                 str(chat_model_dir), "--port", str(port), "-q"], stdout=out,
+                                stderr=subprocess.STDOUT, cwd=root)
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    wait_for(up, 120, "tuneops serve", logs=[log], interval=0.3)
+    yield proc, f"http://127.0.0.1:{port}", log
+    proc.terminate()
+    proc.wait(30)
+
+
+def _rss(pid: int) -> int:
+    with open(f"/proc/{pid}/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
-def soak(srv: InProcess, requests: int, concurrency: int = 8) -> tuple[int, int]:
-    """RSS (of this process: the server runs in it) after a warm-up of 10% of ``requests``, and at
-    the end; streamed and plain requests, some cut short by a stop string."""
-    def one(i: int) -> int:
-        kw = {"max_tokens": 4 + i % 13, "stream": bool(i % 2)}
-        if i % 5 == 0:
-            kw["stop"] = ["e"]
-        r = _post(srv, messages=[{"role": "user", "content": f"Hello number {i}"}], **kw)
-        return r.status_code
+def soak(serving, requests: int, concurrency: int = 8) -> tuple[int, int]:
+    """The server process's RSS after a warm-up of 10% of ``requests``, and at the end; streamed
+    and plain requests, some cut short by a stop string, over one keep-alive client (an
+    ``httpx.post`` per request builds an SSL context each time: the client's memory, not the
+    server's, grows)."""
+    proc, url, log = serving
 
-    warm = max(1, requests // 10)
-    with ThreadPoolExecutor(concurrency) as pool:
-        assert set(pool.map(one, range(warm))) == {200}
-        wait_for(lambda: _free(srv), 5, "the counters after the warm-up", interval=0.02)
-        before = _rss()
-        assert set(pool.map(one, range(warm, requests))) == {200}
-    wait_for(lambda: _free(srv), 5, "the counters after the soak", interval=0.02)
-    return before, _rss()
+    def idle() -> bool:
+        state = httpx.get(f"{url}/health", timeout=10).json()
+        return state["running"] + state["waiting"] == 0
+
+    with httpx.Client(base_url=url, timeout=120, limits=httpx.Limits(max_connections=concurrency)) as client:
+        def one(i: int) -> int:
+            kw = {"max_tokens": 4 + i % 13, "stream": bool(i % 2)}
+            if i % 5 == 0:
+                kw["stop"] = ["e"]
+            return client.post("/v1/chat/completions",
+                               json=_body(messages=[{"role": "user", "content": f"Hello number {i}"}], **kw)).status_code
+
+        warm = max(1, requests // 10)
+        with ThreadPoolExecutor(concurrency) as pool:
+            assert set(pool.map(one, range(warm))) == {200}
+            wait_for(idle, 5, "the counters after the warm-up", logs=[log], interval=0.02)
+            before = _rss(proc.pid)
+            assert set(pool.map(one, range(warm, requests))) == {200}
+        wait_for(idle, 5, "the counters after the soak", logs=[log], interval=0.02)
+    return before, _rss(proc.pid)
 
 
-def test_rss_does_not_drift_over_a_short_soak(server):
-    before, after = soak(server, 400)
-    print(f"\nsoak of 400: RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
+def test_rss_does_not_drift_over_a_short_soak(serve_process):
+    before, after = soak(serve_process, 400)
+    print(f"\nsoak of 400: server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
     assert after <= before * 1.05
 
 
 @pytest.mark.slow
-def test_rss_does_not_drift_over_5000_requests(server):
-    before, after = soak(server, 5000, 16)
-    print(f"\nsoak of 5000: RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
+def test_rss_does_not_drift_over_5000_requests(serve_process):
+    before, after = soak(serve_process, 5000, 16)
+    print(f"\nsoak of 5000: server RSS {before / 2**20:.1f} -> {after / 2**20:.1f} MiB")
     assert after <= before * 1.05

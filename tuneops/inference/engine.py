@@ -41,9 +41,10 @@ from .scheduler import Cancelled
 log = logging.getLogger(__name__)
 
 MAX_BATCH = 16             # defaults of a ChatEngine built outside a server (the pyfunc, `tuneops generate`);
-MAX_BATCH_TOKENS = 256     # a server takes serve.max_batch / serve.max_batch_tokens / serve.prefix_cache
+MAX_BATCH_TOKENS = 256     # a server takes them from serve: (max_batch, max_batch_tokens, prefix_*)
 PREFIX_CACHE = 8           # shared prompt prefixes whose KV cache a batcher keeps (0 = none)
-MIN_PREFIX = 16            # the fewest tokens a shared prefix has to be worth keeping
+PREFIX_MIN_TOKENS = 16     # the fewest tokens a shared prefix has to be worth keeping
+PREFIX_WINDOW = 8          # recent prompts a new one is compared with to learn a prefix
 IDLE_S = 5.0               # a batcher thread with nothing to do ends after this long (the next request starts one)
 
 
@@ -99,7 +100,8 @@ class Batcher:
     ``IDLE_S`` with nothing to do."""
 
     def __init__(self, runtime: Any, pad_id: int = 0, max_batch: int = MAX_BATCH,
-                 max_batch_tokens: int = MAX_BATCH_TOKENS, idle_s: float = IDLE_S, prefix_cache: int = PREFIX_CACHE):
+                 max_batch_tokens: int = MAX_BATCH_TOKENS, idle_s: float = IDLE_S, prefix_cache: int = PREFIX_CACHE,
+                 prefix_min_tokens: int = PREFIX_MIN_TOKENS, prefix_window: int = PREFIX_WINDOW):
         batches = runtime.has_cache and getattr(runtime, "left_padding", True) \
             and not getattr(runtime, "fixed_shape", None)
         self.runtime, self.pad_id = runtime, pad_id
@@ -110,8 +112,9 @@ class Batcher:
         splices = runtime.has_cache and not getattr(runtime, "fixed_shape", None) \
             and hasattr(runtime, "empty_cache") and isinstance(runtime.empty_cache(0), dict)
         self.prefix_cache = max(0, int(prefix_cache)) if splices else 0
+        self.prefix_min_tokens = max(1, int(prefix_min_tokens))
         self._prefixes: "collections.OrderedDict[tuple[int, ...], Prefix]" = collections.OrderedDict()
-        self._recent: "collections.deque[tuple[int, ...]]" = collections.deque(maxlen=8)
+        self._recent: "collections.deque[tuple[int, ...]]" = collections.deque(maxlen=max(1, int(prefix_window)))
         self.prefix_tokens = 0               # prompt tokens served from a prefix's cache (not computed again)
         self._cond = threading.Condition()
         self._pending: "collections.deque[Request]" = collections.deque()
@@ -141,8 +144,8 @@ class Batcher:
 
     def _match(self, prompt: list[int]) -> Prefix | None:
         """The prefix ``prompt`` starts from (under ``_cond``): the longest kept one it goes beyond, else
-        a new one (computed when its prefill starts) when it shares at least ``MIN_PREFIX`` tokens with
-        a recent prompt (a chat template's system prompt, the same tools declared: vLLM's automatic prefix
+        a new one (computed when its prefill starts) when it shares at least ``prefix_min_tokens`` tokens
+        with one of the last ``prefix_window`` prompts (a chat template's system prompt, the same tools declared: vLLM's automatic prefix
         caching, per prompt instead of per block); the least recently used beyond ``prefix_cache`` goes."""
         if not self.prefix_cache:
             return None
@@ -152,7 +155,7 @@ class Batcher:
         if best is None:
             shared = max((_common(key, r) for r in self._recent), default=0)
             shared = min(shared, len(key) - 1)
-            if shared >= MIN_PREFIX:
+            if shared >= self.prefix_min_tokens:
                 best = self._prefixes[key[:shared]] = Prefix(key[:shared])
                 while len(self._prefixes) > self.prefix_cache:
                     self._prefixes.popitem(last=False)
@@ -305,7 +308,8 @@ class ChatEngine:
 
     def __init__(self, onnx_path: Path, tokenizer_dir: Path, generation_dirs: tuple[Any, ...] = (),
                  threads: int = 0, max_batch: int = MAX_BATCH, max_batch_tokens: int = MAX_BATCH_TOKENS,
-                 lm: Any = None, prefix_cache: int = PREFIX_CACHE):
+                 lm: Any = None, prefix_cache: int = PREFIX_CACHE, prefix_min_tokens: int = PREFIX_MIN_TOKENS,
+                 prefix_window: int = PREFIX_WINDOW):
         from .chat import load_generation_config, stop_ids
         from .runtimes import OnnxCausalLM
 
@@ -316,7 +320,8 @@ class ChatEngine:
         self.stop = set(stop_ids(self.tokenizer, gen_cfg))
         pad = self.tokenizer.pad_token_id
         self.batcher = Batcher(self.lm, pad if pad is not None else 0, max_batch, max_batch_tokens,
-                               prefix_cache=prefix_cache)
+                               prefix_cache=prefix_cache, prefix_min_tokens=prefix_min_tokens,
+                               prefix_window=prefix_window)
 
     def prompt(self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
         from .chat import prompt_ids

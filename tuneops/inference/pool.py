@@ -9,7 +9,8 @@ from typing import Any
 def batching(serve: Any) -> dict[str, int]:
     """A chat engine's continuous-batching settings from ``serve`` (``ServeParams``)."""
     return {"max_batch": serve.max_batch, "max_batch_tokens": serve.max_batch_tokens,
-            "prefix_cache": serve.prefix_cache}
+            "prefix_cache": serve.prefix_cache, "prefix_min_tokens": serve.prefix_min_tokens,
+            "prefix_window": serve.prefix_window}
 
 
 class BaseGraphs:
