@@ -26,7 +26,11 @@ def run_server(app: Any, host: str, port: int, schedulers: list[Scheduler], sett
     generations stop at their next token, streams end with an error event and ``[DONE]``, new
     requests get 503), and responses still being written get ``serve.shutdown_s`` seconds (a
     client that stops reading cannot hold the server up longer)."""
+    import logging
+
     import uvicorn
+
+    from ... import log
 
     class Server(uvicorn.Server):
         def handle_exit(self, sig: int, frame: Any) -> None:
@@ -34,5 +38,7 @@ def run_server(app: Any, host: str, port: int, schedulers: list[Scheduler], sett
             threading.Thread(target=lambda: [s.close() for s in schedulers], daemon=True).start()
             super().handle_exit(sig, frame)
 
-    Server(uvicorn.Config(app, host=host, port=port, log_level="info",
+    # uvicorn's own logs (the access log is INFO) follow tuneops' level: -q leaves warnings and errors
+    level = logging.getLevelName(log.log.getEffectiveLevel()).lower()
+    Server(uvicorn.Config(app, host=host, port=port, log_level=level,
                           timeout_graceful_shutdown=settings.shutdown_s)).run()
