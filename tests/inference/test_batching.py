@@ -118,10 +118,10 @@ def test_a_request_that_stops_reading_or_is_cancelled_leaves_the_batch_at_once(c
              == {"batch": 0, "pending": 0, "max_batch": 4}, 1, "an empty batch", interval=0.02)
 
 
-def test_graphs_that_cannot_mix_lengths_decode_one_request_at_a_time():
+def test_only_graphs_without_a_cache_decode_one_request_at_a_time():
     from tuneops.inference.engine import Batcher
 
-    class RightPaddedOnly:              # an onnxruntime-genai builder graph: positions from the mask
+    class RightPadded:                  # an onnxruntime-genai builder graph: positions from the mask
         has_cache, left_padding, fixed_shape = True, False, None
 
     class FixedShape:                   # an accelerator graph: one static shape, no cache
@@ -130,7 +130,7 @@ def test_graphs_that_cannot_mix_lengths_decode_one_request_at_a_time():
     class Positions:
         has_cache, left_padding, fixed_shape = True, True, None
 
-    assert Batcher(RightPaddedOnly(), max_batch=8).max_batch == 1
+    assert Batcher(RightPadded(), max_batch=8).max_batch == 8   # rows right-padded (tests/inference/test_adapter_pool.py)
     assert Batcher(FixedShape(), max_batch=8).max_batch == 1
     assert Batcher(Positions(), max_batch=8).max_batch == 8
 

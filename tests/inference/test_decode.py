@@ -239,18 +239,30 @@ def test_exactly_one_decode_loop_in_the_source_tree():
     assert generate == {}, f"Hugging Face generate outside the decode loop: {generate}"
 
 
-def test_a_graph_without_positions_refuses_a_left_padded_batch():
-    from tuneops.inference.decode import decode
+def test_a_graph_without_positions_prefills_prompts_of_one_length_together_and_decodes_them_right_padded():
+    """The real graph's tokens: tests/inference/test_adapter_pool.py (builder graphs)."""
+    from tuneops.inference.decode import Batch, Prefix, Row, decode
 
     class RightPaddedOnly:
         has_cache, left_padding, path = True, False, "model.onnx"
+
+        def __init__(self):
+            self.masks = []
 
         def empty_cache(self, batch):
             return {}
 
         def step(self, ids, mask, cache, last=False):
+            self.masks.append(mask.tolist())
             return np.zeros((ids.shape[0], 1, 4), np.float32), cache
 
-    with pytest.raises(ValueError, match="one at a time"):
-        next(decode(RightPaddedOnly(), [[1, 2], [3]], 2))
-    assert list(decode(RightPaddedOnly(), [[1, 2], [3, 4]], 2)) == [[0, 0], [0, 0]]
+    with pytest.raises(ValueError, match="prefill prompts of different lengths apart"):
+        Batch(RightPaddedOnly()).start([Row([1, 2], 2), Row([3], 2)])
+    prefix = Prefix([1])
+    prefix.cache = {}
+    with pytest.raises(ValueError, match="from a prefix one at a time"):
+        Batch(RightPaddedOnly()).start([Row([1, 2], 2), Row([1, 3], 2)], prefix)
+    lm = RightPaddedOnly()
+    assert list(decode(lm, [[1, 2], [3]], [2, 3])) == [[0, 0], [0, 0], [None, 0]]
+    # one prefill per length, then each row's token after its own past: the mask's ones stay left
+    assert lm.masks == [[[1]], [[1, 1]], [[1, 1, 0], [1, 1, 1]], [[1, 1, 1]]]   # [3] first (the shorter)

@@ -7,7 +7,8 @@
   picker (greedy or seeded sampling, ``tuneops.inference.sampling``), stop ids and limit; finished
   rows leave at once. ``tuneops.inference.engine.Batcher`` runs it for the requests of a server
   (continuous batching).
-- ``decode``: one batch of prompts of any lengths, left-padded, prefilled once (a graph without a
+- ``decode``: one batch of prompts of any lengths, left-padded, prefilled once (right-padded, one
+  prefill per prompt length, for a graph that takes positions from the mask; a graph without a
   cache, the fixed-shape accelerator graphs, recomputes the whole sequences each step); it yields
   every row's new token at each step, so a streaming caller gets tokens as they come and a batch
   caller collects them.
@@ -106,7 +107,12 @@ class Prefill:
 class Batch:
     """The running batch of the decode loop (``run``): rows of any prompt lengths, left-padded
     to one KV cache; a row's positions come from its own attention mask (``cumsum(mask) - 1``), so
-    it decodes as it would alone.
+    it decodes as it would alone. A graph that takes positions from the mask's row sums
+    (onnxruntime-genai's builder graphs: GroupQueryAttention with per-row ``seqlens_k``, each row's
+    new key and value written after its own past) keeps rows right-padded instead (``right``): each
+    row's past is contiguous from column 0, the mask marks it, and a row's prompt is prefilled alone
+    (or with rows of its length, in one call: GroupQueryAttention takes several rows with a past
+    only one new token each) before it joins.
 
     With an ONNX cache (a dict of arrays) rows join at token boundaries (``prefill``: their prompts
     computed apart, then spliced in, the shorter side left-padded to the common past length) and
@@ -121,6 +127,7 @@ class Batch:
         self.cached = bool(runtime.has_cache)
         empty = runtime.empty_cache(0) if self.cached else {}
         self.splices = not self.cached or isinstance(empty, dict)
+        self.right = self.cached and self.splices and not getattr(runtime, "left_padding", True)
         self.cache: Any = empty
         self.mask = np.zeros((0, 0), np.int64)
         self.last: np.ndarray | None = None           # each row's next-token logits
@@ -137,7 +144,10 @@ class Batch:
         widths = {len(r.prompt) for r in rows}
         if self.cached and not getattr(self.runtime, "left_padding", True) and len(widths) > 1:
             raise ValueError(f"decode: {getattr(self.runtime, 'path', 'this graph')} takes positions from its "
-                             f"attention mask (right padding only): decode prompts of different lengths one at a time")
+                             f"attention mask (right padding only): prefill prompts of different lengths apart")
+        if self.right and len(rows) > 1 and prefix is not None:
+            raise ValueError("decode: right-padded rows start from a prefix one at a time (GroupQueryAttention "
+                             "takes several rows with a past only one new token each)")
         if prefix is not None and not (self.cached and self.splices and prefix.cache is not None and all(
                 len(r.prompt) > len(prefix.ids) and tuple(r.prompt[:len(prefix.ids)]) == prefix.ids for r in rows)):
             raise ValueError("decode: a prefix the rows do not all start with (or not computed)")
@@ -152,7 +162,8 @@ class Batch:
             job.at = job.ids.shape[1]
             return True
         width = job.ids.shape[1]
-        cols = width - job.at if budget <= 0 else max(1, min(width - job.at, budget // len(job.rows)))
+        cols = width - job.at if budget <= 0 or (self.right and len(job.rows) > 1) \
+            else max(1, min(width - job.at, budget // len(job.rows)))      # several right-padded rows: no chunks
         end = job.at + cols
         logits, job.cache = self.runtime.step(job.ids[:, job.at:end], job.mask[:, :job.offset + end], job.cache,
                                               last=True)
@@ -177,8 +188,8 @@ class Batch:
 
         def pad(a: np.ndarray, axis: int) -> np.ndarray:
             widths = [(0, 0)] * a.ndim
-            widths[axis] = (width - a.shape[axis], 0)
-            return np.pad(a, widths) if widths[axis][0] else a
+            widths[axis] = (0, width - a.shape[axis]) if self.right else (width - a.shape[axis], 0)
+            return np.pad(a, widths) if sum(widths[axis]) else a
 
         self.mask = np.concatenate([pad(self.mask, 1), pad(mask, 1)], 0)
         self.cache = {k: np.concatenate([pad(v, 2), pad(cache[k], 2)], 0) for k, v in self.cache.items()}
@@ -218,10 +229,16 @@ class Batch:
                 self.mask = self.mask[keep]
                 self.cache = {n: v[keep] for n, v in self.cache.items()}
                 used = self.mask.any(0)
-                first = int(np.argmax(used)) if used.any() else self.mask.shape[1]
-                if first:
-                    self.mask = self.mask[:, first:]
-                    self.cache = {n: v[:, :, first:] for n, v in self.cache.items()}
+                if self.right:              # the columns past every remaining row's end go
+                    end = self.mask.shape[1] - int(np.argmax(used[::-1])) if used.any() else 0
+                    if end < self.mask.shape[1]:
+                        self.mask = self.mask[:, :end]
+                        self.cache = {n: v[:, :, :end] for n, v in self.cache.items()}
+                else:                       # the columns before every remaining row's start go
+                    first = int(np.argmax(used)) if used.any() else self.mask.shape[1]
+                    if first:
+                        self.mask = self.mask[:, first:]
+                        self.cache = {n: v[:, :, first:] for n, v in self.cache.items()}
         if not self.active:
             if self.splices:
                 self.rows, self.last, self.mask = [], None, np.zeros((0, 0), np.int64)
@@ -236,7 +253,13 @@ class Batch:
                 self.last[k] = logits[k]
             return
         feed = np.array([[self.pad_id if r.done and not self.splices else r.token] for r in self.rows], np.int64)
-        self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], 1)
+        if self.right:      # each row's token goes right after its own past: one more column only for the longest
+            lengths = self.mask.sum(1)
+            width = int(lengths.max()) + 1
+            self.mask = np.pad(self.mask, ((0, 0), (0, width - self.mask.shape[1])))
+            self.mask[np.arange(len(self.rows)), lengths] = 1
+        else:
+            self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], 1)
         logits, self.cache = self.runtime.step(feed, self.mask, self.cache, last=True)
         self.last = logits[:, -1]
 
@@ -275,7 +298,11 @@ def decode(runtime: Any, prompts: Sequence[Sequence[int]], max_new_tokens: int |
         return
     batch = Batch(runtime, pad_id)
     joining = rows if not batch.splices else [r for r in rows if not r.done]
-    batch.prefill(batch.start(joining))
+    if batch.right:         # right-padded rows: the prompts of each length prefilled together, then spliced
+        for width in sorted({len(r.prompt) for r in joining}):
+            batch.prefill(batch.start([r for r in joining if len(r.prompt) == width]))
+    else:
+        batch.prefill(batch.start(joining))
     for picked in run(batch):
         tokens: list[int | None] = [None] * n
         for r in picked:

@@ -15,10 +15,11 @@ boundary (a long prompt does not stall the rows decoding), then spliced into the
 has its own picker (sampling, grammar), stop ids, ``max_tokens`` and consumer; a finished,
 cancelled (``cancel``) or abandoned (stop string, closed generator) request leaves the batch at the
 next boundary. At most ``max_batch`` rows decode together; more wait in the batcher's queue (the
-server's bounded queue, ``Scheduler``, is in front). Graphs that cannot decode rows of different
-lengths in one batch: an onnxruntime-genai builder graph (no ``position_ids``: positions from a
-right-padded mask, ``left_padding`` False) and a fixed-shape graph (no KV cache) decode one request
-at a time (``max_batch`` 1).
+server's bounded queue, ``Scheduler``, is in front). An onnxruntime-genai builder graph (no
+``position_ids``: positions from the mask's row sums, ``left_padding`` False) keeps its rows
+right-padded, and each prompt is prefilled alone before it joins (its GroupQueryAttention takes
+several rows only without a past: no chunk after the first, no prefix); a fixed-shape
+graph (no KV cache) decodes one request at a time (``max_batch`` 1).
 
 Only numpy, onnxruntime, tokenizers/transformers (no torch) are needed for chat: the MLflow
 pyfunc imports this module in a fresh environment.
@@ -102,9 +103,9 @@ class Batcher:
     def __init__(self, runtime: Any, pad_id: int = 0, max_batch: int = MAX_BATCH,
                  max_batch_tokens: int = MAX_BATCH_TOKENS, idle_s: float = IDLE_S, prefix_cache: int = PREFIX_CACHE,
                  prefix_min_tokens: int = PREFIX_MIN_TOKENS, prefix_window: int = PREFIX_WINDOW):
-        batches = runtime.has_cache and getattr(runtime, "left_padding", True) \
-            and not getattr(runtime, "fixed_shape", None)
+        batches = runtime.has_cache and not getattr(runtime, "fixed_shape", None)
         self.runtime, self.pad_id = runtime, pad_id
+        self.left = bool(getattr(runtime, "left_padding", True))   # False: rows join right-padded (decode.Batch)
         self.max_batch = max(1, int(max_batch)) if batches else 1
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.idle_s = idle_s
@@ -203,7 +204,13 @@ class Batcher:
                         with self._cond:
                             self._prefixes.pop(prefix.ids, None)
                         prefix = None
-                self._job = batch.start(rows, prefix)
+                try:
+                    self._job = batch.start(rows, prefix)
+                except Exception as exc:  # noqa: BLE001 - these requests get the error, the batch goes on
+                    log.exception("a prefill could not start")
+                    for r in rows:
+                        r.tag.items.put(("error", exc))
+                    continue
                 if prefix is not None:
                     self.prefix_tokens += len(prefix.ids) * len(rows)
             job = self._job
@@ -254,7 +261,7 @@ class Batcher:
                     self._pending.popleft().items.put(("cancelled", None))
                     continue
                 match = self._match(req.row.prompt)
-                if rows and match is not prefix:
+                if rows and (match is not prefix or not self.left):   # right-padded rows: one prefill each
                     break
                 rest = len(req.row.prompt) - (len(match.ids) if match is not None else 0)
                 if rows and tokens + rest > self.max_batch_tokens:

@@ -91,8 +91,8 @@ def score_graders(cfg: Any, onnx_path: Path, tokenizer_dir: Path) -> dict[str, f
     e = cfg.evaluate
     tok = load_tokenizer(Path(tokenizer_dir))
     runtime = OnnxCausalLM(Path(onnx_path))
-    batch = e.batch_size if getattr(runtime, "left_padding", True) else 1   # a graph without positions: one at a time
-    result, _ = graders.grade(runtime, tok, e.graders, graders.items(eval_rows(cfg)), e.grader_max_new_tokens, batch)
+    result, _ = graders.grade(runtime, tok, e.graders, graders.items(eval_rows(cfg)), e.grader_max_new_tokens,
+                              e.batch_size)
     return {n: r["score"] for n, r in result["graders"].items()}
 
 
