@@ -201,3 +201,54 @@ def test_builder_graph_rows_of_different_lengths_decode_together_as_alone(export
         t.join(60)
     assert out == alone
     assert engine.batcher.peak >= 3            # they decoded together
+
+
+def _copied_pasts_greedy(lm, prompt, limit, stop):
+    """Greedy tokens the plain way: every call returns a new cache (past copied into present)."""
+    ids = np.array([prompt], np.int64)
+    logits, cache = lm.step(ids, np.ones_like(ids), lm.empty_cache(1), last=True)
+    out = []
+    while len(out) < limit:
+        out.append(int(logits[0, -1].argmax()))
+        if out[-1] in stop:
+            break
+        mask = np.ones((1, len(prompt) + len(out)), np.int64)
+        logits, cache = lm.step(np.array([[out[-1]]], np.int64), mask, cache, last=True)
+    return out
+
+
+@pytest.mark.parametrize("which", ["fp32", "int4 adapter"])
+def test_builder_graph_decodes_in_one_kv_buffer_as_with_copied_pasts(exported, which):
+    """A builder graph's decode binds each past and its present to one buffer (GroupQueryAttention
+    writes the new key / value after each row's past, as onnxruntime-genai does): the same logits
+    and cache as a call that copies the past, the buffer written in place, and the same tokens
+    for rows of different lengths, past the buffer's first room (it grows)."""
+    from tuneops.inference.decode import ROOM, Batch, generate_ids
+
+    folder = exported["root"] / "fp32" if which == "fp32" else exported["adapters"][0]
+    engine = resolve(str(folder)).load(max_batch=8, prefix_cache=0)
+    lm = engine.lm
+    assert lm.shares_buffer and Batch(lm).shared
+    ids = np.array([engine.prompt([{"role": "user", "content": "Where is the port?"}])], np.int64)
+    logits, cache = lm.step(ids, np.ones_like(ids), lm.empty_cache(1), last=True)
+    token = np.array([[int(logits[0, -1].argmax())]], np.int64)
+    mask = np.ones((1, ids.shape[1] + 1), np.int64)
+    want, grown = lm.step(token, mask, cache, last=True)
+    buffer = {n: np.pad(v, ((0, 0), (0, 0), (0, 5), (0, 0))) for n, v in cache.items()}
+    held = {n: v.ctypes.data for n, v in buffer.items()}
+    got = lm.step_into(token, mask, buffer)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert {n: v.ctypes.data for n, v in buffer.items()} == held
+    for n, v in grown.items():
+        np.testing.assert_allclose(buffer[n][:, :, :v.shape[2]], v, atol=1e-6)
+    with pytest.raises(ValueError, match="as wide as the mask"):
+        lm.step_into(token, np.ones((1, buffer[lm.past_names[0]].shape[2] + 1), np.int64), buffer)
+
+    prompts = [engine.prompt([{"role": "user", "content": m}]) for m in
+               ("Hi", "Where is the port of Rotterdam, and how deep is it?", "Bye now", "ok")]
+    limits = [ROOM + 20, 10, ROOM + 5, 30]
+    want = [_copied_pasts_greedy(lm, p, n, engine.stop) for p, n in zip(prompts, limits)]
+    assert max(map(len, want)) > ROOM
+    assert generate_ids(lm, prompts, limits, engine.stop) == want
+    assert [list(engine.batcher.submit(p, n, engine.stop, None).tokens()) for p, n in zip(prompts, limits)] == \
+        [[t for t in w if t not in engine.stop] for w in want]

@@ -112,7 +112,10 @@ class Batch:
     new key and value written after its own past) keeps rows right-padded instead (``right``): each
     row's past is contiguous from column 0, the mask marks it, and a row's prompt is prefilled alone
     (or with rows of its length, in one call: GroupQueryAttention takes several rows with a past
-    only one new token each) before it joins.
+    only one new token each) before it joins. Its decode steps write into one KV buffer (``shared``:
+    the runtime's ``step_into`` binds each past and its present to the same array, as
+    onnxruntime-genai does), so a step copies no past; the buffer keeps ``ROOM`` spare columns and
+    grows by copying only when a row reaches its end.
 
     With an ONNX cache (a dict of arrays) rows join at token boundaries (``prefill``: their prompts
     computed apart, then spliced in, the shorter side left-padded to the common past length) and
@@ -128,6 +131,9 @@ class Batch:
         empty = runtime.empty_cache(0) if self.cached else {}
         self.splices = not self.cached or isinstance(empty, dict)
         self.right = self.cached and self.splices and not getattr(runtime, "left_padding", True)
+        # right-padded rows over a graph that writes its new keys / values into the past it is given
+        # (``step_into``): the cache is a buffer ``ROOM`` columns wider than needed, grown now and then
+        self.shared = self.right and bool(getattr(runtime, "shares_buffer", False))
         self.cache: Any = empty
         self.mask = np.zeros((0, 0), np.int64)
         self.last: np.ndarray | None = None           # each row's next-token logits
@@ -184,15 +190,15 @@ class Batch:
         self.last = np.concatenate([self.last, np.asarray(logits)], 0)
         if not self.cached:
             return
-        width = max(self.mask.shape[1], mask.shape[1])
-
-        def pad(a: np.ndarray, axis: int) -> np.ndarray:
+        def pad(a: np.ndarray, axis: int, width: int) -> np.ndarray:
             widths = [(0, 0)] * a.ndim
             widths[axis] = (0, width - a.shape[axis]) if self.right else (width - a.shape[axis], 0)
             return np.pad(a, widths) if sum(widths[axis]) else a
 
-        self.mask = np.concatenate([pad(self.mask, 1), pad(mask, 1)], 0)
-        self.cache = {k: np.concatenate([pad(v, 2), pad(cache[k], 2)], 0) for k, v in self.cache.items()}
+        width = max(self.mask.shape[1], mask.shape[1])
+        self.mask = np.concatenate([pad(self.mask, 1, width), pad(mask, 1, width)], 0)
+        room = max(_room(self.cache), _room(cache))      # the mask's width, or a shared buffer's
+        self.cache = {k: np.concatenate([pad(v, 2, room), pad(cache[k], 2, room)], 0) for k, v in self.cache.items()}
 
     def drop(self, rows: Iterable[Row]) -> None:
         """Rows that leave before they finish (a cancelled request): out at the next ``step``."""
@@ -233,7 +239,8 @@ class Batch:
                     end = self.mask.shape[1] - int(np.argmax(used[::-1])) if used.any() else 0
                     if end < self.mask.shape[1]:
                         self.mask = self.mask[:, :end]
-                        self.cache = {n: v[:, :, :end] for n, v in self.cache.items()}
+                        if not self.shared:         # a shared buffer keeps its room
+                            self.cache = {n: v[:, :, :end] for n, v in self.cache.items()}
                 else:                       # the columns before every remaining row's start go
                     first = int(np.argmax(used)) if used.any() else self.mask.shape[1]
                     if first:
@@ -258,10 +265,24 @@ class Batch:
             width = int(lengths.max()) + 1
             self.mask = np.pad(self.mask, ((0, 0), (0, width - self.mask.shape[1])))
             self.mask[np.arange(len(self.rows)), lengths] = 1
+            if self.shared:
+                if _room(self.cache) < width:
+                    self.cache = {n: np.pad(v, ((0, 0), (0, 0), (0, width + ROOM - v.shape[2]), (0, 0)))
+                                  for n, v in self.cache.items()}
+                self.last = self.runtime.step_into(feed, self.mask, self.cache)[:, -1]
+                return
         else:
             self.mask = np.concatenate([self.mask, np.ones((len(self.rows), 1), np.int64)], 1)
         logits, self.cache = self.runtime.step(feed, self.mask, self.cache, last=True)
         self.last = logits[:, -1]
+
+
+ROOM = 32       # columns a shared KV buffer (``Batch.shared``) grows by beyond what the next step needs
+
+
+def _room(cache: dict[str, np.ndarray]) -> int:
+    """The columns of an ONNX cache (its arrays' third axis: the past, or a shared buffer's room)."""
+    return next(iter(cache.values())).shape[2] if cache else 0
 
 
 def run(batch: Batch, boundary: Callable[[Batch], None] | None = None) -> Iterator[list[Row]]:

@@ -22,6 +22,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import threading
+
 import numpy as np
 
 
@@ -54,9 +56,13 @@ class OnnxCausalLM:
         self.session = session(self.path, threads)
         self.run_options: Any = None
         self.adapter: dict[str, Any] | None = None
+        self._lora_params: dict[str, Any] | None = None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.past_names = [n for n in inputs if n.startswith("past_key_values.")]
         self.present_names = [o.name for o in self.session.get_outputs() if o.name.startswith("present.")]
+        # each past input's present output (``step_into`` binds the two to one buffer)
+        self.present_of = [n.replace("past_key_values.", "present.", 1) for n in self.past_names]
+        self._bound = threading.local()          # step_into's IOBinding, per thread, while its buffers stay
         self.has_positions = "position_ids" in inputs
         shape = inputs["input_ids"].shape
         self.fixed_shape = tuple(shape) if all(isinstance(d, int) for d in shape) else None
@@ -79,6 +85,8 @@ class OnnxCausalLM:
         self.run_options = ort.RunOptions()
         self.run_options.add_active_adapter(lora)
         self._lora = lora                       # the run options refer to it: keep it alive
+        # an IOBinding run (``step_into``) does not apply the run options' adapters: it binds them
+        self._lora_params = ort.AdapterFormat.read_adapter(str(adapter_dir / ADAPTER_FILE)).get_parameters()
 
     def with_adapter(self, adapter_dir: Path) -> "OnnxCausalLM":
         """This base graph's session (shared, not loaded again) with another adapter active."""
@@ -111,6 +119,42 @@ class OnnxCausalLM:
             feeds["position_ids"] = positions(mask, feeds["input_ids"].shape[1])
         out = self.session.run(None, feeds, self.run_options)
         return (out[0][:, -1:] if last else out[0]), dict(zip(self.past_names, out[1:]))
+
+    @property
+    def shares_buffer(self) -> bool:
+        """Whether ``step_into`` serves this graph: one that takes positions from the mask (onnxruntime-genai's
+        builder graphs), whose GroupQueryAttention writes each row's new key / value into the past
+        it was given when present and past are one buffer."""
+        return bool(self.past_names) and not self.has_positions and not self.fixed_shape \
+            and set(self.present_of) <= set(self.present_names)
+
+    def step_into(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                  cache: dict[str, np.ndarray]) -> np.ndarray:
+        """One call whose cache is a buffer written in place: each ``cache`` array (C-contiguous,
+        ``[batch, kv_heads, capacity, head_dim]`` with capacity >= the mask's width) is bound as
+        both the past and the present, so GroupQueryAttention writes each row's new keys and values
+        after that row's own past (the mask's row sums) and copies nothing else, as
+        onnxruntime-genai does (``past_present_share_buffer``). The last position's logits."""
+        arrays = [cache[n] for n in self.past_names]
+        for name, a in zip(self.past_names, arrays):
+            if not a.flags.c_contiguous or a.shape[2] < attention_mask.shape[1]:
+                raise ValueError(f"step_into: {name} is not a contiguous buffer as wide as the mask")
+        key = tuple((a.ctypes.data, a.shape) for a in arrays)
+        held = getattr(self._bound, "io", None)      # the buffers bound last time in this thread
+        if held is None or held[0] != key or held[1] is not self.session or held[4] is not self.adapter:
+            io = self.session.io_binding()
+            io.bind_output("logits")                 # first: ``get_outputs`` lists them in binding order
+            for past, present, a in zip(self.past_names, self.present_of, arrays):
+                io.bind_input(past, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+                io.bind_output(present, "cpu", 0, a.dtype, list(a.shape), a.ctypes.data)
+            for name, value in (self._lora_params or {}).items():
+                io.bind_ortvalue_input(name, value)
+            self._bound.io = held = (key, self.session, io, arrays, self.adapter)   # arrays kept alive: their pointers
+        io = held[2]
+        io.bind_cpu_input("input_ids", np.ascontiguousarray(input_ids, dtype=np.int64))
+        io.bind_cpu_input("attention_mask", np.ascontiguousarray(attention_mask, dtype=np.int64))
+        self.session.run_with_iobinding(io, self.run_options)
+        return io.get_outputs()[0].numpy()[:, -1:]
 
     def __call__(self, input_ids: Any, attention_mask: Any) -> np.ndarray:
         """Full-sequence logits (no past): the ``forward`` contract of ``tuneops.inference.scoring.perplexity``."""
