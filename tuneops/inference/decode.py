@@ -138,6 +138,7 @@ class Batch:
         self.mask = np.zeros((0, 0), np.int64)
         self.last: np.ndarray | None = None           # each row's next-token logits
         self.joined = False                           # a static (non-splicing) batch takes one prefill
+        self._incoming: list[tuple[np.ndarray, Any, Any]] = []   # spliced rows' arrays, not merged yet
         self.isolate = False    # True: a picker that fails finishes its row only (``Row.error``), not the loop
 
     @property
@@ -180,25 +181,37 @@ class Batch:
         return True
 
     def _splice(self, rows: list[Row], logits: np.ndarray, cache: Any, mask: np.ndarray | None) -> None:
+        """``rows`` are in the batch from now on; their logits, cache and mask join its arrays at the
+        next ``pick`` or ``step`` (``_merge``), all the rows that joined since in one copy."""
         self.joined = True
         if not self.rows or not self.splices:
-            self.rows, self.last = list(rows), np.asarray(logits)
+            self.rows, self.last, self._incoming = list(rows), np.asarray(logits), []
             if self.cached:
                 self.cache, self.mask = cache, mask
             return
         self.rows = self.rows + list(rows)
-        self.last = np.concatenate([self.last, np.asarray(logits)], 0)
+        self._incoming.append((np.asarray(logits), cache, mask))
+
+    def _merge(self) -> None:
+        """The arrays of the rows spliced in since the last step join the batch's, in one concatenation
+        (a burst of rows joining one by one copies the batch's cache once, not once a row)."""
+        if not self._incoming:
+            return
+        parts, self._incoming = self._incoming, []
+        self.last = np.concatenate([self.last, *(p[0] for p in parts)], 0)
         if not self.cached:
             return
+
         def pad(a: np.ndarray, axis: int, width: int) -> np.ndarray:
             widths = [(0, 0)] * a.ndim
             widths[axis] = (0, width - a.shape[axis]) if self.right else (width - a.shape[axis], 0)
             return np.pad(a, widths) if sum(widths[axis]) else a
 
-        width = max(self.mask.shape[1], mask.shape[1])
-        self.mask = np.concatenate([pad(self.mask, 1, width), pad(mask, 1, width)], 0)
-        room = max(_room(self.cache), _room(cache))      # the mask's width, or a shared buffer's
-        self.cache = {k: np.concatenate([pad(v, 2, room), pad(cache[k], 2, room)], 0) for k, v in self.cache.items()}
+        width = max(self.mask.shape[1], *(p[2].shape[1] for p in parts))
+        self.mask = np.concatenate([pad(self.mask, 1, width), *(pad(p[2], 1, width) for p in parts)], 0)
+        room = max(_room(self.cache), *(_room(p[1]) for p in parts))     # the mask's width, or a shared buffer's
+        self.cache = {k: np.concatenate([pad(v, 2, room), *(pad(p[1][k], 2, room) for p in parts)], 0)
+                      for k, v in self.cache.items()}
 
     def drop(self, rows: Iterable[Row]) -> None:
         """Rows that leave before they finish (a cancelled request): out at the next ``step``."""
@@ -208,6 +221,7 @@ class Batch:
     def pick(self) -> list[Row]:
         """Every unfinished row picks its next token (``Row.token``) from its logits; a stop token
         or the row's limit finishes it. The rows that picked one."""
+        self._merge()
         picked = []
         for k, r in enumerate(self.rows):
             if r.done:
@@ -228,6 +242,7 @@ class Batch:
     def step(self) -> None:
         """Feed the picked tokens: rows that have finished leave (a static batch feeds them padding);
         nothing is computed when no row is left to read it."""
+        self._merge()
         if self.splices and any(r.done for r in self.rows):
             keep = [k for k, r in enumerate(self.rows) if not r.done]
             self.rows, self.last = [self.rows[k] for k in keep], self.last[keep]
