@@ -8,7 +8,7 @@ serving the tiny chat model (``chat_model_dir``; its greedy reply never hits a s
 - malformed ``n`` / ``max_tokens`` / stop lists sent while the batch is decoding never reach a
   5xx, and the rows decoding meanwhile finish normally;
 - a soak: the RSS of a ``tuneops serve`` process drifts at most 5% over a run of requests (a
-  short one here; the 5,000-request run is ``slow``).
+  short one here; the 5,000-request run is ``slow``), over a torch-exported graph and a builder graph.
 """
 from __future__ import annotations
 
@@ -135,14 +135,25 @@ def test_malformed_batching_fields_never_reach_a_5xx_while_the_batch_decodes(ser
     wait_for(lambda: _free(server), 5, "the counters after the malformed bodies", interval=0.02)
 
 
-@pytest.fixture(scope="module")
-def serve_process(chat_model_dir, tmp_path_factory):
+@pytest.fixture(scope="module", params=["torch export", "builder graph"])
+def serve_process(request, chat_model_dir, tmp_path_factory):
     """``tuneops serve`` as a user starts it, in its own process (the soak measures the server's RSS,
-    not a test process that also holds the clients), with the batching settings of ``server``."""
+    not a test process that also holds the clients), with the batching settings of ``server``; over
+    the torch-exported graph (rows left-padded, a new cache each step) and over onnxruntime-genai's
+    builder graph of a tiny Llama (rows right-padded, decoding into one KV buffer)."""
     import subprocess
     import sys
 
     from tuneops.io import free_port
+
+    if request.param == "builder graph":
+        from tests.export.test_adapters import _base_folder
+        from tuneops.export import adapters
+
+        where = tmp_path_factory.mktemp("builder")
+        chat_model_dir = where / "tiny-chat"               # served as ``tiny-chat`` too
+        adapters.export_base(_base_folder(where, 0), chat_model_dir, adapters.base_quant("fp32"), how="builder",
+                             model_name="tiny")
 
     root = make_project("serve-soak", (f"serve.max_concurrent={2 * BATCH}", f"serve.max_batch={BATCH}",
                                        "serve.max_batch_tokens=64", "serve.max_queue=40", "serve.threads=1"))

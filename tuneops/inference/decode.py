@@ -115,7 +115,8 @@ class Batch:
     only one new token each) before it joins. Its decode steps write into one KV buffer (``shared``:
     the runtime's ``step_into`` binds each past and its present to the same array, as
     onnxruntime-genai does), so a step copies no past; the buffer keeps ``ROOM`` spare columns and
-    grows by copying only when a row reaches its end.
+    grows by copying only when a row reaches its end, and a row that leaves gives its place to the
+    last row (one row copied, not the batch).
 
     With an ONNX cache (a dict of arrays) rows join at token boundaries (``prefill``: their prompts
     computed apart, then spliced in, the shorter side left-padded to the common past length) and
@@ -245,10 +246,23 @@ class Batch:
         self._merge()
         if self.splices and any(r.done for r in self.rows):
             keep = [k for k, r in enumerate(self.rows) if not r.done]
+            if self.shared and keep:
+                # the last rows move into the places of the rows that left (a shared buffer's
+                # leading rows are one contiguous view): only the moved rows are copied
+                holes = [k for k in range(len(keep)) if self.rows[k].done]
+                moved = [k for k in keep if k >= len(keep)]
+                for v in self.cache.values():
+                    v[holes] = v[moved]
+                keep = list(range(len(keep)))
+                for h, m in zip(holes, moved):
+                    keep[h] = m
             self.rows, self.last = [self.rows[k] for k in keep], self.last[keep]
             if self.cached:
                 self.mask = self.mask[keep]
-                self.cache = {n: v[keep] for n, v in self.cache.items()}
+                if self.shared:
+                    self.cache = {n: v[:len(keep)] for n, v in self.cache.items()}
+                else:
+                    self.cache = {n: v[keep] for n, v in self.cache.items()}
                 used = self.mask.any(0)
                 if self.right:              # the columns past every remaining row's end go
                     end = self.mask.shape[1] - int(np.argmax(used[::-1])) if used.any() else 0
