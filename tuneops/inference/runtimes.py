@@ -19,10 +19,9 @@ to it.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
-
-import threading
 
 import numpy as np
 
