@@ -3,8 +3,12 @@ tiny chat model exported to ONNX in seconds, without the pipeline (``chat_model_
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 import threading
+from pathlib import Path
 
+import httpx
 import openai
 import pytest
 
@@ -40,6 +44,27 @@ class InProcess:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(10)
+
+
+def serve_subprocess(params: Path, model_dir: Path, port: int, log: Path, cwd: Path, *args: str) -> subprocess.Popen:
+    """``tuneops serve MODEL_DIR --port PORT [ARGS]`` as a user starts it, in its own process (its output
+    in ``log``), returned once ``/health`` answers 200; killed when it does not come up."""
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(params), "serve", str(model_dir),
+                                 "--port", str(port), *args], stdout=out, stderr=subprocess.STDOUT, cwd=cwd)
+
+    def up() -> bool:
+        assert proc.poll() is None, log.read_text()[-3000:]
+        try:
+            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+    try:
+        wait_for(up, 120, "tuneops serve", logs=[log], interval=0.3)
+    except BaseException:
+        proc.kill()
+        raise
+    return proc
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,7 @@ import pytest
 
 from tests.conftest import make_project, wait_for
 
-from .conftest import InProcess
+from .conftest import InProcess, serve_subprocess
 
 pytestmark = pytest.mark.pipeline          # a server in a thread
 
@@ -141,9 +141,6 @@ def serve_process(request, chat_model_dir, tmp_path_factory):
     not a test process that also holds the clients), with the batching settings of ``server``; over
     the torch-exported graph (rows left-padded, a new cache each step) and over onnxruntime-genai's
     builder graph of a tiny Llama (rows right-padded, decoding into one KV buffer)."""
-    import subprocess
-    import sys
-
     from tuneops.io import free_port
 
     if request.param == "builder graph":
@@ -158,18 +155,7 @@ def serve_process(request, chat_model_dir, tmp_path_factory):
     root = make_project("serve-soak", (f"serve.max_concurrent={2 * BATCH}", f"serve.max_batch={BATCH}",
                                        "serve.max_batch_tokens=64", "serve.max_queue=40", "serve.threads=1"))
     port, log = free_port(), tmp_path_factory.mktemp("soak") / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(root / "params.yaml"), "serve",
-                                 str(chat_model_dir), "--port", str(port), "-q"], stdout=out,
-                                stderr=subprocess.STDOUT, cwd=root)
-
-    def up() -> bool:
-        assert proc.poll() is None, log.read_text()[-3000:]
-        try:
-            return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-        except httpx.HTTPError:
-            return False
-    wait_for(up, 120, "tuneops serve", logs=[log], interval=0.3)
+    proc = serve_subprocess(root / "params.yaml", chat_model_dir, port, log, root, "-q")
     yield proc, f"http://127.0.0.1:{port}", log
     proc.terminate()
     proc.wait(30)

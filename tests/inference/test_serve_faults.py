@@ -39,7 +39,7 @@ import pytest
 from tests.conftest import REPO, make_project, wait_for
 from tuneops.io import free_port
 
-from .conftest import InProcess
+from .conftest import InProcess, serve_subprocess
 
 pytestmark = pytest.mark.pipeline          # servers in threads and `tuneops` in subprocesses
 
@@ -277,18 +277,8 @@ def test_keep_alive_connections_survive_errors(server):
 def test_sigterm_stops_tuneops_serve_mid_generation(cfg, chat_model_dir, tmp_path):
     port = free_port()
     log = tmp_path / "serve.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "tuneops", "--params", str(cfg.source), "serve",
-                                 str(chat_model_dir), "--port", str(port)], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=tmp_path)
+    proc = serve_subprocess(cfg.source, chat_model_dir, port, log, tmp_path)
     try:
-        def up() -> bool:
-            assert proc.poll() is None, log.read_text()[-3000:]
-            try:
-                return httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200
-            except httpx.HTTPError:
-                return False
-        wait_for(up, 120, "tuneops serve", logs=[log], interval=0.3)
         body = json.dumps(_body(max_tokens=LONG, temperature=0, stream=True)).encode()
         stuck = socket.socket()                  # a client that reads nothing of its finished reply
         stuck.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
