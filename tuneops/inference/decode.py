@@ -150,7 +150,7 @@ class Batch:
         """The prefill of rows that join together (``prefill`` computes it); ``prefix``: a computed
         ``Prefix`` every row's prompt starts with (and goes beyond)."""
         widths = {len(r.prompt) for r in rows}
-        if self.cached and not getattr(self.runtime, "left_padding", True) and len(widths) > 1:
+        if self.right and len(widths) > 1:
             raise ValueError(f"decode: {getattr(self.runtime, 'path', 'this graph')} takes positions from its "
                              f"attention mask (right padding only): prefill prompts of different lengths apart")
         if self.right and len(rows) > 1 and prefix is not None:

@@ -110,8 +110,7 @@ class Batcher:
         self.max_batch_tokens = max(1, int(max_batch_tokens))
         self.idle_s = idle_s
         # prefix caching: an ONNX KV cache (arrays a prefill can start from), not a fixed-shape graph
-        splices = runtime.has_cache and not getattr(runtime, "fixed_shape", None) \
-            and hasattr(runtime, "empty_cache") and isinstance(runtime.empty_cache(0), dict)
+        splices = batches and hasattr(runtime, "empty_cache") and isinstance(runtime.empty_cache(0), dict)
         self.prefix_cache = max(0, int(prefix_cache)) if splices else 0
         self.prefix_min_tokens = max(1, int(prefix_min_tokens))
         self._prefixes: "collections.OrderedDict[tuple[int, ...], Prefix]" = collections.OrderedDict()
