@@ -276,28 +276,19 @@ def main() -> None:
                 str(binary), "-m", str(gguf), "-np", str(args.slots), "-c", str(512 * args.slots), "-t", str(cpus),
                 *serve_servers.llama_cpu_args(), "--host", "127.0.0.1", "--port", "{port}"], "/health",
                 logs / "llama-server.log")
-        if "tuneops" in args.servers:
-            sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}"] for x in ("--set", o)]
-            servers["tuneops"] = Server("tuneops serve (ONNX int8)", [
-                sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
-                args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops.log")
-        if "tuneops1" in args.servers:
-            sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}", "serve.max_batch=1",
-                                "serve.max_concurrent=1"] for x in ("--set", o)]
-            servers["tuneops1"] = Server("tuneops serve, one at a time (max_batch 1)", [
-                sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
-                args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops1.log")
-        if "tuneops0" in args.servers:        # the same server without prefix caching (before/after, one run)
-            sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}", "serve.prefix_cache=0"]
-                    for x in ("--set", o)]
-            servers["tuneops0"] = Server("tuneops serve, no prefix cache", [
-                sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
-                args.tuneops_model or str(served), "--port", "{port}"], "/health", logs / "serve-tuneops0.log")
-        if "tuneopsb" in args.servers:
-            sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}"] for x in ("--set", o)]
-            servers["tuneopsb"] = Server("tuneops serve (builder graph int8)", [
-                sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
-                str(serve_servers.smollm2_builder_int8()), "--port", "{port}"], "/health", logs / "serve-tuneopsb.log")
+        ours = lambda: args.tuneops_model or str(served)   # noqa: E731
+        variants = {    # key: (label, serve.* overrides beyond the run's, the model folder, built when chosen)
+            "tuneops": ("tuneops serve (ONNX int8)", [], ours),
+            "tuneops1": ("tuneops serve, one at a time (max_batch 1)", ["serve.max_batch=1", "serve.max_concurrent=1"],
+                         ours),
+            "tuneops0": ("tuneops serve, no prefix cache", ["serve.prefix_cache=0"], ours),   # before/after, one run
+            "tuneopsb": ("tuneops serve (builder graph int8)", [], lambda: str(serve_servers.smollm2_builder_int8())),
+        }
+        for key, (label, extra, model) in variants.items():
+            if key in args.servers:
+                sets = [x for o in [*args.overrides, f"serve.max_queue={2 * top}", *extra] for x in ("--set", o)]
+                servers[key] = Server(label, [sys.executable, "-m", "tuneops", "--params", args.params, *sets, "serve",
+                                              model(), "--port", "{port}"], "/health", logs / f"serve-{key}.log")
         if "mlflow" in args.servers:
             env = {**os.environ, "MLFLOW_TRACKING_URI": f"file://{ROOT / '.tuneops' / 'bench' / 'mlruns'}"}
             servers["mlflow"] = Server("mlflow models serve (ONNX int8 pyfunc)", [
@@ -306,7 +297,7 @@ def main() -> None:
         for s in servers.values():
             s.up()
         model_ids = {}
-        for key in ("tuneops", "tuneops1", "tuneops0", "tuneopsb"):
+        for key in variants:
             if key in servers:
                 model_ids[key] = httpx.get(servers[key].base + "/v1/models").json()["data"][0]["id"]
         rows = []
